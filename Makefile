@@ -1,0 +1,31 @@
+# The two commands: `make demo` runs the main job, `make test` runs the tests.
+# Both create .venv if missing and install pinned dependencies (constraints.txt pins torch==2.13.0,
+# the CPU wheel, so no CUDA wheel is ever pulled).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint chromium venv
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian's Chromium for the browser tests (Playwright drives /usr/bin/chromium; no browser download).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+demo: $(STAMP)
+	$(BIN)/rlhfkit demo
+
+test: $(STAMP) chromium
+	$(BIN)/ruff check src tests bench
+	$(BIN)/pytest -n 2 --dist loadfile
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench

@@ -1,0 +1,136 @@
+"""Typed configs: every stage has one pydantic model; YAML files and dotted overrides fill it in.
+
+Why pydantic: a typo in a YAML key or a wrong type must fail *before* an hour of training, with
+an error that names the field. `extra="forbid"` everywhere makes unknown keys an error too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from rlhfkit.errors import UserError
+
+C = TypeVar("C", bound="StrictModel")
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `train.lr=1e-4` into (["train", "lr"], 1e-4); the value is parsed as YAML."""
+    if "=" not in text:
+        raise UserError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted overrides to a nested dict (in place; also returned)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise UserError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Build a `cls` from an optional YAML file plus dotted overrides; errors name the field."""
+    data: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"{path}: config file not found") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise UserError(f"{where}: YAML syntax error: {getattr(e, 'problem', e)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path}: the top level must be a mapping of config sections")
+        data = loaded
+    if overrides:
+        source = f"{source} (with overrides {' '.join(overrides)})"
+        apply_overrides(data, overrides)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, source)) from None
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file so that readers see either the old or the whole new content, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_config(config: BaseModel, directory: str | Path, name: str = "config.yaml") -> Path:
+    """Save the resolved config next to a stage's outputs, so every result says how it was made."""
+    path = Path(directory) / name
+    data = json.loads(config.model_dump_json())
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def describe_fields(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted name, type, default, description) for every leaf field: the CLI's --help table."""
+    rows: list[tuple[str, str, str, str]] = []
+    for name, field in cls.model_fields.items():
+        ann = field.annotation
+        dotted = f"{prefix}{name}"
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe_fields(ann, prefix=f"{dotted}."))
+            continue
+        type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        rows.append((dotted, type_name, default, field.description or ""))
+    return rows
