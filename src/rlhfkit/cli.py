@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -70,6 +71,22 @@ def run_stage(name: str, argv: list[str]) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """Keep the console for our own progress: library warnings/bars only on errors."""
+    import logging
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("accelerate", "transformers", "peft", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -87,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in STAGES:
         print(f"rlhfkit: unknown stage {name!r}; one of: {', '.join(STAGES)}", file=sys.stderr)
         return 2
+    _quiet_libraries()
     try:
         return run_stage(name, rest)
     except UserError as e:

@@ -1,0 +1,55 @@
+"""Metrics a person can plot: one JSON object per line in `metrics.jsonl` (+ TensorBoard if installed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from rlhfkit.config import atomic_write_text
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible rather than dropping the row
+    return value
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: str | Path, enabled: bool = True, filename: str = "metrics.jsonl"):
+        self.path = Path(out_dir) / filename
+        self.enabled = enabled
+        self._tb: Any = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+            except ImportError:  # TensorBoard is optional
+                self._tb = None
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **{k: _clean(v) for k, v in metrics.items()}}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, int | float) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows the killed run logged after its last checkpoint (they will be redone)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,306 @@
+"""The one training engine every stage uses (pretrain, SFT, reward model, PPO).
+
+It owns what is the same everywhere: the `accelerate` Accelerator (so one process on a laptop and
+`accelerate launch` with DDP/FSDP/DeepSpeed run the same code), the optimizer and LR schedule,
+gradient accumulation and clipping, skipping non-finite updates, checkpoints that resume exactly
+(model, optimizer, scheduler, RNG, data position, plus any stage state), metrics and progress.
+
+Stages keep their own math: `fit` runs a supervised loop around a stage's `loss_fn`, and PPO
+calls the building blocks (`optimizer_step`, `save_checkpoint`, `log`) from its own loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from rlhfkit.config import StrictModel, atomic_write_text
+from rlhfkit.engine.metrics import MetricsLogger
+
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+EvalFn = Callable[[torch.nn.Module], dict[str, float]]
+
+
+class TrainConfig(StrictModel):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    batch_size: int = Field(16, gt=0, description="micro-batch size per process")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    max_steps: int = Field(0, ge=0, description="optimizer steps; 0 = derive from epochs")
+    epochs: float = Field(1.0, gt=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine/linear decay floor, as a ratio of lr")
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = Field(2, ge=1)
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0 = only at the end)")
+    log_every: int = Field(10, gt=0)
+    max_bad_steps: int = Field(5, gt=0, description="abort after this many non-finite steps in a row")
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after `max_bad_steps` consecutive non-finite losses/gradients: training diverged."""
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier per step: linear warmup, then cosine/linear decay to `min_lr_ratio`."""
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.scheduler == "constant":
+            return 1.0
+        span = max(1, total_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.scheduler == "cosine" else 1 - progress
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+    return f
+
+
+class Engine:
+    """Accelerator + optimizer + schedule + checkpoints + metrics for one training run."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path, resume: bool = False, total_steps: int = 0):
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, set_seed
+
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        )
+        set_seed(cfg.seed)
+        self.total_steps = total_steps
+        self.step = 0  # optimizer steps done
+        self.micro_step = 0  # micro-batches consumed (data position)
+        self.bad_steps = 0
+        self.resume = resume
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLogger(self.out_dir, enabled=self.is_main)
+
+    # ---- set-up -------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def print(self, *args: Any) -> None:
+        if self.is_main:
+            from rich import print as rprint
+
+            rprint(*args)
+
+    def setup(self, model: torch.nn.Module, total_steps: int, params: list[Any] | None = None) -> torch.nn.Module:
+        """Wrap the model, build AdamW + LR schedule for `total_steps` optimizer steps."""
+        self.total_steps = total_steps
+        trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            trainable, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, eps=self.cfg.adam_eps
+        )
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # Not prepared on purpose: accelerate would step a prepared scheduler once per process.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg, total_steps))
+        self.accelerator.register_for_checkpointing(self.scheduler)
+        return self.model
+
+    def unwrap(self, model: torch.nn.Module | None = None) -> Any:
+        return self.accelerator.unwrap_model(model if model is not None else self.model)
+
+    # ---- one optimizer step -------------------------------------------------------------
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def optimizer_step(self) -> float | None:
+        """Clip, check finiteness, step. Returns the grad norm, or None if the step was skipped.
+
+        A non-finite gradient skips the update (never written into weights or checkpoints);
+        `max_bad_steps` in a row raise NonFiniteError.
+        """
+        assert self.model is not None and self.optimizer is not None and self.scheduler is not None
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        grad_norm = float(grad_norm) if grad_norm is not None else 0.0
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skip_step("non-finite gradient norm")
+            return None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps = 0
+        self.step += 1
+        return grad_norm
+
+    def skip_step(self, why: str) -> None:
+        self.bad_steps += 1
+        self.print(f"[yellow]warning: step {self.step + 1} skipped ({why}); {self.bad_steps} in a row[/]")
+        if self.bad_steps >= self.cfg.max_bad_steps:
+            raise NonFiniteError(f"{self.bad_steps} non-finite steps in a row: training diverged (lower train.lr?)")
+
+    @property
+    def lr(self) -> float:
+        assert self.scheduler is not None
+        return float(self.scheduler.get_last_lr()[0])
+
+    # ---- metrics ------------------------------------------------------------------------
+    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.log(metrics, self.step if step is None else step)
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def save_checkpoint(self, extra: dict[str, Any] | None = None) -> Path:
+        """Save everything needed to resume exactly, atomically (temp folder, then rename)."""
+        final = self.ckpt_dir / f"step-{self.step:07d}"
+        tmp = self.ckpt_dir / f".tmp-step-{self.step:07d}"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp), safe_serialization=True)
+        if self.is_main:
+            state = {"step": self.step, "micro_step": self.micro_step, "extra": extra or {}}
+            atomic_write_text(tmp / "trainer_state.json", json.dumps(state))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            atomic_write_text(self.ckpt_dir / "latest", final.name)
+            for old in sorted(self.ckpt_dir.glob("step-*"))[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def latest_checkpoint(self) -> Path | None:
+        pointer = self.ckpt_dir / "latest"
+        if not pointer.exists():
+            return None
+        path = self.ckpt_dir / pointer.read_text().strip()
+        return path if path.exists() else None
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        """Restore the latest checkpoint if `resume` was asked for; returns the stage's extra state."""
+        if not self.resume:
+            return None
+        path = self.latest_checkpoint()
+        if path is None:
+            self.print(f"[yellow]--resume: no checkpoint in {self.ckpt_dir}; starting fresh[/]")
+            return None
+        self.accelerator.load_state(str(path))
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.step, self.micro_step = state["step"], state["micro_step"]
+        self.metrics.truncate_after(self.step)
+        self.print(f"resumed from {path} (step {self.step})")
+        return state["extra"]
+
+    # ---- the supervised loop (pretrain, SFT, reward model) ------------------------------
+    def batches(self, loader: Any) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless batches in a deterministic order (seed + epoch), starting at `micro_step`.
+
+        Why deterministic: a resumed run must see exactly the batches the killed run would have.
+        """
+        per_epoch = len(loader)
+        epoch, offset = divmod(self.micro_step, per_epoch)
+        while True:
+            loader.set_epoch(epoch)
+            it = self.accelerator.skip_first_batches(loader, offset) if offset else loader
+            for batch in it:
+                self.micro_step += 1
+                yield batch
+            epoch, offset = epoch + 1, 0
+
+    def fit(
+        self,
+        model: torch.nn.Module,
+        train_dataset: Any,
+        collate_fn: Callable[[list[Any]], dict[str, torch.Tensor]],
+        loss_fn: LossFn,
+        eval_fn: EvalFn | None = None,
+        desc: str = "train",
+    ) -> dict[str, float]:
+        """Train `model` on `train_dataset` with `loss_fn`; returns the last logged metrics."""
+        from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
+
+        loader = DataLoader(
+            train_dataset,
+            batch_size=self.cfg.batch_size,
+            shuffle=True,
+            collate_fn=collate_fn,
+            drop_last=len(train_dataset) >= self.cfg.batch_size * self.accelerator.num_processes,
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
+        loader = self.accelerator.prepare(loader)
+        steps_per_epoch = max(1, len(loader) // self.cfg.grad_accum)
+        total = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * steps_per_epoch))
+        model = self.setup(model, total)
+        self.load_checkpoint()
+        model.train()
+        batches = self.batches(loader)
+        last: dict[str, float] = {}
+        window: dict[str, list[float]] = {}
+        bar = tqdm(total=total, initial=self.step, desc=desc, disable=not self.is_main, dynamic_ncols=True)
+        t0, tokens = time.perf_counter(), 0
+        while self.step < total:
+            losses: list[float] = []
+            for micro in range(self.cfg.grad_accum):
+                batch = next(batches)
+                sync = micro == self.cfg.grad_accum - 1
+                with nullcontext() if sync else self.accelerator.no_sync(model):
+                    loss, stats = loss_fn(model, batch)
+                    self.backward(loss / self.cfg.grad_accum)
+                losses.append(float(loss.detach()))
+                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+                for k, v in stats.items():
+                    window.setdefault(k, []).append(float(v))
+            if not all(math.isfinite(x) for x in losses):
+                self.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+                self.skip_step("non-finite loss")
+                continue
+            grad_norm = self.optimizer_step()
+            if grad_norm is None:
+                continue
+            window.setdefault("loss", []).extend(losses)
+            bar.update(1)
+            if self.step % self.cfg.log_every == 0 or self.step == total:
+                dt = time.perf_counter() - t0
+                last = {k: sum(v) / len(v) for k, v in window.items()}
+                last.update(lr=self.lr, grad_norm=grad_norm, tokens_per_s=tokens / dt if dt > 0 else 0.0)
+                self.log(last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+                window, t0, tokens = {}, time.perf_counter(), 0
+            if eval_fn is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                self.evaluate(model, eval_fn)
+            if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < total:
+                self.save_checkpoint()
+        bar.close()
+        if eval_fn is not None:
+            last.update(self.evaluate(model, eval_fn))
+        self.save_checkpoint()
+        return last
+
+    def evaluate(self, model: torch.nn.Module, eval_fn: EvalFn) -> dict[str, float]:
+        model.eval()
+        with torch.no_grad():
+            result = eval_fn(model)
+        model.train()
+        self.log(result)
+        self.print(f"step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
+        return result

@@ -1,0 +1,134 @@
+"""Loading and saving any causal LM from `transformers`, with optional LoRA.
+
+Everything we write is a plain `save_pretrained` folder (safetensors), so `transformers`, TRL and
+vLLM load our outputs without rlhfkit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from rlhfkit.config import StrictModel
+from rlhfkit.errors import UserError
+
+PAD_TOKEN = "<|pad|>"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LoraConfig(StrictModel):
+    r: int = Field(8, gt=0)
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class ModelConfig(StrictModel):
+    path: str = Field("", description="local folder or hub id of a causal LM")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lora: LoraConfig | None = Field(None, description="train a LoRA adapter instead of all weights")
+    trust_remote_code: bool = False
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
+    """Load a tokenizer and make sure it has a pad token that is *not* EOS.
+
+    Why: when pad == EOS, masking padding also masks the real EOS, and the model never learns to
+    stop (PPO detail 5). We add a dedicated `<|pad|>` token instead; the model's embeddings are
+    resized to match in `load_causal_lm`.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"{path}: cannot load a tokenizer ({e})") from None
+    if tok.eos_token is None:
+        raise UserError(f"{path}: the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    return tok
+
+
+def _fit_embeddings(model: Any, tokenizer: Any) -> None:
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def load_causal_lm(cfg: ModelConfig, tokenizer: Any | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) for any `AutoModelForCausalLM` architecture, LoRA applied if configured."""
+    from transformers import AutoModelForCausalLM
+
+    if not cfg.path:
+        raise UserError("model.path: no model given; set model.path=FOLDER_OR_HUB_ID")
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.path, cfg.trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+        )
+    except OSError as e:
+        raise UserError(f"model.path: cannot load {cfg.path!r} as a causal LM ({e})") from None
+    _fit_embeddings(model, tokenizer)
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg.lora)
+    return model, tokenizer
+
+
+def apply_lora(model: Any, lora: LoraConfig) -> Any:
+    """Wrap a model with a trainable LoRA adapter (peft); the base weights stay frozen."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """RL needs the same function for sampling and for training: no dropout (PPO detail 4)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for attr in ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_dropout", "dropout"):
+        if hasattr(getattr(model, "config", None), attr):
+            setattr(model.config, attr, 0.0)
+
+
+def save_model(model: Any, tokenizer: Any, out_dir: str | Path, merge_lora: bool = True) -> Path:
+    """Save a loadable folder; a LoRA model is merged into plain weights unless merge_lora=False.
+
+    Written to a temporary sibling and renamed, so a crash never leaves a half-saved model.
+    """
+    import shutil
+
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    to_save = model
+    if is_peft(model) and merge_lora:
+        import copy
+
+        to_save = copy.deepcopy(model).merge_and_unload()
+    to_save.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

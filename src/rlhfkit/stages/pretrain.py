@@ -1,0 +1,146 @@
+"""Stage 1, pretraining: train a byte-level BPE tokenizer and a causal LM from scratch on text.
+
+Text files hold one document per paragraph (documents are separated by a blank line). With no
+files given, the embedded default corpus is generated (offline, from a seed). Documents are
+joined with EOS and cut into blocks of `data.block_size` tokens. The result is a plain
+`save_pretrained` folder at `OUTPUT_DIR/model`, with held-out perplexity next to the unigram
+baseline in `OUTPUT_DIR/results.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import torch
+from pydantic import Field
+
+from rlhfkit.config import StrictModel, atomic_write_text, save_config
+from rlhfkit.engine.trainer import Engine, TrainConfig
+from rlhfkit.errors import UserError
+from rlhfkit.models.loading import load_tokenizer, save_model
+from rlhfkit.models.tiny import TinyModelConfig, build_tiny_model, train_tokenizer
+
+
+class DataConfig(StrictModel):
+    train_files: list[str] = Field(default_factory=list, description="text files; empty = embedded corpus")
+    valid_files: list[str] = Field(default_factory=list, description="held-out text files")
+    block_size: int = Field(128, gt=1)
+    corpus_seed: int = Field(0, description="seed of the embedded default corpus")
+
+
+class Config(StrictModel):
+    output_dir: str = "runs/pretrain"
+    resume: bool = False
+    vocab_size: int = Field(4096, gt=256)
+    data: DataConfig = DataConfig()
+    model: TinyModelConfig = TinyModelConfig()
+    train: TrainConfig = TrainConfig(lr=2e-3, batch_size=32, max_steps=800, warmup_steps=50, log_every=20)
+
+
+def read_documents(files: list[str]) -> list[str]:
+    docs: list[str] = []
+    for name in files:
+        path = Path(name)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"{path}: text file not found") from None
+        except UnicodeDecodeError as e:
+            line = path.read_bytes()[: e.start].count(b"\n") + 1
+            raise UserError(f"{path}:{line}: not valid UTF-8; re-save the file as UTF-8") from None
+        docs.extend(d.strip() for d in text.split("\n\n") if d.strip())
+    if not docs:
+        raise UserError(f"{', '.join(files)}: no text found")
+    return docs
+
+
+def to_blocks(docs: list[str], tokenizer, block_size: int) -> torch.Tensor:
+    """Tokenize documents, join them with EOS and cut the stream into equal blocks."""
+    ids: list[int] = []
+    for enc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        ids.append(tokenizer.eos_token_id)
+    n = len(ids) // block_size
+    if n == 0:
+        raise UserError(f"only {len(ids)} tokens: fewer than one block of data.block_size={block_size}")
+    return torch.tensor(ids[: n * block_size]).view(n, block_size)
+
+
+def unigram_perplexity(train: torch.Tensor, valid: torch.Tensor, vocab_size: int) -> float:
+    """Perplexity of a model that ignores context (add-one smoothed token frequencies): the floor
+    a language model must beat by a wide margin to have learned anything beyond word counts."""
+    counts = Counter(train.flatten().tolist())
+    total = train.numel() + vocab_size
+    nll = -sum(math.log((counts.get(t, 0) + 1) / total) for t in valid.flatten().tolist())
+    return math.exp(nll / valid.numel())
+
+
+def run(cfg: Config) -> Path:
+    out = Path(cfg.output_dir)
+    engine = Engine(cfg.train, out, resume=cfg.resume)
+    with engine.accelerator.main_process_first():
+        if engine.is_main:
+            save_config(cfg, out)
+        train_files, valid_files = cfg.data.train_files, cfg.data.valid_files
+        if not train_files:
+            from rlhfkit.data.corpus import build_default_data
+
+            paths = build_default_data(out / "data", seed=cfg.data.corpus_seed)
+            train_files, valid_files = [str(paths["pretrain_train"])], [str(paths["pretrain_valid"])]
+        train_docs = read_documents(train_files)
+        valid_docs = read_documents(valid_files) if valid_files else train_docs[-max(1, len(train_docs) // 20) :]
+        if not valid_files:
+            train_docs = train_docs[: len(train_docs) - len(valid_docs)] or train_docs
+        tok_dir = out / "tokenizer"
+        if engine.is_main and not (tok_dir / "tokenizer.json").exists():
+            train_tokenizer(train_docs, cfg.vocab_size).save_pretrained(tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
+    train_blocks = to_blocks(train_docs, tokenizer, cfg.data.block_size)
+    valid_blocks = to_blocks(valid_docs, tokenizer, cfg.data.block_size)
+    if cfg.model.max_positions < cfg.data.block_size:
+        raise UserError(f"model.max_positions={cfg.model.max_positions} < data.block_size={cfg.data.block_size}")
+    model = build_tiny_model(cfg.model, tokenizer, seed=cfg.train.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    engine.print(
+        f"pretrain: {cfg.model.arch} {n_params / 1e6:.2f}M params, vocab {len(tokenizer)}, "
+        f"{train_blocks.numel():,} train tokens, {valid_blocks.numel():,} held-out tokens"
+    )
+
+    def loss_fn(model, batch):
+        return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss, {}
+
+    def collate(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids = torch.stack(rows)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def eval_fn(model) -> dict[str, float]:
+        losses = []
+        for i in range(0, len(valid_blocks), cfg.train.batch_size):
+            ids = valid_blocks[i : i + cfg.train.batch_size].to(engine.device)
+            losses.append(float(model(input_ids=ids, labels=ids).loss) * len(ids))
+        loss = sum(losses) / len(valid_blocks)
+        return {"valid_loss": loss, "valid_ppl": math.exp(loss)}
+
+    final = engine.fit(model, list(train_blocks), collate, loss_fn, eval_fn=eval_fn, desc="pretrain")
+    baseline = unigram_perplexity(train_blocks, valid_blocks, len(tokenizer))
+    results = {
+        "final_train_loss": final.get("loss"),
+        "valid_loss": final["valid_loss"],
+        "valid_ppl": final["valid_ppl"],
+        "unigram_ppl": baseline,
+        "params": n_params,
+        "steps": engine.step,
+    }
+    model_dir = out / "model"
+    if engine.is_main:
+        save_model(engine.unwrap(), tokenizer, model_dir)
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    engine.accelerator.wait_for_everyone()
+    engine.print(
+        f"held-out perplexity {results['valid_ppl']:.2f} (unigram baseline {baseline:.2f}); model in {model_dir}"
+    )
+    engine.accelerator.end_training()
+    return model_dir
