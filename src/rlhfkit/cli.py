@@ -58,8 +58,7 @@ def run_stage(name: str, argv: list[str]) -> int:
     unknown_flags = [a for a in rest if a.startswith("-")]
     if unknown_flags:
         raise UserError(
-            f"unknown flag(s) {' '.join(unknown_flags)}; settings are KEY=VALUE overrides "
-            f"(see `rlhfkit {name} --help`)"
+            f"unknown flag(s) {' '.join(unknown_flags)}; settings are KEY=VALUE overrides (see `rlhfkit {name} --help`)"
         )
     overrides = list(rest)
     if args.resume:

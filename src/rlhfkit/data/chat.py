@@ -54,9 +54,7 @@ def render_response(tokenizer: Any, prompt: Text, response: Text, template: str 
     conversational = not isinstance(prompt, str) or template == "chat" or not isinstance(response, str)
     if conversational and has_chat_template(tokenizer):
         p_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt)
-        r_msgs = (
-            [{"role": "assistant", "content": response}] if isinstance(response, str) else _messages(response)
-        )
+        r_msgs = [{"role": "assistant", "content": response}] if isinstance(response, str) else _messages(response)
         prompt_text = tokenizer.apply_chat_template(p_msgs, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(p_msgs + r_msgs, tokenize=False)
         if not full.startswith(prompt_text):
@@ -81,9 +79,7 @@ def encode_example(
     Long examples are cut from the left of the prompt (the response is what we learn from).
     """
     p_ids = tokenizer(render_prompt(tokenizer, prompt, template), add_special_tokens=False)["input_ids"]
-    r_ids = tokenizer(render_response(tokenizer, prompt, response, template), add_special_tokens=False)[
-        "input_ids"
-    ]
+    r_ids = tokenizer(render_response(tokenizer, prompt, response, template), add_special_tokens=False)["input_ids"]
     if not r_ids or r_ids[-1] != tokenizer.eos_token_id:  # chat templates often end a turn with EOS
         r_ids = r_ids + [tokenizer.eos_token_id]
     r_ids = r_ids[:max_length]

@@ -270,7 +270,7 @@ def _iter_jsonl(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
+                raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start}); re-save it as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -286,10 +286,8 @@ def _iter_dataset(source: str, split: str) -> Iterable[tuple[int, dict[str, Any]
     import datasets
 
     try:
-        if Path(source).is_dir():
-            ds = datasets.load_from_disk(source)
-        else:
-            ds = datasets.load_dataset(source, split=split)
+        local = Path(source).is_dir()
+        ds = datasets.load_from_disk(source) if local else datasets.load_dataset(source, split=split)
     except Exception as e:  # datasets raises many types; the user needs the message, not the type
         raise UserError(f"{source}: cannot load as a Hugging Face dataset: {e}") from None
     if isinstance(ds, datasets.DatasetDict):

@@ -70,9 +70,7 @@ def _cut_at_stop(tokenizer: Any, ids: list[int], stops: list[str]) -> tuple[int,
 
 
 @torch.no_grad()
-def sample(
-    model: Any, tokenizer: Any, prompts: list[str], cfg: SamplingConfig, num_samples: int = 1
-) -> Samples:
+def sample(model: Any, tokenizer: Any, prompts: list[str], cfg: SamplingConfig, num_samples: int = 1) -> Samples:
     """Generate `num_samples` responses for each rendered prompt (rows grouped by prompt)."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     device = next(model.parameters()).device
