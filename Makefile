@@ -2,6 +2,10 @@
 # Both create .venv if missing and install pinned dependencies (constraints.txt pins torch==2.13.0,
 # the CPU wheel, so no CUDA wheel is ever pulled).
 PY ?= python3
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+# pip warns about every unreachable mirror folder; keep the log readable.
+QUIET := 2>&1 | sed '/is ignored: it is neither a file nor a directory/d'
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -10,8 +14,8 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0 $(QUIET)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]' $(QUIET)
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -24,8 +28,8 @@ demo: $(STAMP)
 	$(BIN)/rlhfkit demo
 
 test: $(STAMP) chromium
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check .
 	$(BIN)/pytest -n 2 --dist loadfile
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check .

@@ -24,6 +24,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("rlhfkit.stages.pretrain", "train a tokenizer and a causal LM from scratch on text"),
     "generate": ("rlhfkit.stages.generate", "sample K completions per prompt"),
     "data": ("rlhfkit.stages.data", "validate data files and convert rankings to pairs"),
+    "demo": ("rlhfkit.stages.demo", "run the whole loop on the embedded default data"),
 }
 
 
