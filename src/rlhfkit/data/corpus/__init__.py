@@ -47,9 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhfkit.config import atomic_write_text
+from rlhfkit.data.chat import PROMPT_TEMPLATE, RESPONSE_SEPARATOR
 from rlhfkit.data.corpus.knowledge import TOPICS, Topic
 
-PROMPT_TEMPLATE = "User: {prompt}\nAssistant:"
 KINDS = ("good", "rude", "unhelpful", "offtopic", "repetitive")
 BAD_KINDS = KINDS[1:]
 # Share of each kind among the pretraining dialogues.
@@ -275,7 +275,7 @@ class DefaultData:
 
 def format_dialogue(prompt: str, response: str) -> str:
     """The one dialogue layout: the prompt template, one space, then the response."""
-    return PROMPT_TEMPLATE.format(prompt=prompt) + " " + response
+    return PROMPT_TEMPLATE.format(prompt=prompt) + RESPONSE_SEPARATOR + response
 
 
 def expand(rng: random.Random, template: str) -> str:
