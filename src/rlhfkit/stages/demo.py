@@ -15,15 +15,16 @@ from pydantic import Field
 
 from rlhfkit.config import StrictModel, save_config
 from rlhfkit.data.corpus import build_default_data
-from rlhfkit.stages import generate, pretrain
+from rlhfkit.stages import generate as generate_stage
+from rlhfkit.stages import pretrain as pretrain_stage
 
 
 class Config(StrictModel):
     output_dir: str = "runs/demo"
     seed: int = 0
     resume: bool = Field(True, description="reuse finished stages (set false to redo everything)")
-    pretrain: pretrain.Config = pretrain.Config()
-    generate: generate.Config = generate.Config(limit=64)
+    pretrain: pretrain_stage.Config = pretrain_stage.Config()
+    generate: generate_stage.Config = generate_stage.Config(limit=64)
 
 
 def _stage(name: str, done_marker: Path, resume: bool) -> bool:
@@ -56,7 +57,7 @@ def run(cfg: Config) -> Path:
     t = time.perf_counter()
     model_dir = out / "pretrain" / "model"
     if _stage("pretrain", out / "pretrain" / "results.json", cfg.resume):
-        pretrain.run(pre)
+        pretrain_stage.run(pre)
     timings["pretrain"] = time.perf_counter() - t
 
     gen = cfg.generate.model_copy(
@@ -69,7 +70,7 @@ def run(cfg: Config) -> Path:
     )
     t = time.perf_counter()
     if _stage("generate", out / "generate" / "completions.jsonl", cfg.resume):
-        generate.run(gen)
+        generate_stage.run(gen)
     timings["generate"] = time.perf_counter() - t
 
     results = json.loads((out / "pretrain" / "results.json").read_text())
