@@ -95,7 +95,8 @@ def run(cfg: Config) -> Path:
         if not valid_files:
             train_docs = train_docs[: len(train_docs) - len(valid_docs)] or train_docs
         tok_dir = out / "tokenizer"
-        if engine.is_main and not (tok_dir / "tokenizer.json").exists():
+        # A resumed run must keep its tokenizer; a fresh run never reuses a stale one from the folder.
+        if engine.is_main and not (cfg.resume and (tok_dir / "tokenizer.json").exists()):
             train_tokenizer(train_docs, cfg.vocab_size).save_pretrained(tok_dir)
     tokenizer = load_tokenizer(tok_dir)
     train_blocks = to_blocks(train_docs, tokenizer, cfg.data.block_size)
