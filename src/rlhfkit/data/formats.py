@@ -179,7 +179,8 @@ class Pair(Record):
     @field_validator("chosen", "rejected")
     @classmethod
     def _response(cls, v: Text) -> Text:
-        return _check_text(v, "response")
+        # An empty completion can be ranked (see Completions), so it can be either side of a pair.
+        return _check_text(v, "response", allow_empty=True)
 
     @field_validator("margin")
     @classmethod
