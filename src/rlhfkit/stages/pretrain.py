@@ -79,6 +79,8 @@ def unigram_perplexity(train: torch.Tensor, valid: torch.Tensor, vocab_size: int
 
 
 def run(cfg: Config) -> Path:
+    if cfg.model.max_positions < cfg.data.block_size:  # checked before anything is written
+        raise UserError(f"model.max_positions={cfg.model.max_positions} < data.block_size={cfg.data.block_size}")
     out = Path(cfg.output_dir)
     engine = Engine(cfg.train, out, resume=cfg.resume)
     with engine.accelerator.main_process_first():
@@ -101,8 +103,6 @@ def run(cfg: Config) -> Path:
     tokenizer = load_tokenizer(tok_dir)
     train_blocks = to_blocks(train_docs, tokenizer, cfg.data.block_size)
     valid_blocks = to_blocks(valid_docs, tokenizer, cfg.data.block_size)
-    if cfg.model.max_positions < cfg.data.block_size:
-        raise UserError(f"model.max_positions={cfg.model.max_positions} < data.block_size={cfg.data.block_size}")
     model = build_tiny_model(cfg.model, tokenizer, seed=cfg.train.seed)
     n_params = sum(p.numel() for p in model.parameters())
     engine.print(
