@@ -167,6 +167,14 @@ def test_data_validate_detects_the_kind(capsys, tmp_path):
     assert run_cli(capsys, "data", "validate", rankings, "--kind", "rankings")[1] == "OK: 3 records of rankings\n"
 
 
+def test_data_validate_a_datasets_folder(capsys, tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(RANKINGS).save_to_disk(str(tmp_path / "ds"))
+    capsys.readouterr()  # the progress bar of saving
+    assert run_cli(capsys, "data", "validate", str(tmp_path / "ds")) == (0, "OK: 3 records of rankings\n", "")
+
+
 def test_data_validate_reports_the_first_error(capsys, tmp_path):
     path = jsonl(tmp_path / "r.jsonl", [*RANKINGS, {"prompt_id": "p2", "labeler": "bob", "ranking": [1, 3]}])
     code, out, err = run_cli(capsys, "data", "validate", path)
