@@ -65,9 +65,33 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def section_defaults(cls: type[BaseModel]) -> dict[str, Any]:
+    """The stage's own defaults of every section, as a nested dict.
+
+    Why: a stage may default a section to something other than the section class's defaults (e.g.
+    pretraining's `train.lr`); setting one key of that section must keep the stage's other values.
+    """
+    data: dict[str, Any] = {}
+    for name, field in cls.model_fields.items():
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            data[name] = default.model_dump()
+    return data
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Merge `update` into `base` (in place; also returned): mappings merge key by key, the rest replaces."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
     """Build a `cls` from an optional YAML file plus dotted overrides; errors name the field."""
-    data: dict[str, Any] = {}
+    data = section_defaults(cls)
     source = "config"
     if path is not None:
         source = str(path)
@@ -87,7 +111,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
             loaded = {}
         if not isinstance(loaded, dict):
             raise UserError(f"{path}: the top level must be a mapping of config sections")
-        data = loaded
+        deep_merge(data, loaded)
     if overrides:
         source = f"{source} (with overrides {' '.join(overrides)})"
         apply_overrides(data, overrides)
@@ -121,16 +145,25 @@ def save_config(config: BaseModel, directory: str | Path, name: str = "config.ya
     return path
 
 
-def describe_fields(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(dotted name, type, default, description) for every leaf field: the CLI's --help table."""
+def describe_fields(
+    cls: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None
+) -> list[tuple[str, str, str, str]]:
+    """(dotted name, type, default, description) for every leaf field: the CLI's --help table.
+
+    `defaults` is the enclosing stage's default instance of `cls`, whose values win over the class's.
+    """
     rows: list[tuple[str, str, str, str]] = []
     for name, field in cls.model_fields.items():
         ann = field.annotation
         dotted = f"{prefix}{name}"
+        if defaults is not None:
+            value: Any = getattr(defaults, name)
+        else:
+            value = None if field.is_required() else field.get_default(call_default_factory=True)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows.extend(describe_fields(ann, prefix=f"{dotted}."))
+            rows.extend(describe_fields(ann, f"{dotted}.", value if isinstance(value, BaseModel) else None))
             continue
         type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        default = "required" if field.is_required() and defaults is None else repr(value)
         rows.append((dotted, type_name, default, field.description or ""))
     return rows

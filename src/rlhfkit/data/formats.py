@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import combinations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, ValidationInfo, field_validator
 
 from rlhfkit.config import atomic_write_text
 from rlhfkit.errors import UserError
@@ -68,6 +68,8 @@ def text_to_json(value: Text) -> Any:
 
 class Record(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+    # `path:line` a record was read from, so cross-file checks can point at it too.
+    _where: str | None = PrivateAttr(default=None)
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
@@ -177,7 +179,8 @@ class Pair(Record):
     @field_validator("chosen", "rejected")
     @classmethod
     def _response(cls, v: Text) -> Text:
-        return _check_text(v, "response")
+        # An empty completion can be ranked (see Completions), so it can be either side of a pair.
+        return _check_text(v, "response", allow_empty=True)
 
     @field_validator("margin")
     @classmethod
@@ -186,11 +189,13 @@ class Pair(Record):
             raise ValueError("margin must be a finite number")
         return v
 
-    @model_validator(mode="after")
-    def _distinct(self) -> Pair:
-        if text_key(self.chosen) == text_key(self.rejected):
-            raise ValueError("chosen and rejected are identical: the pair carries no preference")
-        return self
+    @field_validator("rejected")
+    @classmethod
+    def _distinct(cls, v: Text, info: ValidationInfo) -> Text:
+        chosen = info.data.get("chosen")
+        if chosen is not None and text_key(chosen) == text_key(v):
+            raise ValueError("identical to chosen: the pair carries no preference")
+        return v
 
 
 class Rating(Record):
@@ -298,6 +303,22 @@ def _iter_dataset(source: str, split: str) -> Iterable[tuple[int, dict[str, Any]
         yield i, dict(row)
 
 
+def _rows(source: str | Path, split: str) -> tuple[Iterable[tuple[int, dict[str, Any]]], Callable[[int], str]]:
+    """(numbered raw rows, how to name row n in an error) for a JSONL file or a dataset."""
+    path = Path(source)
+    if path.suffix in (".jsonl", ".json") or path.is_file():
+        return _iter_jsonl(path), lambda n: f"{path}:{n}"
+    return _iter_dataset(str(source), split), lambda n: f"{source}[row {n}]"
+
+
+def first_record(source: str | Path, split: str = "train") -> dict[str, Any]:
+    """The first raw record (unvalidated), e.g. to `detect_kind` of a file."""
+    rows, _ = _rows(source, split)
+    for _, obj in rows:
+        return obj
+    raise UserError(f"{source}: no records (the file is empty)")
+
+
 def read_records(source: str | Path, kind: str, split: str = "train") -> list[Any]:
     """Load and validate a whole file (JSONL) or dataset (folder or hub id) of one format.
 
@@ -307,10 +328,7 @@ def read_records(source: str | Path, kind: str, split: str = "train") -> list[An
     if kind not in FORMATS:
         raise UserError(f"unknown data format {kind!r}; one of: {', '.join(FORMATS)}")
     cls = FORMATS[kind]
-    path = Path(source)
-    is_jsonl = path.suffix in (".jsonl", ".json") or path.is_file()
-    rows = _iter_jsonl(path) if is_jsonl else _iter_dataset(str(source), split)
-    where = (lambda n: f"{path}:{n}") if is_jsonl else (lambda n: f"{source}[row {n}]")
+    rows, where = _rows(source, split)
     records: list[Any] = []
     seen: dict[tuple[Any, ...], int] = {}
     unique = _UNIQUE_KEY.get(kind)
@@ -327,6 +345,7 @@ def read_records(source: str | Path, kind: str, split: str = "train") -> list[An
                     f"(first at {where(seen[key])})"
                 )
             seen[key] = n
+        rec._where = where(n)
         records.append(rec)
     if not records:
         raise UserError(f"{source}: no records (the file is empty)")
@@ -344,12 +363,13 @@ def check_rankings(rankings: Sequence[Ranking], completions: Sequence[Completion
     """Cross-file checks: every ranking names a known prompt and ranks all of its candidates."""
     by_id = {c.prompt_id: c for c in completions}
     for i, r in enumerate(rankings, start=1):
+        where = r._where or f"{source}: record {i}"
         c = by_id.get(r.prompt_id)
         if c is None:
-            raise UserError(f"{source}: record {i}: prompt_id: unknown id {r.prompt_id!r} (not in the completions)")
+            raise UserError(f"{where}: prompt_id: unknown id {r.prompt_id!r} (not in the completions)")
         if len(r.ranking) != len(c.completions):
             raise UserError(
-                f"{source}: record {i}: ranking: ranks {len(r.ranking)} candidates but prompt "
+                f"{where}: ranking: ranks {len(r.ranking)} candidates but prompt "
                 f"{r.prompt_id!r} has {len(c.completions)}; every candidate needs a rank"
             )
 

@@ -90,6 +90,10 @@ class Engine:
         self.step = 0  # optimizer steps done
         self.micro_step = 0  # micro-batches consumed (data position)
         self.bad_steps = 0
+        # Loss/stat values since the last log row, and that row: saved in checkpoints so a resumed
+        # run logs exactly what an uninterrupted one would, whatever log_every and save_every are.
+        self.window: dict[str, list[float]] = {}
+        self.last: dict[str, float] = {}
         self.resume = resume
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -177,35 +181,48 @@ class Engine:
             shutil.rmtree(tmp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp), safe_serialization=True)
+        self.accelerator.wait_for_everyone()  # every process has written its RNG state before the rename
         if self.is_main:
-            state = {"step": self.step, "micro_step": self.micro_step, "extra": extra or {}}
+            state = {
+                "step": self.step,
+                "micro_step": self.micro_step,
+                "window": self.window,
+                "last": self.last,
+                "extra": extra or {},
+            }
             atomic_write_text(tmp / "trainer_state.json", json.dumps(state))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            atomic_write_text(self.ckpt_dir / "latest", final.name)
             for old in sorted(self.ckpt_dir.glob("step-*"))[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         return final
 
     def latest_checkpoint(self) -> Path | None:
-        pointer = self.ckpt_dir / "latest"
-        if not pointer.exists():
-            return None
-        path = self.ckpt_dir / pointer.read_text().strip()
-        return path if path.exists() else None
+        """The newest complete checkpoint: a `step-*` folder exists only once fully written (renamed
+        from its temp folder), so a run killed at any moment leaves nothing half-saved to pick up."""
+        done = sorted(self.ckpt_dir.glob("step-*"))
+        return done[-1] if done else None
 
     def load_checkpoint(self) -> dict[str, Any] | None:
-        """Restore the latest checkpoint if `resume` was asked for; returns the stage's extra state."""
-        if not self.resume:
-            return None
-        path = self.latest_checkpoint()
+        """Restore the latest checkpoint if `resume` was asked for; returns the stage's extra state.
+
+        Metrics rows after the restored step (all of them, when starting fresh) are dropped: those
+        steps are redone, and a metrics file must never hold a step twice. A fresh run also drops
+        old checkpoints in its folder, so a later --resume can only pick up this run's own.
+        """
+        path = self.latest_checkpoint() if self.resume else None
         if path is None:
-            self.print(f"[yellow]--resume: no checkpoint in {self.ckpt_dir}; starting fresh[/]")
+            if self.resume:
+                self.print(f"[yellow]--resume: no checkpoint in {self.ckpt_dir}; starting fresh[/]")
+            if self.is_main:
+                shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+            self.metrics.truncate_after(-1)
             return None
         self.accelerator.load_state(str(path))
         state = json.loads((path / "trainer_state.json").read_text())
         self.step, self.micro_step = state["step"], state["micro_step"]
+        self.window, self.last = state["window"], state["last"]
         self.metrics.truncate_after(self.step)
         self.print(f"resumed from {path} (step {self.step})")
         return state["extra"]
@@ -254,8 +271,6 @@ class Engine:
         self.load_checkpoint()
         model.train()
         batches = self.batches(loader)
-        last: dict[str, float] = {}
-        window: dict[str, list[float]] = {}
         bar = tqdm(total=total, initial=self.step, desc=desc, disable=not self.is_main, dynamic_ncols=True)
         t0, tokens = time.perf_counter(), 0
         while self.step < total:
@@ -269,7 +284,7 @@ class Engine:
                 losses.append(float(loss.detach()))
                 tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
                 for k, v in stats.items():
-                    window.setdefault(k, []).append(float(v))
+                    self.window.setdefault(k, []).append(float(v))
             if not all(math.isfinite(x) for x in losses):
                 self.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
                 self.skip_step("non-finite loss")
@@ -277,24 +292,24 @@ class Engine:
             grad_norm = self.optimizer_step()
             if grad_norm is None:
                 continue
-            window.setdefault("loss", []).extend(losses)
+            self.window.setdefault("loss", []).extend(losses)
             bar.update(1)
             if self.step % self.cfg.log_every == 0 or self.step == total:
                 dt = time.perf_counter() - t0
-                last = {k: sum(v) / len(v) for k, v in window.items()}
-                last.update(lr=self.lr, grad_norm=grad_norm, tokens_per_s=tokens / dt if dt > 0 else 0.0)
-                self.log(last)
-                bar.set_postfix(loss=f"{last['loss']:.4f}")
-                window, t0, tokens = {}, time.perf_counter(), 0
+                self.last = {k: sum(v) / len(v) for k, v in self.window.items()}
+                self.last.update(lr=self.lr, grad_norm=grad_norm, tokens_per_s=tokens / dt if dt > 0 else 0.0)
+                self.log(self.last)
+                bar.set_postfix(loss=f"{self.last['loss']:.4f}")
+                self.window, t0, tokens = {}, time.perf_counter(), 0
             if eval_fn is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
                 self.evaluate(model, eval_fn)
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < total:
                 self.save_checkpoint()
         bar.close()
         if eval_fn is not None:
-            last.update(self.evaluate(model, eval_fn))
+            self.last.update(self.evaluate(model, eval_fn))
         self.save_checkpoint()
-        return last
+        return self.last
 
     def evaluate(self, model: torch.nn.Module, eval_fn: EvalFn) -> dict[str, float]:
         model.eval()

@@ -79,6 +79,8 @@ def unigram_perplexity(train: torch.Tensor, valid: torch.Tensor, vocab_size: int
 
 
 def run(cfg: Config) -> Path:
+    if cfg.model.max_positions < cfg.data.block_size:  # checked before anything is written
+        raise UserError(f"model.max_positions={cfg.model.max_positions} < data.block_size={cfg.data.block_size}")
     out = Path(cfg.output_dir)
     engine = Engine(cfg.train, out, resume=cfg.resume)
     with engine.accelerator.main_process_first():
@@ -95,13 +97,12 @@ def run(cfg: Config) -> Path:
         if not valid_files:
             train_docs = train_docs[: len(train_docs) - len(valid_docs)] or train_docs
         tok_dir = out / "tokenizer"
-        if engine.is_main and not (tok_dir / "tokenizer.json").exists():
+        # A resumed run must keep its tokenizer; a fresh run never reuses a stale one from the folder.
+        if engine.is_main and not (cfg.resume and (tok_dir / "tokenizer.json").exists()):
             train_tokenizer(train_docs, cfg.vocab_size).save_pretrained(tok_dir)
     tokenizer = load_tokenizer(tok_dir)
     train_blocks = to_blocks(train_docs, tokenizer, cfg.data.block_size)
     valid_blocks = to_blocks(valid_docs, tokenizer, cfg.data.block_size)
-    if cfg.model.max_positions < cfg.data.block_size:
-        raise UserError(f"model.max_positions={cfg.model.max_positions} < data.block_size={cfg.data.block_size}")
     model = build_tiny_model(cfg.model, tokenizer, seed=cfg.train.seed)
     n_params = sum(p.numel() for p in model.parameters())
     engine.print(

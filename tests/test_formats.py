@@ -1,0 +1,435 @@
+"""Data formats: every format from JSONL and from a `datasets` folder, plain and conversational;
+each kind of bad input with its exact `path:line: field: problem` message; rankings to pairs;
+and the chat rendering that turns prompts/responses into the tokens a model sees."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+
+from rlhfkit.data.chat import encode_example, render_prompt, render_response, truncate_at_stop
+from rlhfkit.data.formats import (
+    FORMATS,
+    Completions,
+    Ranking,
+    check_ranks,
+    detect_kind,
+    rankings_to_pairs,
+    read_records,
+    write_records,
+)
+from rlhfkit.errors import UserError
+from rlhfkit.models.loading import load_tokenizer
+
+CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Café? ☕"}]
+REPLY = [{"role": "assistant", "content": "Yes, please."}]
+
+# Two records per format and variant; every optional key present so that to_json() is the input.
+SAMPLES = {
+    ("prompts", "plain"): [{"id": "p1", "prompt": "How do I brew coffee?"}, {"id": "p2", "prompt": "Café ☕?"}],
+    ("prompts", "chat"): [{"id": "p1", "prompt": CONV}, {"id": "p2", "prompt": CONV[1:]}],
+    ("demonstrations", "plain"): [
+        {"prompt": "Say hi", "response": "Hi!"},
+        {"prompt": "Count to two", "response": "One, two."},
+    ],
+    ("demonstrations", "chat"): [{"prompt": CONV, "response": REPLY}, {"prompt": CONV[1:], "response": REPLY}],
+    ("completions", "plain"): [
+        {"prompt_id": "p1", "prompt": "Say hi", "completions": ["Hi!", "Hello.", ""]},
+        {"prompt_id": "p2", "prompt": "Say bye", "completions": ["Bye.", "See you."]},
+    ],
+    ("completions", "chat"): [
+        {"prompt_id": "p1", "prompt": CONV, "completions": [REPLY, [{"role": "assistant", "content": "No."}]]},
+        {"prompt_id": "p2", "prompt": CONV[1:], "completions": [REPLY, [{"role": "assistant", "content": "?"}]]},
+    ],
+    ("rankings", "plain"): [
+        {"prompt_id": "p1", "labeler": "ann", "ranking": [2, 1, 1], "unusable": False, "comment": "close call"},
+        {"prompt_id": "p1", "labeler": "bob", "ranking": [1, 2, 3], "unusable": True, "comment": "off topic"},
+    ],
+    ("pairs", "plain"): [
+        {"prompt": "Say hi", "chosen": "Hi!", "rejected": "Go away.", "margin": 0.5},
+        {"prompt": "Say bye", "chosen": "Bye.", "rejected": "", "margin": 1.0},
+    ],
+    ("pairs", "chat"): [
+        {"prompt": CONV, "chosen": REPLY, "rejected": [{"role": "assistant", "content": "No."}], "margin": 0.5},
+        {"prompt": CONV[1:], "chosen": REPLY, "rejected": [{"role": "assistant", "content": "?"}], "margin": 2.0},
+    ],
+    ("ratings", "plain"): [
+        {"prompt": "Say hi", "completion": "Hi!", "score": 0.9},
+        {"prompt": "Say hi", "completion": "", "score": -1.0},
+    ],
+    ("ratings", "chat"): [
+        {"prompt": CONV, "completion": REPLY, "score": 0.25},
+        {"prompt": CONV, "completion": [{"role": "assistant", "content": ""}], "score": 0.0},
+    ],
+}
+
+
+def write_jsonl(path, rows, blank_lines=False):
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    if blank_lines:
+        lines = ["", *sum(([line, "   "] for line in lines), [])]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def error_of(path, kind):
+    with pytest.raises(UserError) as info:
+        read_records(path, kind)
+    return str(info.value)
+
+
+def test_samples_cover_every_format():
+    assert {kind for kind, _ in SAMPLES} == set(FORMATS)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize(("kind", "variant"), list(SAMPLES))
+def test_every_format_loads_from_jsonl_and_datasets_folder(tmp_path, kind, variant):
+    rows = SAMPLES[(kind, variant)]
+    from_jsonl = read_records(write_jsonl(tmp_path / "data.jsonl", rows), kind)
+    folder = tmp_path / "ds"
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder))
+    from_folder = read_records(folder, kind)
+    assert all(isinstance(r, FORMATS[kind]) for r in from_jsonl + from_folder)
+    assert [r.to_json() for r in from_jsonl] == rows
+    assert [r.to_json() for r in from_folder] == rows
+    assert detect_kind(rows[0]) == kind
+
+
+@pytest.mark.parametrize(("kind", "variant"), list(SAMPLES))
+def test_write_then_read_round_trips(tmp_path, kind, variant):
+    records = read_records(write_jsonl(tmp_path / "in.jsonl", SAMPLES[(kind, variant)]), kind)
+    out = write_records(tmp_path / "sub" / "out.jsonl", records)
+    assert [r.to_json() for r in read_records(out, kind)] == SAMPLES[(kind, variant)]
+    # One object per line, UTF-8 as is (not \\u escapes), keys in the documented order.
+    expected = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in SAMPLES[(kind, variant)])
+    assert out.read_text(encoding="utf-8") == expected
+
+
+def test_conversations_are_typed_messages(tmp_path):
+    (rec,) = read_records(write_jsonl(tmp_path / "d.jsonl", SAMPLES[("demonstrations", "chat")][:1]), "demonstrations")
+    assert [m.role for m in rec.prompt] == ["system", "user"]
+    assert rec.response[0].content == "Yes, please."
+
+
+def test_datasets_dict_folder_uses_the_split(tmp_path):
+    rows = SAMPLES[("prompts", "plain")]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
+    assert [r.id for r in read_records(tmp_path / "dd", "prompts")] == ["p1", "p2"]
+    with pytest.raises(UserError, match=r"no split 'test'; splits are train"):
+        read_records(tmp_path / "dd", "prompts", split="test")
+
+
+def test_dataset_rows_are_named_in_errors(tmp_path):
+    datasets.Dataset.from_list([{"id": "a", "prompt": "x"}, {"id": "b", "prompt": " "}]).save_to_disk(
+        str(tmp_path / "ds")
+    )
+    assert error_of(tmp_path / "ds", "prompts") == f"{tmp_path / 'ds'}[row 1]: prompt: prompt is empty"
+
+
+def test_blank_lines_are_skipped_and_line_numbers_stay_true(tmp_path):
+    rows = SAMPLES[("prompts", "plain")] + [{"id": "p3", "prompt": ""}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows, blank_lines=True)
+    # Lines: 1 blank, 2 p1, 3 blank, 4 p2, 5 blank, 6 p3 (empty prompt).
+    assert error_of(path, "prompts") == f"{path}:6: prompt: prompt is empty"
+    path = write_jsonl(tmp_path / "ok.jsonl", rows[:2], blank_lines=True)
+    assert [r.id for r in read_records(path, "prompts")] == ["p1", "p2"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_empty_prompt(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "ok"}, {"id": "b", "prompt": " \n "}])
+    assert error_of(path, "prompts") == f"{path}:2: prompt: prompt is empty"
+
+
+def test_empty_conversation_and_empty_messages(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": []}])
+    assert error_of(path, "prompts") == f"{path}:1: prompt: prompt is an empty conversation"
+    path = write_jsonl(tmp_path / "q.jsonl", [{"id": "a", "prompt": [{"role": "user", "content": " "}]}])
+    assert error_of(path, "prompts") == f"{path}:1: prompt: prompt has only empty messages"
+
+
+def test_bad_message_role(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": [{"role": "bot", "content": "x"}], "response": "y"}])
+    assert error_of(path, "demonstrations").startswith(f"{path}:1: prompt: ")
+    assert "prompt.0.role: Input should be 'system', 'user' or 'assistant'" in error_of(path, "demonstrations")
+
+
+def test_missing_key(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Say hi"}])
+    assert error_of(path, "demonstrations") == f"{path}:1: response: missing required key"
+
+
+def test_unknown_key(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Say hi", "response": "Hi", "respones": "Hi"}])
+    assert error_of(path, "demonstrations") == (
+        f"{path}:1: respones: unknown key (check the spelling; see the formats in README)"
+    )
+
+
+def test_wrong_type(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": 5}])
+    assert error_of(path, "prompts") == f"{path}:1: prompt: must be text or a list of {{role, content}} messages"
+
+
+def test_duplicate_ids(tmp_path):
+    path = write_jsonl(
+        tmp_path / "p.jsonl", [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}, {"id": "a", "prompt": "z"}]
+    )
+    assert error_of(path, "prompts") == f"{path}:3: id: duplicate 'a' (first at {path}:1)"
+    c = SAMPLES[("completions", "plain")][0]
+    path = write_jsonl(tmp_path / "c.jsonl", [c, c])
+    assert error_of(path, "completions") == f"{path}:2: prompt_id: duplicate 'p1' (first at {path}:1)"
+
+
+def test_duplicate_ranking_by_the_same_labeler(tmp_path):
+    rows = [
+        {"prompt_id": "p1", "labeler": "ann", "ranking": [1, 2]},
+        {"prompt_id": "p1", "labeler": "bob", "ranking": [1, 2]},  # another labeler: fine
+        {"prompt_id": "p1", "labeler": "ann", "ranking": [2, 1]},
+    ]
+    path = write_jsonl(tmp_path / "r.jsonl", rows)
+    assert error_of(path, "rankings") == f"{path}:3: prompt_id/labeler: duplicate ('p1', 'ann') (first at {path}:1)"
+
+
+def test_rank_gaps_and_bad_ranks(tmp_path):
+    path = write_jsonl(tmp_path / "r.jsonl", [{"prompt_id": "p1", "labeler": "ann", "ranking": [1, 3, 1]}])
+    assert error_of(path, "rankings") == f"{path}:1: ranking: ranks must be dense (1, 2, 2, 3 - no gaps); got [1, 3, 1]"
+    path = write_jsonl(tmp_path / "z.jsonl", [{"prompt_id": "p1", "labeler": "ann", "ranking": [0, 1]}])
+    assert error_of(path, "rankings") == f"{path}:1: ranking: ranks start at 1 (best); got [0, 1]"
+    path = write_jsonl(tmp_path / "o.jsonl", [{"prompt_id": "p1", "labeler": "ann", "ranking": [1]}])
+    assert error_of(path, "rankings") == f"{path}:1: ranking: ranking needs at least 2 candidates, got 1"
+    check_ranks([1, 2, 2, 3])  # ties are fine
+    check_ranks([1, 1])
+
+
+def test_too_few_candidates(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"prompt_id": "p1", "prompt": "x", "completions": ["only one"]}])
+    assert error_of(path, "completions") == f"{path}:1: completions: need at least 2 candidates to rank, got 1"
+
+
+def test_non_utf8_bytes(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"id": "a", "prompt": "fine"}\n{"id": "b", "prompt": "caf\xe9"}\n')
+    assert error_of(path, "prompts") == f"{path}:2: not valid UTF-8 (byte 26); re-save it as UTF-8"
+
+
+def test_huge_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    big = json.dumps({"id": "a", "prompt": "x" * 1_000_001})
+    path.write_text(big + "\n", encoding="utf-8")
+    assert error_of(path, "prompts") == (
+        f"{path}:1: line is {len(big) + 1:,} bytes, over the 1,000,000-byte limit "
+        "(is this really JSONL, one record per line?)"
+    )
+
+
+def test_invalid_json(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": }\n', encoding="utf-8")
+    assert error_of(path, "prompts") == f"{path}:2: invalid JSON: Expecting value (column 23)"
+
+
+def test_non_object_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('["a", "x"]\n', encoding="utf-8")
+    assert error_of(path, "prompts") == f"{path}:1: expected a JSON object, got list"
+
+
+def test_identical_chosen_and_rejected(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "Same.", "rejected": "Same."}])
+    assert error_of(path, "pairs") == f"{path}:1: rejected: identical to chosen: the pair carries no preference"
+    conv = [{"role": "assistant", "content": "Same."}]
+    path = write_jsonl(tmp_path / "conv.jsonl", [{"prompt": "p", "chosen": conv, "rejected": conv}])
+    assert error_of(path, "pairs") == f"{path}:1: rejected: identical to chosen: the pair carries no preference"
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_finite_scores_and_margins(tmp_path, literal):
+    path = tmp_path / "ratings.jsonl"
+    path.write_text(f'{{"prompt": "p", "completion": "c", "score": {literal}}}\n', encoding="utf-8")
+    assert error_of(path, "ratings") == f"{path}:1: score: score must be a finite number"
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(f'{{"prompt": "p", "chosen": "a", "rejected": "b", "margin": {literal}}}\n', encoding="utf-8")
+    assert error_of(path, "pairs") == f"{path}:1: margin: margin must be a finite number"
+
+
+def test_empty_and_missing_files(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n \n", encoding="utf-8")
+    assert error_of(path, "prompts") == f"{path}: no records (the file is empty)"
+    assert error_of(tmp_path / "nope.jsonl", "prompts") == f"{tmp_path / 'nope.jsonl'}: file not found"
+    with pytest.raises(UserError, match="unknown data format 'prompt'; one of: prompts, "):
+        read_records(path, "prompt")
+
+
+def test_detect_kind_rejects_unknown_shapes():
+    with pytest.raises(ValueError, match=r"keys \['prompt', 'reply'\] match no known format"):
+        detect_kind({"prompt": "x", "reply": "y"})
+
+
+# ----------------------------------------------------------------------------- rankings -> pairs
+
+COMPLETIONS = [
+    {"prompt_id": "p1", "prompt": "Name a colour", "completions": ["A", "B", "C", "D"]},
+    {"prompt_id": "p2", "prompt": "Say hi", "completions": ["x", "y"]},
+    {"prompt_id": "p3", "prompt": "Echo", "completions": ["same", "same", "other"]},
+]
+
+
+def test_rankings_to_pairs_by_hand(tmp_path):
+    rankings = [
+        # ann: B and D tie for best, then A, then C.
+        {"prompt_id": "p1", "labeler": "ann", "ranking": [2, 1, 3, 1]},
+        # bob: A best, the other three tie.
+        {"prompt_id": "p1", "labeler": "bob", "ranking": [1, 2, 2, 2]},
+        {"prompt_id": "p2", "labeler": "ann", "ranking": [1, 2], "unusable": True},
+        # two identical texts at different ranks: that pair says nothing.
+        {"prompt_id": "p3", "labeler": "ann", "ranking": [1, 2, 3]},
+    ]
+    r = read_records(write_jsonl(tmp_path / "r.jsonl", rankings), "rankings")
+    c = read_records(write_jsonl(tmp_path / "c.jsonl", COMPLETIONS), "completions")
+    got = [(p.prompt, p.chosen, p.rejected) for p in rankings_to_pairs(r, c)]
+    assert got == [
+        # ann on p1, candidate pairs (0,1) (0,2) (0,3) (1,2) [(1,3) tie] (2,3):
+        ("Name a colour", "B", "A"),
+        ("Name a colour", "A", "C"),
+        ("Name a colour", "D", "A"),
+        ("Name a colour", "B", "C"),
+        ("Name a colour", "D", "C"),
+        # bob on p1: A over each of the tied three; pairs among them dropped.
+        ("Name a colour", "A", "B"),
+        ("Name a colour", "A", "C"),
+        ("Name a colour", "A", "D"),
+        # p2 unusable: nothing. p3: (0,1) identical texts skipped.
+        ("Echo", "same", "other"),
+        ("Echo", "same", "other"),
+    ]
+    assert all(p.margin is None for p in rankings_to_pairs(r, c))
+
+
+def test_an_empty_completion_can_lose_or_win_a_pair(tmp_path):
+    c = read_records(
+        write_jsonl(tmp_path / "c.jsonl", [{"prompt_id": "p1", "prompt": "Say hi", "completions": ["", "Hi!"]}]),
+        "completions",
+    )
+    r = read_records(
+        write_jsonl(tmp_path / "r.jsonl", [{"prompt_id": "p1", "labeler": "a", "ranking": [2, 1]}]), "rankings"
+    )
+    (pair,) = rankings_to_pairs(r, c)
+    assert (pair.chosen, pair.rejected) == ("Hi!", "")
+    out = write_records(tmp_path / "pairs.jsonl", [pair])
+    assert read_records(out, "pairs")[0].rejected == ""
+
+
+def test_rankings_with_unknown_prompt_id(tmp_path):
+    rows = [
+        {"prompt_id": "p1", "labeler": "ann", "ranking": [1, 2, 3, 4]},
+        {"prompt_id": "p9", "labeler": "ann", "ranking": [1, 2]},
+    ]
+    path = write_jsonl(tmp_path / "r.jsonl", rows)
+    c = [Completions.model_validate(x) for x in COMPLETIONS]
+    with pytest.raises(UserError) as info:
+        rankings_to_pairs(read_records(path, "rankings"), c)
+    assert str(info.value) == f"{path}:2: prompt_id: unknown id 'p9' (not in the completions)"
+
+
+def test_rankings_must_rank_every_candidate(tmp_path):
+    path = write_jsonl(tmp_path / "r.jsonl", [{"prompt_id": "p1", "labeler": "ann", "ranking": [1, 2, 3]}])
+    c = [Completions.model_validate(x) for x in COMPLETIONS]
+    with pytest.raises(UserError) as info:
+        rankings_to_pairs(read_records(path, "rankings"), c)
+    assert str(info.value) == (
+        f"{path}:1: ranking: ranks 3 candidates but prompt 'p1' has 4; every candidate needs a rank"
+    )
+
+
+def test_rankings_built_in_code_are_named_by_position():
+    c = [Completions.model_validate(x) for x in COMPLETIONS]
+    with pytest.raises(UserError, match=r"^rankings: record 1: prompt_id: unknown id 'p7'"):
+        rankings_to_pairs([Ranking(prompt_id="p7", labeler="ann", ranking=[1, 2])], c)
+
+
+# ----------------------------------------------------------------------------- chat rendering
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def plain_tok(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir("gpt2"))
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir("gpt2"))
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def test_plain_prompt_uses_the_template(plain_tok, chat_tok):
+    for tok in (plain_tok, chat_tok):  # a chat template does not change plain prompts unless asked
+        assert render_prompt(tok, "How?") == "User: How?\nAssistant:"
+        assert render_response(tok, "How?", "  Like this. ") == " Like this."
+    assert render_prompt(plain_tok, "How?", "Q: {prompt}\nA:") == "Q: How?\nA:"
+    assert render_prompt(plain_tok, "How?", "{prompt}") == "How?"
+    with pytest.raises(UserError, match="must contain {prompt}"):
+        render_prompt(plain_tok, "How?", "Q:")
+
+
+def test_conversation_without_chat_template_falls_back_to_plain(plain_tok):
+    assert render_prompt(plain_tok, CONV) == "System: Be brief.\nUser: Café? ☕\nAssistant:"
+    assert render_response(plain_tok, CONV, REPLY) == " Yes, please."
+    assert render_response(plain_tok, CONV, "Sure.") == " Sure."
+    with pytest.raises(UserError, match="no chat template"):
+        render_prompt(plain_tok, "How?", "chat")
+
+
+def test_conversation_with_chat_template(chat_tok):
+    prompt = render_prompt(chat_tok, CONV)
+    assert prompt == "<|system|>Be brief.<|endoftext|><|user|>Café? ☕<|endoftext|><|assistant|>"
+    assert render_response(chat_tok, CONV, REPLY) == "Yes, please.<|endoftext|>"
+    assert render_response(chat_tok, CONV, "Sure.") == "Sure.<|endoftext|>"
+    # template="chat" wraps a plain prompt as one user message.
+    assert render_prompt(chat_tok, "How?", "chat") == "<|user|>How?<|endoftext|><|assistant|>"
+    assert render_response(chat_tok, "How?", "Sure.", "chat") == "Sure.<|endoftext|>"
+
+
+@pytest.mark.parametrize(
+    ("which", "prompt", "response"),
+    [("plain", "How?", "Like this."), ("plain", CONV, REPLY), ("chat", CONV, REPLY), ("chat", "How?", "Like this.")],
+)
+def test_encode_example_response_start_is_exact(plain_tok, chat_tok, which, prompt, response):
+    tok = plain_tok if which == "plain" else chat_tok
+    ids, start = encode_example(tok, prompt, response)
+    assert ids[:start] == tok(render_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+    expected = render_response(tok, prompt, response)
+    expected += "" if expected.endswith(tok.eos_token) else tok.eos_token
+    assert tok.decode(ids[start:]) == expected
+    assert ids[-1] == tok.eos_token_id and ids[-2] != tok.eos_token_id  # exactly one EOS at the end
+
+
+def test_encode_example_cuts_long_prompts_from_the_left(plain_tok):
+    long_prompt = "tea " * 40
+    full, full_start = encode_example(plain_tok, long_prompt, "Boil water.")
+    ids, start = encode_example(plain_tok, long_prompt, "Boil water.", max_length=12)
+    assert len(ids) == 12 and ids[start:] == full[full_start:]
+    assert ids[:start] == full[:full_start][-start:]
+    # A response longer than max_length keeps its beginning and no prompt at all.
+    ids, start = encode_example(plain_tok, "Hi", "tea " * 40, max_length=5)
+    assert start == 0 and ids == plain_tok(" " + "tea " * 39 + "tea", add_special_tokens=False)["input_ids"][:5]
+
+
+def test_truncate_at_stop():
+    assert truncate_at_stop("Sure.\nUser: more") == ("Sure.", True)
+    assert truncate_at_stop("Sure.") == ("Sure.", False)
+    assert truncate_at_stop("a STOP b END", ["END", "STOP"]) == ("a ", True)

@@ -1,0 +1,184 @@
+"""Sampling: seeds, temperature / top-k / top-p against greedy decoding, length limits, stopping
+at EOS and at stop strings, K samples per prompt, and `rlhfkit generate` for each architecture.
+
+An untrained model gives varied, near-uniform samples; a "parrot" (the same tiny model overfit
+on two dialogues for a few steps) makes EOS and stop strings happen deterministically.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ARCHS
+from rlhfkit.cli import main
+from rlhfkit.data.formats import read_records
+from rlhfkit.models.loading import ModelConfig, load_causal_lm
+from rlhfkit.models.sampling import SamplingConfig, sample
+
+PROMPTS = ["User: How do I make tea?\nAssistant:", "The quick brown fox", "User: Hi\nAssistant:"]
+SAY_HI, SAY_MORE = "User: Say hi\nAssistant:", "User: Say more\nAssistant:"
+
+
+def cfg(**kw) -> SamplingConfig:
+    return SamplingConfig(**{"max_new_tokens": 10, "stop": [], **kw})
+
+
+def seeded(model, tok, prompts, config, seed=0, k=1):
+    torch.manual_seed(seed)
+    return sample(model, tok, prompts, config, num_samples=k)
+
+
+def rows(s):
+    return [r[: int(m.sum())].tolist() for r, m in zip(s.response_ids, s.response_mask, strict=True)]
+
+
+def greedy(model, tok, prompt, max_new_tokens):
+    """Reference: one unpadded prompt, plain greedy decoding, cut after EOS."""
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )[0, ids.shape[1] :].tolist()
+    return out[: out.index(tok.eos_token_id) + 1] if tok.eos_token_id in out else out
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir):
+    return {arch: load_causal_lm(ModelConfig(path=str(tiny_model_dir(arch)))) for arch in ARCHS}
+
+
+@pytest.fixture(scope="module")
+def parrot(tiny_model_dir):
+    """Overfit on two dialogues: one ends with EOS, the other runs on into the next user turn."""
+    model, tok = load_causal_lm(ModelConfig(path=str(tiny_model_dir("gpt2"))))
+    texts = [SAY_HI + " hi there" + tok.eos_token, SAY_MORE + " more words\nUser: next one please"]
+    enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.5
+    return model, tok
+
+
+def test_same_seed_same_samples_other_seed_differs(models):
+    model, tok = models["gpt2"]
+    a = seeded(model, tok, PROMPTS, cfg(), seed=1, k=2)
+    b = seeded(model, tok, PROMPTS, cfg(), seed=1, k=2)
+    c = seeded(model, tok, PROMPTS, cfg(), seed=2, k=2)
+    assert a.texts == b.texts and torch.equal(a.response_ids, b.response_ids)
+    assert a.texts != c.texts
+    assert len(set(a.texts)) > 1  # temperature 1 on an untrained model: varied samples
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_limits_equal_greedy_decoding(models, arch):
+    """top_k=1, a tiny top_p and a tiny temperature all reduce to greedy decoding; prompts of
+    different lengths are left-padded in one batch, so this also checks padding is invisible."""
+    model, tok = models[arch]
+    expected = [greedy(model, tok, p, 8) for p in PROMPTS]
+    for options in (dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-3)):
+        assert rows(seeded(model, tok, PROMPTS, cfg(max_new_tokens=8, **options))) == expected, options
+    assert rows(seeded(model, tok, PROMPTS, cfg(max_new_tokens=8))) != expected  # temperature 1 samples
+
+
+def test_top_k_limits_the_candidates_and_zero_means_off(models):
+    model, tok = models["llama"]
+    ids = tok(PROMPTS[0], return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        order = torch.argsort(model(input_ids=ids).logits[0, -1], descending=True).tolist()
+
+    def first_token_ranks(**options):
+        s = seeded(model, tok, PROMPTS[:1], cfg(max_new_tokens=1, temperature=10.0, **options), k=64)
+        return [order.index(int(t)) for t in s.response_ids[:, 0]]
+
+    assert max(first_token_ranks(top_k=5)) < 5
+    assert max(first_token_ranks(top_k=0)) >= 50  # no hidden default top-k of 50
+    assert max(first_token_ranks(top_k=0, top_p=0.05)) < max(first_token_ranks(top_k=0))
+
+
+def test_max_new_tokens_is_respected(models):
+    model, tok = models["qwen2"]
+    s = seeded(model, tok, PROMPTS, cfg(max_new_tokens=7), k=2)
+    assert s.response_ids.shape == (6, 7)
+    lengths = s.response_mask.sum(1)
+    assert all(int(n) == 7 for n, ended in zip(lengths, s.ended, strict=True) if not ended)
+
+
+def test_stops_at_eos(parrot):
+    model, tok = parrot
+    s = seeded(model, tok, [SAY_HI, SAY_MORE], cfg(max_new_tokens=16, temperature=0.3), k=2)
+    for i in (0, 1):  # "Say hi" rows
+        n = int(s.response_mask[i].sum())
+        assert s.response_ids[i, n - 1] == tok.eos_token_id  # the mask ends at (and includes) EOS
+        assert tok.decode(s.response_ids[i, :n]) == " hi there" + tok.eos_token
+        assert bool(s.ended[i]) and s.texts[i] == "hi there"
+        assert (s.response_ids[i, n:] == tok.pad_token_id).all()  # shorter than the other rows: padded
+    assert s.response_mask[:2].sum(1).max() < s.response_mask[2:].sum(1).max()
+
+
+def test_stop_string_cuts_the_text_and_keeps_its_first_token(parrot):
+    model, tok = parrot
+    s = seeded(model, tok, [SAY_MORE], cfg(max_new_tokens=16, temperature=0.3, stop=["\nUser:"]))
+    kept = rows(s)[0]
+    assert s.texts == ["more words"] and bool(s.ended[0])
+    # Tokens run through the one where the stop string begins (the policy learns to end its turn).
+    assert tok.decode(kept) == " more words\n"
+    assert len(tok.decode(kept[:-1])) <= len(" more words") < len(tok.decode(kept))
+    # Without stop strings the same sample runs on into the next turn and has not ended.
+    s = seeded(model, tok, [SAY_MORE], cfg(max_new_tokens=16, temperature=0.3))
+    assert s.texts[0].startswith("more words\nUser: n") and not bool(s.ended[0])
+    assert rows(s)[0][: len(kept)] == kept
+
+
+def test_k_samples_are_grouped_by_prompt(parrot):
+    model, tok = parrot
+    prompts = [SAY_HI, SAY_MORE, "User: Say hi\nAssistant:"]
+    # batch_size 4 with k=3: one prompt per generate call, three calls of different prompt widths.
+    s = seeded(model, tok, prompts, cfg(max_new_tokens=16, temperature=0.3, stop=["\nUser:"], batch_size=4), k=3)
+    assert len(s) == 9 and s.texts == ["hi there"] * 3 + ["more words"] * 3 + ["hi there"] * 3
+    width = s.prompt_ids.shape[1]
+    for i, prompt in enumerate(p for p in prompts for _ in range(3)):
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        assert s.prompt_ids[i, width - len(ids) :].tolist() == ids  # left-padded: the prompt ends at the right
+        assert s.prompt_mask[i].tolist() == [0] * (width - len(ids)) + [1] * len(ids)
+        assert (s.prompt_ids[i, : width - len(ids)] == tok.pad_token_id).all()
+
+
+def test_sampling_keeps_the_training_mode_and_long_prompts_keep_their_end(models):
+    model, tok = models["gpt2"]
+    model.train()
+    s = seeded(model, tok, ["word " * 50 + "end"], cfg(max_prompt_tokens=8, max_new_tokens=2))
+    assert model.training
+    model.eval()
+    assert s.prompt_ids.shape[1] == 8
+    assert s.prompt_ids[0].tolist() == tok("word " * 50 + "end", add_special_tokens=False)["input_ids"][-8:]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_stage_writes_completions(capsys, tmp_path, tiny_model_dir, arch):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        '{"id": "tea", "prompt": "How do I make tea?"}\n\n'
+        '{"id": "chat", "prompt": [{"role": "user", "content": "Hi"}]}\n'
+        '{"id": "fox", "prompt": "Tell me about the fox."}\n',
+        encoding="utf-8",
+    )
+    out = tmp_path / "gen"
+    argv = [f"prompts={prompts}", f"output_dir={out}", f"model.path={tiny_model_dir(arch)}", "k=3"]
+    assert main(["generate", *argv, "sampling.max_new_tokens=6", "sampling.batch_size=4", "limit=2"]) == 0
+    records = read_records(out / "completions.jsonl", "completions")
+    assert [r.prompt_id for r in records] == ["tea", "chat"]
+    assert all(len(r.completions) == 3 for r in records)
+    assert records[1].prompt[0].content == "Hi"  # conversations are kept as conversations
+    assert (out / "config.yaml").exists()
+    assert f"wrote 2 prompts x 3 completions to {out / 'completions.jsonl'}" in capsys.readouterr().out
