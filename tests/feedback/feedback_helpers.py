@@ -17,14 +17,16 @@ from rlhfkit.feedback.schemas import MemberIn, ProjectIn, UserIn
 
 PASSWORD = "correct-horse-9"
 XSS = "<script>alert('xss')</script>"
+ALPHA, BRAVO = "ALPHA-ONLY-TEXT", "BRAVO-ONLY-TEXT"
 
 
-def completions_jsonl(n: int, k: int = 3, prefix: str = "p") -> str:
-    """n prompts with k candidates each; every text carries a <script> to prove escaping."""
+def completions_jsonl(n: int, k: int = 3, prefix: str = "p", marker: str = "") -> str:
+    """n prompts with k candidates each; every text carries a <script> to prove escaping, and
+    `marker` lets a test check that one project's text never shows up in another's answers."""
     rows = [
         {
             "prompt_id": f"{prefix}{i}",
-            "prompt": f"Question {i}: how do I make tea? {XSS}",
+            "prompt": f"Question {i}: how do I make tea? {marker} {XSS}",
             "completions": [f"answer {i}.{j} {XSS if j == 0 else ''}".strip() for j in range(k)],
         }
         for i in range(n)
@@ -57,7 +59,7 @@ def seed(db: Database, items: int = 4, overlap: int = 2, task: str = "ranking") 
             user = service.create_user(s, UserIn(username=name, password=PASSWORD, is_owner=owner))
             world.users[name] = user.id
             world.keys[name] = service.create_api_key(s, user, "tests")
-        service.create_user(s, UserIn(username="extra"))
+        world.users["extra"] = service.create_user(s, UserIn(username="extra")).id
         a = service.create_project(
             s, ProjectIn(name="Secret Project Alpha", task=task, overlap=overlap, guidelines="# Be **kind**")
         )
@@ -66,9 +68,15 @@ def seed(db: Database, items: int = 4, overlap: int = 2, task: str = "ranking") 
             service.set_member(s, a, MemberIn(username=name, role=role))
         service.set_member(s, b, MemberIn(username="eve", role="labeler"))
         world.project_a, world.project_b = a.id, b.id
-        service.import_items(s, a, service.parse_upload("a.jsonl", completions_jsonl(items).encode(), task))
         service.import_items(
-            s, b, service.parse_upload("b.jsonl", completions_jsonl(2, prefix="b").encode(), "ranking")
+            s, a, service.parse_upload("a.jsonl", completions_jsonl(items, marker=ALPHA).encode(), task)
+        )
+        service.import_items(
+            s,
+            b,
+            service.parse_upload(
+                "b.jsonl", completions_jsonl(2, prefix="b", marker=BRAVO).encode(), "ranking"
+            ),
         )
     return world
 

@@ -206,7 +206,14 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        return await run_in_threadpool(_error, request, exc.status_code, str(exc.detail))
+        message = str(exc.detail)
+        if exc.status_code == 413:
+            cfg = state(request).config
+            message = (
+                f"request body too large: the limit is {cfg.max_body_kb} KB "
+                f"({cfg.max_upload_mb} MB for imports)"
+            )
+        return await run_in_threadpool(_error, request, exc.status_code, message)
 
     @app.exception_handler(IntegrityError)
     async def _integrity(request: Request, exc: IntegrityError) -> Response:
@@ -218,15 +225,17 @@ def _install_error_handlers(app: FastAPI) -> None:
 # ---------------------------------------------------------------- body limit and headers
 
 
-class _TooLarge(Exception):
-    pass
+class Guard:
+    """A pure ASGI middleware: caps request bodies (413 before the body is parsed, whether or not
+    it declares a Content-Length; imports, paths ending in /import, may be larger) and adds the
+    CSP and other security headers to every response."""
 
-
-class GuardMiddleware:
-    """Refuses oversized bodies with 413 before any of it is parsed, and adds security headers.
-
-    Imports (paths ending in /import) may be larger than ordinary requests.
-    """
+    HEADERS = [
+        (b"content-security-policy", CSP.encode()),
+        (b"x-content-type-options", b"nosniff"),
+        (b"referrer-policy", b"same-origin"),
+        (b"x-frame-options", b"DENY"),
+    ]
 
     def __init__(self, app: Callable[..., Awaitable[None]], max_body: int, max_upload: int):
         self.app, self.max_body, self.max_upload = app, max_body, max_upload
@@ -241,46 +250,27 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.max_upload if scope["path"].endswith("/import") else self.max_body
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            await self._reject(scope, send, limit)
-            return
-        started = False
-        seen = 0
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        counting = not length.isdigit()  # no usable Content-Length: count the bytes as they come
+        seen = 0 if counting else int(length)
 
-        async def counted_receive() -> Any:
+        async def limited_receive() -> Any:
             nonlocal seen
+            if seen > limit:  # declared too large: refuse before reading any of it
+                raise StarletteHTTPException(413)
             message = await receive()
-            if message["type"] == "http.request":
+            if message["type"] == "http.request" and counting:
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise _TooLarge()
+                    raise StarletteHTTPException(413)
             return message
 
         async def send_with_headers(message: dict[str, Any]) -> None:
-            nonlocal started
             if message["type"] == "http.response.start":
-                started = True
-                message.setdefault("headers", [])
-                message["headers"] += [
-                    (b"content-security-policy", CSP.encode()),
-                    (b"x-content-type-options", b"nosniff"),
-                    (b"referrer-policy", b"same-origin"),
-                    (b"x-frame-options", b"DENY"),
-                ]
+                message["headers"] = [*message.get("headers", []), *self.HEADERS]
             await send(message)
 
-        try:
-            await self.app(scope, counted_receive, send_with_headers)
-        except _TooLarge:
-            if not started:
-                await self._reject(scope, send, limit)
-
-    @staticmethod
-    async def _reject(scope: dict[str, Any], send: Callable[..., Awaitable[None]], limit: int) -> None:
-        response = JSONResponse({"error": f"request body too large (limit {limit:,} bytes)"}, status_code=413)
-        await response(scope, None, send)  # type: ignore[arg-type]
+        await self.app(scope, limited_receive, send_with_headers)
 
 
 # ---------------------------------------------------------------- the app
@@ -317,8 +307,8 @@ def create_app(config: ServeConfig, db: Database | None = None) -> FastAPI:
     app.include_router(api.router)
     app.include_router(pages.router)
     app.add_middleware(
-        GuardMiddleware,
-        max_body=config.max_body_kb * 1024,  # type: ignore[arg-type]
+        Guard,  # type: ignore[arg-type]
+        max_body=config.max_body_kb * 1024,
         max_upload=config.max_upload_mb * 1024 * 1024,
     )
     return app
