@@ -479,6 +479,14 @@ def _check_ranking(item: Item, data: JudgmentIn) -> list[int]:
     return ranks
 
 
+def _existing(s: Session, item_id: int, user: User, data: JudgmentIn) -> Judgment | None:
+    """This labeler's stored judgment of the item if `data` repeats it; another one is a conflict."""
+    existing = s.scalar(select(Judgment).where(Judgment.item_id == item_id, Judgment.user_id == user.id))
+    if existing is not None and existing.client_token != data.client_token:
+        raise Conflict("you have already submitted a judgment for this item")
+    return existing
+
+
 def submit(s: Session, project: Project, user: User, item_id: int, data: JudgmentIn) -> tuple[Judgment, bool]:
     """Store a judgment; returns (judgment, created).
 
@@ -488,11 +496,9 @@ def submit(s: Session, project: Project, user: User, item_id: int, data: Judgmen
     hits the (item, labeler) unique constraint and is retried by the caller, landing here again.
     """
     a = assignment_for(s, project, user, item_id)
-    existing = s.scalar(select(Judgment).where(Judgment.item_id == item_id, Judgment.user_id == user.id))
+    existing = _existing(s, item_id, user, data)
     if existing is not None:
-        if existing.client_token == data.client_token:
-            return existing, False
-        raise Conflict("you have already submitted a judgment for this item")
+        return existing, False
     ranking, response = None, None
     if project.task == "demonstration":
         if data.ranking is not None:
@@ -508,6 +514,11 @@ def submit(s: Session, project: Project, user: User, item_id: int, data: Judgmen
         .values(n_judgments=Item.n_judgments + 1)
     )
     if claimed.rowcount == 0:
+        # On PostgreSQL the UPDATE may have waited for a concurrent submit of this very judgment
+        # (a double click on the item's last place); that one is committed and visible now.
+        existing = _existing(s, item_id, user, data)
+        if existing is not None:
+            return existing, False
         raise Conflict(f"this item already has its {project.overlap} judgments; please take the next one")
     now = utcnow()
     judgment = Judgment(
