@@ -229,11 +229,12 @@ def _draft_from_form(form: Any, display_order: list[int]) -> dict[str, Any]:
     for cid in display_order:
         raw = str(form.get(f"rank_{cid}", "")).strip()
         ranks[cid] = int(raw) if raw.isdecimal() else None
+    # Browsers send textarea line breaks as CRLF; training data wants plain newlines.
     return {
         "ranks": ranks,
         "unusable": form.get("unusable") in ("1", "on", "true"),
-        "comment": str(form.get("comment", "")),
-        "response": str(form.get("response", "")),
+        "comment": str(form.get("comment", "")).replace("\r\n", "\n"),
+        "response": str(form.get("response", "")).replace("\r\n", "\n"),
     }
 
 

@@ -557,6 +557,8 @@ def judgment_view(j: Judgment) -> dict[str, Any]:
 
 
 def my_progress(s: Session, project: Project, user: User) -> dict[str, int]:
+    """done: judged; to_go: still open for this labeler (their unfinished items plus the ones the
+    dispatcher could still hand them); plus the project's totals."""
     done = s.scalar(
         select(func.count())
         .select_from(Judgment)
@@ -564,13 +566,15 @@ def my_progress(s: Session, project: Project, user: User) -> dict[str, int]:
         .where(Item.project_id == project.id, Judgment.user_id == user.id)
     )
     seen = exists().where(Assignment.item_id == Item.id, Assignment.user_id == user.id)
-    available = s.scalar(
+    unfinished = exists().where(
+        Assignment.item_id == Item.id, Assignment.user_id == user.id, Assignment.done.is_(False)
+    )
+    to_go = s.scalar(
         select(func.count())
         .select_from(Item)
-        .where(Item.project_id == project.id, ~seen, Item.n_judgments < project.overlap)
+        .where(Item.project_id == project.id, ~seen | unfinished, Item.n_judgments < project.overlap)
     )
-    totals = project_totals(s, project)
-    return {"done": done or 0, "available": available or 0, **totals}
+    return {"done": done or 0, "to_go": to_go or 0, **project_totals(s, project)}
 
 
 def project_totals(s: Session, project: Project) -> dict[str, int]:

@@ -4,6 +4,7 @@
     rlhfkit serve init                        create or upgrade the database
     rlhfkit serve create-owner USERNAME       the first user; password from $RLHFKIT_PASSWORD or asked
     rlhfkit serve add-user USERNAME [--project NAME] [--role labeler|admin] [--no-password]
+    rlhfkit serve add-member USERNAME PROJECT [--role labeler|admin]   an existing user joins a project
     rlhfkit serve create-project NAME [--task ranking|pairwise|demonstration] [--overlap N]
                                               [--guidelines FILE.md]
     rlhfkit serve import PROJECT FILE.jsonl   completions from `rlhfkit generate` (or prompts)
@@ -98,6 +99,15 @@ def _user(config: ServeConfig, args: argparse.Namespace, owner: bool) -> None:
     print(f"created {'owner' if owner else 'user'} {args.username}")
 
 
+def _add_member(config: ServeConfig, args: argparse.Namespace) -> None:
+    from rlhfkit.feedback import service
+    from rlhfkit.feedback.schemas import MemberIn
+
+    data = MemberIn(username=args.username, role=args.role)
+    _in_db(config, lambda s: service.set_member(s, service.find_project(s, args.project), data))
+    print(f"{args.username} is now {args.role} of {args.project!r}")
+
+
 def _create_project(config: ServeConfig, args: argparse.Namespace) -> None:
     from pydantic import ValidationError
 
@@ -173,6 +183,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[ServeConfig,
     p.add_argument("--role", choices=["labeler", "admin"], default="labeler")
     p.add_argument("--no-password", action="store_true", help="a script user: API keys only")
     actions["add-user"] = lambda c, a: _user(c, a, owner=False)
+    p = sub.add_parser("add-member", help="add an existing user to a project (or change their role)")
+    p.add_argument("username")
+    p.add_argument("project")
+    p.add_argument("--role", choices=["labeler", "admin"], default="labeler")
+    actions["add-member"] = _add_member
     p = sub.add_parser("create-project", help="create a project")
     p.add_argument("name")
     p.add_argument("--task", choices=["ranking", "pairwise", "demonstration"], default="ranking")
