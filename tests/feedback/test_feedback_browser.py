@@ -21,12 +21,14 @@ from feedback_helpers import XSS
 from rlhfkit.cli import main
 from rlhfkit.data.formats import Completions, PromptRecord, write_records
 from rlhfkit.feedback import service
+from rlhfkit.feedback.client import FeedbackClient
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.models import Item
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "feedback"
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS, SRC = ROOT / "test-artifacts" / "feedback", ROOT / "src"
 PASSWORD = "browser-pass-1"
 
 
@@ -63,12 +65,13 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[st
         ["import", "Demonstrations", str(write_records(tmp_path / "prompts.jsonl", prompts))],
         ["add-member", "ann", "Quick pairs"],
         ["add-member", "ann", "Demonstrations"],
+        ["add-user", "bob", "--project", "Tea tasting", "--no-password"],
     ):
         assert main(["serve", *command, db]) == 0
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    env = os.environ | {"PYTHONPATH": str(SRC)}
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -106,6 +109,13 @@ def test_label_and_administer_in_a_real_browser(server: tuple[str, str]) -> None
     from playwright.sync_api import expect, sync_playwright
 
     url, db_url = server
+    bob_key = subprocess.run(
+        [sys.executable, "-m", "rlhfkit.cli", "serve", "api-key", "bob", f"db_url={db_url}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=os.environ | {"PYTHONPATH": str(SRC)},
+    ).stdout.strip()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     problems: list[str] = []
     done: dict[int, tuple[dict[str, int], dict]] = {}  # item id -> (label -> candidate id, expectation)
@@ -239,6 +249,11 @@ def test_label_and_administer_in_a_real_browser(server: tuple[str, str]) -> None
         page.keyboard.press("Control+Enter")
         expect(page.get_by_role("heading", name="All done for now")).to_be_visible()
 
+        # A second labeler (a script with an API key) ranks every item: steeping first, the rest tied.
+        with FeedbackClient(url, api_key=bob_key) as bob:
+            while (item := bob.next_item(1)) is not None:
+                bob.submit(1, item["item_id"], {c["id"]: 1 if "steep" in c["text"] else 2 for c in item["candidates"]})
+
         # The admin sees progress and agreement, and exports what ann did.
         admin = context.browser.new_context(
             viewport={"width": 1360, "height": 900}, accept_downloads=True
@@ -254,11 +269,16 @@ def test_label_and_administer_in_a_real_browser(server: tuple[str, str]) -> None
         row = admin.locator("#progress tbody tr", has_text="ann")
         expect(row.locator("td").nth(2)).to_have_text("4")  # submitted
         expect(row.locator("td").nth(3)).to_have_text("1")  # flagged
-        expect(admin.locator("#progress")).to_contain_text("0 of 4 items complete")
+        expect(admin.locator("#progress")).to_contain_text("4 of 4 items complete")
+        expect(admin.locator("#agreement")).to_contain_text("Over 3 items with two or more usable rankings")
         shot(admin, "08-admin")
         with admin.expect_download() as download:
             admin.locator('a[href$="/export/judgments"]').click()
-        exported = [json.loads(line) for line in Path(download.value.path()).read_text().splitlines()]
+        exported = [
+            r
+            for line in Path(download.value.path()).read_text().splitlines()
+            if (r := json.loads(line))["labeler"] == "ann"
+        ]
         browser.close()
 
     assert not problems, problems

@@ -270,7 +270,9 @@ def _iter_jsonl(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
+                raise UserError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte {e.start}); re-save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -342,13 +344,17 @@ def write_records(path: str | Path, records: Iterable[Record]) -> Path:
     return Path(path)
 
 
-def check_rankings(rankings: Sequence[Ranking], completions: Sequence[Completions], source: str = "rankings") -> None:
+def check_rankings(
+    rankings: Sequence[Ranking], completions: Sequence[Completions], source: str = "rankings"
+) -> None:
     """Cross-file checks: every ranking names a known prompt and ranks all of its candidates."""
     by_id = {c.prompt_id: c for c in completions}
     for i, r in enumerate(rankings, start=1):
         c = by_id.get(r.prompt_id)
         if c is None:
-            raise UserError(f"{source}: record {i}: prompt_id: unknown id {r.prompt_id!r} (not in the completions)")
+            raise UserError(
+                f"{source}: record {i}: prompt_id: unknown id {r.prompt_id!r} (not in the completions)"
+            )
         if len(r.ranking) != len(c.completions):
             raise UserError(
                 f"{source}: record {i}: ranking: ranks {len(r.ranking)} candidates but prompt "

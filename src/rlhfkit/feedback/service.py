@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, exists, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, contains_eager, selectinload
 
 from rlhfkit.data.formats import (
     Completions,
@@ -132,10 +132,12 @@ def open_session(s: Session, user_id: int, days: int) -> str:
 
 
 def session_user(s: Session, token: str) -> User | None:
-    row = s.scalar(select(LoginSession).where(LoginSession.token_hash == sha256(token)))
-    if row is None or row.expires_at < utcnow() or not row.user.active:
+    row = s.execute(
+        select(LoginSession.expires_at, User).join(User).where(LoginSession.token_hash == sha256(token))
+    ).first()
+    if row is None or row.expires_at < utcnow() or not row.User.active:
         return None
-    return row.user
+    return row.User
 
 
 def logout(s: Session, token: str) -> None:
@@ -153,15 +155,17 @@ def api_key_user(s: Session, key: str) -> User | None:
     prefix = api_key_prefix(key)
     if prefix is None:
         return None
-    row = s.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+    row = s.execute(
+        select(ApiKey.key_hash, ApiKey.revoked, User).join(User).where(ApiKey.prefix == prefix)
+    ).first()
     if (
         row is None
         or row.revoked
         or not secrets.compare_digest(row.key_hash, sha256(key))
-        or not row.user.active
+        or not row.User.active
     ):
         return None
-    return row.user
+    return row.User
 
 
 def api_keys(s: Session, user: User) -> list[ApiKey]:
@@ -214,8 +218,12 @@ def role_in(s: Session, user: User, project_id: int) -> str | None:
 def project_for(s: Session, user: User, project_id: int, admin: bool = False) -> tuple[Project, str]:
     """The project if `user` may see it (as an admin, if asked). A non-member gets 404, not 403:
     whether a project exists is itself something another project's labelers must not learn."""
-    project = s.get(Project, project_id)
-    role = role_in(s, user, project_id) if project else None
+    row = s.execute(
+        select(Project, Member.role)
+        .outerjoin(Member, and_(Member.project_id == Project.id, Member.user_id == user.id))
+        .where(Project.id == project_id)
+    ).first()
+    project, role = (row.Project, "owner" if user.is_owner else row.role) if row else (None, None)
     if project is None or role is None:
         raise NotFound("no such project")
     if admin and role == "labeler":
@@ -366,6 +374,7 @@ def next_assignment(s: Session, project: Project, user: User, lease: timedelta) 
     mine = s.scalar(
         select(Assignment)
         .join(Item)
+        .options(contains_eager(Assignment.item).selectinload(Item.candidates))
         .where(
             Item.project_id == project.id,
             Assignment.user_id == user.id,
@@ -385,13 +394,15 @@ def next_assignment(s: Session, project: Project, user: User, lease: timedelta) 
         .limit(50)
     ).all()
     for item_id in free:
-        item = s.scalars(select(Item).where(Item.id == item_id).with_for_update()).one()
+        item = s.scalars(
+            select(Item).where(Item.id == item_id).options(selectinload(Item.candidates)).with_for_update()
+        ).one()
         held = s.scalar(select(_held(now)).select_from(Item).where(Item.id == item_id))
         if item.n_judgments + held >= project.overlap:
             continue
         order = [c.id for c in item.candidates]
         secrets.SystemRandom().shuffle(order)  # per-labeler order, against position bias
-        a = Assignment(item_id=item.id, user_id=user.id, display_order=order, leased_until=now + lease)
+        a = Assignment(item=item, user_id=user.id, display_order=order, leased_until=now + lease)
         s.add(a)
         s.flush()
         return a
@@ -403,6 +414,7 @@ def assignment_for(s: Session, project: Project, user: User, item_id: int) -> As
     a = s.scalar(
         select(Assignment)
         .join(Item)
+        .options(contains_eager(Assignment.item).selectinload(Item.candidates))
         .where(Assignment.item_id == item_id, Assignment.user_id == user.id, Item.project_id == project.id)
     )
     if a is None:
@@ -689,7 +701,7 @@ def demonstrations_of(s: Session, project: Project) -> list[Demonstration]:
 
 EXPORTS = {
     "judgments": "raw rankings, one per labeler and item: ranks, ties, flags and comments exactly",
-    "pairs": "TRL preference pairs from the per-item consensus, preferred first (margin=1 adds the margin)",
+    "pairs": "TRL preference pairs from the per-item consensus, preferred first (?margin=true adds margins)",
     "labeler_pairs": "TRL preference pairs from each labeler's own ranking (no aggregation)",
     "consensus": "the per-item consensus ranking (Bradley-Terry over all labelers)",
     "kto": "KTO-style {prompt, completion, label} from the consensus",
