@@ -106,8 +106,13 @@ def run_load(url: str, project_id: int, keys: list[str], seconds: float) -> dict
     next_ms: list[float] = []
     refused = Counter()
     lock = threading.Lock()
-    start = threading.Barrier(len(keys) + 1)
     stop_at = 0.0
+
+    def start_clock() -> None:  # runs once, when every labeler is connected and ready
+        nonlocal stop_at
+        stop_at = time.monotonic() + seconds
+
+    start = threading.Barrier(len(keys) + 1, action=start_clock)
 
     def labeler(n: int, key: str) -> None:
         rng = random.Random(n)
@@ -141,7 +146,6 @@ def run_load(url: str, project_id: int, keys: list[str], seconds: float) -> dict
     threads = [threading.Thread(target=labeler, args=(n, key)) for n, key in enumerate(keys)]
     for t in threads:
         t.start()
-    stop_at = time.monotonic() + seconds + 0.5
     start.wait()
     began = time.monotonic()
     for t in threads:
@@ -247,8 +251,9 @@ def main() -> int:
         r = bench_backend(backend, args)
         results.append(r)
         print(
-            f"{r['backend']:<10} {r['labelers']} labelers, {r['seconds']} s: {r['submissions_per_s']} submissions/s "
-            f"({r['accepted']} accepted), submit p50 {r['submit_p50_ms']} ms p99 {r['submit_p99_ms']} ms, "
+            f"{r['backend']:<10} {r['labelers']} labelers, {r['seconds']} s: "
+            f"{r['submissions_per_s']} submissions/s ({r['accepted']} accepted), "
+            f"submit p50 {r['submit_p50_ms']} ms p99 {r['submit_p99_ms']} ms, "
             f"next p50 {r['next_p50_ms']} ms p99 {r['next_p99_ms']} ms, refused {r['refused']}, "
             f"lost {r['lost']}, duplicates {r['duplicates']}, items over N {r['items_over_n']}",
             flush=True,

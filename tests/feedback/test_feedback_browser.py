@@ -252,7 +252,8 @@ def test_label_and_administer_in_a_real_browser(server: tuple[str, str]) -> None
         # A second labeler (a script with an API key) ranks every item: steeping first, the rest tied.
         with FeedbackClient(url, api_key=bob_key) as bob:
             while (item := bob.next_item(1)) is not None:
-                bob.submit(1, item["item_id"], {c["id"]: 1 if "steep" in c["text"] else 2 for c in item["candidates"]})
+                ranks = {c["id"]: 1 if "steep" in c["text"] else 2 for c in item["candidates"]}
+                bob.submit(1, item["item_id"], ranks)
 
         # The admin sees progress and agreement, and exports what ann did.
         admin = context.browser.new_context(

@@ -387,26 +387,38 @@ def next_assignment(s: Session, project: Project, user: User, lease: timedelta) 
         mine.leased_until = now + lease
         return mine
     seen = exists().where(Assignment.item_id == Item.id, Assignment.user_id == user.id)
-    free = s.scalars(
-        select(Item.id)
-        .where(Item.project_id == project.id, ~seen, Item.n_judgments + _held(now) < project.overlap)
-        .order_by(Item.position)
-        .limit(50)
-    ).all()
-    for item_id in free:
-        item = s.scalars(
-            select(Item).where(Item.id == item_id).options(selectinload(Item.candidates)).with_for_update()
-        ).one()
-        held = s.scalar(select(_held(now)).select_from(Item).where(Item.id == item_id))
-        if item.n_judgments + held >= project.overlap:
-            continue
-        order = [c.id for c in item.candidates]
-        secrets.SystemRandom().shuffle(order)  # per-labeler order, against position bias
-        a = Assignment(item=item, user_id=user.id, display_order=order, leased_until=now + lease)
-        s.add(a)
-        s.flush()
-        return a
-    return None
+    while True:
+        free = s.scalars(
+            select(Item.id)
+            .where(Item.project_id == project.id, ~seen, Item.n_judgments + _held(now) < project.overlap)
+            .order_by(Item.position)
+            .limit(50)
+        ).all()
+        if not free:
+            return None
+        # Items someone else is dispatching or judging right now are skipped at first (SKIP LOCKED,
+        # so labelers do not all queue on the same first row) and waited for only at the end.
+        queue = [(item_id, False) for item_id in free]
+        while queue:
+            item_id, wait = queue.pop(0)
+            item = s.scalars(
+                select(Item)
+                .where(Item.id == item_id)
+                .options(selectinload(Item.candidates))
+                .with_for_update(skip_locked=not wait)
+            ).first()
+            if item is None:
+                queue.append((item_id, True))
+                continue
+            held = s.scalar(select(_held(now)).select_from(Item).where(Item.id == item_id))
+            if item.n_judgments + held >= project.overlap:
+                continue  # filled up meanwhile; the next query will not list it again
+            order = [c.id for c in item.candidates]
+            secrets.SystemRandom().shuffle(order)  # per-labeler order, against position bias
+            a = Assignment(item=item, user_id=user.id, display_order=order, leased_until=now + lease)
+            s.add(a)
+            s.flush()
+            return a
 
 
 def assignment_for(s: Session, project: Project, user: User, item_id: int) -> Assignment:
