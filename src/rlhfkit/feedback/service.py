@@ -208,15 +208,9 @@ def find_project(s: Session, name: str) -> Project:
     return project
 
 
-def role_in(s: Session, user: User, project_id: int) -> str | None:
-    """'owner' (the site owner sees every project), 'admin', 'labeler', or None."""
-    if user.is_owner:
-        return "owner"
-    return s.scalar(select(Member.role).where(Member.project_id == project_id, Member.user_id == user.id))
-
-
 def project_for(s: Session, user: User, project_id: int, admin: bool = False) -> tuple[Project, str]:
-    """The project if `user` may see it (as an admin, if asked). A non-member gets 404, not 403:
+    """(project, role) if `user` may see it, as an admin if asked; role is 'owner' for the site
+    owner (who sees every project), else 'admin' or 'labeler'. A non-member gets 404, not 403:
     whether a project exists is itself something another project's labelers must not learn."""
     row = s.execute(
         select(Project, Member.role)
@@ -306,12 +300,8 @@ def import_items(
 ) -> dict[str, int]:
     """Add items; all or nothing. Re-importing an identical record is skipped, so importing the
     same file twice is harmless; a known prompt_id with different content is an error."""
-    existing = {
-        item.key: item
-        for item in s.scalars(
-            select(Item).where(Item.project_id == project.id, Item.key.in_([_key(r) for r in records]))
-        )
-    }
+    # All of the project's items, not `key IN (...)`: a big file would pass SQLite's variable limit.
+    existing = {item.key: item for item in s.scalars(select(Item).where(Item.project_id == project.id))}
     position = s.scalar(
         select(func.coalesce(func.max(Item.position), 0)).where(Item.project_id == project.id)
     )
@@ -323,7 +313,7 @@ def import_items(
             raise Invalid(
                 f"prompt_id {key!r}: a pairwise project needs exactly 2 completions, got {len(texts)}"
             )
-        prompt = rec.to_json()["prompt"]
+        prompt = text_to_json(rec.prompt)
         texts_json = [text_to_json(t) for t in texts]
         if key in existing:
             old = existing[key]
