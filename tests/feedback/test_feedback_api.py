@@ -393,3 +393,35 @@ def test_model_text_is_escaped_everywhere(app_world: tuple[Any, World]) -> None:
     # Error pages escape what they repeat, too.
     r = ann.client.get(f"/p/{world.project_a}/next", params={"saved": XSS})
     assert r.status_code == 422 and "<script>alert(" not in r.text
+
+
+def test_form_errors_keep_what_was_entered(app_world: tuple[Any, World]) -> None:
+    """Without JavaScript the form posts ranks as typed; a refused submit shows the page again with
+    the error and everything the labeler entered, and stores nothing."""
+    app, world = app_world
+    ann = login(app, "ann")
+    A = world.project_a
+    page = ann.client.get(f"/p/{A}/next", follow_redirects=True)
+    item_id = int(str(page.url).split("/items/")[1])
+    cids = [int(x.split('"')[0]) for x in page.text.split('name="rank_')[1:]]
+    token = page.text.split('name="client_token" value="')[1].split('"')[0]
+    form = {
+        "csrf_token": ann.csrf,
+        "client_token": token,
+        f"rank_{cids[0]}": "1",
+        f"rank_{cids[1]}": "3",
+        f"rank_{cids[2]}": "3",
+        "comment": "first try",
+    }
+    r = ann.client.post(f"/p/{A}/items/{item_id}", data=form)
+    assert r.status_code == 422 and "ranks must be dense" in r.text
+    assert '<option value="3" selected>3</option>' in r.text and "first try</textarea>" in r.text
+    r = ann.client.post(
+        f"/p/{A}/items/{item_id}", data=form | {f"rank_{cids[1]}": "2", f"rank_{cids[2]}": "2"}
+    )
+    assert r.status_code == 303 and r.headers["location"] == f"/p/{A}/next?saved=1"
+    r = ann.client.post(f"/p/{A}/items/{item_id}", data=form | {"client_token": "a-new-token-123"})
+    assert r.status_code == 409 and "already submitted" in r.text
+    with app.state.feedback.db.session() as s:
+        (judgment,) = s.scalars(select(Judgment)).all()
+        assert judgment.comment == "first try" and sorted(judgment.ranking) == [1, 2, 2]
