@@ -90,9 +90,14 @@ class Item(Base):
     """One prompt to judge; `key` is the prompt_id from the imported file."""
 
     __tablename__ = "items"
-    __table_args__ = (UniqueConstraint("project_id", "key"),)
+    # (project, position): the dispatcher walks a project's items in order and stops at the first
+    # free ones, instead of scanning and sorting every item on each request.
+    __table_args__ = (
+        UniqueConstraint("project_id", "key"),
+        Index("ix_items_project_position", "project_id", "position"),
+    )
     id: Mapped[int] = mapped_column(primary_key=True)
-    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     key: Mapped[str] = mapped_column(String(200))
     prompt: Mapped[Any]  # text, or a list of {role, content} messages
     position: Mapped[int]  # import order: the dispatcher hands items out in this order

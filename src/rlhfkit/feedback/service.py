@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy import and_, exists, func, select, text, update
 from sqlalchemy.orm import Session, contains_eager, selectinload
 
 from rlhfkit.data.formats import (
@@ -330,6 +330,10 @@ def import_items(
         existing[key] = item
         added += 1
     s.flush()
+    if added and s.get_bind().dialect.name == "postgresql":
+        # Fresh statistics now, not whenever autovacuum gets round to it: with a stale row count
+        # the planner scans every item for each "next" instead of walking them in order (100x).
+        s.execute(text("ANALYZE items"))
     return {"added": added, "skipped": skipped}
 
 

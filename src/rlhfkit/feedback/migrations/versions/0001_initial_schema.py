@@ -85,7 +85,7 @@ def upgrade() -> None:
         _created(),
         sa.UniqueConstraint("project_id", "key"),
     )
-    op.create_index("ix_items_project_id", "items", ["project_id"])
+    op.create_index("ix_items_project_position", "items", ["project_id", "position"])
     op.create_table(
         "candidates",
         _id(),
