@@ -25,7 +25,7 @@ from rlhfkit.feedback.client import FeedbackClient
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.models import Item
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS, SRC = ROOT / "test-artifacts" / "feedback", ROOT / "src"
@@ -155,11 +155,12 @@ def test_label_and_administer_in_a_real_browser(server: tuple[str, str]) -> None
         # Log in and open the first project.
         page.goto(url + "/")
         expect(page).to_have_url(f"{url}/login?next=/")
-        shot(page, "01-login")
+        shot(page, "00-login")
         page.fill("input[name=username]", "ann")
         page.fill("input[name=password]", PASSWORD)
         page.click("button[type=submit]")
         expect(page.get_by_role("heading", name="Your projects")).to_be_visible()
+        shot(page, "01-home")
         page.locator("section.project", has_text="Tea tasting").get_by_role(
             "link", name="Start labeling"
         ).click()
