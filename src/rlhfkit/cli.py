@@ -24,6 +24,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("rlhfkit.stages.pretrain", "train a tokenizer and a causal LM from scratch on text"),
     "generate": ("rlhfkit.stages.generate", "sample K completions per prompt"),
     "data": ("rlhfkit.stages.data", "validate data files and convert rankings to pairs"),
+    "serve": ("rlhfkit.stages.serve", "the human-feedback web app (and its admin commands)"),
+    "aggregate": ("rlhfkit.stages.aggregate", "consensus, agreement and pairs from human rankings"),
     "demo": ("rlhfkit.stages.demo", "run the whole loop on the embedded default data"),
 }
 

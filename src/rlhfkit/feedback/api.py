@@ -1,0 +1,282 @@
+"""The JSON API under /api: what scripts (with an API key) and the page's own JS call.
+
+A labeler's loop is two calls:
+    GET  /api/projects/{pid}/next                        -> {"item": {..., "candidates": [{id, label, text}]}}
+    POST /api/projects/{pid}/items/{item_id}/judgments   <- {"ranking": {cand_id: rank}, "unusable",
+                                                             "comment", "client_token"}
+Candidates come in this labeler's shuffled order; their ids are stable. Errors are
+{"error": "message"} with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from rlhfkit.feedback import service
+from rlhfkit.feedback.agreement import agreement_report
+from rlhfkit.feedback.app import COOKIE, Auth, api_auth, state
+from rlhfkit.feedback.models import Project, User
+from rlhfkit.feedback.schemas import (
+    ApiKeyIn,
+    DraftIn,
+    JudgmentIn,
+    LoginIn,
+    MemberIn,
+    ProjectIn,
+    ProjectSettingsIn,
+    UserIn,
+)
+from rlhfkit.feedback.security import csrf_token
+
+router = APIRouter(prefix="/api")
+
+
+def project_json(p: Project, role: str) -> dict[str, Any]:
+    return {"id": p.id, "name": p.name, "task": p.task, "overlap": p.overlap, "role": role}
+
+
+def require_owner(auth: Auth) -> None:
+    if not auth.is_owner:
+        raise service.Forbidden("only the site owner may do that")
+
+
+@router.post("/login")
+def login(data: LoginIn, request: Request) -> Response:
+    st = state(request)
+    with st.db.session() as s:
+        user = service.check_password(s, data.username, data.password)
+    with st.db.session(write=True) as s:
+        token = service.open_session(s, user.id, st.config.session_days)
+    response = JSONResponse({"username": data.username, "csrf_token": csrf_token(st.secret, token)})
+    set_session_cookie(response, token, st.config.session_days, st.config.secure_cookies)
+    return response
+
+
+def set_session_cookie(response: Response, token: str, days: int, secure: bool) -> None:
+    response.set_cookie(
+        COOKIE, token, max_age=days * 86400, httponly=True, samesite="lax", secure=secure, path="/"
+    )
+
+
+@router.post("/logout", status_code=204)
+def logout(request: Request, auth: Auth = Depends(api_auth)) -> Response:
+    if auth.session_token:
+        with state(request).db.session(write=True) as s:
+            service.logout(s, auth.session_token)
+    response = Response(status_code=204)
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+@router.get("/me")
+def me(request: Request, auth: Auth = Depends(api_auth)) -> dict[str, Any]:
+    with state(request).db.session() as s:
+        user = s.get(User, auth.user_id)
+        projects = [project_json(p, role) for p, role in service.projects_of(s, user)]
+    return {"username": auth.username, "is_owner": auth.is_owner, "projects": projects}
+
+
+@router.post("/users", status_code=201)
+def create_user(data: UserIn, request: Request, auth: Auth = Depends(api_auth)) -> dict[str, Any]:
+    require_owner(auth)
+    user = state(request).db.transact(lambda s: service.create_user(s, data))
+    return {"id": user.id, "username": user.username, "is_owner": user.is_owner}
+
+
+@router.get("/keys")
+def list_keys(request: Request, auth: Auth = Depends(api_auth)) -> list[dict[str, Any]]:
+    with state(request).db.session() as s:
+        keys = service.api_keys(s, s.get(User, auth.user_id))
+        return [
+            {
+                "id": k.id,
+                "name": k.name,
+                "prefix": k.prefix,
+                "revoked": k.revoked,
+                "created_at": k.created_at.isoformat() + "Z",
+            }
+            for k in keys
+        ]
+
+
+@router.post("/keys", status_code=201)
+def create_key(data: ApiKeyIn, request: Request, auth: Auth = Depends(api_auth)) -> dict[str, str]:
+    with state(request).db.session(write=True) as s:
+        key = service.create_api_key(s, s.get(User, auth.user_id), data.name)
+    return {"key": key, "note": "store it now: it is not shown again"}
+
+
+@router.delete("/keys/{key_id}", status_code=204)
+def revoke_key(key_id: int, request: Request, auth: Auth = Depends(api_auth)) -> Response:
+    with state(request).db.session(write=True) as s:
+        service.revoke_api_key(s, s.get(User, auth.user_id), key_id)
+    return Response(status_code=204)
+
+
+@router.get("/projects")
+def list_projects(request: Request, auth: Auth = Depends(api_auth)) -> list[dict[str, Any]]:
+    with state(request).db.session() as s:
+        return [project_json(p, role) for p, role in service.projects_of(s, s.get(User, auth.user_id))]
+
+
+@router.post("/projects", status_code=201)
+def create_project(data: ProjectIn, request: Request, auth: Auth = Depends(api_auth)) -> dict[str, Any]:
+    require_owner(auth)
+    project = state(request).db.transact(lambda s: service.create_project(s, data))
+    return project_json(project, "owner")
+
+
+@router.get("/projects/{pid}")
+def get_project(pid: int, request: Request, auth: Auth = Depends(api_auth)) -> dict[str, Any]:
+    with state(request).db.session() as s:
+        user = s.get(User, auth.user_id)
+        project, role = service.project_for(s, user, pid)
+        return project_json(project, role) | {
+            "guidelines": project.guidelines,
+            "progress": service.my_progress(s, project, user),
+        }
+
+
+@router.patch("/projects/{pid}")
+def update_project(
+    pid: int, data: ProjectSettingsIn, request: Request, auth: Auth = Depends(api_auth)
+) -> dict[str, Any]:
+    with state(request).db.session(write=True) as s:
+        project, role = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+        service.update_project(s, project, data)
+        return project_json(project, role) | {"guidelines": project.guidelines}
+
+
+@router.get("/projects/{pid}/members")
+def list_members(pid: int, request: Request, auth: Auth = Depends(api_auth)) -> list[dict[str, Any]]:
+    with state(request).db.session() as s:
+        project, _ = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+        return [
+            {"user_id": m.user_id, "username": m.user.username, "role": m.role}
+            for m in service.members(s, project)
+        ]
+
+
+@router.put("/projects/{pid}/members")
+def set_member(pid: int, data: MemberIn, request: Request, auth: Auth = Depends(api_auth)) -> dict[str, Any]:
+    def work(s: Any) -> dict[str, Any]:
+        project, _ = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+        m = service.set_member(s, project, data)
+        return {"user_id": m.user_id, "username": data.username, "role": m.role}
+
+    return state(request).db.transact(work)
+
+
+@router.delete("/projects/{pid}/members/{user_id}", status_code=204)
+def remove_member(pid: int, user_id: int, request: Request, auth: Auth = Depends(api_auth)) -> Response:
+    with state(request).db.session(write=True) as s:
+        project, _ = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+        service.remove_member(s, project, user_id)
+    return Response(status_code=204)
+
+
+@router.post("/projects/{pid}/import")
+async def import_items(
+    pid: int, request: Request, filename: str = "upload.jsonl", auth: Auth = Depends(api_auth)
+) -> dict[str, int]:
+    """Body: a JSONL file (completions, or prompts for demonstration projects)."""
+    body = await request.body()
+    st = state(request)
+
+    def work(s: Any) -> dict[str, int]:
+        project, _ = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+        records = service.parse_upload(filename, body, project.task)
+        return service.import_items(s, project, records)
+
+    return await run_in_threadpool(st.db.transact, work)
+
+
+@router.get("/projects/{pid}/next")
+def next_item(pid: int, request: Request, auth: Auth = Depends(api_auth)) -> dict[str, Any]:
+    st = state(request)
+
+    def work(s: Any) -> dict[str, Any]:
+        user = s.get(User, auth.user_id)
+        project, _ = service.project_for(s, user, pid)
+        a = service.next_assignment(s, project, user, st.lease)
+        return {"item": service.item_view(a, project) if a else None}
+
+    return st.db.transact(work)
+
+
+@router.get("/projects/{pid}/items/{item_id}")
+def get_item(pid: int, item_id: int, request: Request, auth: Auth = Depends(api_auth)) -> dict[str, Any]:
+    with state(request).db.session() as s:
+        user = s.get(User, auth.user_id)
+        project, _ = service.project_for(s, user, pid)
+        return service.item_view(service.assignment_for(s, project, user, item_id), project)
+
+
+@router.put("/projects/{pid}/items/{item_id}/draft", status_code=204)
+def save_draft(
+    pid: int, item_id: int, data: DraftIn, request: Request, auth: Auth = Depends(api_auth)
+) -> Response:
+    st = state(request)
+    with st.db.session(write=True) as s:
+        user = s.get(User, auth.user_id)
+        project, _ = service.project_for(s, user, pid)
+        service.save_draft(s, project, user, item_id, data, st.lease)
+    return Response(status_code=204)
+
+
+@router.post("/projects/{pid}/items/{item_id}/judgments")
+def submit(
+    pid: int, item_id: int, data: JudgmentIn, request: Request, auth: Auth = Depends(api_auth)
+) -> Response:
+    """201 with the new judgment; 200 with the stored one when this client_token was seen."""
+
+    def work(s: Any) -> tuple[dict[str, Any], bool]:
+        user = s.get(User, auth.user_id)
+        project, _ = service.project_for(s, user, pid)
+        judgment, created = service.submit(s, project, user, item_id, data)
+        return service.judgment_view(judgment), created
+
+    view, created = state(request).db.transact(work)
+    return JSONResponse(view, status_code=201 if created else 200)
+
+
+@router.get("/projects/{pid}/progress")
+def progress(pid: int, request: Request, auth: Auth = Depends(api_auth)) -> dict[str, Any]:
+    with state(request).db.session() as s:
+        project, _ = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+        return service.progress(s, project)
+
+
+@router.get("/projects/{pid}/agreement")
+def agreement(pid: int, request: Request, auth: Auth = Depends(api_auth)) -> dict[str, Any]:
+    with state(request).db.session() as s:
+        project, _ = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+        rankings = service.rankings_of(s, project)
+    return agreement_report(rankings)
+
+
+@router.get("/projects/{pid}/export/{kind}")
+def export(
+    pid: int, kind: str, request: Request, margin: bool = False, auth: Auth = Depends(api_auth)
+) -> Response:
+    """JSONL download; `kind` is one of service.EXPORTS."""
+    with state(request).db.session() as s:
+        project, _ = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+        rows = service.export(s, project, kind, margin=margin)
+        name = f"{project.id}-{kind}.jsonl"
+
+    def lines() -> Iterator[str]:
+        for row in rows:
+            yield json.dumps(row, ensure_ascii=False) + "\n"
+
+    return StreamingResponse(
+        lines(),
+        media_type="application/x-ndjson",
+        headers={"content-disposition": f'attachment; filename="{name}"'},
+    )

@@ -1,0 +1,189 @@
+"""A small synchronous client for the feedback JSON API (scripts, the benchmark, simulated labelers).
+
+    with FeedbackClient.login("http://127.0.0.1:8000", "ann", "secret-pw") as c:
+        while (item := c.next_item(project_id)) is not None:
+            ranks = {cand["id"]: rank for cand, rank in zip(item["candidates"], [1, 2, 2])}
+            c.submit(project_id, item["item_id"], ranks)
+
+Or `FeedbackClient(url, api_key="rk_...")` for a script with an API key. `submit` retries network
+failures with the same client_token, so a judgment is stored exactly once even when a response
+is lost on the way back.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+class FeedbackError(Exception):
+    """The server refused a request; `status` is the HTTP status, the message says why."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class FeedbackClient:
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 30.0):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self.csrf: str | None = None
+
+    @classmethod
+    def login(cls, base_url: str, username: str, password: str, timeout: float = 30.0) -> FeedbackClient:
+        """Log in like a browser does (session cookie + CSRF token)."""
+        client = cls(base_url, timeout=timeout)
+        client.csrf = client.call("POST", "/api/login", json={"username": username, "password": password})[
+            "csrf_token"
+        ]
+        return client
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send one request; a 4xx/5xx answer raises FeedbackError with the server's message."""
+        headers = kwargs.pop("headers", {})
+        if self.csrf and method != "GET":
+            headers["X-CSRF-Token"] = self.csrf
+        r = self.http.request(method, path, headers=headers, **kwargs)
+        if r.status_code >= 400:
+            try:
+                message = r.json().get("error", r.text)
+            except ValueError:
+                message = r.text
+            raise FeedbackError(r.status_code, message)
+        return r
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The decoded answer: JSON, a list of records for JSONL, None for an empty body."""
+        r = self.request(method, path, **kwargs)
+        if not r.content:
+            return None
+        if r.headers.get("content-type", "").startswith("application/x-ndjson"):
+            return [json.loads(line) for line in r.text.splitlines() if line.strip()]
+        return r.json()
+
+    # ---- labeling
+
+    def me(self) -> dict[str, Any]:
+        return self.call("GET", "/api/me")
+
+    def projects(self) -> list[dict[str, Any]]:
+        return self.call("GET", "/api/projects")
+
+    def project(self, project_id: int) -> dict[str, Any]:
+        return self.call("GET", f"/api/projects/{project_id}")
+
+    def next_item(self, project_id: int) -> dict[str, Any] | None:
+        """The next item for this labeler (candidates in their shuffled order), or None if done."""
+        return self.call("GET", f"/api/projects/{project_id}/next")["item"]
+
+    def save_draft(
+        self,
+        project_id: int,
+        item_id: int,
+        ranks: dict[int, int | None] | None = None,
+        unusable: bool = False,
+        comment: str = "",
+        response: str = "",
+    ) -> None:
+        self.call(
+            "PUT",
+            f"/api/projects/{project_id}/items/{item_id}/draft",
+            json={"ranks": ranks or {}, "unusable": unusable, "comment": comment, "response": response},
+        )
+
+    def submit(
+        self,
+        project_id: int,
+        item_id: int,
+        ranking: dict[int, int] | None = None,
+        *,
+        unusable: bool = False,
+        comment: str | None = None,
+        response: str | None = None,
+        client_token: str | None = None,
+        retries: int = 3,
+    ) -> dict[str, Any]:
+        """Submit a judgment (ranking: candidate id -> rank, 1 = best, equal = tie).
+
+        Returns the stored judgment with "created": False when the server already had it.
+        """
+        body = {
+            "ranking": ranking,
+            "unusable": unusable,
+            "comment": comment,
+            "response": response,
+            "client_token": client_token or secrets.token_urlsafe(16),
+        }
+        for attempt in range(retries):
+            try:
+                r = self.request("POST", f"/api/projects/{project_id}/items/{item_id}/judgments", json=body)
+                return r.json() | {"created": r.status_code == 201}
+            except httpx.TransportError:
+                if attempt == retries - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    # ---- administration
+
+    def create_user(
+        self, username: str, password: str | None = None, is_owner: bool = False
+    ) -> dict[str, Any]:
+        return self.call(
+            "POST", "/api/users", json={"username": username, "password": password, "is_owner": is_owner}
+        )
+
+    def create_api_key(self, name: str = "script") -> str:
+        return self.call("POST", "/api/keys", json={"name": name})["key"]
+
+    def create_project(
+        self, name: str, task: str = "ranking", overlap: int = 3, guidelines: str = ""
+    ) -> dict[str, Any]:
+        return self.call(
+            "POST",
+            "/api/projects",
+            json={"name": name, "task": task, "overlap": overlap, "guidelines": guidelines},
+        )
+
+    def set_member(self, project_id: int, username: str, role: str = "labeler") -> dict[str, Any]:
+        return self.call(
+            "PUT", f"/api/projects/{project_id}/members", json={"username": username, "role": role}
+        )
+
+    def import_jsonl(
+        self, project_id: int, data: bytes | str | Path, filename: str | None = None
+    ) -> dict[str, int]:
+        """Import a completions (or prompts) JSONL file or its bytes."""
+        if isinstance(data, Path):
+            filename, data = filename or data.name, data.read_bytes()
+        content = data.encode() if isinstance(data, str) else data
+        return self.call(
+            "POST",
+            f"/api/projects/{project_id}/import",
+            content=content,
+            params={"filename": filename or "upload.jsonl"},
+            headers={"Content-Type": "application/x-ndjson"},
+        )
+
+    def progress(self, project_id: int) -> dict[str, Any]:
+        return self.call("GET", f"/api/projects/{project_id}/progress")
+
+    def agreement(self, project_id: int) -> dict[str, Any]:
+        return self.call("GET", f"/api/projects/{project_id}/agreement")
+
+    def export(self, project_id: int, kind: str, margin: bool = False) -> list[dict[str, Any]]:
+        return self.call("GET", f"/api/projects/{project_id}/export/{kind}", params={"margin": margin})
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> FeedbackClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,162 @@
+"""The feedback database: who may label what, what there is to label, and every judgment.
+
+Invariants the schema itself enforces (so no code path can break them, even under concurrency):
+- one judgment per (item, labeler): a retried or double-clicked submit can never make two;
+- one assignment per (item, labeler): a labeler's shuffled display order is fixed once shown;
+- `items.n_judgments` is only ever raised by a conditional UPDATE (`... WHERE n_judgments < N`),
+  so an item never takes more than its project's N judgments.
+
+Times are naive UTC: SQLite has no time zones, and one convention on both backends is simplest.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+ROLES = ("admin", "labeler")
+NullableJSON = JSON(none_as_null=True)  # Python None is SQL NULL (not JSON 'null'), so IS NULL works
+TASKS = ("ranking", "pairwise", "demonstration")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[int]: JSON, Any: JSON}
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    # None: no browser login (a script user that only has API keys).
+    password_hash: Mapped[str | None] = mapped_column(String(256))
+    is_owner: Mapped[bool] = mapped_column(default=False)
+    active: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    """A script's credential. Only a SHA-256 of the key is stored; `prefix` finds the row."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked: Mapped[bool] = mapped_column(default=False)
+    user: Mapped[User] = relationship()
+
+
+class LoginSession(Base):
+    """A browser login. The cookie holds a random token; the table holds its SHA-256, so a
+    leaked database does not leak live sessions, and logout really ends the session."""
+
+    __tablename__ = "sessions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    user: Mapped[User] = relationship()
+
+
+class Project(Base):
+    __tablename__ = "projects"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    task: Mapped[str] = mapped_column(String(16))  # one of TASKS
+    guidelines: Mapped[str] = mapped_column(Text, default="")
+    overlap: Mapped[int]  # N: each item goes to N distinct labelers
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Member(Base):
+    __tablename__ = "members"
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))  # one of ROLES
+    user: Mapped[User] = relationship()
+
+
+class Item(Base):
+    """One prompt to judge; `key` is the prompt_id from the imported file."""
+
+    __tablename__ = "items"
+    # (project, position): the dispatcher walks a project's items in order and stops at the first
+    # free ones, instead of scanning and sorting every item on each request.
+    __table_args__ = (
+        UniqueConstraint("project_id", "key"),
+        Index("ix_items_project_position", "project_id", "position"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(200))
+    prompt: Mapped[Any]  # text, or a list of {role, content} messages
+    position: Mapped[int]  # import order: the dispatcher hands items out in this order
+    n_judgments: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    candidates: Mapped[list[Candidate]] = relationship(order_by="Candidate.idx")
+
+
+class Candidate(Base):
+    """A completion to rank. `idx` is its place in the imported list (exports use it); `id` is
+    the stable id the API speaks, independent of any labeler's shuffled display order."""
+
+    __tablename__ = "candidates"
+    __table_args__ = (UniqueConstraint("item_id", "idx"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    idx: Mapped[int]
+    text: Mapped[Any]
+
+
+class Assignment(Base):
+    """An item handed to a labeler: their shuffled order, their autosaved draft, their lease.
+
+    An open assignment with a live lease holds one of the item's N places, so N labelers are
+    not all handed the same last slot; an expired lease frees the place for someone else.
+    """
+
+    __tablename__ = "assignments"
+    __table_args__ = (
+        UniqueConstraint("item_id", "user_id"),
+        Index("ix_assignments_user_done", "user_id", "done"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    display_order: Mapped[list[int]]  # candidate ids, as this labeler sees them
+    draft: Mapped[dict[str, Any] | None] = mapped_column(NullableJSON)
+    leased_until: Mapped[datetime]
+    done: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    item: Mapped[Item] = relationship()
+
+
+class Judgment(Base):
+    """A submitted judgment. `ranking[i]` is the rank of the candidate with idx i (1 = best,
+    equal = tie, dense): exactly the `rankings` file format, so exports round-trip."""
+
+    __tablename__ = "judgments"
+    __table_args__ = (UniqueConstraint("item_id", "user_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    ranking: Mapped[list[int] | None] = mapped_column(NullableJSON)  # None for demonstrations
+    unusable: Mapped[bool] = mapped_column(default=False)
+    comment: Mapped[str | None] = mapped_column(Text)
+    response: Mapped[Any | None] = mapped_column(NullableJSON)  # the written demonstration
+    client_token: Mapped[str] = mapped_column(String(64))
+    seconds: Mapped[float | None]  # from first display to submit: labelers' pace on the admin page
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    item: Mapped[Item] = relationship()
+    user: Mapped[User] = relationship()

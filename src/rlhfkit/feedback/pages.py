@@ -1,0 +1,468 @@
+"""Server-rendered pages: log in, label, administer. They call the same service as the API.
+
+The task page works without JavaScript (every candidate has a rank <select>, the form posts);
+app.js adds drag-to-rank, keyboard shortcuts and draft autosave on top.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import RedirectResponse, Response
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from rlhfkit.feedback import service
+from rlhfkit.feedback.agreement import agreement_report
+from rlhfkit.feedback.api import set_session_cookie
+from rlhfkit.feedback.app import COOKIE, LOGIN_COOKIE, Auth, Posted, page_auth, page_post, render, state
+from rlhfkit.feedback.models import TASKS, Project, User
+from rlhfkit.feedback.schemas import JudgmentIn, MemberIn, ProjectIn, ProjectSettingsIn, UserIn
+from rlhfkit.feedback.security import csrf_ok, csrf_token, new_token
+
+router = APIRouter()
+
+
+def redirect(path: str, **params: Any) -> RedirectResponse:
+    return RedirectResponse(path + ("?" + urlencode(params) if params else ""), status_code=303)
+
+
+def safe_next(target: str | None) -> str:
+    """Only same-site paths after login (no open redirect to //evil.example)."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+def form_int(form: Any, name: str, default: int) -> int:
+    raw = str(form.get(name, default)).strip()
+    if not raw.isdecimal():
+        raise service.Invalid(f"{name}: {raw[:20]!r} is not a whole number")
+    return int(raw)
+
+
+def validation_text(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'form'}: {err['msg']}" for err in e.errors())
+
+
+# ---------------------------------------------------------------- login
+
+
+def _login_page(
+    request: Request, next_path: str, error: str = "", username: str = "", status: int = 200
+) -> Response:
+    nonce = new_token()
+    response = render(
+        request,
+        "login.html",
+        {
+            "next": next_path,
+            "login_csrf": csrf_token(state(request).secret, "login:" + nonce),
+            "error": error,
+            "username": username,
+        },
+        status=status,
+    )
+    # Login CSRF: the form's token must match this cookie, so another site cannot log you in.
+    response.set_cookie(
+        LOGIN_COOKIE,
+        nonce,
+        max_age=3600,
+        httponly=True,
+        samesite="lax",
+        secure=state(request).config.secure_cookies,
+    )
+    return response
+
+
+@router.get("/login")
+def login_form(request: Request, next: str = "/") -> Response:
+    return _login_page(request, safe_next(next))
+
+
+@router.post("/login")
+async def login(request: Request) -> Response:
+    st = state(request)
+    form = await request.form()
+    next_path = safe_next(str(form.get("next", "/")))
+    username = str(form.get("username", ""))[:64]
+    nonce = request.cookies.get(LOGIN_COOKIE, "")
+    if not nonce or not csrf_ok(st.secret, "login:" + nonce, str(form.get("csrf_token", ""))):
+        return _login_page(
+            request, next_path, "The login form expired; please try again.", username, status=403
+        )
+
+    def check() -> int:
+        with st.db.session() as s:
+            return service.check_password(s, username, str(form.get("password", ""))).id
+
+    try:
+        user_id = await run_in_threadpool(check)
+    except service.Unauthorized as e:
+        return _login_page(request, next_path, e.message, username, status=401)
+
+    def start() -> str:
+        with st.db.session(write=True) as s:
+            return service.open_session(s, user_id, st.config.session_days)
+
+    token = await run_in_threadpool(start)
+    response = redirect(next_path)
+    set_session_cookie(response, token, st.config.session_days, st.config.secure_cookies)
+    response.delete_cookie(LOGIN_COOKIE, path="/")
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, posted: Posted = Depends(page_post)) -> Response:
+    if posted.auth.session_token:
+        with state(request).db.session(write=True) as s:
+            service.logout(s, posted.auth.session_token)
+    response = redirect("/login")
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+# ---------------------------------------------------------------- home, project, labeling
+
+
+@router.get("/")
+def home(request: Request, auth: Auth = Depends(page_auth)) -> Response:
+    with state(request).db.session() as s:
+        user = s.get(User, auth.user_id)
+        projects = [
+            {"project": p, "role": role, "progress": service.my_progress(s, p, user)}
+            for p, role in service.projects_of(s, user)
+        ]
+        return render(request, "home.html", {"projects": projects, "tasks": TASKS}, auth)
+
+
+@router.get("/p/{pid}")
+def project_page(pid: int, request: Request, auth: Auth = Depends(page_auth)) -> Response:
+    with state(request).db.session() as s:
+        user = s.get(User, auth.user_id)
+        project, role = service.project_for(s, user, pid)
+        return render(
+            request,
+            "project.html",
+            {"project": project, "role": role, "progress": service.my_progress(s, project, user)},
+            auth,
+        )
+
+
+@router.get("/p/{pid}/next")
+def next_page(pid: int, request: Request, saved: int = 0, auth: Auth = Depends(page_auth)) -> Response:
+    st = state(request)
+
+    def work(s: Any) -> int | None:
+        user = s.get(User, auth.user_id)
+        project, _ = service.project_for(s, user, pid)
+        a = service.next_assignment(s, project, user, st.lease)
+        return a.item_id if a else None
+
+    item_id = st.db.transact(work)
+    if item_id is not None:
+        return redirect(f"/p/{pid}/items/{item_id}", **({"saved": 1} if saved else {}))
+    with st.db.session() as s:
+        user = s.get(User, auth.user_id)
+        project, role = service.project_for(s, user, pid)
+        return render(
+            request,
+            "done.html",
+            {
+                "project": project,
+                "role": role,
+                "saved": saved,
+                "progress": service.my_progress(s, project, user),
+            },
+            auth,
+        )
+
+
+def _task_page(
+    request: Request,
+    auth: Auth,
+    pid: int,
+    item_id: int,
+    *,
+    error: str = "",
+    posted_draft: dict[str, Any] | None = None,
+    saved: int = 0,
+    status: int = 200,
+) -> Response:
+    with state(request).db.session() as s:
+        user = s.get(User, auth.user_id)
+        project, role = service.project_for(s, user, pid)
+        view = service.item_view(service.assignment_for(s, project, user, item_id), project)
+        draft = posted_draft if posted_draft is not None else (view["draft"] or {})
+        return render(
+            request,
+            "task.html",
+            {
+                "project": project,
+                "role": role,
+                "item": view,
+                "error": error,
+                "saved": saved,
+                "ranks": {int(k): v for k, v in (draft.get("ranks") or {}).items()},
+                "draft": draft,
+                "client_token": new_token()[:32],
+                "progress": service.my_progress(s, project, user),
+            },
+            auth,
+            status=status,
+        )
+
+
+@router.get("/p/{pid}/items/{item_id}")
+def task_page(
+    pid: int, item_id: int, request: Request, saved: int = 0, auth: Auth = Depends(page_auth)
+) -> Response:
+    return _task_page(request, auth, pid, item_id, saved=saved)
+
+
+def _draft_from_form(form: Any, display_order: list[int]) -> dict[str, Any]:
+    """The posted form as a draft: what the page shows again if the submit is refused."""
+    ranks: dict[int, int | None] = {}
+    for cid in display_order:
+        raw = str(form.get(f"rank_{cid}", "")).strip()
+        ranks[cid] = int(raw) if raw.isdecimal() else None
+    # Browsers send textarea line breaks as CRLF; training data wants plain newlines.
+    return {
+        "ranks": ranks,
+        "unusable": form.get("unusable") in ("1", "on", "true"),
+        "comment": str(form.get("comment", "")).replace("\r\n", "\n"),
+        "response": str(form.get("response", "")).replace("\r\n", "\n"),
+    }
+
+
+def _judgment(draft: dict[str, Any], form: Any) -> JudgmentIn:
+    chosen = {cid: r for cid, r in draft["ranks"].items() if r is not None}
+    try:
+        return JudgmentIn(
+            ranking=chosen or None,
+            unusable=draft["unusable"],
+            comment=draft["comment"] or None,
+            response=draft["response"] if "response" in form else None,
+            client_token=str(form.get("client_token", "")),
+        )
+    except ValidationError as e:
+        raise service.Invalid(validation_text(e)) from None
+
+
+@router.post("/p/{pid}/items/{item_id}")
+def submit_page(pid: int, item_id: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
+    st, auth, form = state(request), posted.auth, posted.form
+    draft: dict[str, Any] | None = None
+
+    def work(s: Any) -> None:
+        nonlocal draft
+        user = s.get(User, auth.user_id)
+        project, _ = service.project_for(s, user, pid)
+        a = service.assignment_for(s, project, user, item_id)
+        draft = _draft_from_form(form, a.display_order)
+        choice = form.get("choice")
+        if project.task == "pairwise" and choice:  # quick mode: one click is the whole judgment
+            draft["ranks"] = service.pairwise_choice(a, str(choice))
+            draft["unusable"] = draft["unusable"] or choice == "both_bad"
+        service.submit(s, project, user, item_id, _judgment(draft, form))
+
+    try:
+        st.db.transact(work)
+    except (service.Invalid, service.Conflict) as e:
+        return _task_page(request, auth, pid, item_id, error=e.message, posted_draft=draft, status=e.status)
+    return redirect(f"/p/{pid}/next", saved=1)
+
+
+# ---------------------------------------------------------------- project admin
+
+
+@router.get("/p/{pid}/admin")
+def admin_page(
+    pid: int, request: Request, added: int = -1, skipped: int = 0, auth: Auth = Depends(page_auth)
+) -> Response:
+    with state(request).db.session() as s:
+        project, role = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+        report = (
+            agreement_report(service.rankings_of(s, project)) if project.task != "demonstration" else None
+        )
+        return render(
+            request,
+            "admin.html",
+            {
+                "project": project,
+                "role": role,
+                "progress": service.progress(s, project),
+                "agreement": report,
+                "members": service.members(s, project),
+                "exports": service.EXPORTS,
+                "added": added,
+                "skipped": skipped,
+            },
+            auth,
+        )
+
+
+def _admin_project(s: Any, auth: Auth, pid: int) -> Project:
+    return service.project_for(s, s.get(User, auth.user_id), pid, admin=True)[0]
+
+
+@router.post("/p/{pid}/admin/settings")
+def admin_settings(pid: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
+    form = posted.form
+    try:
+        data = ProjectSettingsIn(
+            guidelines=str(form.get("guidelines", "")), overlap=form_int(form, "overlap", 3)
+        )
+    except ValidationError as e:
+        raise service.Invalid(validation_text(e)) from None
+    with state(request).db.session(write=True) as s:
+        service.update_project(s, _admin_project(s, posted.auth, pid), data)
+    return redirect(f"/p/{pid}/admin")
+
+
+@router.post("/p/{pid}/admin/import")
+def admin_import(pid: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
+    upload = posted.form.get("file")
+    if not isinstance(upload, UploadFile) or not upload.filename:
+        raise service.Invalid("choose a JSONL file to import")
+    data = upload.file.read()
+
+    def work(s: Any) -> dict[str, int]:
+        project = _admin_project(s, posted.auth, pid)
+        return service.import_items(
+            s, project, service.parse_upload(upload.filename or "", data, project.task)
+        )
+
+    result = state(request).db.transact(work)
+    return redirect(f"/p/{pid}/admin", **result)
+
+
+@router.post("/p/{pid}/admin/members")
+def admin_add_member(pid: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
+    try:
+        data = MemberIn(
+            username=str(posted.form.get("username", "")).strip(), role=posted.form.get("role", "labeler")
+        )
+    except ValidationError as e:
+        raise service.Invalid(validation_text(e)) from None
+    state(request).db.transact(lambda s: service.set_member(s, _admin_project(s, posted.auth, pid), data))
+    return redirect(f"/p/{pid}/admin")
+
+
+@router.post("/p/{pid}/admin/members/{user_id}/remove")
+def admin_remove_member(
+    pid: int, user_id: int, request: Request, posted: Posted = Depends(page_post)
+) -> Response:
+    with state(request).db.session(write=True) as s:
+        service.remove_member(s, _admin_project(s, posted.auth, pid), user_id)
+    return redirect(f"/p/{pid}/admin")
+
+
+# ---------------------------------------------------------------- site owner: projects and users
+
+
+def _require_owner(auth: Auth) -> None:
+    if not auth.is_owner:
+        raise service.Forbidden("only the site owner may do that")
+
+
+@router.post("/projects")
+def create_project(request: Request, posted: Posted = Depends(page_post)) -> Response:
+    _require_owner(posted.auth)
+    form = posted.form
+    try:
+        data = ProjectIn(
+            name=str(form.get("name", "")).strip(),
+            task=form.get("task", "ranking"),
+            guidelines=str(form.get("guidelines", "")),
+            overlap=form_int(form, "overlap", 3),
+        )
+    except ValidationError as e:
+        raise service.Invalid(validation_text(e)) from None
+    project_id = state(request).db.transact(lambda s: service.create_project(s, data).id)
+    return redirect(f"/p/{project_id}/admin")
+
+
+@router.get("/admin/users")
+def users_page(request: Request, auth: Auth = Depends(page_auth)) -> Response:
+    _require_owner(auth)
+    with state(request).db.session() as s:
+        return render(request, "users.html", {"users": service.all_users(s)}, auth)
+
+
+@router.post("/admin/users")
+def create_user(request: Request, posted: Posted = Depends(page_post)) -> Response:
+    _require_owner(posted.auth)
+    form = posted.form
+    try:
+        data = UserIn(
+            username=str(form.get("username", "")).strip(),
+            password=str(form.get("password", "")) or None,
+            is_owner=form.get("is_owner") in ("1", "on"),
+        )
+    except ValidationError as e:
+        raise service.Invalid(validation_text(e)) from None
+    state(request).db.transact(lambda s: service.create_user(s, data))
+    return redirect("/admin/users")
+
+
+@router.post("/admin/users/{user_id}/active")
+def set_user_active(user_id: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
+    _require_owner(posted.auth)
+    if user_id == posted.auth.user_id:
+        raise service.Invalid("you cannot deactivate yourself")
+    with state(request).db.session(write=True) as s:
+        user = s.get(User, user_id)
+        if user is None:
+            raise service.NotFound("no such user")
+        service.set_active(s, user, posted.form.get("active") == "1")
+    return redirect("/admin/users")
+
+
+@router.post("/admin/users/{user_id}/password")
+def set_user_password(user_id: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
+    _require_owner(posted.auth)
+    with state(request).db.session(write=True) as s:
+        user = s.get(User, user_id)
+        if user is None:
+            raise service.NotFound("no such user")
+        service.set_password(s, user, str(posted.form.get("password", "")))
+    return redirect("/admin/users")
+
+
+# ---------------------------------------------------------------- own account: API keys
+
+
+@router.get("/account")
+def account_page(request: Request, auth: Auth = Depends(page_auth)) -> Response:
+    with state(request).db.session() as s:
+        return render(
+            request,
+            "account.html",
+            {"keys": service.api_keys(s, s.get(User, auth.user_id)), "new_key": None},
+            auth,
+        )
+
+
+@router.post("/account/keys")
+def create_key(request: Request, posted: Posted = Depends(page_post)) -> Response:
+    name = str(posted.form.get("name", "")).strip()[:100] or "script"
+    with state(request).db.session(write=True) as s:
+        key = service.create_api_key(s, s.get(User, posted.auth.user_id), name)
+    with state(request).db.session() as s:  # shown once, on this response only
+        return render(
+            request,
+            "account.html",
+            {"keys": service.api_keys(s, s.get(User, posted.auth.user_id)), "new_key": key},
+            posted.auth,
+        )
+
+
+@router.post("/account/keys/{key_id}/revoke")
+def revoke_key(key_id: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
+    with state(request).db.session(write=True) as s:
+        service.revoke_api_key(s, s.get(User, posted.auth.user_id), key_id)
+    return redirect("/account")

@@ -1,0 +1,738 @@
+"""Every rule of the feedback app, in plain functions over a SQLAlchemy session.
+
+The HTML pages, the JSON API and the admin CLI all call these, so a rule (who may see what, when
+an item is complete, what a valid ranking is) is written once. Functions raise ServiceError
+subclasses whose `status` is the HTTP status the web layer answers with; the caller owns the
+transaction (see Database.transact), so a failure anywhere leaves nothing half-stored.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import statistics
+import tempfile
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import and_, exists, func, select, text, update
+from sqlalchemy.orm import Session, contains_eager, selectinload
+
+from rlhfkit.data.formats import (
+    Completions,
+    Demonstration,
+    PromptRecord,
+    Ranking,
+    check_ranks,
+    detect_kind,
+    rankings_to_pairs,
+    read_records,
+    text_to_json,
+)
+from rlhfkit.errors import UserError
+from rlhfkit.feedback import aggregate
+from rlhfkit.feedback.models import (
+    ApiKey,
+    Assignment,
+    Candidate,
+    Item,
+    Judgment,
+    LoginSession,
+    Member,
+    Project,
+    User,
+    utcnow,
+)
+from rlhfkit.feedback.schemas import DraftIn, JudgmentIn, MemberIn, ProjectIn, ProjectSettingsIn, UserIn
+from rlhfkit.feedback.security import (
+    api_key_prefix,
+    hash_password,
+    new_api_key,
+    new_token,
+    sha256,
+    verify_password,
+)
+
+
+class ServiceError(Exception):
+    status = 400
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class Unauthorized(ServiceError):
+    status = 401
+
+
+class Forbidden(ServiceError):
+    status = 403
+
+
+class NotFound(ServiceError):
+    status = 404
+
+
+class Conflict(ServiceError):
+    status = 409
+
+
+class Invalid(ServiceError):
+    status = 422
+
+
+# ---------------------------------------------------------------- users, sessions, API keys
+
+
+def create_user(s: Session, data: UserIn) -> User:
+    if s.scalar(select(User.id).where(User.username == data.username)) is not None:
+        raise Conflict(f"a user named {data.username!r} already exists")
+    user = User(
+        username=data.username,
+        password_hash=hash_password(data.password) if data.password else None,
+        is_owner=data.is_owner,
+    )
+    s.add(user)
+    s.flush()
+    return user
+
+
+def get_user(s: Session, username: str) -> User:
+    user = s.scalar(select(User).where(User.username == username))
+    if user is None:
+        raise NotFound(f"no user named {username!r}")
+    return user
+
+
+def set_password(s: Session, user: User, password: str) -> None:
+    try:
+        user.password_hash = hash_password(password)
+    except ValueError as e:
+        raise Invalid(f"password: {e}") from None
+    s.execute(LoginSession.__table__.delete().where(LoginSession.user_id == user.id))  # log out everywhere
+
+
+def check_password(s: Session, username: str, password: str) -> User:
+    """The user, if the password is right. Run in a read transaction: argon2 is slow on purpose,
+    and on SQLite a write transaction would hold up every other writer meanwhile."""
+    user = s.scalar(select(User).where(User.username == username))
+    if user is None or not user.active or not verify_password(user.password_hash, password):
+        raise Unauthorized("wrong username or password")
+    return user
+
+
+def open_session(s: Session, user_id: int, days: int) -> str:
+    """Start a browser session; returns the token for the cookie."""
+    token = new_token()
+    s.add(LoginSession(token_hash=sha256(token), user_id=user_id, expires_at=utcnow() + timedelta(days=days)))
+    return token
+
+
+def session_user(s: Session, token: str) -> User | None:
+    row = s.execute(
+        select(LoginSession.expires_at, User).join(User).where(LoginSession.token_hash == sha256(token))
+    ).first()
+    if row is None or row.expires_at < utcnow() or not row.User.active:
+        return None
+    return row.User
+
+
+def logout(s: Session, token: str) -> None:
+    s.execute(LoginSession.__table__.delete().where(LoginSession.token_hash == sha256(token)))
+
+
+def create_api_key(s: Session, user: User, name: str) -> str:
+    """Returns the key itself: shown once, only its hash is kept."""
+    prefix, key = new_api_key()
+    s.add(ApiKey(user_id=user.id, name=name, prefix=prefix, key_hash=sha256(key)))
+    return key
+
+
+def api_key_user(s: Session, key: str) -> User | None:
+    prefix = api_key_prefix(key)
+    if prefix is None:
+        return None
+    row = s.execute(
+        select(ApiKey.key_hash, ApiKey.revoked, User).join(User).where(ApiKey.prefix == prefix)
+    ).first()
+    if (
+        row is None
+        or row.revoked
+        or not secrets.compare_digest(row.key_hash, sha256(key))
+        or not row.User.active
+    ):
+        return None
+    return row.User
+
+
+def api_keys(s: Session, user: User) -> list[ApiKey]:
+    return list(s.scalars(select(ApiKey).where(ApiKey.user_id == user.id).order_by(ApiKey.id)))
+
+
+def revoke_api_key(s: Session, user: User, key_id: int) -> None:
+    row = s.get(ApiKey, key_id)
+    if row is None or row.user_id != user.id:
+        raise NotFound("no such API key")
+    row.revoked = True
+
+
+def all_users(s: Session) -> list[User]:
+    return list(s.scalars(select(User).order_by(User.username)))
+
+
+def set_active(s: Session, user: User, active: bool) -> None:
+    user.active = active
+    if not active:
+        s.execute(LoginSession.__table__.delete().where(LoginSession.user_id == user.id))
+
+
+# ---------------------------------------------------------------- projects and membership
+
+
+def create_project(s: Session, data: ProjectIn) -> Project:
+    if s.scalar(select(Project.id).where(Project.name == data.name)) is not None:
+        raise Conflict(f"a project named {data.name!r} already exists")
+    project = Project(name=data.name, task=data.task, guidelines=data.guidelines, overlap=data.overlap)
+    s.add(project)
+    s.flush()
+    return project
+
+
+def find_project(s: Session, name: str) -> Project:
+    project = s.scalar(select(Project).where(Project.name == name))
+    if project is None:
+        raise NotFound(f"no project named {name!r}")
+    return project
+
+
+def project_for(s: Session, user: User, project_id: int, admin: bool = False) -> tuple[Project, str]:
+    """(project, role) if `user` may see it, as an admin if asked; role is 'owner' for the site
+    owner (who sees every project), else 'admin' or 'labeler'. A non-member gets 404, not 403:
+    whether a project exists is itself something another project's labelers must not learn."""
+    row = s.execute(
+        select(Project, Member.role)
+        .outerjoin(Member, and_(Member.project_id == Project.id, Member.user_id == user.id))
+        .where(Project.id == project_id)
+    ).first()
+    project, role = (row.Project, "owner" if user.is_owner else row.role) if row else (None, None)
+    if project is None or role is None:
+        raise NotFound("no such project")
+    if admin and role == "labeler":
+        raise Forbidden("only this project's admins may do that")
+    return project, role
+
+
+def projects_of(s: Session, user: User) -> list[tuple[Project, str]]:
+    if user.is_owner:
+        return [(p, "owner") for p in s.scalars(select(Project).order_by(Project.id))]
+    rows = s.execute(
+        select(Project, Member.role).join(Member).where(Member.user_id == user.id).order_by(Project.id)
+    )
+    return [(p, role) for p, role in rows]
+
+
+def update_project(s: Session, project: Project, data: ProjectSettingsIn) -> None:
+    if data.guidelines is not None:
+        project.guidelines = data.guidelines
+    if data.overlap is not None:
+        project.overlap = data.overlap
+
+
+def set_member(s: Session, project: Project, data: MemberIn) -> Member:
+    user = get_user(s, data.username)
+    member = s.get(Member, (project.id, user.id))
+    if member is None:
+        member = Member(project_id=project.id, user_id=user.id, role=data.role)
+        s.add(member)
+    member.role = data.role
+    s.flush()
+    return member
+
+
+def members(s: Session, project: Project) -> list[Member]:
+    return list(
+        s.scalars(select(Member).join(User).where(Member.project_id == project.id).order_by(User.username))
+    )
+
+
+def remove_member(s: Session, project: Project, user_id: int) -> None:
+    member = s.get(Member, (project.id, user_id))
+    if member is None:
+        raise NotFound("no such member")
+    s.delete(member)
+
+
+# ---------------------------------------------------------------- importing items
+
+
+def parse_upload(filename: str, data: bytes, task: str) -> list[Completions] | list[PromptRecord]:
+    """Validate an uploaded JSONL file with the project's reader; errors name the file and line."""
+    name = Path(filename or "upload.jsonl").name
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(data)
+        try:
+            kind = "completions"
+            if task == "demonstration":
+                kind = _first_record_kind(path)
+            return read_records(path, kind)
+        except UserError as e:
+            raise Invalid(str(e).replace(str(path), name)) from None
+
+
+def _first_record_kind(path: Path) -> str:
+    """Demonstration projects take prompts or completions files (only the prompt is used)."""
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.strip():
+            try:
+                kind = detect_kind(json.loads(line))
+            except (ValueError, TypeError):
+                return "prompts"  # let read_records report the precise problem
+            return kind if kind in ("prompts", "completions") else "prompts"
+    return "prompts"
+
+
+def import_items(
+    s: Session, project: Project, records: Sequence[Completions | PromptRecord]
+) -> dict[str, int]:
+    """Add items; all or nothing. Re-importing an identical record is skipped, so importing the
+    same file twice is harmless; a known prompt_id with different content is an error."""
+    # All of the project's items, not `key IN (...)`: a big file would pass SQLite's variable limit.
+    existing = {item.key: item for item in s.scalars(select(Item).where(Item.project_id == project.id))}
+    position = s.scalar(
+        select(func.coalesce(func.max(Item.position), 0)).where(Item.project_id == project.id)
+    )
+    added = skipped = 0
+    for rec in records:
+        key = _key(rec)
+        texts = rec.completions if isinstance(rec, Completions) and project.task != "demonstration" else []
+        if project.task == "pairwise" and len(texts) != 2:
+            raise Invalid(
+                f"prompt_id {key!r}: a pairwise project needs exactly 2 completions, got {len(texts)}"
+            )
+        prompt = text_to_json(rec.prompt)
+        texts_json = [text_to_json(t) for t in texts]
+        if key in existing:
+            old = existing[key]
+            if old.prompt != prompt or [c.text for c in old.candidates] != texts_json:
+                raise Invalid(
+                    f"prompt_id {key!r} was already imported with different content; give it a new id"
+                )
+            skipped += 1
+            continue
+        position += 1
+        item = Item(project_id=project.id, key=key, prompt=prompt, position=position)
+        item.candidates = [Candidate(idx=i, text=t) for i, t in enumerate(texts_json)]
+        s.add(item)
+        existing[key] = item
+        added += 1
+    s.flush()
+    if added and s.get_bind().dialect.name == "postgresql":
+        # Fresh statistics now, not whenever autovacuum gets round to it: with a stale row count
+        # the planner scans every item for each "next" instead of walking them in order (100x).
+        s.execute(text("ANALYZE items"))
+    return {"added": added, "skipped": skipped}
+
+
+def _key(rec: Completions | PromptRecord) -> str:
+    key = rec.prompt_id if isinstance(rec, Completions) else rec.id
+    if len(key) > 200:
+        raise Invalid(f"prompt id {key[:40]!r}...: longer than 200 characters")
+    return key
+
+
+# ---------------------------------------------------------------- the dispatcher
+
+
+def _held(now: datetime) -> Any:
+    """Open assignments with a live lease, per item: places promised but not yet judged."""
+    return (
+        select(func.count())
+        .where(Assignment.item_id == Item.id, Assignment.done.is_(False), Assignment.leased_until > now)
+        .scalar_subquery()
+    )
+
+
+def next_assignment(s: Session, project: Project, user: User, lease: timedelta) -> Assignment | None:
+    """The item this labeler should judge next, or None when nothing is left for them.
+
+    Their own unfinished item comes first (a reload never skips work). Otherwise the first item,
+    in import order, that still has a free place (judgments + live leases < N) and that they
+    have not seen. The item row is locked while its places are recounted, so two labelers are
+    not both handed its last place (on SQLite, writes are serialised anyway).
+    """
+    now = utcnow()
+    mine = s.scalar(
+        select(Assignment)
+        .join(Item)
+        .options(contains_eager(Assignment.item).selectinload(Item.candidates))
+        .where(
+            Item.project_id == project.id,
+            Assignment.user_id == user.id,
+            Assignment.done.is_(False),
+            Item.n_judgments < project.overlap,
+        )
+        .order_by(Assignment.id)
+    )
+    if mine is not None:
+        mine.leased_until = now + lease
+        return mine
+    seen = exists().where(Assignment.item_id == Item.id, Assignment.user_id == user.id)
+    while True:
+        free = s.scalars(
+            select(Item.id)
+            .where(Item.project_id == project.id, ~seen, Item.n_judgments + _held(now) < project.overlap)
+            .order_by(Item.position)
+            .limit(50)
+        ).all()
+        if not free:
+            return None
+        # Items someone else is dispatching or judging right now are skipped at first (SKIP LOCKED,
+        # so labelers do not all queue on the same first row) and waited for only at the end.
+        queue = [(item_id, False) for item_id in free]
+        while queue:
+            item_id, wait = queue.pop(0)
+            item = s.scalars(
+                select(Item)
+                .where(Item.id == item_id)
+                .options(selectinload(Item.candidates))
+                .with_for_update(skip_locked=not wait)
+            ).first()
+            if item is None:
+                queue.append((item_id, True))
+                continue
+            held = s.scalar(select(_held(now)).select_from(Item).where(Item.id == item_id))
+            if item.n_judgments + held >= project.overlap:
+                continue  # filled up meanwhile; the next query will not list it again
+            order = [c.id for c in item.candidates]
+            secrets.SystemRandom().shuffle(order)  # per-labeler order, against position bias
+            a = Assignment(item=item, user_id=user.id, display_order=order, leased_until=now + lease)
+            s.add(a)
+            s.flush()
+            return a
+
+
+def assignment_for(s: Session, project: Project, user: User, item_id: int) -> Assignment:
+    """A labeler can only open items the dispatcher handed to them (blind assignment)."""
+    a = s.scalar(
+        select(Assignment)
+        .join(Item)
+        .options(contains_eager(Assignment.item).selectinload(Item.candidates))
+        .where(Assignment.item_id == item_id, Assignment.user_id == user.id, Item.project_id == project.id)
+    )
+    if a is None:
+        raise NotFound("no such item among those assigned to you (ask for the next item)")
+    return a
+
+
+def item_view(a: Assignment, project: Project) -> dict[str, Any]:
+    """What a labeler sees: candidates in *their* order, with stable ids and display letters."""
+    by_id = {c.id: c for c in a.item.candidates}
+    return {
+        "project_id": project.id,
+        "item_id": a.item_id,
+        "prompt_id": a.item.key,
+        "task": project.task,
+        "prompt": a.item.prompt,
+        "candidates": [
+            {"id": cid, "label": chr(ord("A") + i) if i < 26 else str(i + 1), "text": by_id[cid].text}
+            for i, cid in enumerate(a.display_order)
+        ],
+        "draft": a.draft,
+        "submitted": a.done,
+    }
+
+
+def save_draft(
+    s: Session, project: Project, user: User, item_id: int, draft: DraftIn, lease: timedelta
+) -> None:
+    a = assignment_for(s, project, user, item_id)
+    if a.done:
+        raise Conflict("this item is already submitted")
+    now = utcnow()
+    a.draft = draft.model_dump()
+    a.updated_at = now
+    a.leased_until = now + lease
+
+
+# ---------------------------------------------------------------- submitting judgments
+
+
+def pairwise_choice(a: Assignment, choice: str) -> dict[int, int]:
+    """Quick pairwise mode: A / B / tie / both bad is a ranking of the two shown candidates."""
+    first, second = a.display_order
+    ranks = {"a": (1, 2), "b": (2, 1), "tie": (1, 1), "both_bad": (1, 1)}.get(choice)
+    if ranks is None:
+        raise Invalid(f"choice: {choice!r} is not one of a, b, tie, both_bad")
+    return {first: ranks[0], second: ranks[1]}
+
+
+def _check_ranking(item: Item, data: JudgmentIn) -> list[int]:
+    """candidate id -> rank  =>  rank per candidate idx (the stored and exported form)."""
+    idx_of = {c.id: c.idx for c in item.candidates}
+    if data.response is not None:
+        raise Invalid("response: only demonstration tasks take a written response")
+    if data.ranking is None:
+        if data.unusable:
+            return [1] * len(idx_of)  # flagged without an order: all tied
+        raise Invalid("ranking: missing; rank every candidate, or flag the item as not rankable")
+    unknown = sorted(set(data.ranking) - set(idx_of))
+    if unknown:
+        raise Invalid(
+            f"ranking: unknown candidate id(s) {unknown}; this item's candidates are {sorted(idx_of)}"
+        )
+    missing = sorted(set(idx_of) - set(data.ranking))
+    if missing:
+        raise Invalid(f"ranking: no rank for candidate(s) {missing}; every candidate needs a rank")
+    ranks = [0] * len(idx_of)
+    for cid, rank in data.ranking.items():
+        ranks[idx_of[cid]] = rank
+    try:
+        check_ranks(ranks)
+    except ValueError as e:
+        raise Invalid(f"ranking: {e}") from None
+    return ranks
+
+
+def _existing(s: Session, item_id: int, user: User, data: JudgmentIn) -> Judgment | None:
+    """This labeler's stored judgment of the item if `data` repeats it; another one is a conflict."""
+    existing = s.scalar(select(Judgment).where(Judgment.item_id == item_id, Judgment.user_id == user.id))
+    if existing is not None and existing.client_token != data.client_token:
+        raise Conflict("you have already submitted a judgment for this item")
+    return existing
+
+
+def submit(s: Session, project: Project, user: User, item_id: int, data: JudgmentIn) -> tuple[Judgment, bool]:
+    """Store a judgment; returns (judgment, created).
+
+    Idempotent: a second submit with the same client_token returns the stored judgment
+    (created=False). The item's count goes up by a conditional UPDATE, so an item never
+    exceeds N even when many labelers submit at once; a concurrent duplicate by the same labeler
+    hits the (item, labeler) unique constraint and is retried by the caller, landing here again.
+    """
+    a = assignment_for(s, project, user, item_id)
+    existing = _existing(s, item_id, user, data)
+    if existing is not None:
+        return existing, False
+    ranking, response = None, None
+    if project.task == "demonstration":
+        if data.ranking is not None:
+            raise Invalid("ranking: a demonstration task takes a written response, not a ranking")
+        if not (data.response or "").strip() and not data.unusable:
+            raise Invalid("response: write the ideal response (or flag the prompt as unusable)")
+        response = data.response if (data.response or "").strip() else None
+    else:
+        ranking = _check_ranking(a.item, data)
+    claimed = s.execute(
+        update(Item.__table__)
+        .where(and_(Item.id == item_id, Item.n_judgments < project.overlap))
+        .values(n_judgments=Item.n_judgments + 1)
+    )
+    if claimed.rowcount == 0:
+        # On PostgreSQL the UPDATE may have waited for a concurrent submit of this very judgment
+        # (a double click on the item's last place); that one is committed and visible now.
+        existing = _existing(s, item_id, user, data)
+        if existing is not None:
+            return existing, False
+        raise Conflict(f"this item already has its {project.overlap} judgments; please take the next one")
+    now = utcnow()
+    judgment = Judgment(
+        item_id=item_id,
+        user_id=user.id,
+        ranking=ranking,
+        unusable=data.unusable,
+        comment=(data.comment or "").strip() or None,
+        response=response,
+        client_token=data.client_token,
+        seconds=round((now - a.created_at).total_seconds(), 3),
+        created_at=now,
+    )
+    s.add(judgment)
+    a.done = True
+    a.draft = None
+    a.updated_at = now
+    s.flush()
+    return judgment, True
+
+
+def judgment_view(j: Judgment) -> dict[str, Any]:
+    return {
+        "id": j.id,
+        "item_id": j.item_id,
+        "ranking": j.ranking,
+        "unusable": j.unusable,
+        "comment": j.comment,
+        "response": j.response,
+        "client_token": j.client_token,
+        "created_at": j.created_at.isoformat() + "Z",
+    }
+
+
+# ---------------------------------------------------------------- progress
+
+
+def my_progress(s: Session, project: Project, user: User) -> dict[str, int]:
+    """done: judged; to_go: still open for this labeler (their unfinished items plus the ones the
+    dispatcher could still hand them); plus the project's totals."""
+    done = s.scalar(
+        select(func.count())
+        .select_from(Judgment)
+        .join(Item)
+        .where(Item.project_id == project.id, Judgment.user_id == user.id)
+    )
+    seen = exists().where(Assignment.item_id == Item.id, Assignment.user_id == user.id)
+    unfinished = exists().where(
+        Assignment.item_id == Item.id, Assignment.user_id == user.id, Assignment.done.is_(False)
+    )
+    to_go = s.scalar(
+        select(func.count())
+        .select_from(Item)
+        .where(Item.project_id == project.id, ~seen | unfinished, Item.n_judgments < project.overlap)
+    )
+    return {"done": done or 0, "to_go": to_go or 0, **project_totals(s, project)}
+
+
+def project_totals(s: Session, project: Project) -> dict[str, int]:
+    items, judgments, complete = s.execute(
+        select(
+            func.count(),
+            func.coalesce(func.sum(Item.n_judgments), 0),
+            func.coalesce(func.sum((Item.n_judgments >= project.overlap).cast(Item.n_judgments.type)), 0),
+        ).where(Item.project_id == project.id)
+    ).one()
+    return {
+        "items_total": items,
+        "items_complete": complete,
+        "judgments": judgments,
+        "judgments_needed": items * project.overlap,
+    }
+
+
+def progress(s: Session, project: Project) -> dict[str, Any]:
+    """Project totals and one row per labeler (members and anyone who ever judged here)."""
+    now = utcnow()
+    people: dict[int, dict[str, Any]] = {
+        m.user_id: {
+            "username": m.user.username,
+            "role": m.role,
+            "submitted": 0,
+            "unusable": 0,
+            "open": 0,
+            "seconds": [],
+            "last": None,
+        }
+        for m in members(s, project)
+    }
+    rows = s.execute(
+        select(User.id, User.username, Judgment.unusable, Judgment.seconds, Judgment.created_at)
+        .join(Judgment, Judgment.user_id == User.id)
+        .join(Item, Item.id == Judgment.item_id)
+        .where(Item.project_id == project.id)
+    )
+    for uid, name, unusable, seconds, at in rows:
+        p = people.setdefault(
+            uid,
+            {
+                "username": name,
+                "role": "former member",
+                "submitted": 0,
+                "unusable": 0,
+                "open": 0,
+                "seconds": [],
+                "last": None,
+            },
+        )
+        p["submitted"] += 1
+        p["unusable"] += unusable
+        if seconds is not None:
+            p["seconds"].append(seconds)
+        p["last"] = max(p["last"] or at, at)
+    open_rows = s.execute(
+        select(Assignment.user_id, func.count())
+        .join(Item)
+        .where(Item.project_id == project.id, Assignment.done.is_(False), Assignment.leased_until > now)
+        .group_by(Assignment.user_id)
+    )
+    for uid, n in open_rows:
+        if uid in people:
+            people[uid]["open"] = n
+    labelers = []
+    for p in sorted(people.values(), key=lambda p: p["username"]):
+        secs = p.pop("seconds")
+        p["median_seconds"] = round(statistics.median(secs), 1) if secs else None
+        p["last"] = p["last"].isoformat() + "Z" if p["last"] else None
+        labelers.append(p)
+    return {**project_totals(s, project), "overlap": project.overlap, "labelers": labelers}
+
+
+# ---------------------------------------------------------------- exports
+
+
+def completions_of(s: Session, project: Project) -> list[Completions]:
+    items = s.scalars(select(Item).where(Item.project_id == project.id).order_by(Item.position)).all()
+    return [
+        Completions(prompt_id=i.key, prompt=i.prompt, completions=[c.text for c in i.candidates])
+        for i in items
+        if len(i.candidates) >= 2
+    ]
+
+
+def rankings_of(s: Session, project: Project) -> list[Ranking]:
+    """Every judgment of a ranking/pairwise project as a `rankings` record (the raw export)."""
+    rows = s.execute(
+        select(Judgment, Item.key, User.username)
+        .join(Item, Item.id == Judgment.item_id)
+        .join(User, User.id == Judgment.user_id)
+        .where(Item.project_id == project.id, Judgment.ranking.is_not(None))
+        .order_by(Item.position, Judgment.id)
+    )
+    return [
+        Ranking(prompt_id=key, labeler=name, ranking=j.ranking, unusable=j.unusable, comment=j.comment)
+        for j, key, name in rows
+    ]
+
+
+def demonstrations_of(s: Session, project: Project) -> list[Demonstration]:
+    rows = s.execute(
+        select(Item.prompt, Judgment.response)
+        .join(Judgment, Judgment.item_id == Item.id)
+        .where(Item.project_id == project.id, Judgment.response.is_not(None))
+        .order_by(Item.position, Judgment.id)
+    )
+    return [Demonstration(prompt=prompt, response=response) for prompt, response in rows]
+
+
+EXPORTS = {
+    "judgments": "raw rankings, one per labeler and item: ranks, ties, flags and comments exactly",
+    "pairs": "TRL preference pairs from the per-item consensus, preferred first (?margin=true adds margins)",
+    "labeler_pairs": "TRL preference pairs from each labeler's own ranking (no aggregation)",
+    "consensus": "the per-item consensus ranking (Bradley-Terry over all labelers)",
+    "kto": "KTO-style {prompt, completion, label} from the consensus",
+    "demonstrations": "written demonstrations {prompt, response} for SFT",
+    "completions": "the items themselves (completions format), to pair with the raw judgments",
+}
+
+
+def export(s: Session, project: Project, kind: str, margin: bool = False) -> list[dict[str, Any]]:
+    """JSON-ready records of one export kind (see EXPORTS)."""
+    if kind not in EXPORTS:
+        raise NotFound(f"no export {kind!r}; one of: {', '.join(EXPORTS)}")
+    if kind == "demonstrations":
+        return [d.to_json() for d in demonstrations_of(s, project)]
+    if kind == "completions":
+        return [c.to_json() for c in completions_of(s, project)]
+    rankings = rankings_of(s, project)
+    if kind == "judgments":
+        return [r.to_json() for r in rankings]
+    completions = completions_of(s, project)
+    if kind == "labeler_pairs":
+        return [p.to_json() for p in rankings_to_pairs(rankings, completions)]
+    cons = aggregate.consensus(rankings)
+    if kind == "consensus":
+        return aggregate.consensus_rows(cons)
+    if kind == "pairs":
+        return [p.to_json() for p in aggregate.consensus_pairs(cons, completions, margin=margin)]
+    return aggregate.kto_records(cons, completions)

@@ -1,0 +1,108 @@
+"""Helpers shared by the feedback tests: seeded worlds and a live uvicorn server."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from rlhfkit.feedback import service
+from rlhfkit.feedback.app import ServeConfig, create_app
+from rlhfkit.feedback.db import Database
+from rlhfkit.feedback.schemas import MemberIn, ProjectIn, UserIn
+
+PASSWORD = "correct-horse-9"
+XSS = "<script>alert('xss')</script>"
+ALPHA, BRAVO = "ALPHA-ONLY-TEXT", "BRAVO-ONLY-TEXT"
+
+
+def completions_jsonl(n: int, k: int = 3, prefix: str = "p", marker: str = "") -> str:
+    """n prompts with k candidates each; every text carries a <script> to prove escaping, and
+    `marker` lets a test check that one project's text never shows up in another's answers."""
+    rows = [
+        {
+            "prompt_id": f"{prefix}{i}",
+            "prompt": f"Question {i}: how do I make tea? {marker} {XSS}",
+            "completions": [f"answer {i}.{j} {XSS if j == 0 else ''}".strip() for j in range(k)],
+        }
+        for i in range(n)
+    ]
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+@dataclass
+class World:
+    """Users and projects for authorization tests. Project A is the one under test; `eve` only
+    labels project B, so she must never learn anything about A."""
+
+    db: Database
+    project_a: int = 0
+    project_b: int = 0
+    users: dict[str, int] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
+
+
+def seed(db: Database, items: int = 4, overlap: int = 2, task: str = "ranking") -> World:
+    world = World(db)
+    with db.session(write=True) as s:
+        for name, owner in [
+            ("owner", True),
+            ("alice", False),
+            ("ann", False),
+            ("bob", False),
+            ("eve", False),
+        ]:
+            user = service.create_user(s, UserIn(username=name, password=PASSWORD, is_owner=owner))
+            world.users[name] = user.id
+            world.keys[name] = service.create_api_key(s, user, "tests")
+        world.users["extra"] = service.create_user(s, UserIn(username="extra")).id
+        a = service.create_project(
+            s, ProjectIn(name="Secret Project Alpha", task=task, overlap=overlap, guidelines="# Be **kind**")
+        )
+        b = service.create_project(s, ProjectIn(name="Project Bravo", overlap=1))
+        for name, role in [("alice", "admin"), ("ann", "labeler"), ("bob", "labeler")]:
+            service.set_member(s, a, MemberIn(username=name, role=role))
+        service.set_member(s, b, MemberIn(username="eve", role="labeler"))
+        world.project_a, world.project_b = a.id, b.id
+        service.import_items(
+            s, a, service.parse_upload("a.jsonl", completions_jsonl(items, marker=ALPHA).encode(), task)
+        )
+        service.import_items(
+            s,
+            b,
+            service.parse_upload(
+                "b.jsonl", completions_jsonl(2, prefix="b", marker=BRAVO).encode(), "ranking"
+            ),
+        )
+    return world
+
+
+class LiveServer:
+    """The real app under uvicorn in a thread, on a socket bound before start (no port race)."""
+
+    def __init__(self, config: ServeConfig, db: Database | None = None):
+        self.app = create_app(config, db)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_keep_alive=30))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.sock.close()

@@ -1,0 +1,129 @@
+"""`rlhfkit serve` admin commands and `rlhfkit aggregate`, end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from feedback_helpers import XSS, LiveServer
+
+from rlhfkit.cli import main
+from rlhfkit.data.formats import Completions, read_records, write_records
+from rlhfkit.feedback.app import ServeConfig
+from rlhfkit.feedback.client import FeedbackClient
+
+PASSWORD = "labeler-pass-1"
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_admin_commands_labeling_and_aggregate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = f"db_url=sqlite:///{tmp_path}/fb.db"
+    monkeypatch.setenv("RLHFKIT_PASSWORD", PASSWORD)
+    monkeypatch.setenv("RLHFKIT_SECRET_KEY", "test-secret")
+    completions = [
+        Completions(prompt_id=f"q{i}", prompt=f"Question {i} {XSS}", completions=["best", "middle", "worst"])
+        for i in range(3)
+    ]
+    comp_file = write_records(tmp_path / "completions.jsonl", completions)
+    guidelines = tmp_path / "guidelines.md"
+    guidelines.write_text("# Rank by helpfulness\n")
+
+    assert cli(capsys, "serve", "create-owner", "root", db)[1] == "created owner root\n"
+    code, out, _ = cli(
+        capsys, "serve", "create-project", "Tea", "--overlap", "3", "--guidelines", str(guidelines), db
+    )
+    assert code == 0 and "created project 'Tea'" in out
+    assert (
+        cli(capsys, "serve", "import", "Tea", str(comp_file), db)[1]
+        == "imported 3 items into 'Tea' (0 already there)\n"
+    )
+    assert "(3 already there)" in cli(capsys, "serve", "import", "Tea", str(comp_file), db)[1]
+    for name in ("ann", "bob"):
+        assert cli(capsys, "serve", "add-user", name, "--project", "Tea", db)[0] == 0
+    assert cli(capsys, "serve", "add-user", "bot", "--project", "Tea", "--no-password", db)[0] == 0
+    key = cli(capsys, "serve", "api-key", "bot", db)[1].strip()
+    assert key.startswith("rk_")
+
+    # Three labelers rank every item: two agree (best > middle > worst), the bot ties the top two.
+    config = ServeConfig(db_url=db.split("=", 1)[1], secret_key_file=str(tmp_path / "unused"))
+    with LiveServer(config) as server:
+        clients = [
+            FeedbackClient.login(server.url, "ann", PASSWORD),
+            FeedbackClient.login(server.url, "bob", PASSWORD),
+            FeedbackClient(server.url, api_key=key),
+        ]
+        for client in clients:
+            guidelines_seen = client.project(1)["guidelines"]
+            assert guidelines_seen.startswith("# Rank by helpfulness")
+            while (item := client.next_item(1)) is not None:
+                is_bot = client.csrf is None  # the API-key client
+                rank = (
+                    {"best": 1, "middle": 1, "worst": 2} if is_bot else {"best": 1, "middle": 2, "worst": 3}
+                )
+                client.submit(1, item["item_id"], {c["id"]: rank[c["text"]] for c in item["candidates"]})
+            client.close()
+
+    export = tmp_path / "judgments.jsonl"
+    assert (
+        cli(capsys, "serve", "export", "Tea", "judgments", str(export), db)[1]
+        == f"wrote 9 records to {export}\n"
+    )
+    rankings = read_records(export, "rankings")
+    assert {(r.labeler, tuple(r.ranking)) for r in rankings} == {
+        ("ann", (1, 2, 3)),
+        ("bob", (1, 2, 3)),
+        ("bot", (1, 1, 2)),
+    }
+
+    from_db, from_files = tmp_path / "agg-db", tmp_path / "agg-files"
+    code, out, _ = cli(capsys, "aggregate", db, "project=Tea", f"out_dir={from_db}")
+    assert code == 0 and "9 judgments on 3 items" in out
+    code, _, _ = cli(
+        capsys, "aggregate", f"rankings={export}", f"completions={comp_file}", f"out_dir={from_files}"
+    )
+    assert code == 0
+    for name in ("consensus.jsonl", "pairs.jsonl", "kto.jsonl", "agreement.json"):
+        assert (from_db / name).read_text() == (from_files / name).read_text()
+    pairs = read_records(from_db / "pairs.jsonl", "pairs")
+    assert [(p.chosen, p.rejected) for p in pairs[:3]] == [
+        ("best", "middle"),
+        ("best", "worst"),
+        ("middle", "worst"),
+    ]
+    assert pairs[0].margin < pairs[1].margin  # the bot's tie makes best-vs-middle the weakest preference
+    report = json.loads((from_db / "agreement.json").read_text())
+    assert report["pairwise_agreement_strict"] == 1.0 and report["pairwise_agreement"] == pytest.approx(7 / 9)
+    assert report["labelers"]["ann"]["agreement_strict"] == 1.0
+
+
+def test_cli_errors_are_clean(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = f"db_url=sqlite:///{tmp_path}/fb.db"
+    monkeypatch.setenv("RLHFKIT_PASSWORD", "short")
+    code, _, err = cli(capsys, "serve", "create-owner", "root", db)
+    assert code == 2 and "password" in err and "at least 8" in err
+    code, _, err = cli(capsys, "serve", "import", "Nope", str(tmp_path / "missing.jsonl"), db)
+    assert code == 2 and "missing.jsonl: file not found" in err
+    (tmp_path / "c.jsonl").write_text('{"prompt_id": "a", "prompt": "x", "completions": ["y", "z"]}\n')
+    code, _, err = cli(capsys, "serve", "import", "Nope", str(tmp_path / "c.jsonl"), db)
+    assert code == 2 and "no project named 'Nope'" in err
+    assert cli(capsys, "serve", "create-project", "Tea", db)[0] == 0
+    code, _, err = cli(capsys, "serve", "create-project", "Tea", db)
+    assert code == 2 and "already exists" in err
+    code, _, err = cli(capsys, "serve", "init", "db_url=mysql://x/y")
+    assert code == 2 and "only SQLite and PostgreSQL" in err
+    code, _, err = cli(capsys, "serve", "init", "prot=80")
+    assert code == 2 and "prot" in err
+    code, _, err = cli(capsys, "aggregate", f"out_dir={tmp_path}")
+    assert code == 2 and "rankings= and completions=" in err
+    code, _, err = cli(capsys, "aggregate", db, "project=Tea", f"out_dir={tmp_path}/o")
+    assert code == 2 and "no judgments" in err
