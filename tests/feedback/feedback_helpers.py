@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from dataclasses import dataclass, field
 
-import uvicorn
-
 from rlhfkit.feedback import service
-from rlhfkit.feedback.app import ServeConfig, create_app
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.schemas import MemberIn, ProjectIn, UserIn
 
@@ -74,35 +68,6 @@ def seed(db: Database, items: int = 4, overlap: int = 2, task: str = "ranking") 
         service.import_items(
             s,
             b,
-            service.parse_upload(
-                "b.jsonl", completions_jsonl(2, prefix="b", marker=BRAVO).encode(), "ranking"
-            ),
+            service.parse_upload("b.jsonl", completions_jsonl(2, prefix="b", marker=BRAVO).encode(), "ranking"),
         )
     return world
-
-
-class LiveServer:
-    """The real app under uvicorn in a thread, on a socket bound before start (no port race)."""
-
-    def __init__(self, config: ServeConfig, db: Database | None = None):
-        self.app = create_app(config, db)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_keep_alive=30))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-        self.sock.close()

@@ -94,9 +94,7 @@ def test_authorization_matrix(app_world: tuple[Any, World]) -> None:
         }
 
     def ranking_form(role: str) -> dict[str, Any]:
-        return {f"rank_{c}": "1" for c in _candidates(db, own(page_items, role))} | {
-            "client_token": f"page-{role}"
-        }
+        return {f"rank_{c}": "1" for c in _candidates(db, own(page_items, role))} | {"client_token": f"page-{role}"}
 
     def ensure_extra_member() -> None:
         with db.session(write=True) as s:
@@ -212,9 +210,7 @@ def test_authorization_matrix(app_world: tuple[Any, World]) -> None:
             if method == "FORM":
                 r = sess.client.post(url, data=data | {"csrf_token": sess.csrf})
             elif method == "UPLOAD":
-                r = sess.client.post(
-                    url, data={"csrf_token": sess.csrf}, files={"file": ("a.jsonl", data.encode())}
-                )
+                r = sess.client.post(url, data={"csrf_token": sess.csrf}, files={"file": ("a.jsonl", data.encode())})
             elif isinstance(data, str):
                 r = sess.client.request(method, url, content=data.encode(), headers=headers)
             else:
@@ -290,9 +286,7 @@ def test_bad_input_is_refused_and_nothing_is_stored(app_world: tuple[Any, World]
     r = ann.post(url, json=ok | {"comment": evil})
     assert r.status_code == 201 and r.json()["comment"] == evil
     owner = TestClient(app, headers={"Authorization": f"Bearer {world.keys['owner']}"})
-    exported = [
-        json.loads(line) for line in owner.get(f"/api/projects/{A}/export/judgments").text.splitlines()
-    ]
+    exported = [json.loads(line) for line in owner.get(f"/api/projects/{A}/export/judgments").text.splitlines()]
     assert [e["comment"] for e in exported] == [evil]
     with db.session() as s:
         assert s.scalar(select(func.count()).select_from(User)) == 6
@@ -317,9 +311,7 @@ def test_csrf_tokens_are_bound_to_one_session(app_world: tuple[Any, World]) -> N
     item = ann.client.get(f"/api/projects/{A}/next").json()["item"]
     url = f"/api/projects/{A}/items/{item['item_id']}/draft"
     assert ann.client.put(url, json={}).status_code == 403  # no token
-    assert (
-        ann.client.put(url, json={}, headers={"X-CSRF-Token": bob.csrf}).status_code == 403
-    )  # someone else's
+    assert ann.client.put(url, json={}, headers={"X-CSRF-Token": bob.csrf}).status_code == 403  # someone else's
     assert ann.client.put(url, json={}, headers={"X-CSRF-Token": ann.csrf}).status_code == 204
     r = ann.client.post(f"/p/{A}/items/{item['item_id']}", data={"csrf_token": bob.csrf, "rank_1": "1"})
     assert r.status_code == 403 and "CSRF" in r.text
@@ -357,10 +349,7 @@ def test_login_pages_and_api_keys(app_world: tuple[Any, World]) -> None:
     key_client = TestClient(app, headers={"Authorization": f"Bearer {world.keys['bob']}"})
     assert key_client.get("/api/me").json()["username"] == "bob"
     assert key_client.post("/api/keys", json={"name": "no csrf needed"}).status_code == 201
-    assert (
-        TestClient(app, headers={"Authorization": "Bearer rk_000000000000_nope"}).get("/api/me").status_code
-        == 401
-    )
+    assert TestClient(app, headers={"Authorization": "Bearer rk_000000000000_nope"}).get("/api/me").status_code == 401
     assert TestClient(app, headers={"Authorization": "Bearer garbage"}).get("/api/me").status_code == 401
     keys = key_client.get("/api/keys").json()
     assert all("key_hash" not in k for k in keys)
@@ -416,9 +405,7 @@ def test_form_errors_keep_what_was_entered(app_world: tuple[Any, World]) -> None
     r = ann.client.post(f"/p/{A}/items/{item_id}", data=form)
     assert r.status_code == 422 and "ranks must be dense" in r.text
     assert '<option value="3" selected>3</option>' in r.text and "first try</textarea>" in r.text
-    r = ann.client.post(
-        f"/p/{A}/items/{item_id}", data=form | {f"rank_{cids[1]}": "2", f"rank_{cids[2]}": "2"}
-    )
+    r = ann.client.post(f"/p/{A}/items/{item_id}", data=form | {f"rank_{cids[1]}": "2", f"rank_{cids[2]}": "2"})
     assert r.status_code == 303 and r.headers["location"] == f"/p/{A}/next?saved=1"
     r = ann.client.post(f"/p/{A}/items/{item_id}", data=form | {"client_token": "a-new-token-123"})
     assert r.status_code == 409 and "already submitted" in r.text

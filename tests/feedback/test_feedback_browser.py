@@ -146,9 +146,7 @@ def test_label_and_administer_in_a_real_browser(server: tuple[str, str]) -> None
         context = browser.new_context(viewport={"width": 1360, "height": 900}, accept_downloads=True)
         page = context.new_page()
         page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
-        page.on(
-            "console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None
-        )
+        page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
         page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
         page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status == 404 else None)
 
@@ -161,9 +159,7 @@ def test_label_and_administer_in_a_real_browser(server: tuple[str, str]) -> None
         page.click("button[type=submit]")
         expect(page.get_by_role("heading", name="Your projects")).to_be_visible()
         shot(page, "01-home")
-        page.locator("section.project", has_text="Tea tasting").get_by_role(
-            "link", name="Start labeling"
-        ).click()
+        page.locator("section.project", has_text="Tea tasting").get_by_role("link", name="Start labeling").click()
         expect(page.locator(".guidelines")).to_contain_text("Prefer correct answers. Ties are fine.")
         expect(page.locator(".prompt")).to_contain_text(f"How should I brew tea #0? {XSS}")  # shown as text
         expect(page.locator("#board")).to_be_visible()
@@ -172,9 +168,7 @@ def test_label_and_administer_in_a_real_browser(server: tuple[str, str]) -> None
         # Item 1, by mouse: A and B tie for best, C is worse.
         item_id, lab = labels(page)
         for label, rank in (("A", 1), ("B", 1), ("C", 2)):
-            page.locator(f'.candidate[data-label="{label}"]').drag_to(
-                page.locator(f'.lane[data-rank="{rank}"]')
-            )
+            page.locator(f'.candidate[data-label="{label}"]').drag_to(page.locator(f'.lane[data-rank="{rank}"]'))
         expect(page.locator("#summary")).to_have_text("Your ranking: A = B  ›  C")
         expect(page.locator('.lane[data-rank="1"] .candidate')).to_have_count(2)
         expect(page.locator("#draft-status")).to_have_text("Draft saved")
@@ -228,9 +222,7 @@ def test_label_and_administer_in_a_real_browser(server: tuple[str, str]) -> None
 
         # Quick pairwise mode: key 2 = "B is better".
         page.goto(url + "/")
-        page.locator("section.project", has_text="Quick pairs").get_by_role(
-            "link", name="Start labeling"
-        ).click()
+        page.locator("section.project", has_text="Quick pairs").get_by_role("link", name="Start labeling").click()
         expect(page.locator(".choices button")).to_have_count(4)
         shot(page, "06-pairwise")
         pair_item, pair_lab = labels(page)
@@ -239,9 +231,7 @@ def test_label_and_administer_in_a_real_browser(server: tuple[str, str]) -> None
 
         # Demonstration: write, Ctrl+Enter.
         page.goto(url + "/")
-        page.locator("section.project", has_text="Demonstrations").get_by_role(
-            "link", name="Start labeling"
-        ).click()
+        page.locator("section.project", has_text="Demonstrations").get_by_role("link", name="Start labeling").click()
         page.fill(
             "textarea[name=response]",
             "Soft rain on the roof\nthe kettle sings its answer\ntea leaves slowly bloom",
@@ -257,12 +247,8 @@ def test_label_and_administer_in_a_real_browser(server: tuple[str, str]) -> None
                 bob.submit(1, item["item_id"], ranks)
 
         # The admin sees progress and agreement, and exports what ann did.
-        admin = context.browser.new_context(
-            viewport={"width": 1360, "height": 900}, accept_downloads=True
-        ).new_page()
-        admin.on(
-            "console", lambda m: problems.append(f"admin console: {m.text}") if m.type == "error" else None
-        )
+        admin = context.browser.new_context(viewport={"width": 1360, "height": 900}, accept_downloads=True).new_page()
+        admin.on("console", lambda m: problems.append(f"admin console: {m.text}") if m.type == "error" else None)
         admin.goto(url + "/login")
         admin.fill("input[name=username]", "root")
         admin.fill("input[name=password]", PASSWORD)
@@ -308,8 +294,5 @@ def test_label_and_administer_in_a_real_browser(server: tuple[str, str]) -> None
     database.dispose()
     assert sorted(exported, key=lambda r: r["prompt_id"]) == sorted(expected, key=lambda r: r["prompt_id"])
     # "B is better" means the candidate shown second, whatever its place in the imported file.
-    assert (
-        pair_judgment.ranking[pair_idx[pair_lab["B"]]] == 1
-        and pair_judgment.ranking[pair_idx[pair_lab["A"]]] == 2
-    )
+    assert pair_judgment.ranking[pair_idx[pair_lab["B"]]] == 1 and pair_judgment.ranking[pair_idx[pair_lab["A"]]] == 2
     assert demo.response.startswith("Soft rain on the roof\nthe kettle")

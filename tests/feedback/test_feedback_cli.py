@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from feedback_helpers import XSS, LiveServer
+from feedback_helpers import XSS
 
 from rlhfkit.cli import main
 from rlhfkit.data.formats import Completions, read_records, write_records
 from rlhfkit.feedback.app import ServeConfig
 from rlhfkit.feedback.client import FeedbackClient
+from rlhfkit.feedback.live import LiveServer
 
 PASSWORD = "labeler-pass-1"
 
@@ -37,9 +38,7 @@ def test_admin_commands_labeling_and_aggregate(
     guidelines.write_text("# Rank by helpfulness\n")
 
     assert cli(capsys, "serve", "create-owner", "root", db)[1] == "created owner root\n"
-    code, out, _ = cli(
-        capsys, "serve", "create-project", "Tea", "--overlap", "3", "--guidelines", str(guidelines), db
-    )
+    code, out, _ = cli(capsys, "serve", "create-project", "Tea", "--overlap", "3", "--guidelines", str(guidelines), db)
     assert code == 0 and "created project 'Tea'" in out
     assert (
         cli(capsys, "serve", "import", "Tea", str(comp_file), db)[1]
@@ -65,17 +64,12 @@ def test_admin_commands_labeling_and_aggregate(
             assert guidelines_seen.startswith("# Rank by helpfulness")
             while (item := client.next_item(1)) is not None:
                 is_bot = client.csrf is None  # the API-key client
-                rank = (
-                    {"best": 1, "middle": 1, "worst": 2} if is_bot else {"best": 1, "middle": 2, "worst": 3}
-                )
+                rank = {"best": 1, "middle": 1, "worst": 2} if is_bot else {"best": 1, "middle": 2, "worst": 3}
                 client.submit(1, item["item_id"], {c["id"]: rank[c["text"]] for c in item["candidates"]})
             client.close()
 
     export = tmp_path / "judgments.jsonl"
-    assert (
-        cli(capsys, "serve", "export", "Tea", "judgments", str(export), db)[1]
-        == f"wrote 9 records to {export}\n"
-    )
+    assert cli(capsys, "serve", "export", "Tea", "judgments", str(export), db)[1] == f"wrote 9 records to {export}\n"
     rankings = read_records(export, "rankings")
     assert {(r.labeler, tuple(r.ranking)) for r in rankings} == {
         ("ann", (1, 2, 3)),
@@ -86,9 +80,7 @@ def test_admin_commands_labeling_and_aggregate(
     from_db, from_files = tmp_path / "agg-db", tmp_path / "agg-files"
     code, out, _ = cli(capsys, "aggregate", db, "project=Tea", f"out_dir={from_db}")
     assert code == 0 and "9 judgments on 3 items" in out
-    code, _, _ = cli(
-        capsys, "aggregate", f"rankings={export}", f"completions={comp_file}", f"out_dir={from_files}"
-    )
+    code, _, _ = cli(capsys, "aggregate", f"rankings={export}", f"completions={comp_file}", f"out_dir={from_files}")
     assert code == 0
     for name in ("consensus.jsonl", "pairs.jsonl", "kto.jsonl", "agreement.json"):
         assert (from_db / name).read_text() == (from_files / name).read_text()

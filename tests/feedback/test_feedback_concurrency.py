@@ -9,13 +9,14 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-from feedback_helpers import LiveServer, completions_jsonl
+from feedback_helpers import completions_jsonl
 from sqlalchemy import func, select
 
 from rlhfkit.feedback import service
 from rlhfkit.feedback.app import ServeConfig
 from rlhfkit.feedback.client import FeedbackClient, FeedbackError
 from rlhfkit.feedback.db import Database
+from rlhfkit.feedback.live import LiveServer
 from rlhfkit.feedback.models import Assignment, Item, Judgment
 from rlhfkit.feedback.schemas import MemberIn, ProjectIn, UserIn
 
@@ -26,9 +27,7 @@ def _setup(db: Database, labelers: int, items: int, overlap: int) -> tuple[int, 
     """A project and `labelers` script users (API keys, so no password hashing slows the test)."""
     with db.session(write=True) as s:
         project = service.create_project(s, ProjectIn(name="load", overlap=overlap))
-        service.import_items(
-            s, project, service.parse_upload("c.jsonl", completions_jsonl(items).encode(), "ranking")
-        )
+        service.import_items(s, project, service.parse_upload("c.jsonl", completions_jsonl(items).encode(), "ranking"))
         keys = []
         for i in range(labelers):
             user = service.create_user(s, UserIn(username=f"lab{i}"))
@@ -71,9 +70,7 @@ def test_many_labelers_submitting_at_once(config: ServeConfig) -> None:
     with db.session() as s:
         stored = s.execute(select(Judgment.id, Judgment.item_id, Judgment.user_id)).all()
         counts = dict(s.execute(select(Item.id, Item.n_judgments)).all())
-        open_assignments = s.scalar(
-            select(func.count()).select_from(Assignment).where(Assignment.done.is_(False))
-        )
+        open_assignments = s.scalar(select(func.count()).select_from(Assignment).where(Assignment.done.is_(False)))
     assert sorted(accepted) == sorted((j, i) for j, i, _ in stored)  # every 201 is stored, once
     assert len({(i, u) for _, i, u in stored}) == len(stored)
     per_item = Counter(i for _, i, _ in stored)

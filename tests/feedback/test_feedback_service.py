@@ -56,9 +56,10 @@ def test_import_is_all_or_nothing_and_idempotent(db: Database) -> None:
     with db.session(write=True) as s:
         p = service.create_project(s, ProjectIn(name="imp", overlap=2))
         pairwise = service.create_project(s, ProjectIn(name="pw", task="pairwise"))
-        assert service.import_items(
-            s, p, service.parse_upload("c.jsonl", completions_jsonl(3).encode(), p.task)
-        ) == {"added": 3, "skipped": 0}
+        assert service.import_items(s, p, service.parse_upload("c.jsonl", completions_jsonl(3).encode(), p.task)) == {
+            "added": 3,
+            "skipped": 0,
+        }
     with db.session(write=True) as s:
         p = service.find_project(s, "imp")
         again = service.parse_upload("c.jsonl", completions_jsonl(3).encode(), p.task)
@@ -105,12 +106,7 @@ def test_dispatcher_is_blind_resumable_and_respects_overlap(db: Database) -> Non
     assert seen == {"p0", "p1", "p2"}
     with db.session() as s:  # an outsider's project is untouched
         assert (
-            s.scalar(
-                select(func.count())
-                .select_from(Assignment)
-                .join(Item)
-                .where(Item.project_id == world.project_b)
-            )
+            s.scalar(select(func.count()).select_from(Assignment).join(Item).where(Item.project_id == world.project_b))
             == 0
         )
 
@@ -210,13 +206,9 @@ def test_demonstrations_and_pairwise(db: Database) -> None:
         pw = service.create_project(s, ProjectIn(name="pw", task="pairwise", overlap=1))
         for p in (demo, pw):
             service.set_member(s, p, MemberIn(username="writer"))
-        prompts = (
-            '{"id": "d1", "prompt": "Say hi"}\n{"id": "d2", "prompt": [{"role": "user", "content": "Hey"}]}\n'
-        )
+        prompts = '{"id": "d1", "prompt": "Say hi"}\n{"id": "d2", "prompt": [{"role": "user", "content": "Hey"}]}\n'
         service.import_items(s, demo, service.parse_upload("p.jsonl", prompts.encode(), "demonstration"))
-        service.import_items(
-            s, pw, service.parse_upload("c.jsonl", completions_jsonl(1, k=2).encode(), "pairwise")
-        )
+        service.import_items(s, pw, service.parse_upload("c.jsonl", completions_jsonl(1, k=2).encode(), "pairwise"))
         demo_id, pw_id = demo.id, pw.id
     item = _next(db, demo_id, "writer")
     with pytest.raises(service.Invalid, match="written response, not a ranking"):
@@ -227,10 +219,7 @@ def test_demonstrations_and_pairwise(db: Database) -> None:
     item2 = _next(db, demo_id, "writer")
     _submit(db, demo_id, "writer", item2["item_id"], response="Hello, how can I help?")
     with db.session() as s:
-        demos = [
-            Demonstration.model_validate(r)
-            for r in service.export(s, s.get(Project, demo_id), "demonstrations")
-        ]
+        demos = [Demonstration.model_validate(r) for r in service.export(s, s.get(Project, demo_id), "demonstrations")]
     assert [d.response for d in demos] == ["Hi! <b>there</b>", "Hello, how can I help?"]
     assert demos[1].prompt[0].content == "Hey"  # conversations survive as conversations
 

@@ -74,6 +74,12 @@ class Record(BaseModel):
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
 
+    def __eq__(self, other: object) -> bool:
+        """Records are equal by content; where they were read from does not count."""
+        return type(self) is type(other) and self.model_dump() == other.model_dump()  # type: ignore[union-attr]
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like BaseModel
+
 
 class PromptRecord(Record):
     id: str

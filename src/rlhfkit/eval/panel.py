@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+from rlhfkit.feedback.aggregate import dense_ranks
+from rlhfkit.feedback.client import FeedbackClient
 
 
 @dataclass(frozen=True)
@@ -32,23 +36,45 @@ def default_panel() -> list[SimulatedLabeler]:
     ]
 
 
-def dense_ranks(values: Sequence[float], tie_margin: float) -> list[int]:
-    """Rank 1 = highest value; a value within `tie_margin` of the previous one shares its rank."""
-    order = sorted(range(len(values)), key=lambda i: -values[i])
-    ranks = [0] * len(values)
-    rank, prev = 0, None
-    for i in order:
-        if prev is None or prev - values[i] > tie_margin:
-            rank += 1
-        ranks[i] = rank
-        prev = values[i]
-    return ranks
-
-
 def judge(labeler: SimulatedLabeler, utilities: Sequence[float], rng: random.Random) -> tuple[list[int], bool]:
     """(ranking, unusable) for one set of candidates, as this labeler would give them."""
     if labeler.careless:
-        return dense_ranks([rng.random() for _ in utilities], 0.0), False
+        return dense_ranks([rng.random() for _ in utilities], tol=0.0), False
     noisy = [u + rng.gauss(0.0, labeler.noise) for u in utilities]
     unusable = max(noisy) < labeler.unusable_below
-    return dense_ranks(noisy, labeler.tie_margin), unusable
+    return dense_ranks(noisy, tol=labeler.tie_margin), unusable
+
+
+def label_over_http(
+    url: str,
+    project_id: int,
+    panel: list[SimulatedLabeler],
+    password: str,
+    utility: dict[tuple[str, str], float],
+    seed: int = 0,
+) -> dict[str, int]:
+    """Every labeler logs in to the real server and ranks items until none is left for them.
+
+    `utility[(prompt_id, candidate_text)]` is the hidden gold utility. The labelers work at the
+    same time (one thread each), as people would; returns the number of judgments per labeler.
+    """
+
+    def work(i: int, labeler: SimulatedLabeler) -> int:
+        rng = random.Random(seed * 1000 + i)
+        done = 0
+        with FeedbackClient.login(url, labeler.name, password) as client:
+            while (item := client.next_item(project_id)) is not None:
+                cands = item["candidates"]
+                ranks, unusable = judge(labeler, [utility[(item["prompt_id"], c["text"])] for c in cands], rng)
+                client.submit(
+                    project_id,
+                    item["item_id"],
+                    {c["id"]: r for c, r in zip(cands, ranks, strict=True)},
+                    unusable=unusable,
+                )
+                done += 1
+        return done
+
+    with ThreadPoolExecutor(len(panel)) as pool:
+        counts = list(pool.map(work, range(len(panel)), panel))
+    return {labeler.name: n for labeler, n in zip(panel, counts, strict=True)}
