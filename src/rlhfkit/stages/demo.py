@@ -1,86 +1,219 @@
-"""The demo on the embedded default: every stage that exists, end to end, offline, in one folder.
+"""The whole RLHF loop on the embedded default data, offline, in one run folder.
 
-Today: generate the embedded corpus → pretrain a tiny causal LM on it → sample K completions for
-the labeling prompts. Each stage writes into `OUTPUT_DIR/<stage>/`; a stage whose output already
-exists is reused, so re-running resumes where the last run stopped.
+    data → pretrain → sft → generate K candidates → feedback (the real server; a simulated panel
+    ranks over HTTP) → aggregate → reward model → ppo → eval → report.html
+
+Each stage writes into `OUTPUT_DIR/<stage>/` and is skipped when its output already exists, so a
+re-run resumes where the last one stopped (`resume=false` redoes everything). Every stage's
+settings are reachable as overrides, e.g. `ppo.stop.max_steps=60` or `sft.train.lr=3e-4`.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
 from rlhfkit.config import StrictModel, save_config
-from rlhfkit.data.corpus import build_default_data
+from rlhfkit.data.formats import read_records
+from rlhfkit.models.tiny import TinyModelConfig
+from rlhfkit.rewards.build import RewardConfig, RewardSpec
+from rlhfkit.stages import aggregate as aggregate_stage
+from rlhfkit.stages import eval as eval_stage
 from rlhfkit.stages import generate as generate_stage
 from rlhfkit.stages import pretrain as pretrain_stage
+from rlhfkit.stages import ppo as ppo_stage
+from rlhfkit.stages import rm as rm_stage
+from rlhfkit.stages import sft as sft_stage
+
+GUIDELINES = """\
+# How to rank
+
+Rank the answers from **best (1)** to **worst**. A good answer:
+
+1. **answers the question that was asked** (an answer about something else is bad, however nice);
+2. is **kind and polite** (rudeness or insults make an answer the worst);
+3. is **informative** and does not **repeat itself**.
+
+Give two answers the same rank when you cannot tell them apart. Tick *not rankable* when every
+answer is unusable.
+"""
+
+
+class FeedbackConfig(StrictModel):
+    overlap: int = Field(3, ge=1, description="labelers per item")
+    label_prompts: int = Field(200, gt=0, description="prompts sent for labeling")
 
 
 class Config(StrictModel):
     output_dir: str = "runs/demo"
     seed: int = 0
-    resume: bool = Field(True, description="reuse finished stages (set false to redo everything)")
-    pretrain: pretrain_stage.Config = pretrain_stage.Config()
-    generate: generate_stage.Config = generate_stage.Config(limit=64)
+    resume: bool = Field(True, description="reuse finished stages (false = redo everything)")
+    pretrain: pretrain_stage.Config = pretrain_stage.Config(
+        model=TinyModelConfig(arch="gpt2", n_layer=4, d_model=128, n_head=4, max_positions=256),
+    )
+    sft: sft_stage.Config = sft_stage.Config()
+    generate: generate_stage.Config = generate_stage.Config(k=4)
+    feedback: FeedbackConfig = FeedbackConfig()
+    rm: rm_stage.Config = rm_stage.Config()
+    ppo: ppo_stage.Config = ppo_stage.Config()
+    eval: eval_stage.Config = eval_stage.Config()
 
 
-def _stage(name: str, done_marker: Path, resume: bool) -> bool:
-    """True if the stage must run; prints what is reused."""
-    if resume and done_marker.exists():
-        print(f"[{name}] reusing {done_marker.parent}")
-        return False
-    print(f"[{name}] running ...")
-    return True
+class Runner:
+    """Runs stages in order, skipping finished ones, and times each."""
+
+    def __init__(self, out: Path, resume: bool):
+        self.out, self.resume = out, resume
+        self.timings: dict[str, float] = {}
+
+    def stage(self, name: str, marker: str, fn: Callable[[], Any]) -> Path:
+        folder = self.out / name
+        if self.resume and (folder / marker).exists():
+            print(f"[demo] {name}: reusing {folder}")
+            return folder
+        print(f"\n[demo] ===== {name} =====")
+        t = time.perf_counter()
+        fn()
+        self.timings[name] = time.perf_counter() - t
+        return folder
+
+
+def collect_feedback(out: Path, completions: Path, cfg: FeedbackConfig, seed: int) -> dict[str, Any]:
+    """Start the real feedback server (SQLite), set up a project, and let the panel rank over HTTP."""
+    from rlhfkit.eval.gold import GoldJudge
+    from rlhfkit.eval.panel import default_panel, label_over_http
+    from rlhfkit.feedback import service
+    from rlhfkit.feedback.app import ServeConfig
+    from rlhfkit.feedback.client import FeedbackClient
+    from rlhfkit.feedback.db import Database
+    from rlhfkit.feedback.live import LiveServer
+    from rlhfkit.feedback.schemas import UserIn
+
+    out.mkdir(parents=True, exist_ok=True)
+    records = read_records(completions, "completions")
+    print(f"[demo] gold utility of {sum(len(r.completions) for r in records)} candidates (hidden from training)")
+    judge = GoldJudge()
+    flat = [(r.prompt_id, r.prompt, c) for r in records for c in r.completions]
+    scores = judge.score([p for _, p, _ in flat], [c for _, _, c in flat]).tolist()
+    utility = {(pid, c): s for (pid, _, c), s in zip(flat, scores, strict=True)}
+
+    db_url = f"sqlite:///{out / 'feedback.db'}"
+    password = secrets.token_urlsafe(12)
+    db = Database(db_url)
+    db.migrate()
+    with db.session(write=True) as s:
+        service.create_user(s, UserIn(username="owner", password=password, is_owner=True))
+    panel = default_panel()
+    config = ServeConfig(db_url=db_url, secret_key_file=str(out / "secret.key"))
+    with LiveServer(config, db) as server:
+        print(f"[demo] feedback server on {server.url} (database {out / 'feedback.db'})")
+        with FeedbackClient.login(server.url, "owner", password) as owner:
+            project = owner.create_project("demo", overlap=cfg.overlap, guidelines=GUIDELINES)
+            for labeler in panel:
+                owner.create_user(labeler.name, password)
+                owner.set_member(project["id"], labeler.name)
+            owner.import_jsonl(project["id"], completions)
+            t = time.perf_counter()
+            counts = label_over_http(server.url, project["id"], panel, password, utility, seed)
+            dt = time.perf_counter() - t
+            progress = owner.progress(project["id"])
+    n = sum(counts.values())
+    print(f"[demo] {n} judgments over HTTP in {dt:.1f}s ({n / dt:.0f}/s): {counts}")
+    db.dispose()
+    return {"db_url": db_url, "judgments": counts, "progress": progress, "seconds": dt}
 
 
 def run(cfg: Config) -> Path:
     out = Path(cfg.output_dir)
     save_config(cfg, out)
-    timings: dict[str, float] = {}
+    runner = Runner(out, cfg.resume)
+    from rlhfkit.data.corpus import build_default_data
 
-    t = time.perf_counter()
     data = build_default_data(out / "data", seed=cfg.seed)
-    timings["data"] = time.perf_counter() - t
 
-    pre = cfg.pretrain.model_copy(
-        update={
-            "output_dir": str(out / "pretrain"),
-            "resume": cfg.resume and (out / "pretrain" / "checkpoints" / "latest").exists(),
-            "data": cfg.pretrain.data.model_copy(
-                update={"train_files": [str(data["pretrain_train"])], "valid_files": [str(data["pretrain_valid"])]}
-            ),
-        }
-    )
-    t = time.perf_counter()
-    model_dir = out / "pretrain" / "model"
-    if _stage("pretrain", out / "pretrain" / "results.json", cfg.resume):
-        pretrain_stage.run(pre)
-    timings["pretrain"] = time.perf_counter() - t
+    def pretrain() -> None:
+        d = cfg.pretrain.data.model_copy(
+            update={"train_files": [str(data["pretrain_train"])], "valid_files": [str(data["pretrain_valid"])]}
+        )
+        c = cfg.pretrain.model_copy(deep=True)
+        c.output_dir, c.data = str(out / "pretrain"), d
+        c.resume = cfg.resume and (out / "pretrain" / "checkpoints").exists()
+        pretrain_stage.run(c)
 
-    gen = cfg.generate.model_copy(
-        update={
-            "output_dir": str(out / "generate"),
-            "prompts": str(data["prompts_label"]),
-            "model": cfg.generate.model.model_copy(update={"path": str(model_dir)}),
-            "seed": cfg.seed,
-        }
-    )
-    t = time.perf_counter()
-    if _stage("generate", out / "generate" / "completions.jsonl", cfg.resume):
-        generate_stage.run(gen)
-    timings["generate"] = time.perf_counter() - t
+    runner.stage("pretrain", "results.json", pretrain)
+    base = out / "pretrain" / "model"
 
-    results = json.loads((out / "pretrain" / "results.json").read_text())
-    first = json.loads((out / "generate" / "completions.jsonl").read_text().splitlines()[0])
-    print("\n=== demo summary ===")
-    print(f"run folder:          {out}")
-    print(f"held-out perplexity: {results['valid_ppl']:.2f} (unigram baseline {results['unigram_ppl']:.2f})")
-    print(f"completions:         {out / 'generate' / 'completions.jsonl'}")
-    print(f"example prompt:      {first['prompt']}")
-    for c in first["completions"]:
-        print(f"  candidate:         {c}")
-    print("timings (s):         " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-    return out
+    def sft() -> None:
+        c = cfg.sft.model_copy(deep=True)
+        c.output_dir, c.model.path, c.data.train = str(out / "sft"), str(base), str(data["sft"])
+        sft_stage.run(c)
+
+    runner.stage("sft", "model/config.json", sft)
+    sft_model = out / "sft" / "model"
+
+    # Label prompts: a subset, written as a prompts file for `generate`.
+    def generate() -> None:
+        c = cfg.generate.model_copy(deep=True)
+        c.output_dir, c.prompts, c.seed = str(out / "generate"), str(data["prompts_label"]), cfg.seed
+        c.limit, c.model.path = cfg.feedback.label_prompts, str(sft_model)
+        generate_stage.run(c)
+
+    runner.stage("generate", "completions.jsonl", generate)
+
+    feedback_info: dict[str, Any] = {}
+
+    def feedback() -> None:
+        info = collect_feedback(out / "feedback", out / "generate" / "completions.jsonl", cfg.feedback, cfg.seed)
+        (out / "feedback" / "summary.json").write_text(json.dumps(info, indent=2))
+
+    runner.stage("feedback", "summary.json", feedback)
+    feedback_info = json.loads((out / "feedback" / "summary.json").read_text())
+
+    def aggregate() -> None:
+        aggregate_stage.run(
+            aggregate_stage.Config(db_url=feedback_info["db_url"], project="demo", out_dir=str(out / "aggregate"))
+        )
+
+    runner.stage("aggregate", "agreement.json", aggregate)
+
+    def rm() -> None:
+        c = cfg.rm.model_copy(deep=True)
+        c.output_dir, c.model.path = str(out / "rm"), str(sft_model)
+        c.data.pairs = str(out / "aggregate" / "pairs.jsonl")
+        c.normalize.policy, c.normalize.prompts = str(sft_model), str(data["prompts_ppo"])
+        rm_stage.run(c)
+
+    runner.stage("rm", "model/config.json", rm)
+    rm_model = out / "rm" / "model"
+
+    def ppo() -> None:
+        c = cfg.ppo.model_copy(deep=True)
+        c.output_dir, c.prompts, c.model.path = str(out / "ppo"), str(data["prompts_ppo"]), str(sft_model)
+        c.reward = RewardConfig(sources=[RewardSpec(model=str(rm_model))])
+        c.resume = cfg.resume and (out / "ppo" / "checkpoints").exists()
+        ppo_stage.run(c)
+
+    runner.stage("ppo", "results.json", ppo)
+
+    def evaluate() -> None:
+        c = cfg.eval.model_copy(deep=True)
+        c.output_dir, c.prompts, c.seed = str(out / "eval"), str(data["prompts_heldout"]), cfg.seed
+        c.models = {"sft": str(sft_model), "ppo": str(out / "ppo" / "model")}
+        c.reference = str(sft_model)
+        c.reward = RewardConfig(sources=[RewardSpec(model=str(rm_model))])
+        eval_stage.run(c)
+
+    runner.stage("eval", "results.json", evaluate)
+
+    from rlhfkit.eval.demo_report import write_demo_report
+
+    report = write_demo_report(out, runner.timings)
+    print(f"\n[demo] report: {report}")
+    print("[demo] stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in runner.timings.items()))
+    return report

@@ -149,7 +149,8 @@ def _print_table(results: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"evaluation on {results['n_prompts']} held-out prompts")
-    keys = [k for k in ("gold", "reward", "toxicity", "kl", "length", "distinct_2") if k in next(iter(results["models"].values()))]
+    first = next(iter(results["models"].values()))
+    keys = [k for k in ("gold", "reward", "toxicity", "kl", "length", "distinct_2") if k in first]
     table.add_column("model")
     for k in keys:
         table.add_column(k, justify="right")
