@@ -24,6 +24,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("rlhfkit.stages.pretrain", "train a tokenizer and a causal LM from scratch on text"),
     "generate": ("rlhfkit.stages.generate", "sample K completions per prompt"),
     "data": ("rlhfkit.stages.data", "validate data files and convert rankings to pairs"),
+    "ppo": ("rlhfkit.stages.ppo", "PPO against a reward, with a KL penalty to the starting model"),
 }
 
 
