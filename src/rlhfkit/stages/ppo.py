@@ -121,7 +121,9 @@ class PPOTrainConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _unused(self) -> PPOTrainConfig:
-        unused = sorted({"batch_size", "grad_accum", "max_steps", "epochs", "eval_every"} & self.model_fields_set)
+        # compared with the defaults, not `model_fields_set`: a saved config.yaml lists every field
+        names = ("batch_size", "grad_accum", "max_steps", "epochs", "eval_every")
+        unused = [n for n in names if getattr(self, n) != TrainConfig.model_fields[n].default]
         if unused:
             raise ValueError(
                 f"{', '.join(unused)}: not used by PPO; set ppo.batch_size, ppo.mini_batch_size, "
@@ -200,7 +202,7 @@ def shape_scores(raw: Tensor, ended: Tensor, cfg: PPOConfig, baseline: tuple[flo
     if cfg.reward_clip is not None:
         scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
     if cfg.missing_eos_penalty is not None:
-        scores = torch.where(ended, torch.full_like(scores, cfg.missing_eos_penalty), scores)
+        scores = torch.where(ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
     return scores
 
 
