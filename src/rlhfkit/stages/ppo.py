@@ -15,6 +15,7 @@ results.json (summary and why training stopped), checkpoints/ (for --resume).
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -249,24 +250,10 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     records = read_records(cfg.prompts, "prompts")
     p = cfg.ppo
     temperature = cfg.sampling.temperature
-
-    # --- models: policy (+ value), reference, reward
-    policy, tokenizer = load_causal_lm(cfg.model)
-    disable_dropout(policy)
-    policy.generation_config.suppress_tokens = [tokenizer.pad_token_id]  # pad is never a real token
-    ref, adapter_off = policy, True  # LoRA: the reference is the policy with its adapter disabled
-    if cfg.model.lora is None or cfg.ref_model not in ("", cfg.model.path):
-        ref_cfg = cfg.model.model_copy(update={"path": cfg.ref_model or cfg.model.path, "lora": None})
-        ref, adapter_off = load_causal_lm(ref_cfg, tokenizer)[0].requires_grad_(False).eval().to(engine.device), False
-        disable_dropout(ref)
-    critic, critic_path = None, ""
-    if p.value_init == "reward_model":
-        critic_path = p.critic_path or next((s.model for s in cfg.reward.sources if s.model), "")
-        if not critic_path:
-            raise UserError("ppo.value_init=reward_model: set ppo.critic_path (or use a reward model as the reward)")
-        critic = load_critic(critic_path, len(tokenizer), cfg.model.lora, policy.dtype, cfg.model.trust_remote_code)
     if reward is None:
         reward = build_reward(cfg.reward, engine.device)
+    policy, tokenizer, ref, critic = load_models(cfg, engine.device)
+    adapter_off = ref is policy  # LoRA: the reference is the policy with its adapter disabled
     updates_per_step = p.epochs * (p.batch_size // p.mini_batch_size)
     model = engine.setup(PolicyAndValue(policy, critic), total_steps=cfg.stop.max_steps * updates_per_step)
     kl_ctl = (
@@ -282,9 +269,9 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
         kl_ctl.load_state_dict(state["kl_ctl"])
     baseline: tuple[float, float] | None = tuple(state["baseline"]) if "baseline" in state else None  # type: ignore
     stop_reason: str | None = state.get("stop_reason")
-    engine.metrics.truncate_after(step)
+    engine.metrics.truncate_after(step)  # rows a killed run logged after its last checkpoint (or an old run's)
     samples_log = out / "samples.jsonl"
-    if engine.is_main and cfg.resume:
+    if engine.is_main:
         _truncate_jsonl(samples_log, step)
 
     rendered = [render_prompt(tokenizer, r.prompt, cfg.sampling.prompt_template) for r in records]
@@ -293,7 +280,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     engine.print(
         f"ppo: {n_params / 1e6:.2f}M params ({n_train / 1e6:.2f}M trained), {len(records)} prompts, "
         f"reference = {'base with LoRA adapter disabled' if adapter_off else 'frozen copy'}, "
-        f"{'critic from ' + critic_path if critic is not None else 'value head on the policy'}"
+        f"{'critic from the reward model' if critic is not None else 'value head on the policy'}"
     )
     last: dict[str, float] = {}
     try:
@@ -305,6 +292,10 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
 
             # 2. score the responses
             raw = reward.score([records[i].prompt for i in index], batch.texts).float().cpu()
+            if nonfinite({"reward": raw}):
+                engine.skip_step("non-finite reward")
+                step += 1
+                continue
             if baseline is None:  # the first rollout is the reference policy's: the scale of "normal"
                 baseline = (float(raw.mean()), float(raw.std()) if len(raw) > 1 and raw.std() > 0 else 1.0)
             scores = shape_scores(raw, batch.ended, p, baseline).to(engine.device)
@@ -343,7 +334,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
                 "response_length": float(mask.sum(1).float().mean()),
                 "ended": float(batch.ended.float().mean()),
             }
-            bad = nonfinite({"reward": raw, **{k: _masked(v, mask) for k, v in tok.items() if k != "mask"}})
+            bad = nonfinite({k: _masked(v, mask) for k, v in tok.items() if k != "mask"})
             if bad:
                 engine.skip_step(f"non-finite {', '.join(bad)} in the rollout")
                 step += 1
@@ -400,10 +391,11 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     # --- outputs
     stop_reason = stop_reason or f"stop.max_steps={cfg.stop.max_steps} reached"
     _save(engine, model, step, kl_ctl, baseline, stop_reason)
-    results = {"steps": step, "stop_reason": stop_reason, "last": last, "model": str(out / "model")}
+    final = {k: v if math.isfinite(v) else str(v) for k, v in last.items()}  # JSON has no NaN (explained variance)
+    results = {"steps": step, "stop_reason": stop_reason, "last": final, "model": str(out / "model")}
     if engine.is_main:
         save_model(policy, tokenizer, out / "model")
-        atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     engine.accelerator.wait_for_everyone()
     engine.print(f"ppo: stopped after {step} steps ({stop_reason}); policy in {out / 'model'}")
     engine.accelerator.end_training()
@@ -440,6 +432,29 @@ def _update(
     if grad_norm is None:
         return None
     return {k: sum(v) / len(v) for k, v in stats.items()} | {"grad_norm": grad_norm}
+
+
+def load_models(cfg: Config, device: Any) -> tuple[Any, Any, Any, Any]:
+    """(policy, tokenizer, reference, critic or None).
+
+    The reference is a frozen copy of the starting policy, except in LoRA mode, where it *is* the
+    policy (run with its adapter disabled): one copy of the weights in memory instead of two.
+    """
+    policy, tokenizer = load_causal_lm(cfg.model)
+    disable_dropout(policy)
+    policy.generation_config.suppress_tokens = [tokenizer.pad_token_id]  # pad is never a real token
+    ref = policy
+    if cfg.model.lora is None or cfg.ref_model not in ("", cfg.model.path):
+        ref_cfg = cfg.model.model_copy(update={"path": cfg.ref_model or cfg.model.path, "lora": None})
+        ref = load_causal_lm(ref_cfg, tokenizer)[0].requires_grad_(False).eval().to(device)
+        disable_dropout(ref)
+    critic = None
+    if cfg.ppo.value_init == "reward_model":
+        path = cfg.ppo.critic_path or next((s.model for s in cfg.reward.sources if s.model), "")
+        if not path:
+            raise UserError("ppo.value_init=reward_model: set ppo.critic_path (or use a reward model as the reward)")
+        critic = load_critic(path, len(tokenizer), cfg.model.lora, policy.dtype, cfg.model.trust_remote_code)
+    return policy, tokenizer, ref, critic
 
 
 def _masked(x: Tensor, mask: Tensor) -> Tensor:
