@@ -353,7 +353,7 @@ def memory(a: argparse.Namespace) -> None:
 
     a.batch, a.mini, a.response_length, a.steps = 8, 8, 16, 1
     with tempfile.TemporaryDirectory() as tmp:
-        assets = build_assets(Path(tmp), "llama", layers=8, d_model=512, vocab=8000, n_prompts=16)
+        assets = build_assets(Path(tmp), "llama", layers=8, d_model=640, vocab=8000, n_prompts=16)
         total = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(assets["policy"])).num_parameters()
         full, lora = (spawn("ours", a, assets, lora=lora) for lora in (False, True))
     full_mb, lora_mb = (r["peak_rss_mb"] - r["base_rss_mb"] for r in (full, lora))

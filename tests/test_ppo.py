@@ -20,7 +20,7 @@ from rlhfkit.models.sampling import _encode_prompts
 from rlhfkit.models.tiny import make_test_model
 from rlhfkit.models.value import PolicyAndValue, load_critic, response_logits
 from rlhfkit.rewards.base import FunctionReward
-from rlhfkit.stages.ppo import Config, PPOConfig, Rollout, prompt_indices, shape_scores, train_ppo
+from rlhfkit.stages.ppo import Config, PPOConfig, Rollout, ppo_loss, prompt_indices, shape_scores, train_ppo
 
 # ----------------------------------------------------------------------------- helpers (shared)
 
@@ -217,6 +217,39 @@ def test_critic_from_a_reward_model_and_kl_as_a_loss(models, prompts, tmp_path, 
     results = train_ppo(cfg, reward=FunctionReward(e_frequency))
     assert results["steps"] == 2 and math.isfinite(results["last"]["value_loss"])
     assert results["last"]["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("mode", ["reward", "loss"])
+def test_micro_batch_losses_add_up_to_the_minibatch_loss_and_gradient(models, mode):
+    """Gradient accumulation must be exact even when rows have different numbers of tokens."""
+    torch.manual_seed(0)
+    policy, _ = load_causal_lm(ModelConfig(path=str(models["gpt2"])))
+    model = PolicyAndValue(policy)
+    torch.nn.init.normal_(model.value_head.weight)
+    B, P, T = 5, 3, 4
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    response = torch.randint(0, 200, (B, T))
+    ids = torch.cat([torch.randint(0, 200, (B, P)), response], 1)
+    attention = torch.cat([torch.ones(B, P, dtype=torch.long), mask.long()], 1)
+    tokens = {"response_ids": response, "mask": mask}
+    tokens.update({k: torch.randn(B, T) for k in ("logp", "ref_logp", "values", "advantages", "returns")})
+    ro = Rollout(ids, attention, P, tokens)
+    cfg = PPOConfig(ent_coef=0.01, kl={"mode": mode})
+    rows = torch.tensor([4, 0, 2, 1, 3])
+    n_tokens = mask[rows].sum()
+
+    def loss_and_grads(parts):
+        model.zero_grad()
+        total = sum(ppo_loss(model, ro, part, n_tokens, 0.1, 0.7, cfg)[0] for part in parts)
+        total.backward()
+        return total.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    whole, whole_grads = loss_and_grads([rows])
+    split, split_grads = loss_and_grads(rows.split(2))
+    torch.testing.assert_close(split, whole)
+    assert len(split_grads) == len(whole_grads)
+    for a, b in zip(split_grads, whole_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
 def test_reward_threshold_stops_before_updating(models, prompts, tmp_path):

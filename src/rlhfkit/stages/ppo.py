@@ -133,6 +133,10 @@ class PPOTrainConfig(TrainConfig):
         return self
 
 
+class PPOSamplingConfig(SamplingConfig):
+    temperature: float = Field(0.7, gt=0, description="the log-probs use the same temperature")
+
+
 class Config(StrictModel):
     output_dir: str = "runs/ppo"
     resume: bool = False
@@ -140,7 +144,7 @@ class Config(StrictModel):
     model: ModelConfig = ModelConfig()
     ref_model: str = Field("", description="reference model; empty = model.path (with LoRA: adapter disabled)")
     reward: RewardConfig = RewardConfig()
-    sampling: SamplingConfig = SamplingConfig(temperature=0.7)
+    sampling: PPOSamplingConfig = PPOSamplingConfig()
     ppo: PPOConfig = PPOConfig()
     stop: StopConfig = StopConfig()
     train: PPOTrainConfig = PPOTrainConfig()
@@ -405,33 +409,43 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
 def _update(
     engine: Engine, model: Any, ro: Rollout, rows: Tensor, beta: float, temperature: float, p: PPOConfig
 ) -> dict[str, float] | None:
-    """One optimizer step on the minibatch `rows` (in micro-batches); None if it was skipped."""
+    """One optimizer step on the minibatch `rows`, in micro-batches of `ppo.micro_batch_size` rows
+    (gradient accumulation, to bound memory); None if the step was skipped."""
     stats: dict[str, list[float]] = {}
-    parts = rows.split(p.micro)
-    for i, part in enumerate(parts):
-        ids, mask, start, tok = ro.rows(part)
-        sync = engine.accelerator.no_sync(model) if i < len(parts) - 1 else nullcontext()
-        with sync:
-            logits, values = model(ids, mask, start)
-            logp = logprobs_from_logits(logits, tok["response_ids"], temperature)
-            pg_loss, pg_stats = policy_loss(logp, tok["logp"], tok["advantages"], tok["mask"], p.clip)
-            vf_loss, vf_clipfrac = value_loss(values, tok["values"], tok["returns"], tok["mask"], p.value_clip)
-            loss = pg_loss + p.vf_coef * vf_loss
-            if p.ent_coef:
-                loss = loss - p.ent_coef * masked_mean(entropy_from_logits(logits, temperature), tok["mask"])
-            if p.kl.mode == "loss":
-                loss = loss + beta * kl_loss(logp, tok["ref_logp"], tok["mask"], p.kl.kind)
-            if not torch.isfinite(loss):
-                engine.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
-                engine.skip_step("non-finite loss")
-                return None
-            engine.backward(loss * len(part) / len(rows))
-        for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, "value_clipfrac": vf_clipfrac, **pg_stats}.items():
-            stats.setdefault(k, []).append(float(v.detach()))
+    n_tokens = ro.tokens["mask"][rows].sum()
+    for part in rows.split(p.micro):
+        loss, part_stats = ppo_loss(model, ro, part, n_tokens, beta, temperature, p)
+        if not torch.isfinite(loss):
+            engine.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+            engine.skip_step("non-finite loss")
+            return None
+        engine.backward(loss)
+        for k, v in part_stats.items():
+            stats.setdefault(k, []).append(v)
     grad_norm = engine.optimizer_step()
     if grad_norm is None:
         return None
     return {k: sum(v) / len(v) for k, v in stats.items()} | {"grad_norm": grad_norm}
+
+
+def ppo_loss(
+    model: Any, ro: Rollout, rows: Tensor, n_tokens: Tensor, beta: float, temperature: float, p: PPOConfig
+) -> tuple[Tensor, dict[str, float]]:
+    """The PPO loss of the rows `rows`: clipped policy loss + vf_coef * clipped value loss
+    (- entropy bonus, + KL loss in kl.mode=loss), scaled by the rows' share of the `n_tokens` tokens
+    of their minibatch, so that the micro-batches' losses add up to exactly the minibatch's."""
+    ids, mask, start, tok = ro.rows(rows)
+    logits, values = model(ids, mask, start)
+    logp = logprobs_from_logits(logits, tok["response_ids"], temperature)
+    pg_loss, pg_stats = policy_loss(logp, tok["logp"], tok["advantages"], tok["mask"], p.clip)
+    vf_loss, vf_clipfrac = value_loss(values, tok["values"], tok["returns"], tok["mask"], p.value_clip)
+    loss = pg_loss + p.vf_coef * vf_loss
+    if p.ent_coef:
+        loss = loss - p.ent_coef * masked_mean(entropy_from_logits(logits, temperature), tok["mask"])
+    if p.kl.mode == "loss":
+        loss = loss + beta * kl_loss(logp, tok["ref_logp"], tok["mask"], p.kl.kind)
+    stats = {"policy_loss": pg_loss, "value_loss": vf_loss, "value_clipfrac": vf_clipfrac, **pg_stats}
+    return loss * tok["mask"].sum() / n_tokens, {k: float(v.detach()) for k, v in stats.items()}
 
 
 def load_models(cfg: Config, device: Any) -> tuple[Any, Any, Any, Any]:
