@@ -27,6 +27,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "serve": ("rlhfkit.stages.serve", "the human-feedback web app (and its admin commands)"),
     "aggregate": ("rlhfkit.stages.aggregate", "consensus, agreement and pairs from human rankings"),
     "demo": ("rlhfkit.stages.demo", "run the whole loop on the embedded default data"),
+    "ppo": ("rlhfkit.stages.ppo", "PPO against a reward, with a KL penalty to the starting model"),
 }
 
 

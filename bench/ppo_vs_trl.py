@@ -1,0 +1,399 @@
+"""Benchmark (not a test): rlhfkit's PPO against TRL's last PPO trainer (`trl.experimental.ppo`, trl 1.12).
+
+The same tiny policy and reward model, the same prompts, batch, minibatch, PPO epochs, response
+length and sampling temperature go through both, in one run. Each configuration runs in its own
+subprocess (so its peak memory is its own), twice, interleaved, and the median is reported:
+
+    seconds per PPO step (rollout + update), response tokens/s, peak RSS, and MFU: model FLOPs per
+    step / (seconds per step x the matmul peak of this CPU, measured here with the same threads).
+
+Configurations: `ours` (value head on the policy: one trunk forward gives logits and values),
+`ours-critic` (a separate critic initialised from the reward model, like TRL), `trl` (policy +
+separate reference copy + value model from the reward model, as in TRL's examples).
+
+`--memory` instead compares peak memory of our LoRA mode (reference = base with the adapter
+disabled) against full fine-tuning with a separate reference copy, on a ~40M-parameter Llama.
+
+    .venv-bench/bin/python bench/ppo_vs_trl.py            # see bench/README.md to build .venv-bench
+    .venv-bench/bin/python bench/ppo_vs_trl.py --memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's rlhfkit, whatever the venv has installed
+TEXT = [
+    "User: How do I make tea?\nAssistant: Boil water, pour it over the leaves and wait three minutes.",
+    "User: What is a good name for a dog?\nAssistant: Short names with a clear sound work well, like Max.",
+    "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm afternoon sun.",
+    "Rivers carry water from the mountains to the sea, and cities grew along their banks for trade.",
+    "A kind answer is short, clear and honest; it says what it does not know and never makes things up.",
+]
+
+
+# ------------------------------------------------------------------------------------ assets
+
+
+def build_assets(root: Path, arch: str, layers: int, d_model: int, vocab: int, n_prompts: int) -> dict[str, str]:
+    """A tokenizer, a random policy of the given size, a reward model (the policy's trunk with a
+    random one-output head) and prompts, all saved as ordinary folders/files."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhfkit.models.tiny import TinyModelConfig, build_tiny_model, train_tokenizer
+
+    tok = train_tokenizer(TEXT * 20, vocab_size=vocab)
+    cfg = TinyModelConfig(arch=arch, n_layer=layers, d_model=d_model, n_head=max(2, d_model // 64))
+    policy = build_tiny_model(cfg, tok, seed=0)
+    policy.save_pretrained(root / "policy")
+    tok.save_pretrained(root / "policy")
+    rm = AutoModelForSequenceClassification.from_pretrained(root / "policy", num_labels=1)
+    torch.manual_seed(1)
+    torch.nn.init.normal_(rm.score.weight, std=1 / (d_model + 1) ** 0.5)  # PPO detail 1
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(root / "rm")
+    tok.save_pretrained(root / "rm")
+    words = " ".join(TEXT).split()
+    with (root / "prompts.jsonl").open("w") as f:
+        for i in range(n_prompts):
+            prompt = " ".join(words[(7 * i) % 60 : (7 * i) % 60 + 4 + i % 9])
+            f.write(json.dumps({"id": str(i), "prompt": prompt}) + "\n")
+    return {"policy": str(root / "policy"), "rm": str(root / "rm"), "prompts": str(root / "prompts.jsonl")}
+
+
+class SequenceClassifierReward:
+    """The reward model as a reward source: its one logit at the last token of prompt + response.
+
+    Prompt and response are tokenized separately and concatenated, as TRL's query + response ids.
+    """
+
+    def __init__(self, path: str):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+
+    def score(self, prompts: list[str], completions: list[str]) -> Any:
+        import torch
+
+        rows = [
+            self.tok(p, add_special_tokens=False)["input_ids"] + self.tok(c, add_special_tokens=False)["input_ids"]
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.tok.pad_token_id)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        with torch.no_grad():
+            return self.model(input_ids=ids, attention_mask=(ids != self.tok.pad_token_id).long()).logits[:, 0]
+
+
+# ----------------------------------------------------------------------------------- workers
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_ours(a: argparse.Namespace, assets: dict[str, str], out: Path) -> dict[str, Any]:
+    from rlhfkit.engine.metrics import read_metrics
+    from rlhfkit.stages.ppo import Config, train_ppo
+
+    cfg = Config.model_validate(
+        {
+            "output_dir": str(out),
+            "prompts": assets["prompts"],
+            "model": {"path": assets["policy"], "lora": {"r": 16, "alpha": 32} if a.lora else None},
+            "sampling": {
+                "max_new_tokens": a.response_length,
+                "temperature": a.temperature,
+                "stop": [],
+                "batch_size": a.batch,
+                "prompt_template": "{prompt}",
+            },
+            "ppo": {
+                "batch_size": a.batch,
+                "mini_batch_size": a.mini,
+                "epochs": a.epochs,
+                "missing_eos_penalty": None,
+                "value_init": "reward_model" if a.impl == "ours-critic" else "zero",
+                "critic_path": assets["rm"],
+                "kl": {"beta": 0.05, "kind": "k1"},
+            },
+            "stop": {"max_steps": a.steps + 1},
+            "train": {"lr": a.lr, "adam_eps": 1e-8, "scheduler": "linear", "min_lr_ratio": 0.0, "log_every": 1000},
+            "log_samples_every": 0,
+        }
+    )
+    train_ppo(cfg, reward=SequenceClassifierReward(assets["rm"]))
+    rows = read_metrics(out / "metrics.jsonl")
+    periods = [b["time"] - a_["time"] for a_, b in zip(rows, rows[1:], strict=False)]  # first step = warm-up
+    length = statistics.mean(r["response_length"] for r in rows)
+    return {"step_s": statistics.median(periods), "response_tokens": length}
+
+
+def run_trl(a: argparse.Namespace, assets: dict[str, str], out: Path) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(assets["policy"], padding_side="left")
+    prompts = [json.loads(line)["prompt"] for line in Path(assets["prompts"]).read_text().splitlines()]
+    ds = Dataset.from_dict({"input_ids": [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]})
+    policy = AutoModelForCausalLM.from_pretrained(assets["policy"])
+    peft_config = None
+    if a.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    ref = None if a.lora else AutoModelForCausalLM.from_pretrained(assets["policy"])
+    rm = AutoModelForSequenceClassification.from_pretrained(assets["rm"], num_labels=1)
+    value = AutoModelForSequenceClassification.from_pretrained(assets["rm"], num_labels=1)
+    args = PPOConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=a.batch,
+        gradient_accumulation_steps=1,
+        num_mini_batches=a.batch // a.mini,
+        num_ppo_epochs=a.epochs,
+        total_episodes=a.batch * (a.steps + 1),
+        local_rollout_forward_batch_size=a.batch,
+        response_length=a.response_length,
+        temperature=a.temperature,
+        stop_token="eos",
+        missing_eos_penalty=None,
+        kl_coef=0.05,
+        kl_estimator="k1",
+        learning_rate=a.lr,
+        lr_scheduler_type="linear",
+        num_sample_generations=0,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1000,
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    stamps: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *_: Any, **__: Any) -> None:
+            stamps.append(time.perf_counter())
+
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            stamps.append(time.perf_counter())
+
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tok,
+        model=policy,
+        ref_model=ref,
+        reward_model=rm,
+        train_dataset=ds,
+        value_model=value,
+        eval_dataset=ds.select(range(a.batch)),
+        peft_config=peft_config,
+        callbacks=[Timer()],
+    )
+    torch.manual_seed(0)
+    trainer.train()
+    periods = [b - a_ for a_, b in zip(stamps[1:], stamps[2:], strict=False)]  # first step = warm-up
+    return {"step_s": statistics.median(periods), "response_tokens": float(a.response_length)}
+
+
+def worker(a: argparse.Namespace) -> None:
+    import peft  # noqa: F401  (imported before the baseline: its memory is no model's)
+    import torch
+
+    if a.impl == "trl":
+        import trl.experimental.ppo  # noqa: F401
+    else:
+        import rlhfkit.stages.ppo  # noqa: F401
+    torch.set_num_threads(a.threads)
+    base = rss_mb()  # after the imports: the floor every configuration pays
+    assets = json.loads(a.assets)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = run_trl if a.impl == "trl" else run_ours
+        result = run(a, assets, Path(tmp) / "out")
+    result.update(peak_rss_mb=rss_mb(), base_rss_mb=base)
+    Path(a.result).write_text(json.dumps(result))
+
+
+# ------------------------------------------------------------------------------- measurement
+
+
+def matmul_peak_gflops(threads: int, n: int = 1024, repeats: int = 20) -> float:
+    """Best float32 GEMM throughput of this CPU with `threads` threads (the MFU denominator)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x, y = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        x @ y
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x @ y
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def matmul_params(path: str, causal: bool) -> int:
+    """Parameters a token's forward multiplies by: all but the embedding lookups, LM head included."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    model = cls.from_config(AutoConfig.from_pretrained(path))
+    head = model.get_output_embeddings().weight.numel() if causal else 0
+    return model.num_parameters(exclude_embeddings=True) + head
+
+
+def model_flops(impl: str, n_pol: int, n_rm: int, a: argparse.Namespace, prompt_len: float, resp: float) -> float:
+    """Model FLOPs of one PPO step, as each implementation's model is built (2N per token forward,
+    6N forward + backward). Both: generation, reference forward, reward forward, policy updates.
+    Ours: one forward for old log-probs + values. With a separate critic (ours-critic, TRL): its
+    forward at rollout and its forward + backward in every update."""
+    seq = a.batch * (prompt_len + resp)
+    flops = 2 * n_pol * seq * 3 + 2 * n_rm * seq + a.epochs * 6 * n_pol * seq  # generate, old/ref, reward, updates
+    if impl != "ours":
+        flops += 2 * n_rm * seq + a.epochs * 6 * n_rm * seq  # the critic
+    if impl == "trl":
+        flops -= 2 * n_pol * seq  # TRL reuses generation logits for the old log-probs
+    return flops
+
+
+def spawn(impl: str, a: argparse.Namespace, assets: dict[str, str], lora: bool = False, threads: int = 0) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            impl,
+            "--assets",
+            json.dumps(assets),
+            "--result",
+            f.name,
+            "--threads",
+            str(threads or a.threads),
+            "--batch",
+            str(a.batch),
+            "--mini",
+            str(a.mini),
+            "--epochs",
+            str(a.epochs),
+            "--response-length",
+            str(a.response_length),
+            "--steps",
+            str(a.steps),
+            "--temperature",
+            str(a.temperature),
+            "--lr",
+            str(a.lr),
+        ] + (["--lora"] if lora else [])
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TRANSFORMERS_VERBOSITY": "error"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{impl} failed:\n{proc.stderr[-4000:]}")
+        return json.loads(Path(f.name).read_text())
+
+
+def speed(a: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        assets = build_assets(Path(tmp), a.arch, a.layers, a.d_model, a.vocab, n_prompts=4 * a.batch)
+        n_pol = matmul_params(assets["policy"], causal=True)
+        n_rm = matmul_params(assets["rm"], causal=False)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(assets["policy"])
+        prompts = [json.loads(line)["prompt"] for line in Path(assets["prompts"]).read_text().splitlines()]
+        prompt_len = statistics.mean(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+        peak = matmul_peak_gflops(a.threads)
+        impls = ["ours", "ours-critic", "trl"]
+        runs: dict[str, list[dict]] = {k: [] for k in impls}
+        for _ in range(a.repeats):  # interleaved, so a busy moment of the machine hits all alike
+            for impl in impls:
+                runs[impl].append(spawn(impl, a, assets, lora=a.lora))
+                print(f"  {impl}: {runs[impl][-1]['step_s']:.3f} s/step", file=sys.stderr, flush=True)
+    print(
+        f"\nPPO step, {a.arch} policy {n_pol / 1e6:.2f}M matmul params, reward/value model {n_rm / 1e6:.2f}M; "
+        f"batch {a.batch}, minibatch {a.mini}, {a.epochs} epochs, prompt ~{prompt_len:.0f} + response "
+        f"{a.response_length} tokens, {'LoRA' if a.lora else 'full fine-tuning'}, {a.threads} thread(s); "
+        f"median of {a.repeats} runs x {a.steps} steps"
+    )
+    print(f"measured float32 matmul peak: {peak:.1f} GFLOP/s\n")
+    print(f"{'':<12}{'s/step':>9}{'tokens/s':>10}{'peak MB':>9}{'(+ over imports)':>17}{'MFU':>8}{'speed-up':>10}")
+    trl_step = statistics.median(r["step_s"] for r in runs["trl"])
+    for impl in impls:
+        step = statistics.median(r["step_s"] for r in runs[impl])
+        resp = statistics.mean(r["response_tokens"] for r in runs[impl])
+        mem = max(r["peak_rss_mb"] for r in runs[impl])
+        extra = max(r["peak_rss_mb"] - r["base_rss_mb"] for r in runs[impl])
+        mfu = model_flops(impl, n_pol, n_rm, a, prompt_len, resp) / step / (peak * 1e9)
+        print(
+            f"{impl:<12}{step:>9.3f}{a.batch * resp / step:>10.0f}{mem:>9.0f}{extra:>17.0f}"
+            f"{100 * mfu:>7.1f}%{trl_step / step:>9.2f}x"
+        )
+
+
+def memory(a: argparse.Namespace) -> None:
+    """Peak RSS of LoRA (shared base) vs full fine-tuning (+ separate reference) on a ~40M Llama."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    a.batch, a.mini, a.response_length, a.steps = 8, 8, 16, 1
+    with tempfile.TemporaryDirectory() as tmp:
+        assets = build_assets(Path(tmp), "llama", layers=8, d_model=640, vocab=8000, n_prompts=16)
+        total = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(assets["policy"])).num_parameters()
+        full, lora = (spawn("ours", a, assets, lora=lora) for lora in (False, True))
+    full_mb, lora_mb = (r["peak_rss_mb"] - r["base_rss_mb"] for r in (full, lora))
+    print(
+        f"\nPPO peak memory above the imports, Llama {total / 1e6:.1f}M params "
+        f"(float32 weights {4 * total / 2**20:.0f} MB), batch 8, response 16 tokens, {a.threads} thread(s):"
+    )
+    print(f"  full fine-tuning + separate reference copy: {full_mb:8.0f} MB")
+    print(f"  LoRA, reference = adapter disabled:         {lora_mb:8.0f} MB  ({lora_mb / full_mb:.2f}x)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--memory", action="store_true", help="LoRA vs full fine-tuning peak memory instead")
+    p.add_argument("--arch", default="gpt2", choices=["gpt2", "llama", "qwen2"])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--mini", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--response-length", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per run (after one warm-up step)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--lora", action="store_true")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--assets", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        a.impl = a.worker
+        worker(a)
+    elif a.memory:
+        memory(a)
+    else:
+        speed(a)
+
+
+if __name__ == "__main__":
+    main()

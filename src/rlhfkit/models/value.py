@@ -1,0 +1,122 @@
+"""The policy with its value function, for PPO: one forward gives both the logits and the values.
+
+By default the value function is a linear head on the policy's own last hidden state (zero-initialised,
+so every value starts at 0 and the first advantages are plain returns): the trunk runs once for both,
+instead of a second network as big as the policy. Alternatively the critic is a separate network
+initialised from the reward model (PPO detail 4): it starts out already knowing what a good response
+looks like, at the price of a second forward and backward.
+
+Only the positions that predict response tokens go through the LM head: on a short response after a
+long prompt most of the vocabulary projection would be wasted on the prompt.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rlhfkit.errors import UserError
+from rlhfkit.models.loading import LoraConfig, disable_dropout
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions counted over real tokens only: a left-padded row starts at position 0, as in generation."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def trunk_hidden(trunk: nn.Module, input_ids: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+    """Last hidden states at positions start-1 ... end-2: those that predict tokens start ... end-1."""
+    out = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    return out.last_hidden_state[:, start - 1 : -1]
+
+
+def response_logits(lm: Any, input_ids: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+    """Logits (B, T, V) for the tokens from column `start` on (the response) of any causal LM.
+
+    Works for a peft model too: inside `lm.disable_adapter()` it gives the base model's logits,
+    which is how the LoRA policy's reference model costs no memory.
+    """
+    hidden = trunk_hidden(lm.get_decoder(), input_ids, attention_mask, start)
+    return lm.get_output_embeddings()(hidden)
+
+
+class PolicyAndValue(nn.Module):
+    """A causal LM plus a value function, as one module (one optimizer, one checkpoint).
+
+    `critic=None`: a zero-initialised linear value head on the policy's last hidden state.
+    `critic=` a sequence-classification model (e.g. the reward model): its score head on its own
+    trunk gives the values.
+    """
+
+    def __init__(self, policy: Any, critic: Any | None = None) -> None:
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+        if critic is None:
+            self.value_head = nn.Linear(policy.get_output_embeddings().in_features, 1)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """(logits (B, T, V), values (B, T) float32) for the response that begins at column `start`.
+
+        values[:, t] estimates the return from the state *before* response token t, i.e. it is read
+        from the same hidden state as the logits that choose token t.
+        """
+        hidden = trunk_hidden(self.policy.get_decoder(), input_ids, attention_mask, start)
+        logits = self.policy.get_output_embeddings()(hidden)
+        if self.critic is None:
+            values = self.value_head(hidden.float())
+        else:
+            critic_hidden = trunk_hidden(self.critic.base_model, input_ids, attention_mask, start)
+            values = self.critic.score(critic_hidden).float()
+        return logits, values.squeeze(-1)
+
+
+def load_critic(
+    path: str,
+    vocab_size: int,
+    lora: LoraConfig | None = None,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> Any:
+    """A critic initialised from a reward-model folder (a one-output sequence classifier).
+
+    Why check the vocabulary: the critic reads the policy's token ids, so it must have been trained
+    with the policy's tokenizer (pad token included); a different one gives meaningless values.
+    With `lora`, the critic trains a LoRA adapter plus its score head, like the policy, so that
+    LoRA mode stays light; the peft wrapper is dropped and the injected layers stay in place.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        critic = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"ppo.critic_path: cannot load {path!r} as a sequence classifier ({e})") from None
+    if critic.config.num_labels != 1:
+        raise UserError(f"ppo.critic_path: {path} has {critic.config.num_labels} outputs; a critic needs exactly 1")
+    if not hasattr(critic, "score"):
+        raise UserError(f"ppo.critic_path: {type(critic).__name__} has no `score` head to read values from")
+    if critic.get_input_embeddings().num_embeddings < vocab_size:
+        raise UserError(
+            f"ppo.critic_path: {path} knows {critic.get_input_embeddings().num_embeddings} tokens but the policy's "
+            f"tokenizer has {vocab_size}; initialise the critic from a reward model trained on this policy"
+        )
+    disable_dropout(critic)
+    if lora is None:
+        return critic
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="SEQ_CLS",  # keeps the score head trainable
+    )
+    return get_peft_model(critic, peft_cfg).get_base_model()

@@ -1,0 +1,506 @@
+"""Stage 5, PPO: fine-tune the SFT policy against a reward, with a KL penalty to the SFT model.
+
+Each step: take a batch of prompts -> sample responses (temperature, top-k/top-p, stop at EOS or a
+stop string) -> score them with the reward source -> per-token rewards (score at the last token,
+-beta * KL to the reference model at every token) -> GAE advantages -> several epochs of clipped
+minibatch updates of the policy and its value head. The math is in `rlhfkit.rl.core`; this file is
+the loop, readable top to bottom in `train_ppo`.
+
+The reference model is a frozen copy of the starting policy; with LoRA it is the same network with
+the adapter switched off (no second copy in memory). Outputs: OUTPUT_DIR/model (merged policy),
+metrics.jsonl (one row per step), samples.jsonl (responses every `log_samples_every` steps),
+results.json (summary and why training stopped), checkpoints/ (for --resume).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from rlhfkit.config import StrictModel, atomic_write_text, save_config
+from rlhfkit.data.chat import render_prompt
+from rlhfkit.data.formats import read_records, text_to_json
+from rlhfkit.engine.trainer import Engine, NonFiniteError, TrainConfig
+from rlhfkit.errors import UserError
+from rlhfkit.models.loading import ModelConfig, disable_dropout, load_causal_lm, save_model
+from rlhfkit.models.sampling import SamplingConfig, sample
+from rlhfkit.models.value import PolicyAndValue, load_critic, response_logits
+from rlhfkit.rewards.base import RewardSource
+from rlhfkit.rewards.build import RewardConfig, build_reward
+from rlhfkit.rl.core import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    kl_loss,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    nonfinite,
+    per_token_rewards,
+    policy_loss,
+    value_loss,
+)
+
+# ------------------------------------------------------------------------------------ config
+
+
+class AdaptiveKLConfig(StrictModel):
+    target: float = Field(6.0, gt=0, description="KL per response (summed over tokens) that beta steers towards")
+    horizon: int = Field(10000, gt=0, description="responses over which beta changes by at most 20%")
+
+
+class KLConfig(StrictModel):
+    kind: Literal["k1", "k3"] = Field("k1", description="estimator: k1 = log(pi/pi_ref); k3 = (r-1) - log r")
+    beta: float = Field(0.05, ge=0, description="KL coefficient (the initial one if adaptive)")
+    mode: Literal["reward", "loss"] = Field("reward", description="penalise KL in the reward, or as a loss term")
+    adaptive: AdaptiveKLConfig | None = Field(None, description="adaptive beta (Ziegler et al.); null = fixed")
+
+
+class PPOConfig(StrictModel):
+    batch_size: int = Field(64, gt=0, description="prompts (= responses) per rollout")
+    mini_batch_size: int = Field(16, gt=0, description="responses per optimizer step")
+    micro_batch_size: int = Field(0, ge=0, description="responses per forward/backward; 0 = mini_batch_size")
+    epochs: int = Field(4, gt=0, description="passes over each rollout")
+    clip: float = Field(0.2, gt=0, description="policy ratio clip range")
+    value_clip: float = Field(0.2, gt=0, description="value clip range")
+    vf_coef: float = Field(0.1, ge=0)
+    ent_coef: float = Field(0.0, ge=0, description="entropy bonus")
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    whiten_rewards: bool = False
+    normalize_rewards: bool = Field(
+        False, description="divide scores by the first rollout's mean/std (for sources that are not normalised)"
+    )
+    reward_clip: float | None = Field(None, gt=0, description="clip scores to +-this")
+    missing_eos_penalty: float | None = Field(-1.0, description="score of a response that never ends; null = off")
+    value_init: Literal["zero", "reward_model"] = Field(
+        "zero", description="zero: value head on the policy; reward_model: separate critic from a reward model"
+    )
+    critic_path: str = Field("", description="reward-model folder for value_init=reward_model (default: the reward)")
+    kl: KLConfig = KLConfig()
+
+    @model_validator(mode="after")
+    def _sizes(self) -> PPOConfig:
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be a multiple of mini_batch_size {self.mini_batch_size}"
+            )
+        if self.micro_batch_size > self.mini_batch_size:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} exceeds mini_batch_size {self.mini_batch_size}")
+        return self
+
+    @property
+    def micro(self) -> int:
+        return self.micro_batch_size or self.mini_batch_size
+
+
+class StopConfig(StrictModel):
+    max_steps: int = Field(100, gt=0, description="PPO steps (rollout + update)")
+    reward_threshold: float | None = Field(None, description="stop once a rollout's mean reward reaches this")
+    kl_ceiling: float | None = Field(None, gt=0, description="stop (reward hacking?) once KL per response exceeds this")
+
+
+class PPOTrainConfig(TrainConfig):
+    """The optimizer settings, with PPO's defaults. Batch sizes and step counts are in `ppo` and `stop`."""
+
+    lr: float = Field(1e-5, gt=0)
+    adam_eps: float = 1e-5
+    log_every: int = Field(1, gt=0, description="print a line every N steps (metrics.jsonl gets every step)")
+    save_every: int = Field(0, ge=0, description="checkpoint every N PPO steps (0 = only at the end)")
+
+    @model_validator(mode="after")
+    def _unused(self) -> PPOTrainConfig:
+        # compared with the defaults, not `model_fields_set`: a saved config.yaml lists every field
+        names = ("batch_size", "grad_accum", "max_steps", "epochs", "eval_every")
+        unused = [n for n in names if getattr(self, n) != TrainConfig.model_fields[n].default]
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)}: not used by PPO; set ppo.batch_size, ppo.mini_batch_size, "
+                "ppo.micro_batch_size and stop.max_steps instead"
+            )
+        return self
+
+
+class PPOSamplingConfig(SamplingConfig):
+    temperature: float = Field(0.7, gt=0, description="the log-probs use the same temperature")
+
+
+class Config(StrictModel):
+    output_dir: str = "runs/ppo"
+    resume: bool = False
+    prompts: str = Field("", description="prompts file (JSONL {id, prompt}) or dataset folder")
+    model: ModelConfig = ModelConfig()
+    ref_model: str = Field("", description="reference model; empty = model.path (with LoRA: adapter disabled)")
+    reward: RewardConfig = RewardConfig()
+    sampling: PPOSamplingConfig = PPOSamplingConfig()
+    ppo: PPOConfig = PPOConfig()
+    stop: StopConfig = StopConfig()
+    train: PPOTrainConfig = PPOTrainConfig()
+    log_samples_every: int = Field(10, ge=0, description="write sample responses every N steps (0 = never)")
+
+
+# ------------------------------------------------------------------------------- rollouts
+
+
+@dataclass
+class Rollout:
+    """One batch of responses and everything PPO computes about them, as (B, ...) tensors.
+
+    `input_ids` is the left-padded prompt followed by the right-padded response, so the response
+    starts at column `start` in every row; per-token tensors in `tokens` are (B, T).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    start: int
+    tokens: dict[str, Tensor]
+
+    def rows(self, index: Tensor) -> tuple[Tensor, Tensor, int, dict[str, Tensor]]:
+        """The rows `index`, without the columns that are padding in all of them.
+
+        Why: a minibatch of short responses should not pay for the longest one in the rollout.
+        """
+        mask = self.attention_mask[index]
+        used = mask.any(0).nonzero().squeeze(1)
+        lo, hi = int(used[0]), int(used[-1]) + 1
+        tokens = {k: v[index, : hi - self.start] for k, v in self.tokens.items()}
+        return self.input_ids[index, lo:hi], mask[:, lo:hi], self.start - lo, tokens
+
+
+def prompt_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The prompts of PPO step `step`: consecutive slices of a fresh permutation per pass over the file.
+
+    A pure function of the step, so a resumed run takes the same prompts as an uninterrupted one.
+    """
+    first = step * batch_size
+    perms: dict[int, Tensor] = {}
+    out = []
+    for pos in range(first, first + batch_size):
+        epoch, i = divmod(pos, n)
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perms[epoch][i]))
+    return out
+
+
+def shape_scores(raw: Tensor, ended: Tensor, cfg: PPOConfig, baseline: tuple[float, float]) -> Tensor:
+    """Reward-source scores -> the scores PPO optimises: optional normalisation, clipping, and the EOS trick.
+
+    The missing-EOS penalty comes last and replaces the score, so a response that rambles until the
+    length limit is worth exactly that, whatever the reward model thinks of it (PPO detail 6).
+    """
+    scores = raw.clone()
+    if cfg.normalize_rewards:
+        scores = (scores - baseline[0]) / baseline[1]
+    if cfg.reward_clip is not None:
+        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+    if cfg.missing_eos_penalty is not None:
+        scores = torch.where(ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
+    return scores
+
+
+@torch.no_grad()
+def score_tokens(model: Any, ref: Any, adapter_off: bool, ro: Rollout, temperature: float, chunk: int) -> None:
+    """Log-probs (policy and reference), values and entropy of the sampled tokens, into `ro.tokens`.
+
+    Computed once, before any update: these are the "old" policy's numbers that the clipped
+    objective compares against. Logits are divided by the sampling temperature (PPO detail 3).
+    `adapter_off`: `ref` is the LoRA policy itself, run with its adapter disabled.
+    """
+    B, T = ro.tokens["response_ids"].shape
+    for key in ("logp", "ref_logp", "values", "entropy"):
+        ro.tokens[key] = torch.zeros(B, T, device=ro.input_ids.device)
+    for index in torch.arange(B, device=ro.input_ids.device).split(chunk):
+        ids, mask, start, tok = ro.rows(index)
+        width = tok["response_ids"].shape[1]
+        logits, values = model(ids, mask, start)
+        ro.tokens["logp"][index, :width] = logprobs_from_logits(logits, tok["response_ids"], temperature)
+        ro.tokens["values"][index, :width] = values
+        ro.tokens["entropy"][index, :width] = entropy_from_logits(logits, temperature)
+        with ref.disable_adapter() if adapter_off else nullcontext():
+            ref_logits = response_logits(ref, ids, mask, start)
+        ro.tokens["ref_logp"][index, :width] = logprobs_from_logits(ref_logits, tok["response_ids"], temperature)
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]:
+    """Run PPO as configured; returns the summary written to results.json.
+
+    `reward` replaces `cfg.reward` with a reward source built in Python (any object with
+    `score(prompts, completions) -> tensor`), e.g. a function defined in a notebook.
+    """
+    if not cfg.prompts:
+        raise UserError("prompts: no prompts file given; set prompts=FILE.jsonl")
+    out = Path(cfg.output_dir)
+    engine = Engine(cfg.train, out, resume=cfg.resume)
+    if engine.accelerator.num_processes > 1:
+        raise UserError("ppo runs in a single process; launch it without `accelerate launch --num_processes`")
+    if engine.is_main:
+        save_config(cfg, out)
+    records = read_records(cfg.prompts, "prompts")
+    p = cfg.ppo
+    temperature = cfg.sampling.temperature
+    if reward is None:
+        reward = build_reward(cfg.reward, engine.device)
+    policy, tokenizer, ref, critic = load_models(cfg, engine.device)
+    adapter_off = ref is policy  # LoRA: the reference is the policy with its adapter disabled
+    updates_per_step = p.epochs * (p.batch_size // p.mini_batch_size)
+    model = engine.setup(PolicyAndValue(policy, critic), total_steps=cfg.stop.max_steps * updates_per_step)
+    kl_ctl = (
+        AdaptiveKLController(p.kl.beta, p.kl.adaptive.target, p.kl.adaptive.horizon)
+        if p.kl.adaptive
+        else FixedKLController(p.kl.beta)
+    )
+
+    # --- resume: weights, optimizer, schedule and RNG come back through the engine; the rest here
+    state = engine.load_checkpoint() or {}
+    step = int(state.get("ppo_step", 0))
+    if "kl_ctl" in state:
+        kl_ctl.load_state_dict(state["kl_ctl"])
+    baseline: tuple[float, float] | None = tuple(state["baseline"]) if "baseline" in state else None  # type: ignore
+    stop_reason: str | None = state.get("stop_reason")
+    engine.metrics.truncate_after(step)  # rows a killed run logged after its last checkpoint (or an old run's)
+    samples_log = out / "samples.jsonl"
+    if engine.is_main:
+        _truncate_jsonl(samples_log, step)
+
+    rendered = [render_prompt(tokenizer, r.prompt, cfg.sampling.prompt_template) for r in records]
+    n_params = sum(x.numel() for x in model.parameters())
+    n_train = sum(x.numel() for x in model.parameters() if x.requires_grad)
+    engine.print(
+        f"ppo: {n_params / 1e6:.2f}M params ({n_train / 1e6:.2f}M trained), {len(records)} prompts, "
+        f"reference = {'base with LoRA adapter disabled' if adapter_off else 'frozen copy'}, "
+        f"{'critic from the reward model' if critic is not None else 'value head on the policy'}"
+    )
+    last: dict[str, float] = {}
+    try:
+        while stop_reason is None and step < cfg.stop.max_steps:
+            t0 = time.perf_counter()
+            # 1. rollout: sample one response per prompt
+            index = prompt_indices(len(records), p.batch_size, step, cfg.train.seed)
+            batch = sample(policy, tokenizer, [rendered[i] for i in index], cfg.sampling)
+
+            # 2. score the responses
+            raw = reward.score([records[i].prompt for i in index], batch.texts).float().cpu()
+            if nonfinite({"reward": raw}):
+                engine.skip_step("non-finite reward")
+                step += 1
+                continue
+            if baseline is None:  # the first rollout is the reference policy's: the scale of "normal"
+                baseline = (float(raw.mean()), float(raw.std()) if len(raw) > 1 and raw.std() > 0 else 1.0)
+            scores = shape_scores(raw, batch.ended, p, baseline).to(engine.device)
+
+            # 3. log-probs, reference log-probs and values of the sampled tokens
+            mask = batch.response_mask.bool().to(engine.device)
+            ro = Rollout(
+                input_ids=torch.cat([batch.prompt_ids, batch.response_ids], 1).to(engine.device),
+                attention_mask=torch.cat([batch.prompt_mask, batch.response_mask], 1).to(engine.device),
+                start=batch.prompt_ids.shape[1],
+                tokens={"response_ids": batch.response_ids.to(engine.device), "mask": mask},
+            )
+            score_tokens(model, ref, adapter_off, ro, temperature, p.micro)
+            tok = ro.tokens
+
+            # 4. per-token rewards, advantages, returns
+            beta = kl_ctl.value
+            rewards, kl = per_token_rewards(
+                scores, tok["logp"], tok["ref_logp"], mask, beta if p.kl.mode == "reward" else 0.0, p.kl.kind
+            )
+            if p.whiten_rewards:
+                rewards = masked_whiten(rewards, mask, shift_mean=False)
+            advantages, returns = gae(rewards, tok["values"], mask, p.gamma, p.lam)
+            tok["advantages"], tok["returns"] = masked_whiten(advantages, mask), returns
+            kl_per_response = float(kl.sum(1).mean())
+            metrics = {
+                "reward": float(raw.mean()),
+                "reward_normalized": float((raw.mean() - baseline[0]) / baseline[1]),
+                "score": float(scores.mean()),
+                "kl": kl_per_response,
+                "kl_k1": float(_masked(kl_penalty(tok["logp"], tok["ref_logp"], "k1"), mask).sum(1).mean()),
+                "kl_k3": float(_masked(kl_penalty(tok["logp"], tok["ref_logp"], "k3"), mask).sum(1).mean()),
+                "beta": beta,
+                "entropy": float(masked_mean(tok["entropy"], mask)),
+                "explained_variance": float(explained_variance(tok["values"], returns, mask)),
+                "response_length": float(mask.sum(1).float().mean()),
+                "ended": float(batch.ended.float().mean()),
+            }
+            bad = nonfinite({k: _masked(v, mask) for k, v in tok.items() if k != "mask"})
+            if bad:
+                engine.skip_step(f"non-finite {', '.join(bad)} in the rollout")
+                step += 1
+                continue
+            if engine.is_main and cfg.log_samples_every and (step % cfg.log_samples_every == 0):
+                _log_samples(samples_log, step + 1, [records[i].prompt for i in index], batch.texts, raw, batch.ended)
+
+            # stop before updating: the current policy is the one that reached the threshold / ceiling
+            if cfg.stop.reward_threshold is not None and metrics["reward"] >= cfg.stop.reward_threshold:
+                stop_reason = f"reward {metrics['reward']:.4g} reached stop.reward_threshold"
+            elif cfg.stop.kl_ceiling is not None and kl_per_response > cfg.stop.kl_ceiling:
+                stop_reason = f"KL {kl_per_response:.4g} exceeded stop.kl_ceiling"
+                engine.print(
+                    f"[yellow]warning: {stop_reason} = {cfg.stop.kl_ceiling}: the policy is drifting far from the "
+                    "reference model, a sign of reward hacking; stopping (raise kl.beta or lower train.lr)[/]"
+                )
+            t_rollout = time.perf_counter() - t0
+
+            # 5. epochs of clipped minibatch updates
+            window: dict[str, list[float]] = {}
+            if stop_reason is None:
+                for epoch in range(p.epochs):
+                    for rows in torch.randperm(p.batch_size, device=engine.device).split(p.mini_batch_size):
+                        stats = _update(engine, model, ro, rows, kl_ctl.value, temperature, p)
+                        if stats is None:
+                            continue
+                        for k, v in stats.items():
+                            window.setdefault(k, []).append(v)
+                        if epoch == p.epochs - 1:
+                            window.setdefault("approx_kl_last_epoch", []).append(stats["approx_kl"])
+                kl_ctl.update(kl_per_response, p.batch_size)
+            step += 1
+            dt = time.perf_counter() - t0
+            metrics.update({k: sum(v) / len(v) for k, v in window.items()})
+            metrics.update(
+                lr=engine.lr,
+                time_rollout=t_rollout,
+                time_step=dt,
+                tokens_per_s=float(mask.sum()) / dt,
+            )
+            last = metrics
+            engine.log(last, step=step)
+            if step % cfg.train.log_every == 0 or stop_reason is not None:
+                engine.print(
+                    f"step {step}/{cfg.stop.max_steps}: reward {last['reward']:.4g} kl {last['kl']:.3g} "
+                    f"beta {last['beta']:.3g} entropy {last['entropy']:.3g} len {last['response_length']:.1f} "
+                    f"({last['tokens_per_s']:.0f} tok/s)"
+                )
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.stop.max_steps:
+                _save(engine, model, step, kl_ctl, baseline, stop_reason)
+    except NonFiniteError as e:
+        raise UserError(f"ppo: {e}; no checkpoint was written after the last good step") from None
+
+    # --- outputs
+    stop_reason = stop_reason or f"stop.max_steps={cfg.stop.max_steps} reached"
+    _save(engine, model, step, kl_ctl, baseline, stop_reason)
+    final = {k: v if math.isfinite(v) else str(v) for k, v in last.items()}  # JSON has no NaN (explained variance)
+    results = {"steps": step, "stop_reason": stop_reason, "last": final, "model": str(out / "model")}
+    if engine.is_main:
+        save_model(policy, tokenizer, out / "model")
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    engine.accelerator.wait_for_everyone()
+    engine.print(f"ppo: stopped after {step} steps ({stop_reason}); policy in {out / 'model'}")
+    engine.accelerator.end_training()
+    return results
+
+
+def _update(
+    engine: Engine, model: Any, ro: Rollout, rows: Tensor, beta: float, temperature: float, p: PPOConfig
+) -> dict[str, float] | None:
+    """One optimizer step on the minibatch `rows`, in micro-batches of `ppo.micro_batch_size` rows
+    (gradient accumulation, to bound memory); None if the step was skipped."""
+    stats: dict[str, list[float]] = {}
+    n_tokens = ro.tokens["mask"][rows].sum()
+    for part in rows.split(p.micro):
+        loss, part_stats = ppo_loss(model, ro, part, n_tokens, beta, temperature, p)
+        if not torch.isfinite(loss):
+            engine.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+            engine.skip_step("non-finite loss")
+            return None
+        engine.backward(loss)
+        for k, v in part_stats.items():
+            stats.setdefault(k, []).append(v)
+    grad_norm = engine.optimizer_step()
+    if grad_norm is None:
+        return None
+    return {k: sum(v) / len(v) for k, v in stats.items()} | {"grad_norm": grad_norm}
+
+
+def ppo_loss(
+    model: Any, ro: Rollout, rows: Tensor, n_tokens: Tensor, beta: float, temperature: float, p: PPOConfig
+) -> tuple[Tensor, dict[str, float]]:
+    """The PPO loss of the rows `rows`: clipped policy loss + vf_coef * clipped value loss
+    (- entropy bonus, + KL loss in kl.mode=loss), scaled by the rows' share of the `n_tokens` tokens
+    of their minibatch, so that the micro-batches' losses add up to exactly the minibatch's."""
+    ids, mask, start, tok = ro.rows(rows)
+    logits, values = model(ids, mask, start)
+    logp = logprobs_from_logits(logits, tok["response_ids"], temperature)
+    pg_loss, pg_stats = policy_loss(logp, tok["logp"], tok["advantages"], tok["mask"], p.clip)
+    vf_loss, vf_clipfrac = value_loss(values, tok["values"], tok["returns"], tok["mask"], p.value_clip)
+    loss = pg_loss + p.vf_coef * vf_loss
+    if p.ent_coef:
+        loss = loss - p.ent_coef * masked_mean(entropy_from_logits(logits, temperature), tok["mask"])
+    if p.kl.mode == "loss":
+        loss = loss + beta * kl_loss(logp, tok["ref_logp"], tok["mask"], p.kl.kind)
+    stats = {"policy_loss": pg_loss, "value_loss": vf_loss, "value_clipfrac": vf_clipfrac, **pg_stats}
+    return loss * tok["mask"].sum() / n_tokens, {k: float(v.detach()) for k, v in stats.items()}
+
+
+def load_models(cfg: Config, device: Any) -> tuple[Any, Any, Any, Any]:
+    """(policy, tokenizer, reference, critic or None).
+
+    The reference is a frozen copy of the starting policy, except in LoRA mode, where it *is* the
+    policy (run with its adapter disabled): one copy of the weights in memory instead of two.
+    """
+    policy, tokenizer = load_causal_lm(cfg.model)
+    disable_dropout(policy)
+    policy.generation_config.suppress_tokens = [tokenizer.pad_token_id]  # pad is never a real token
+    ref = policy
+    if cfg.model.lora is None or cfg.ref_model not in ("", cfg.model.path):
+        ref_cfg = cfg.model.model_copy(update={"path": cfg.ref_model or cfg.model.path, "lora": None})
+        ref = load_causal_lm(ref_cfg, tokenizer)[0].requires_grad_(False).eval().to(device)
+        disable_dropout(ref)
+    critic = None
+    if cfg.ppo.value_init == "reward_model":
+        path = cfg.ppo.critic_path or next((s.model for s in cfg.reward.sources if s.model), "")
+        if not path:
+            raise UserError("ppo.value_init=reward_model: set ppo.critic_path (or use a reward model as the reward)")
+        critic = load_critic(path, len(tokenizer), cfg.model.lora, policy.dtype, cfg.model.trust_remote_code)
+    return policy, tokenizer, ref, critic
+
+
+def _masked(x: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _save(
+    engine: Engine, model: Any, step: int, kl_ctl: Any, baseline: tuple[float, float] | None, stop: str | None
+) -> None:
+    """A checkpoint with PPO's own state; refuses to write non-finite weights (they would poison a resume)."""
+    if not all(torch.isfinite(x).all() for x in model.parameters()):
+        raise UserError("ppo: the model has non-finite weights; not writing a checkpoint")
+    extra = {"ppo_step": step, "kl_ctl": kl_ctl.state_dict(), "stop_reason": stop}
+    if baseline is not None:
+        extra["baseline"] = list(baseline)
+    engine.save_checkpoint(extra)
+
+
+def _log_samples(path: Path, step: int, prompts: list[Any], texts: list[str], raw: Tensor, ended: Tensor) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        for prompt, text, score, end in list(zip(prompts, texts, raw.tolist(), ended.tolist(), strict=True))[:4]:
+            row = {"step": step, "prompt": text_to_json(prompt), "response": text, "reward": score, "ended": end}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """On resume, drop sample rows the killed run wrote after its last checkpoint."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def run(cfg: Config) -> Path:
+    train_ppo(cfg)
+    return Path(cfg.output_dir) / "model"

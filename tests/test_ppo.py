@@ -1,0 +1,304 @@
+"""PPO: the pieces around the math (rollout bookkeeping, value wrapper, reference model), and short
+real runs on tiny GPT-2 / Llama / Qwen2 models, with and without LoRA. The learning test and the
+kill-and-resume test have their own modules (test_ppo_learning.py, test_ppo_resume.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from rlhfkit.config import load_config
+from rlhfkit.engine.metrics import read_metrics
+from rlhfkit.errors import UserError
+from rlhfkit.models.loading import LoraConfig, ModelConfig, apply_lora, load_causal_lm
+from rlhfkit.models.sampling import _encode_prompts
+from rlhfkit.models.tiny import make_test_model
+from rlhfkit.models.value import PolicyAndValue, load_critic, response_logits
+from rlhfkit.rewards.base import FunctionReward
+from rlhfkit.stages.ppo import Config, PPOConfig, Rollout, ppo_loss, prompt_indices, shape_scores, train_ppo
+
+# ----------------------------------------------------------------------------- helpers (shared)
+
+
+def e_frequency(prompt: Any, completion: str) -> float:
+    """A reward a random model can learn: 10 x the share of the letter 'e' in the response."""
+    return 10 * completion.count("e") / max(1, len(completion))
+
+
+def write_prompts(path: Path, n: int = 16) -> Path:
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"p{i}", "prompt": f"Tell me about thing number {i}"}) + "\n")
+    return path
+
+
+def ppo_config(out: Path, model_dir: Path, prompts: Path, **sections: Any) -> Config:
+    """A small, fast PPO config; `sections` override whole keys (dicts are merged one level deep)."""
+    data: dict[str, Any] = {
+        "output_dir": str(out),
+        "prompts": str(prompts),
+        "model": {"path": str(model_dir)},
+        "sampling": {"max_new_tokens": 8, "temperature": 1.0, "batch_size": 8},
+        "ppo": {"batch_size": 8, "mini_batch_size": 4, "missing_eos_penalty": None},
+        "stop": {"max_steps": 2},
+        "train": {"lr": 1e-3, "scheduler": "constant"},
+        "log_samples_every": 1,
+    }
+    for key, value in sections.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
+    return Config.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ppo-models")
+    return {arch: make_test_model(arch, root / arch) for arch in ("gpt2", "llama", "qwen2")}
+
+
+@pytest.fixture()
+def prompts(tmp_path) -> Path:
+    return write_prompts(tmp_path / "prompts.jsonl")
+
+
+# ------------------------------------------------------------------------------- bookkeeping
+
+
+def test_prompt_indices_cover_every_prompt_once_per_pass_and_depend_only_on_the_step():
+    seen = [i for step in range(3) for i in prompt_indices(6, 2, step, seed=1)]
+    assert sorted(seen) == list(range(6))  # one pass = 3 steps of 2
+    assert prompt_indices(6, 2, 1, seed=1) == prompt_indices(6, 2, 1, seed=1)
+    assert prompt_indices(6, 4, 1, seed=1)[:2] == seen[4:]  # a step may straddle two passes
+    assert prompt_indices(6, 6, 0, seed=1) != prompt_indices(6, 6, 0, seed=2)
+
+
+def test_shape_scores_normalises_clips_then_gives_unfinished_responses_the_penalty():
+    raw = torch.tensor([3.0, -5.0, 1.0])
+    ended = torch.tensor([True, True, False])
+    cfg = PPOConfig(normalize_rewards=True, reward_clip=2.0, missing_eos_penalty=-1.0)
+    # (3 - 1) / 2 = 1; (-5 - 1) / 2 = -3 -> clipped to -2; the unfinished one gets exactly -1
+    assert shape_scores(raw, ended, cfg, baseline=(1.0, 2.0)).tolist() == [1.0, -2.0, -1.0]
+    plain = PPOConfig(missing_eos_penalty=None)
+    assert shape_scores(raw, ended, plain, baseline=(1.0, 2.0)).tolist() == raw.tolist()
+
+
+def test_rollout_rows_drop_columns_that_are_padding_in_every_selected_row():
+    # prompt width 3 (left-padded), response width 3 (right-padded); pad id 0
+    ids = torch.tensor([[0, 0, 5, 7, 8, 0], [4, 5, 6, 7, 8, 9], [0, 5, 6, 7, 0, 0]])
+    mask = (ids != 0).long()
+    resp = ids[:, 3:]
+    ro = Rollout(ids, mask, 3, {"response_ids": resp, "mask": mask[:, 3:].bool()})
+    sub_ids, sub_mask, start, tok = ro.rows(torch.tensor([0, 2]))
+    assert sub_ids.tolist() == [[0, 5, 7, 8], [5, 6, 7, 0]]  # first prompt column and last response column dropped
+    assert start == 2
+    assert tok["response_ids"].tolist() == [[7, 8], [7, 0]]
+    assert sub_mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 0]]
+    full_ids, _, full_start, _ = ro.rows(torch.tensor([1]))
+    assert full_ids.tolist() == [ids[1].tolist()] and full_start == 3
+
+
+def test_train_section_rejects_settings_ppo_does_not_use():
+    with pytest.raises(UserError, match="batch_size.*not used by PPO"):
+        load_config(Config, None, ["train.batch_size=8"])
+    with pytest.raises(UserError, match="multiple of mini_batch_size"):
+        load_config(Config, None, ["ppo.batch_size=10", "ppo.mini_batch_size=4"])
+
+
+# ------------------------------------------------------------------------- value wrapper
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_policy_logits_match_generation_and_values_start_at_zero(models, arch):
+    """The training forward must see the sampled tokens exactly as generation did: same left padding,
+    same position ids. Checked against the logits `generate` itself used."""
+    model, tok = load_causal_lm(ModelConfig(path=str(models[arch])))
+    ids, mask = _encode_prompts(tok, ["Hello there, how", "a", "The quick brown fox jumps"], 100)
+    torch.manual_seed(0)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=True,
+        max_new_tokens=5,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=None,
+    )
+    full_mask = torch.cat([mask, torch.ones(3, 5, dtype=torch.long)], 1)
+    logits, values = PolicyAndValue(model)(out.sequences, full_mask, ids.shape[1])
+    torch.testing.assert_close(logits, torch.stack(out.logits, 1), atol=1e-5, rtol=0)
+    assert values.shape == (3, 5) and values.abs().max() == 0  # zero-initialised head
+    torch.testing.assert_close(response_logits(model, out.sequences, full_mask, ids.shape[1]), logits)
+
+
+def test_lora_reference_is_the_base_model_with_the_adapter_off(models):
+    base, tok = load_causal_lm(ModelConfig(path=str(models["llama"])))
+    policy = apply_lora(load_causal_lm(ModelConfig(path=str(models["llama"])))[0], LoraConfig(r=4))
+    with torch.no_grad():  # move the adapter away from its zero init, so it changes the output
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    ids = torch.tensor([[tok.pad_token_id, 5, 6, 7, 8, 9]])
+    mask = (ids != tok.pad_token_id).long()
+    with policy.disable_adapter():
+        ref = response_logits(policy, ids, mask, 3)
+    torch.testing.assert_close(ref, response_logits(base, ids, mask, 3))
+    assert (response_logits(policy, ids, mask, 3) - ref).abs().max() > 1e-3
+
+
+def test_critic_from_a_reward_model_gives_its_scores_as_values(models, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    rm_dir = tmp_path / "rm"
+    rm = AutoModelForSequenceClassification.from_pretrained(str(models["gpt2"]), num_labels=1)
+    torch.nn.init.normal_(rm.score.weight)
+    rm.save_pretrained(rm_dir)
+    policy, tok = load_causal_lm(ModelConfig(path=str(models["gpt2"])))
+    critic = load_critic(str(rm_dir), len(tok))
+    ids = torch.tensor([[tok.pad_token_id, 5, 6, 7, 8, 9]])
+    mask = (ids != tok.pad_token_id).long()
+    _, values = PolicyAndValue(policy, critic)(ids, mask, 3)
+    # the value before response token t = the reward model's score of the prefix that ends just before it
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        hidden = rm.transformer(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    torch.testing.assert_close(values, rm.score(hidden).squeeze(-1)[:, 2:5])
+    assert values.abs().min() > 0
+    lora_critic = load_critic(str(rm_dir), len(tok), lora=LoraConfig(r=4))
+    trained = [n for n, p in lora_critic.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n or "score" in n for n in trained)
+    assert any("score" in n for n in trained)
+    AutoModelForSequenceClassification.from_pretrained(str(models["gpt2"]), num_labels=2).save_pretrained(
+        tmp_path / "two"
+    )
+    with pytest.raises(UserError, match="exactly 1"):
+        load_critic(str(tmp_path / "two"), len(tok))
+
+
+# --------------------------------------------------------------------------------- real runs
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_ppo_runs_for_each_architecture(models, prompts, tmp_path, arch, lora):
+    cfg = ppo_config(tmp_path / "out", models[arch], prompts, model={"lora": {"r": 4} if lora else None})
+    results = train_ppo(cfg, reward=FunctionReward(e_frequency))
+    assert results["steps"] == 2 and "max_steps" in results["stop_reason"]
+    rows = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["kl"] == 0.0 and rows[0]["kl_k3"] == 0.0  # policy == reference before any update
+    assert rows[1]["kl_k3"] > 0  # ... and not after
+    for key in ("reward", "kl_k1", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl", "tokens_per_s"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2} and all(isinstance(s["response"], str) for s in samples)
+    saved, _ = load_causal_lm(ModelConfig(path=str(tmp_path / "out" / "model")))  # merged, plain weights
+    assert not hasattr(saved, "peft_config")
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_critic_from_a_reward_model_and_kl_as_a_loss(models, prompts, tmp_path, lora):
+    from transformers import AutoModelForSequenceClassification
+
+    rm_dir = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_pretrained(str(models["gpt2"]), num_labels=1).save_pretrained(rm_dir)
+    cfg = ppo_config(
+        tmp_path / "out",
+        models["gpt2"],
+        prompts,
+        model={"lora": {"r": 4} if lora else None},
+        ppo={"value_init": "reward_model", "critic_path": str(rm_dir), "kl": {"mode": "loss", "kind": "k3"}},
+    )
+    results = train_ppo(cfg, reward=FunctionReward(e_frequency))
+    assert results["steps"] == 2 and math.isfinite(results["last"]["value_loss"])
+    assert results["last"]["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("mode", ["reward", "loss"])
+def test_micro_batch_losses_add_up_to_the_minibatch_loss_and_gradient(models, mode):
+    """Gradient accumulation must be exact even when rows have different numbers of tokens."""
+    torch.manual_seed(0)
+    policy, _ = load_causal_lm(ModelConfig(path=str(models["gpt2"])))
+    model = PolicyAndValue(policy)
+    torch.nn.init.normal_(model.value_head.weight)
+    B, P, T = 5, 3, 4
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    response = torch.randint(0, 200, (B, T))
+    ids = torch.cat([torch.randint(0, 200, (B, P)), response], 1)
+    attention = torch.cat([torch.ones(B, P, dtype=torch.long), mask.long()], 1)
+    tokens = {"response_ids": response, "mask": mask}
+    tokens.update({k: torch.randn(B, T) for k in ("logp", "ref_logp", "values", "advantages", "returns")})
+    ro = Rollout(ids, attention, P, tokens)
+    cfg = PPOConfig(ent_coef=0.01, kl={"mode": mode})
+    rows = torch.tensor([4, 0, 2, 1, 3])
+    n_tokens = mask[rows].sum()
+
+    def loss_and_grads(parts):
+        model.zero_grad()
+        total = sum(ppo_loss(model, ro, part, n_tokens, 0.1, 0.7, cfg)[0] for part in parts)
+        total.backward()
+        return total.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    whole, whole_grads = loss_and_grads([rows])
+    split, split_grads = loss_and_grads(rows.split(2))
+    torch.testing.assert_close(split, whole)
+    assert len(split_grads) == len(whole_grads)
+    for a, b in zip(split_grads, whole_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_reward_threshold_stops_before_updating(models, prompts, tmp_path):
+    cfg = ppo_config(tmp_path / "out", models["gpt2"], prompts, stop={"max_steps": 5, "reward_threshold": -1.0})
+    results = train_ppo(cfg, reward=FunctionReward(e_frequency))
+    assert results["steps"] == 1 and "reward_threshold" in results["stop_reason"]
+    assert "policy_loss" not in results["last"]  # stopped on the rollout, no update applied
+
+
+def test_kl_ceiling_stops_and_warns(models, prompts, tmp_path, capsys):
+    cfg = ppo_config(
+        tmp_path / "out", models["gpt2"], prompts, stop={"max_steps": 20, "kl_ceiling": 0.05}, train={"lr": 1e-2}
+    )
+    results = train_ppo(cfg, reward=FunctionReward(e_frequency))
+    assert results["steps"] < 20 and "kl_ceiling" in results["stop_reason"]
+    assert results["last"]["kl"] > 0.05
+    assert "reward hacking" in capsys.readouterr().out
+
+
+class FlakyReward:
+    """NaN scores for the first `bad` calls, then e_frequency."""
+
+    def __init__(self, bad: int):
+        self.bad, self.calls = bad, 0
+
+    def score(self, prompts, completions):
+        self.calls += 1
+        if self.calls <= self.bad:
+            return torch.full((len(completions),), float("nan"))
+        return FunctionReward(e_frequency).score(prompts, completions)
+
+
+def test_a_nan_reward_skips_the_update_and_training_goes_on(models, prompts, tmp_path, capsys):
+    cfg = ppo_config(tmp_path / "out", models["gpt2"], prompts, stop={"max_steps": 3})
+    results = train_ppo(cfg, reward=FlakyReward(bad=1))
+    assert "skipped (non-finite reward" in capsys.readouterr().out
+    assert results["steps"] == 3
+    assert [r["step"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl")] == [2, 3]
+
+
+def test_nan_rewards_in_a_row_abort_without_writing_a_checkpoint(models, prompts, tmp_path):
+    cfg = ppo_config(tmp_path / "out", models["gpt2"], prompts, stop={"max_steps": 10}, train={"max_bad_steps": 3})
+    with pytest.raises(UserError, match="3 non-finite steps in a row"):
+        train_ppo(cfg, reward=FlakyReward(bad=100))
+    assert not (tmp_path / "out" / "checkpoints").exists()
+    assert not (tmp_path / "out" / "model").exists()
+
+
+def test_missing_prompts_file_is_a_clear_error(models, tmp_path):
+    cfg = ppo_config(tmp_path / "out", models["gpt2"], tmp_path / "nope.jsonl")
+    with pytest.raises(UserError, match="nope.jsonl: file not found"):
+        train_ppo(cfg, reward=FunctionReward(e_frequency))
