@@ -24,6 +24,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("rlhfkit.stages.pretrain", "train a tokenizer and a causal LM from scratch on text"),
     "generate": ("rlhfkit.stages.generate", "sample K completions per prompt"),
     "data": ("rlhfkit.stages.data", "validate data files and convert rankings to pairs"),
+    "sft": ("rlhfkit.stages.sft", "supervised fine-tuning on demonstrations (loss on responses only)"),
+    "rm": ("rlhfkit.stages.rm", "train a reward model on pairs, rankings or ratings"),
 }
 
 

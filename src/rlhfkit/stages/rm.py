@@ -1,0 +1,318 @@
+"""Stage 3, reward model: learn a scalar score of (prompt, completion) from human preferences.
+
+The model is a pretrained LM with a scalar head (`AutoModelForSequenceClassification`,
+`num_labels=1`): the SFT model (decoder; reward read at the EOS token) or an encoder such as
+all-MiniLM-L6-v2 (reward read at [CLS]). The head starts as N(0, 1/√(d+1)), bias 0; dropout is off.
+
+Data, exactly one of:
+- `data.pairs`: `{prompt, chosen, rejected, margin?}`; loss −log σ(r_c − r_r − margin).
+- `data.rankings` + `data.completions`: every ranking gives all C(K,2) pairs of its prompt; ties
+  are dropped, identical candidate texts skipped, rankings marked unusable skipped (all counted).
+- `data.ratings`: `{prompt, completion, score}`; mean squared error against the score.
+Pairs are grouped by prompt and a prompt's group is one batch element, so all its pairs are in
+the same batch. A malformed pair (identical chosen and rejected, empty text) stops the run with
+`file:line` before training starts; fix or remove that line.
+
+After training, rewards are normalised: gain and bias are fitted so that the reference (SFT)
+policy's own samples on training prompts score mean 0, std 1 (`normalize.*`; by default the policy
+is the model the decoder RM started from; without one, the training responses are used and the
+metadata says so). Output: `OUTPUT_DIR/model` (load with `rlhfkit.rewards.model.RewardModel.load`),
+`results.json` (held-out accuracy, margin, loss, data counts), `metrics.jsonl` per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from itertools import combinations
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from rlhfkit.config import StrictModel, atomic_write_text, save_config
+from rlhfkit.data.batching import group_by_prompt, make_pair_group, pair_collate, rating_collate
+from rlhfkit.data.chat import PROMPT_TEMPLATE, render_prompt
+from rlhfkit.data.formats import Completions, Pair, Ranking, Rating, Text, rankings_to_pairs, read_records, text_key
+from rlhfkit.data.formats import check_rankings as check_ranking_ids
+from rlhfkit.engine.trainer import Engine, TrainConfig
+from rlhfkit.errors import UserError
+from rlhfkit.models.loading import ModelConfig, load_causal_lm
+from rlhfkit.models.sampling import SamplingConfig, sample
+from rlhfkit.rewards.losses import mean_margin, mse_loss, pairwise_accuracy, pairwise_loss
+from rlhfkit.rewards.model import RewardMeta, RewardModel, init_reward_head, load_backbone, reward_logits
+
+
+class RMModelConfig(StrictModel):
+    path: str = Field("", description="SFT model folder (decoder) or an encoder such as all-MiniLM-L6-v2")
+    kind: Literal["auto", "decoder", "encoder"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class DataConfig(StrictModel):
+    pairs: str = Field("", description="pairs file {prompt, chosen, rejected, margin?}")
+    rankings: str = Field("", description="rankings file {prompt_id, labeler, ranking}; needs data.completions")
+    completions: str = Field("", description="the completions the rankings refer to")
+    ratings: str = Field("", description="ratings file {prompt, completion, score} (MSE regression)")
+    valid: str = Field("", description="held-out file in the training format; empty = split valid_fraction off")
+    valid_fraction: float = Field(0.1, ge=0, lt=1, description="share of prompts held out")
+    max_length: int = Field(512, gt=1)
+    prompt_template: str = Field(PROMPT_TEMPLATE, description="must match the policy's (stored with the model)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        given = [k for k in ("pairs", "rankings", "ratings") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give one of data.pairs / data.rankings / data.ratings, not {' and '.join(given)}")
+        if self.rankings and not self.completions:
+            raise ValueError("data.rankings needs data.completions (the candidates that were ranked)")
+        return self
+
+
+class NormalizeConfig(StrictModel):
+    enabled: bool = True
+    policy: str = Field("", description="reference (SFT) policy; empty = model.path for a decoder RM")
+    prompts: str = Field("", description="prompts file; empty = the training prompts")
+    max_prompts: int = Field(64, gt=0)
+    samples_per_prompt: int = Field(4, gt=0)
+    seed: int = 0
+    sampling: SamplingConfig = SamplingConfig()
+
+
+class Config(StrictModel):
+    output_dir: str = "runs/rm"
+    resume: bool = False
+    model: RMModelConfig = RMModelConfig()
+    data: DataConfig = DataConfig()
+    use_margins: bool = Field(True, description="use per-pair margins where the data gives them")
+    normalize: NormalizeConfig = NormalizeConfig()
+    train: TrainConfig = TrainConfig(
+        lr=5e-5, batch_size=8, epochs=1, warmup_steps=10, eval_every=50, log_every=10, scheduler="linear"
+    )
+
+
+# ---- data -----------------------------------------------------------------------------------
+def pairs_from_rankings(rankings: list[Ranking], completions: list[Completions]) -> tuple[list[Pair], Counter]:
+    """All preference pairs of every usable ranking, with counts of what was left out and why."""
+    check_ranking_ids(rankings, completions)
+    by_id = {c.prompt_id: c for c in completions}
+    pairs: list[Pair] = []
+    counts: Counter = Counter(rankings=len(rankings))
+    for r in rankings:
+        if r.unusable:
+            counts["rankings_unusable_skipped"] += 1
+            continue
+        got = rankings_to_pairs([r], [by_id[r.prompt_id]])
+        n_pairs = math.comb(len(r.ranking), 2)
+        ties = sum(r.ranking[i] == r.ranking[j] for i, j in combinations(range(len(r.ranking)), 2))
+        counts["tied_pairs_dropped"] += ties
+        counts["identical_text_pairs_skipped"] += n_pairs - ties - len(got)
+        pairs += got
+    counts["pairs"] = len(pairs)
+    return pairs, counts
+
+
+def load_pairs(source: str, cfg: DataConfig) -> tuple[list[Pair], Counter]:
+    if cfg.rankings:
+        rankings = read_records(source, "rankings")
+        return pairs_from_rankings(rankings, read_records(cfg.completions, "completions"))
+    pairs = read_records(source, "pairs")
+    return pairs, Counter(pairs=len(pairs))
+
+
+def split_by_prompt(items: list[Any], key, fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """Hold out a seeded share of *prompts*, so no held-out prompt was seen in training."""
+    prompts = sorted({key(x) for x in items})
+    if fraction == 0 or len(prompts) < 2:
+        return items, []
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[: max(1, round(len(prompts) * fraction))])
+    return [x for x in items if key(x) not in held], [x for x in items if key(x) in held]
+
+
+def pair_terms(
+    rewards: torch.Tensor, batch: dict[str, torch.Tensor], use_margins: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    chosen, rejected = rewards[batch["chosen_idx"]], rewards[batch["rejected_idx"]]
+    return chosen, rejected, batch["margin"] if use_margins else torch.zeros_like(chosen)
+
+
+# ---- normalisation --------------------------------------------------------------------------
+def reference_samples(cfg: Config, kind: str, train_prompts: list[Text]) -> tuple[list[Text], list[str], str] | None:
+    """(prompts, the reference policy's samples, description), or None when no policy is known."""
+    n = cfg.normalize
+    policy = n.policy or (cfg.model.path if kind == "decoder" else "")
+    if not policy:
+        return None
+    prompts = [r.prompt for r in read_records(n.prompts, "prompts")] if n.prompts else list(train_prompts)
+    random.Random(n.seed).shuffle(prompts)
+    prompts = prompts[: n.max_prompts]
+    model, tokenizer = load_causal_lm(ModelConfig(path=policy, trust_remote_code=cfg.model.trust_remote_code))
+    torch.manual_seed(n.seed)
+    rendered = [render_prompt(tokenizer, p, cfg.data.prompt_template) for p in prompts]
+    samples = sample(model, tokenizer, rendered, n.sampling, num_samples=n.samples_per_prompt)
+    repeated = [p for p in prompts for _ in range(n.samples_per_prompt)]
+    where = "given prompts" if n.prompts else "training prompts"
+    return repeated, samples.texts, f"samples of {policy} on {len(prompts)} {where}"
+
+
+def normalize(rm: RewardModel, cfg: Config, train_pairs: list[Pair], train_ratings: list[Rating], out: Path) -> None:
+    """Fit gain/bias on the reference policy's samples (or on the training responses) and record them."""
+    prompts = list({text_key(x.prompt): x.prompt for x in train_pairs or train_ratings}.values())
+    ref = reference_samples(cfg, rm.meta.kind, prompts)
+    if ref is not None:
+        ref_prompts, ref_texts, source = ref
+    else:
+        seen = {}
+        for p in train_pairs:
+            for resp in (p.chosen, p.rejected):
+                seen[(text_key(p.prompt), text_key(resp))] = (p.prompt, resp)
+        for r in train_ratings:
+            seen[(text_key(r.prompt), text_key(r.completion))] = (r.prompt, r.completion)
+        ref_prompts, ref_texts = [p for p, _ in seen.values()], [c for _, c in seen.values()]
+        source = "training responses (no reference policy: set normalize.policy to normalise on its samples)"
+    raw = rm.raw_scores(ref_prompts, ref_texts)
+    rm.fit_normalization(raw, source)
+    rows = [
+        {"prompt": p if isinstance(p, str) else [m.model_dump() for m in p], "completion": c, "raw_reward": float(r)}
+        for p, c, r in zip(ref_prompts, ref_texts, raw, strict=True)
+    ]
+    atomic_write_text(out / "normalization_samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ---- the stage ------------------------------------------------------------------------------
+def run(cfg: Config) -> Path:
+    d = cfg.data
+    if not (d.pairs or d.rankings or d.ratings):
+        raise UserError("data: no training data; set data.pairs, data.rankings (+ data.completions) or data.ratings")
+    if not cfg.model.path:
+        raise UserError("model.path: no model given; set it to the SFT model or an encoder folder")
+    out = Path(cfg.output_dir)
+    engine = Engine(cfg.train, out, resume=cfg.resume)
+    if engine.is_main:
+        save_config(cfg, out)
+
+    # Data (validated before any model is loaded: a bad line fails in seconds, not after loading).
+    regression = bool(d.ratings)
+    seed = cfg.train.seed
+    train_pairs: list[Pair] = []
+    valid_pairs: list[Pair] = []
+    train_ratings: list[Rating] = []
+    valid_ratings: list[Rating] = []
+    if regression:
+        train_ratings = read_records(d.ratings, "ratings")
+        counts = Counter(ratings=len(train_ratings))
+        if d.valid:
+            valid_ratings = read_records(d.valid, "ratings")
+        else:
+            train_ratings, valid_ratings = split_by_prompt(
+                train_ratings, lambda r: text_key(r.prompt), d.valid_fraction, seed
+            )
+    else:
+        train_pairs, counts = load_pairs(d.pairs or d.rankings, d)
+        if not train_pairs:
+            raise UserError(f"{d.pairs or d.rankings}: no usable preference pairs ({dict(counts)})")
+        if d.valid:
+            valid_pairs, _ = load_pairs(d.valid, d)
+        else:
+            train_pairs, valid_pairs = split_by_prompt(
+                train_pairs, lambda p: text_key(p.prompt), d.valid_fraction, seed
+            )
+    engine.print("data: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+    # Model.
+    model, tokenizer, kind = load_backbone(cfg.model.path, cfg.model.kind, cfg.model.dtype, cfg.model.trust_remote_code)
+    starting_meta = RewardMeta.read(cfg.model.path)
+    if starting_meta is None:  # a fresh head; an existing reward model keeps its trained one
+        torch.manual_seed(seed)
+        init_reward_head(model)
+    meta = RewardMeta(kind=kind, prompt_template=d.prompt_template, max_length=d.max_length)
+    rm = RewardModel(model, tokenizer, meta, batch_size=cfg.train.batch_size)
+    pad = tokenizer.pad_token_id
+    if regression:
+        train_set: list[Any] = [(rm.encode(r.prompt, r.completion), r.score) for r in train_ratings]
+        valid_set: list[Any] = [(rm.encode(r.prompt, r.completion), r.score) for r in valid_ratings]
+        collate = rating_collate(pad)
+    else:
+        train_set = [make_pair_group(g, rm.encode) for g in group_by_prompt(train_pairs)]
+        valid_set = [make_pair_group(g, rm.encode) for g in group_by_prompt(valid_pairs)]
+        collate = pair_collate(pad)
+    n_params = sum(p.numel() for p in model.parameters())
+    engine.print(
+        f"rm: {kind} {cfg.model.path} ({n_params / 1e6:.2f}M params), "
+        f"{len(train_set)} train / {len(valid_set)} held-out {'ratings' if regression else 'prompt groups'}"
+    )
+
+    def loss_fn(model, batch):
+        rewards = reward_logits(model, batch)
+        if regression:
+            return mse_loss(rewards, batch["score"]), {}
+        chosen, rejected, margin = pair_terms(rewards, batch, cfg.use_margins)
+        c, r = chosen.detach(), rejected.detach()
+        stats = {"accuracy": float(pairwise_accuracy(c, r)), "margin": float(mean_margin(c, r))}
+        return pairwise_loss(chosen, rejected, margin), stats
+
+    def eval_fn(model) -> dict[str, float]:
+        parts: list[tuple[torch.Tensor, ...]] = []
+        for i in range(0, len(valid_set), cfg.train.batch_size):
+            batch = {k: v.to(engine.device) for k, v in collate(valid_set[i : i + cfg.train.batch_size]).items()}
+            rewards = reward_logits(model, batch)
+            parts.append((rewards, batch["score"]) if regression else pair_terms(rewards, batch, cfg.use_margins))
+        cols = [torch.cat(c) for c in zip(*parts, strict=True)]
+        if regression:
+            return rating_metrics(cols[0], cols[1], [text_key(r.prompt) for r in valid_ratings])
+        chosen, rejected, margin = cols
+        return {
+            "valid_loss": float(pairwise_loss(chosen, rejected, margin)),
+            "valid_accuracy": float(pairwise_accuracy(chosen, rejected)),
+            "valid_margin": float(mean_margin(chosen, rejected)),
+        }
+
+    final = engine.fit(model, train_set, collate, loss_fn, eval_fn=eval_fn if valid_set else None, desc="rm")
+    rm.model = engine.unwrap()
+    if engine.is_main:
+        if cfg.normalize.enabled:
+            normalize(rm, cfg, train_pairs, train_ratings, out)
+            engine.print(
+                f"normalised on {rm.meta.normalization['source']}: gain {rm.meta.gain:.4g}, bias {rm.meta.bias:.4g}"
+            )
+        rm.save(out / "model")
+        results = {
+            **{k: v for k, v in final.items() if k.startswith("valid_")},
+            "final_train_loss": final.get("loss"),
+            "steps": engine.step,
+            "kind": kind,
+            "data": dict(counts),
+            "normalization": rm.meta.normalization,
+        }
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+        if "valid_accuracy" in final:
+            engine.print(f"held-out accuracy {final['valid_accuracy']:.3f}, mean margin {final['valid_margin']:.3f}")
+    engine.accelerator.wait_for_everyone()
+    engine.print(f"reward model in {out / 'model'}")
+    engine.accelerator.end_training()
+    return out / "model"
+
+
+def rating_metrics(predicted: torch.Tensor, target: torch.Tensor, prompt_keys: list[str]) -> dict[str, float]:
+    """MSE, and pairwise accuracy/margin over ratings of the same prompt with different scores."""
+    metrics = {"valid_loss": float(mse_loss(predicted, target))}
+    by_prompt: dict[str, list[int]] = {}
+    for i, k in enumerate(prompt_keys):
+        by_prompt.setdefault(k, []).append(i)
+    better, worse = [], []
+    for rows in by_prompt.values():
+        for i, j in combinations(rows, 2):
+            if target[i] != target[j]:
+                hi, lo = (i, j) if target[i] > target[j] else (j, i)
+                better.append(hi)
+                worse.append(lo)
+    if better:
+        chosen, rejected = predicted[better], predicted[worse]
+        metrics["valid_accuracy"] = float(pairwise_accuracy(chosen, rejected))
+        metrics["valid_margin"] = float(mean_margin(chosen, rejected))
+    return metrics
