@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -26,6 +27,20 @@ from rlhfkit.data.formats import Pair, Text, text_key
 
 IGNORE_INDEX = -100  # label of a token that does not count in the loss
 Encoded = dict[str, list[int]]  # "input_ids" (and "token_type_ids" for BERT-style pair inputs)
+T = TypeVar("T")  # any record with a `prompt`: Demonstration, Pair, Rating
+
+
+def split_by_prompt(items: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """Hold out a seeded share of *prompts* (at least one when fraction > 0) with all their records,
+    so that no held-out prompt was seen in training."""
+    keys = [text_key(x.prompt) for x in items]  # type: ignore[attr-defined]
+    prompts = sorted(set(keys))
+    if fraction == 0 or len(prompts) < 2:
+        return items, []
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[: max(1, round(len(prompts) * fraction))])
+    train = [x for x, k in zip(items, keys, strict=True) if k not in held]
+    return train, [x for x, k in zip(items, keys, strict=True) if k in held]
 
 
 def pad_right(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:

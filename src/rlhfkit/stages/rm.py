@@ -26,6 +26,7 @@ import json
 import math
 import random
 from collections import Counter
+from functools import partial
 from itertools import combinations
 from pathlib import Path
 from typing import Any, Literal
@@ -34,10 +35,19 @@ import torch
 from pydantic import Field, model_validator
 
 from rlhfkit.config import StrictModel, atomic_write_text, save_config
-from rlhfkit.data.batching import group_by_prompt, make_pair_group, pair_collate, rating_collate
+from rlhfkit.data.batching import group_by_prompt, make_pair_group, pair_collate, rating_collate, split_by_prompt
 from rlhfkit.data.chat import PROMPT_TEMPLATE, render_prompt
-from rlhfkit.data.formats import Completions, Pair, Ranking, Rating, Text, rankings_to_pairs, read_records, text_key
-from rlhfkit.data.formats import check_rankings as check_ranking_ids
+from rlhfkit.data.formats import (
+    Completions,
+    Pair,
+    Ranking,
+    Rating,
+    Text,
+    check_rankings,
+    rankings_to_pairs,
+    read_records,
+    text_key,
+)
 from rlhfkit.engine.trainer import Engine, TrainConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import ModelConfig, load_causal_lm
@@ -98,7 +108,7 @@ class Config(StrictModel):
 # ---- data -----------------------------------------------------------------------------------
 def pairs_from_rankings(rankings: list[Ranking], completions: list[Completions]) -> tuple[list[Pair], Counter]:
     """All preference pairs of every usable ranking, with counts of what was left out and why."""
-    check_ranking_ids(rankings, completions)
+    check_rankings(rankings, completions)
     by_id = {c.prompt_id: c for c in completions}
     pairs: list[Pair] = []
     counts: Counter = Counter(rankings=len(rankings))
@@ -124,21 +134,62 @@ def load_pairs(source: str, cfg: DataConfig) -> tuple[list[Pair], Counter]:
     return pairs, Counter(pairs=len(pairs))
 
 
-def split_by_prompt(items: list[Any], key, fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
-    """Hold out a seeded share of *prompts*, so no held-out prompt was seen in training."""
-    prompts = sorted({key(x) for x in items})
-    if fraction == 0 or len(prompts) < 2:
-        return items, []
-    random.Random(seed).shuffle(prompts)
-    held = set(prompts[: max(1, round(len(prompts) * fraction))])
-    return [x for x in items if key(x) not in held], [x for x in items if key(x) in held]
+def load_data(d: DataConfig, seed: int) -> tuple[list[Any], list[Any], Counter]:
+    """(train, held-out, counts): pairs (from a pairs file or rankings) or ratings."""
+    if d.ratings:
+        train: list[Any] = read_records(d.ratings, "ratings")
+        counts: Counter = Counter(ratings=len(train))
+        if d.valid:
+            return train, read_records(d.valid, "ratings"), counts
+        return *split_by_prompt(train, d.valid_fraction, seed), counts
+    train, counts = load_pairs(d.pairs or d.rankings, d)
+    if not train:
+        raise UserError(f"{d.pairs or d.rankings}: no usable preference pairs ({dict(counts)})")
+    if d.valid:
+        return train, load_pairs(d.valid, d)[0], counts
+    return *split_by_prompt(train, d.valid_fraction, seed), counts
 
 
 def pair_terms(
     rewards: torch.Tensor, batch: dict[str, torch.Tensor], use_margins: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected, margin) of every pair in a collated batch of prompt groups."""
     chosen, rejected = rewards[batch["chosen_idx"]], rewards[batch["rejected_idx"]]
     return chosen, rejected, batch["margin"] if use_margins else torch.zeros_like(chosen)
+
+
+def pair_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], use_margins: bool = True
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The engine's loss_fn for preference pairs: Bradley-Terry loss, plus accuracy and margin to log."""
+    chosen, rejected, margin = pair_terms(reward_logits(model, batch), batch, use_margins)
+    c, r = chosen.detach(), rejected.detach()
+    stats = {"accuracy": float(pairwise_accuracy(c, r)), "margin": float(mean_margin(c, r))}
+    return pairwise_loss(chosen, rejected, margin), stats
+
+
+def rating_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    return mse_loss(reward_logits(model, batch), batch["score"]), {}
+
+
+def rating_metrics(predicted: torch.Tensor, target: torch.Tensor, prompt_keys: list[str]) -> dict[str, float]:
+    """MSE, and pairwise accuracy/margin over ratings of the same prompt with different scores."""
+    metrics = {"valid_loss": float(mse_loss(predicted, target))}
+    by_prompt: dict[str, list[int]] = {}
+    for i, k in enumerate(prompt_keys):
+        by_prompt.setdefault(k, []).append(i)
+    better, worse = [], []
+    for rows in by_prompt.values():
+        for i, j in combinations(rows, 2):
+            if target[i] != target[j]:
+                hi, lo = (i, j) if target[i] > target[j] else (j, i)
+                better.append(hi)
+                worse.append(lo)
+    if better:
+        chosen, rejected = predicted[better], predicted[worse]
+        metrics["valid_accuracy"] = float(pairwise_accuracy(chosen, rejected))
+        metrics["valid_margin"] = float(mean_margin(chosen, rejected))
+    return metrics
 
 
 # ---- normalisation --------------------------------------------------------------------------
@@ -160,20 +211,23 @@ def reference_samples(cfg: Config, kind: str, train_prompts: list[Text]) -> tupl
     return repeated, samples.texts, f"samples of {policy} on {len(prompts)} {where}"
 
 
-def normalize(rm: RewardModel, cfg: Config, train_pairs: list[Pair], train_ratings: list[Rating], out: Path) -> None:
+def training_responses(train: list[Pair] | list[Rating]) -> tuple[list[Text], list[Text]]:
+    """Every distinct (prompt, response) of the training data: chosen and rejected, or rated."""
+    seen: dict[tuple[str, str], tuple[Text, Text]] = {}
+    for x in train:
+        for resp in (x.chosen, x.rejected) if isinstance(x, Pair) else (x.completion,):
+            seen[(text_key(x.prompt), text_key(resp))] = (x.prompt, resp)
+    return [p for p, _ in seen.values()], [r for _, r in seen.values()]
+
+
+def normalize(rm: RewardModel, cfg: Config, train: list[Pair] | list[Rating], out: Path) -> None:
     """Fit gain/bias on the reference policy's samples (or on the training responses) and record them."""
-    prompts = list({text_key(x.prompt): x.prompt for x in train_pairs or train_ratings}.values())
+    prompts = list({text_key(x.prompt): x.prompt for x in train}.values())
     ref = reference_samples(cfg, rm.meta.kind, prompts)
     if ref is not None:
         ref_prompts, ref_texts, source = ref
     else:
-        seen = {}
-        for p in train_pairs:
-            for resp in (p.chosen, p.rejected):
-                seen[(text_key(p.prompt), text_key(resp))] = (p.prompt, resp)
-        for r in train_ratings:
-            seen[(text_key(r.prompt), text_key(r.completion))] = (r.prompt, r.completion)
-        ref_prompts, ref_texts = [p for p, _ in seen.values()], [c for _, c in seen.values()]
+        ref_prompts, ref_texts = training_responses(train)
         source = "training responses (no reference policy: set normalize.policy to normalise on its samples)"
     raw = rm.raw_scores(ref_prompts, ref_texts)
     rm.fit_normalization(raw, source)
@@ -196,50 +250,26 @@ def run(cfg: Config) -> Path:
     if engine.is_main:
         save_config(cfg, out)
 
-    # Data (validated before any model is loaded: a bad line fails in seconds, not after loading).
+    # Data first: a bad line fails in seconds, not after loading a model.
     regression = bool(d.ratings)
-    seed = cfg.train.seed
-    train_pairs: list[Pair] = []
-    valid_pairs: list[Pair] = []
-    train_ratings: list[Rating] = []
-    valid_ratings: list[Rating] = []
-    if regression:
-        train_ratings = read_records(d.ratings, "ratings")
-        counts = Counter(ratings=len(train_ratings))
-        if d.valid:
-            valid_ratings = read_records(d.valid, "ratings")
-        else:
-            train_ratings, valid_ratings = split_by_prompt(
-                train_ratings, lambda r: text_key(r.prompt), d.valid_fraction, seed
-            )
-    else:
-        train_pairs, counts = load_pairs(d.pairs or d.rankings, d)
-        if not train_pairs:
-            raise UserError(f"{d.pairs or d.rankings}: no usable preference pairs ({dict(counts)})")
-        if d.valid:
-            valid_pairs, _ = load_pairs(d.valid, d)
-        else:
-            train_pairs, valid_pairs = split_by_prompt(
-                train_pairs, lambda p: text_key(p.prompt), d.valid_fraction, seed
-            )
+    train, valid, counts = load_data(d, cfg.train.seed)
     engine.print("data: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
     # Model.
     model, tokenizer, kind = load_backbone(cfg.model.path, cfg.model.kind, cfg.model.dtype, cfg.model.trust_remote_code)
-    starting_meta = RewardMeta.read(cfg.model.path)
-    if starting_meta is None:  # a fresh head; an existing reward model keeps its trained one
-        torch.manual_seed(seed)
+    if RewardMeta.read(cfg.model.path) is None:  # a fresh head; an existing reward model keeps its trained one
+        torch.manual_seed(cfg.train.seed)
         init_reward_head(model)
     meta = RewardMeta(kind=kind, prompt_template=d.prompt_template, max_length=d.max_length)
-    rm = RewardModel(model, tokenizer, meta, batch_size=cfg.train.batch_size)
+    rm = RewardModel(model, tokenizer, meta)
     pad = tokenizer.pad_token_id
     if regression:
-        train_set: list[Any] = [(rm.encode(r.prompt, r.completion), r.score) for r in train_ratings]
-        valid_set: list[Any] = [(rm.encode(r.prompt, r.completion), r.score) for r in valid_ratings]
+        train_set: list[Any] = [(rm.encode(r.prompt, r.completion), r.score) for r in train]
+        valid_set: list[Any] = [(rm.encode(r.prompt, r.completion), r.score) for r in valid]
         collate = rating_collate(pad)
     else:
-        train_set = [make_pair_group(g, rm.encode) for g in group_by_prompt(train_pairs)]
-        valid_set = [make_pair_group(g, rm.encode) for g in group_by_prompt(valid_pairs)]
+        train_set = [make_pair_group(g, rm.encode) for g in group_by_prompt(train)]
+        valid_set = [make_pair_group(g, rm.encode) for g in group_by_prompt(valid)]
         collate = pair_collate(pad)
     n_params = sum(p.numel() for p in model.parameters())
     engine.print(
@@ -247,14 +277,7 @@ def run(cfg: Config) -> Path:
         f"{len(train_set)} train / {len(valid_set)} held-out {'ratings' if regression else 'prompt groups'}"
     )
 
-    def loss_fn(model, batch):
-        rewards = reward_logits(model, batch)
-        if regression:
-            return mse_loss(rewards, batch["score"]), {}
-        chosen, rejected, margin = pair_terms(rewards, batch, cfg.use_margins)
-        c, r = chosen.detach(), rejected.detach()
-        stats = {"accuracy": float(pairwise_accuracy(c, r)), "margin": float(mean_margin(c, r))}
-        return pairwise_loss(chosen, rejected, margin), stats
+    loss_fn = rating_loss if regression else partial(pair_loss, use_margins=cfg.use_margins)
 
     def eval_fn(model) -> dict[str, float]:
         parts: list[tuple[torch.Tensor, ...]] = []
@@ -264,7 +287,7 @@ def run(cfg: Config) -> Path:
             parts.append((rewards, batch["score"]) if regression else pair_terms(rewards, batch, cfg.use_margins))
         cols = [torch.cat(c) for c in zip(*parts, strict=True)]
         if regression:
-            return rating_metrics(cols[0], cols[1], [text_key(r.prompt) for r in valid_ratings])
+            return rating_metrics(cols[0], cols[1], [text_key(r.prompt) for r in valid])
         chosen, rejected, margin = cols
         return {
             "valid_loss": float(pairwise_loss(chosen, rejected, margin)),
@@ -276,7 +299,7 @@ def run(cfg: Config) -> Path:
     rm.model = engine.unwrap()
     if engine.is_main:
         if cfg.normalize.enabled:
-            normalize(rm, cfg, train_pairs, train_ratings, out)
+            normalize(rm, cfg, train, out)
             engine.print(
                 f"normalised on {rm.meta.normalization['source']}: gain {rm.meta.gain:.4g}, bias {rm.meta.bias:.4g}"
             )
@@ -296,23 +319,3 @@ def run(cfg: Config) -> Path:
     engine.print(f"reward model in {out / 'model'}")
     engine.accelerator.end_training()
     return out / "model"
-
-
-def rating_metrics(predicted: torch.Tensor, target: torch.Tensor, prompt_keys: list[str]) -> dict[str, float]:
-    """MSE, and pairwise accuracy/margin over ratings of the same prompt with different scores."""
-    metrics = {"valid_loss": float(mse_loss(predicted, target))}
-    by_prompt: dict[str, list[int]] = {}
-    for i, k in enumerate(prompt_keys):
-        by_prompt.setdefault(k, []).append(i)
-    better, worse = [], []
-    for rows in by_prompt.values():
-        for i, j in combinations(rows, 2):
-            if target[i] != target[j]:
-                hi, lo = (i, j) if target[i] > target[j] else (j, i)
-                better.append(hi)
-                worse.append(lo)
-    if better:
-        chosen, rejected = predicted[better], predicted[worse]
-        metrics["valid_accuracy"] = float(pairwise_accuracy(chosen, rejected))
-        metrics["valid_margin"] = float(mean_margin(chosen, rejected))
-    return metrics

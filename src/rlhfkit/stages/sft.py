@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
 from rlhfkit.config import StrictModel, atomic_write_text, save_config
-from rlhfkit.data.batching import IGNORE_INDEX, SFTExample, pack_examples, packed_collate, sft_collate
+from rlhfkit.data.batching import IGNORE_INDEX, SFTExample, pack_examples, packed_collate, sft_collate, split_by_prompt
 from rlhfkit.data.chat import PROMPT_TEMPLATE, encode_example
 from rlhfkit.data.formats import Demonstration, read_records
 from rlhfkit.engine.trainer import Engine, TrainConfig
@@ -50,20 +49,7 @@ class Config(StrictModel):
     train: TrainConfig = TrainConfig(lr=1e-4, batch_size=16, epochs=2, warmup_steps=20, log_every=10)
 
 
-def split_valid(
-    train: list[Demonstration], valid_fraction: float, seed: int
-) -> tuple[list[Demonstration], list[Demonstration]]:
-    """Hold out a seeded random fraction (at least one example when the fraction is > 0)."""
-    if valid_fraction == 0 or len(train) < 2:
-        return train, []
-    order = list(range(len(train)))
-    random.Random(seed).shuffle(order)
-    n_valid = max(1, round(len(train) * valid_fraction))
-    held = set(order[:n_valid])
-    return [d for i, d in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
-
-
-def encode_all(tokenizer, demos: list[Demonstration], cfg: DataConfig) -> list[SFTExample]:
+def encode_all(tokenizer: Any, demos: list[Demonstration], cfg: DataConfig) -> list[SFTExample]:
     return [encode_example(tokenizer, d.prompt, d.response, cfg.prompt_template, cfg.max_length) for d in demos]
 
 
@@ -94,7 +80,7 @@ def run(cfg: Config) -> Path:
     if cfg.data.valid:
         valid_demos = read_records(cfg.data.valid, "demonstrations")
     else:
-        demos, valid_demos = split_valid(demos, cfg.data.valid_fraction, cfg.train.seed)
+        demos, valid_demos = split_by_prompt(demos, cfg.data.valid_fraction, cfg.train.seed)
     model, tokenizer = load_causal_lm(cfg.model)
     train = encode_all(tokenizer, demos, cfg.data)
     valid = encode_all(tokenizer, valid_demos, cfg.data)
