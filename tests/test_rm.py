@@ -239,7 +239,7 @@ def test_ratings_regression_learns_scores(root, tmp_path):
         f"output_dir={out}",
         "data.valid_fraction=0.2",
         "train.batch_size=16",
-        "train.lr=1e-2",
+        "train.lr=3e-3",
         "train.max_steps=100",
         "normalize.enabled=false",
     )

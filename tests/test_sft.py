@@ -16,6 +16,7 @@ from rlhfkit.cli import main
 from rlhfkit.config import load_config
 from rlhfkit.data.batching import IGNORE_INDEX, pack_examples, packed_collate, sft_collate
 from rlhfkit.data.chat import encode_example, render_prompt
+from rlhfkit.data.formats import Message
 from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.models.sampling import SamplingConfig, sample
 from rlhfkit.models.tiny import make_test_model
@@ -174,6 +175,44 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(data_dir, tmp_path):
         assert torch.allclose(a[name], b[name], atol=1e-6), name
     steps = [json.loads(line)["step"] for line in (crashed / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)  # the killed run's rows after step 4 were dropped, not duplicated
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_conversational_demonstrations_use_the_chat_template_and_learn_only_the_reply(data_dir, tmp_path):
+    tok = load_tokenizer(data_dir / "gpt2")
+    tok.chat_template = CHAT_TEMPLATE
+    model_dir = tmp_path / "chat-model"
+    AutoModelForCausalLM.from_pretrained(data_dir / "gpt2").save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Greet Ann for me."}]
+    ids, n_prompt = encode_example(tok, [Message(**m) for m in conversation], "Hello there, friend.")
+    assert (
+        tok.decode(ids[:n_prompt])
+        == "<|system|>Be brief.<|endoftext|><|user|>Greet Ann for me.<|endoftext|><|assistant|>"
+    )
+    assert tok.decode(ids[n_prompt:]) == "Hello there, friend.<|endoftext|>"  # the turn's EOS is learned once
+
+    demos = [json.loads(line) for line in (data_dir / "demos.jsonl").read_text().splitlines()]
+    rows = [
+        {"prompt": conversation[:1] + [{"role": "user", "content": d["prompt"]}], "response": d["response"]}
+        for d in demos
+    ]
+    write_jsonl(tmp_path / "chat.jsonl", rows)
+    sft.run(
+        config(
+            data_dir,
+            tmp_path / "run",
+            f"model.path={model_dir}",
+            f"data.train={tmp_path / 'chat.jsonl'}",
+            "train.max_steps=3",
+        )
+    )
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
 
 
 def test_missing_data_is_a_clear_error(tmp_path, capsys):

@@ -85,12 +85,22 @@ class DataConfig(StrictModel):
 
 class NormalizeConfig(StrictModel):
     enabled: bool = True
-    policy: str = Field("", description="reference (SFT) policy; empty = model.path for a decoder RM")
+    policy: str = Field("", description="reference (SFT) policy; empty = model.path when that is a causal LM")
     prompts: str = Field("", description="prompts file; empty = the training prompts")
     max_prompts: int = Field(64, gt=0)
     samples_per_prompt: int = Field(4, gt=0)
     seed: int = 0
     sampling: SamplingConfig = SamplingConfig()
+
+
+class RMTrainConfig(TrainConfig):
+    """Reward-model defaults, as class defaults so that overriding one field keeps the others."""
+
+    lr: float = Field(5e-5, gt=0)
+    batch_size: int = Field(8, gt=0, description="prompts per micro-batch, each with all its pairs")
+    warmup_steps: int = Field(10, ge=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "linear"
+    eval_every: int = Field(50, ge=0, description="evaluate every N steps (0 = only at the end)")
 
 
 class Config(StrictModel):
@@ -100,9 +110,7 @@ class Config(StrictModel):
     data: DataConfig = DataConfig()
     use_margins: bool = Field(True, description="use per-pair margins where the data gives them")
     normalize: NormalizeConfig = NormalizeConfig()
-    train: TrainConfig = TrainConfig(
-        lr=5e-5, batch_size=8, epochs=1, warmup_steps=10, eval_every=50, log_every=10, scheduler="linear"
-    )
+    train: RMTrainConfig = RMTrainConfig()
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -196,7 +204,8 @@ def rating_metrics(predicted: torch.Tensor, target: torch.Tensor, prompt_keys: l
 def reference_samples(cfg: Config, kind: str, train_prompts: list[Text]) -> tuple[list[Text], list[str], str] | None:
     """(prompts, the reference policy's samples, description), or None when no policy is known."""
     n = cfg.normalize
-    policy = n.policy or (cfg.model.path if kind == "decoder" else "")
+    starts_from_lm = kind == "decoder" and RewardMeta.read(cfg.model.path) is None  # i.e. from the SFT model
+    policy = n.policy or (cfg.model.path if starts_from_lm else "")
     if not policy:
         return None
     prompts = [r.prompt for r in read_records(n.prompts, "prompts")] if n.prompts else list(train_prompts)

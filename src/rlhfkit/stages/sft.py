@@ -40,13 +40,21 @@ class DataConfig(StrictModel):
     packing: bool = Field(False, description="concatenate examples into blocks of max_length tokens")
 
 
+class SFTTrainConfig(TrainConfig):
+    """SFT defaults, as class defaults so that overriding one field keeps the others."""
+
+    lr: float = Field(1e-4, gt=0)
+    epochs: float = Field(2.0, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+
+
 class Config(StrictModel):
     output_dir: str = "runs/sft"
     resume: bool = False
     model: ModelConfig = ModelConfig()
     lora_save: Literal["merged", "adapter"] = Field("merged", description="with model.lora: what to save")
     data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig(lr=1e-4, batch_size=16, epochs=2, warmup_steps=20, log_every=10)
+    train: SFTTrainConfig = SFTTrainConfig()
 
 
 def encode_all(tokenizer: Any, demos: list[Demonstration], cfg: DataConfig) -> list[SFTExample]:
