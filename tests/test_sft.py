@@ -97,6 +97,22 @@ def test_pack_examples_keeps_examples_whole_and_restarts_positions():
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lm_loss_on_labelled_positions_equals_the_models_own_loss(data_dir, arch):
+    tok = load_tokenizer(data_dir / arch)
+    model = AutoModelForCausalLM.from_pretrained(data_dir / arch)
+    examples = [encode_example(tok, r["prompt"], r["response"]) for r in map(demonstration, ANSWERS, NAMES)]
+    batch = sft_collate(tok.pad_token_id)(examples)
+    ours = sft.lm_loss(model, batch)
+    ours.backward()
+    ours_grad = model.get_input_embeddings().weight.grad.clone()
+    model.zero_grad()
+    reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    reference.backward()
+    assert float(ours.detach()) == pytest.approx(float(reference.detach()), rel=1e-5)
+    assert torch.allclose(ours_grad, model.get_input_embeddings().weight.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_packed_loss_equals_unpacked_loss(data_dir, arch):
     """Position-id restarts must isolate the packed examples: same loss as training them one by one."""
     tok = load_tokenizer(data_dir / arch)

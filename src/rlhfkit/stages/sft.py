@@ -62,19 +62,31 @@ def encode_all(tokenizer: Any, demos: list[Demonstration], cfg: DataConfig) -> l
 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token loss over labelled tokens.
+    """Mean next-token loss over labelled tokens, with the LM head run on those positions only.
+
+    Why: with a real vocabulary the LM head and its softmax are a large share of the compute and
+    of the activation memory, and prompt tokens and padding need neither. A pre-hook on the output
+    layer hands it only the hidden states whose next token is labelled, so the model's own forward
+    (and any logit post-processing it does, e.g. soft-capping) runs unchanged on fewer rows.
 
     Packed batches pass position ids and neither an attention mask nor a KV cache: only then does
     `transformers` turn the position restarts into the per-example (block-diagonal) causal mask.
     """
-    mask = None if "position_ids" in batch else batch["attention_mask"]
-    return model(
-        input_ids=batch["input_ids"],
-        attention_mask=mask,
-        position_ids=batch.get("position_ids"),
-        labels=batch["labels"],
-        use_cache=False,
-    ).loss
+    labels = batch["labels"]
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t is scored on token t + 1
+    head = getattr(model, "module", model).get_output_embeddings()  # `module`: under DDP
+    hook = head.register_forward_pre_hook(lambda _, args: (args[0][predicts], *args[1:]))
+    try:
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=None if "position_ids" in batch else batch["attention_mask"],
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+        ).logits
+    finally:
+        hook.remove()
+    return torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][labels[:, 1:] != IGNORE_INDEX])
 
 
 def run(cfg: Config) -> Path:
