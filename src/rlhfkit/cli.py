@@ -22,12 +22,15 @@ from rlhfkit.errors import UserError
 # name -> (module, one-line help). Adding a stage is adding a line here.
 STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("rlhfkit.stages.pretrain", "train a tokenizer and a causal LM from scratch on text"),
+    "sft": ("rlhfkit.stages.sft", "supervised fine-tuning on demonstrations (loss on responses only)"),
     "generate": ("rlhfkit.stages.generate", "sample K completions per prompt"),
-    "data": ("rlhfkit.stages.data", "validate data files and convert rankings to pairs"),
     "serve": ("rlhfkit.stages.serve", "the human-feedback web app (and its admin commands)"),
     "aggregate": ("rlhfkit.stages.aggregate", "consensus, agreement and pairs from human rankings"),
-    "demo": ("rlhfkit.stages.demo", "run the whole loop on the embedded default data"),
+    "rm": ("rlhfkit.stages.rm", "train a reward model on pairs, rankings or ratings"),
     "ppo": ("rlhfkit.stages.ppo", "PPO against a reward, with a KL penalty to the starting model"),
+    "eval": ("rlhfkit.stages.eval", "compare models on held-out prompts: reward, gold utility, toxicity, KL"),
+    "demo": ("rlhfkit.stages.demo", "run the whole loop on the embedded default data"),
+    "data": ("rlhfkit.stages.data", "validate data files and convert rankings to pairs"),
 }
 
 

@@ -1,0 +1,204 @@
+"""The reward model: a pretrained LM with a scalar head, and how it turns (prompt, completion) into
+one number.
+
+Two kinds, one interface:
+- decoder (initialised from the SFT causal LM): the input is exactly what the policy sees,
+  prompt template + response + EOS, right-padded with a pad token that is not EOS; the
+  `*ForSequenceClassification` head reads the last non-pad token, i.e. the EOS (PPO detail 1).
+- encoder (BERT-style, e.g. all-MiniLM-L6-v2): the input is the text pair
+  ([CLS] rendered prompt [SEP] response [SEP]); the head reads the pooled [CLS] token.
+
+The saved folder is a plain `save_pretrained` sequence classifier (`num_labels=1`) plus
+`rlhfkit_reward.json`: the kind, the prompt template used in training, and the gain/bias that
+normalise rewards (fitted so the reference policy's own samples score mean 0, std 1; PPO detail 2).
+`score` applies them, so every consumer sees normalised rewards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, ValidationError
+
+from rlhfkit.config import StrictModel, atomic_write_text
+from rlhfkit.data.batching import Encoded, collate_sequences
+from rlhfkit.data.chat import PROMPT_TEMPLATE, encode_example, render_prompt, render_response
+from rlhfkit.data.formats import Text
+from rlhfkit.errors import UserError
+from rlhfkit.models.loading import DTYPES, disable_dropout, load_tokenizer
+
+META_FILE = "rlhfkit_reward.json"
+Kind = Literal["decoder", "encoder"]
+
+
+class RewardMeta(StrictModel):
+    kind: Kind
+    prompt_template: str = PROMPT_TEMPLATE
+    max_length: int = Field(512, gt=1)
+    gain: float = 1.0
+    bias: float = 0.0
+    normalization: dict[str, Any] = Field(default_factory=dict, description="how gain/bias were fitted")
+
+    @classmethod
+    def read(cls, folder: str | Path) -> RewardMeta | None:
+        path = Path(folder) / META_FILE
+        if not path.exists():
+            return None
+        try:
+            return cls.model_validate_json(path.read_text(encoding="utf-8"))
+        except ValidationError as e:
+            raise UserError(f"{path}: invalid reward-model metadata: {e}") from None
+
+
+def detect_kind(config: Any) -> Kind:
+    """Decoder if the architecture is a causal LM only; encoder if it also has a masked-LM form (BERT)."""
+    from transformers.models.auto import modeling_auto as auto
+
+    if config.model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "encoder"
+    if config.model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "decoder"
+    raise UserError(f"cannot tell whether a {config.model_type!r} model is a decoder or an encoder; set model.kind")
+
+
+def load_backbone(
+    path: str, kind: Kind | Literal["auto"] = "auto", dtype: str = "float32", trust_remote_code: bool = False
+) -> tuple[Any, Any, Kind]:
+    """(sequence classifier with one output, tokenizer, kind) from any LM or reward-model folder.
+
+    Dropout is switched off: a reward must be a deterministic function of the text.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.path: cannot load {path!r} ({e})") from None
+    if kind == "auto":
+        meta = RewardMeta.read(path)
+        kind = meta.kind if meta is not None else detect_kind(config)
+    if kind == "decoder":
+        tokenizer = load_tokenizer(path, trust_remote_code)  # guarantees a pad token distinct from EOS
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if tokenizer.pad_token is None:
+            raise UserError(f"{path}: the encoder's tokenizer has no pad token")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+    )
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.config.pad_token_id = tokenizer.pad_token_id  # the head finds the last non-pad token with it
+    disable_dropout(model)
+    return model, tokenizer, kind
+
+
+def init_reward_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """Re-initialise the scalar head: weight ~ N(0, 1/√(d+1)), bias 0 (PPO detail 1), so initial
+    rewards have unit-ish scale whatever the hidden size."""
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1]
+    if not heads:
+        raise UserError(f"{type(model).__name__}: no scalar output layer found")
+    head = heads[-1]
+    with torch.no_grad():
+        head.weight.normal_(0.0, 1.0 / math.sqrt(head.in_features + 1))
+        if head.bias is not None:
+            head.bias.zero_()
+    return head
+
+
+def reward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Raw (unnormalised) reward of every row of a collated batch, shape (N,)."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        token_type_ids=batch.get("token_type_ids"),
+    )
+    return out.logits[:, 0].float()
+
+
+class RewardModel:
+    """A trained reward model: `score(prompts, completions)` gives normalised rewards, shape (N,)."""
+
+    def __init__(self, model: Any, tokenizer: Any, meta: RewardMeta, batch_size: int = 32):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.meta = meta
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, path: str | Path, device: Any = "cpu", batch_size: int = 32) -> RewardModel:
+        meta = RewardMeta.read(path)
+        if meta is None:
+            raise UserError(f"{path}: not a reward model trained by `rlhfkit rm` (no {META_FILE})")
+        model, tokenizer, _ = load_backbone(str(path), meta.kind)
+        model.to(device).eval()
+        return cls(model, tokenizer, meta, batch_size)
+
+    def save(self, path: str | Path) -> Path:
+        """Model + tokenizer + metadata, written to a temporary sibling and renamed (never half-saved)."""
+        import shutil
+
+        out = Path(path)
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        atomic_write_text(tmp / META_FILE, self.meta.model_dump_json(indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        return out
+
+    # ---- inputs ---------------------------------------------------------------------------
+    def encode(self, prompt: Text, completion: Text) -> Encoded:
+        """Token ids exactly as in training (same template, EOS for decoders, text pair for encoders)."""
+        tok, template = self.tokenizer, self.meta.prompt_template
+        if self.meta.kind == "decoder":
+            ids, _ = encode_example(tok, prompt, completion, template, self.meta.max_length)
+            return {"input_ids": ids}
+        response = render_response(tok, prompt, completion, template).strip()
+        enc = tok(render_prompt(tok, prompt, template), response, truncation=True, max_length=self.meta.max_length)
+        out = {"input_ids": enc["input_ids"]}
+        if "token_type_ids" in enc:
+            out["token_type_ids"] = enc["token_type_ids"]
+        return out
+
+    def collate(self, seqs: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        return collate_sequences(seqs, self.tokenizer.pad_token_id)
+
+    # ---- scoring --------------------------------------------------------------------------
+    @torch.no_grad()
+    def raw_scores(self, prompts: Sequence[Text], completions: Sequence[Text]) -> torch.Tensor:
+        """Head outputs before normalisation, batched by similar length (less padding)."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        seqs = [self.encode(p, c) for p, c in zip(prompts, completions, strict=True)]
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]["input_ids"]))
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        scores = torch.zeros(len(seqs))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            batch = {k: v.to(device) for k, v in self.collate([seqs[i] for i in idx]).items()}
+            scores[idx] = reward_logits(self.model, batch).cpu()
+        self.model.train(was_training)
+        return scores
+
+    def score(self, prompts: Sequence[Text], completions: Sequence[Text]) -> torch.Tensor:
+        return self.meta.gain * self.raw_scores(prompts, completions) + self.meta.bias
+
+    def fit_normalization(self, raw: torch.Tensor, source: str) -> None:
+        """Set gain/bias so that these raw rewards map to mean 0, std 1."""
+        mean, std = float(raw.mean()), float(raw.std()) if len(raw) > 1 else 0.0
+        gain = 1.0 / std if std > 1e-6 else 1.0
+        self.meta.gain, self.meta.bias = gain, -mean * gain
+        self.meta.normalization = {"source": source, "n": len(raw), "raw_mean": mean, "raw_std": std}
+
+    def __repr__(self) -> str:
+        return f"RewardModel({self.meta.kind}, gain={self.meta.gain:.4g}, bias={self.meta.bias:.4g})"

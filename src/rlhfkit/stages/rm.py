@@ -1,0 +1,330 @@
+"""Stage 3, reward model: learn a scalar score of (prompt, completion) from human preferences.
+
+The model is a pretrained LM with a scalar head (`AutoModelForSequenceClassification`,
+`num_labels=1`): the SFT model (decoder; reward read at the EOS token) or an encoder such as
+all-MiniLM-L6-v2 (reward read at [CLS]). The head starts as N(0, 1/√(d+1)), bias 0; dropout is off.
+
+Data, exactly one of:
+- `data.pairs`: `{prompt, chosen, rejected, margin?}`; loss −log σ(r_c − r_r − margin).
+- `data.rankings` + `data.completions`: every ranking gives all C(K,2) pairs of its prompt; ties
+  are dropped, identical candidate texts skipped, rankings marked unusable skipped (all counted).
+- `data.ratings`: `{prompt, completion, score}`; mean squared error against the score.
+Pairs are grouped by prompt and a prompt's group is one batch element, so all its pairs are in
+the same batch. A malformed pair (identical chosen and rejected, empty text) stops the run with
+`file:line` before training starts; fix or remove that line.
+
+After training, rewards are normalised: gain and bias are fitted so that the reference (SFT)
+policy's own samples on training prompts score mean 0, std 1 (`normalize.*`; by default the policy
+is the model the decoder RM started from; without one, the training responses are used and the
+metadata says so). Output: `OUTPUT_DIR/model` (load with `rlhfkit.rewards.model.RewardModel.load`),
+`results.json` (held-out accuracy, margin, loss, data counts), `metrics.jsonl` per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from functools import partial
+from itertools import combinations
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from rlhfkit.config import StrictModel, atomic_write_text, save_config
+from rlhfkit.data.batching import group_by_prompt, make_pair_group, pair_collate, rating_collate, split_by_prompt
+from rlhfkit.data.chat import PROMPT_TEMPLATE, render_prompt
+from rlhfkit.data.formats import (
+    Completions,
+    Pair,
+    Ranking,
+    Rating,
+    Text,
+    check_rankings,
+    rankings_to_pairs,
+    read_records,
+    text_key,
+)
+from rlhfkit.engine.trainer import Engine, TrainConfig
+from rlhfkit.errors import UserError
+from rlhfkit.models.loading import ModelConfig, load_causal_lm
+from rlhfkit.models.sampling import SamplingConfig, sample
+from rlhfkit.rewards.losses import mean_margin, mse_loss, pairwise_accuracy, pairwise_loss
+from rlhfkit.rewards.model import RewardMeta, RewardModel, init_reward_head, load_backbone, reward_logits
+
+
+class RMModelConfig(StrictModel):
+    path: str = Field("", description="SFT model folder (decoder) or an encoder such as all-MiniLM-L6-v2")
+    kind: Literal["auto", "decoder", "encoder"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class DataConfig(StrictModel):
+    pairs: str = Field("", description="pairs file {prompt, chosen, rejected, margin?}")
+    rankings: str = Field("", description="rankings file {prompt_id, labeler, ranking}; needs data.completions")
+    completions: str = Field("", description="the completions the rankings refer to")
+    ratings: str = Field("", description="ratings file {prompt, completion, score} (MSE regression)")
+    valid: str = Field("", description="held-out file in the training format; empty = split valid_fraction off")
+    valid_fraction: float = Field(0.1, ge=0, lt=1, description="share of prompts held out")
+    max_length: int = Field(512, gt=1)
+    prompt_template: str = Field(PROMPT_TEMPLATE, description="must match the policy's (stored with the model)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        given = [k for k in ("pairs", "rankings", "ratings") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give one of data.pairs / data.rankings / data.ratings, not {' and '.join(given)}")
+        if self.rankings and not self.completions:
+            raise ValueError("data.rankings needs data.completions (the candidates that were ranked)")
+        return self
+
+
+class NormalizeConfig(StrictModel):
+    enabled: bool = True
+    policy: str = Field("", description="reference (SFT) policy; empty = model.path when that is a causal LM")
+    prompts: str = Field("", description="prompts file; empty = the training prompts")
+    max_prompts: int = Field(64, gt=0)
+    samples_per_prompt: int = Field(4, gt=0)
+    seed: int = 0
+    sampling: SamplingConfig = SamplingConfig()
+
+
+class RMTrainConfig(TrainConfig):
+    """Reward-model defaults, as class defaults so that overriding one field keeps the others."""
+
+    lr: float = Field(5e-5, gt=0)
+    batch_size: int = Field(8, gt=0, description="prompts per micro-batch, each with all its pairs")
+    warmup_steps: int = Field(10, ge=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "linear"
+    eval_every: int = Field(50, ge=0, description="evaluate every N steps (0 = only at the end)")
+
+
+class Config(StrictModel):
+    output_dir: str = "runs/rm"
+    resume: bool = False
+    model: RMModelConfig = RMModelConfig()
+    data: DataConfig = DataConfig()
+    use_margins: bool = Field(True, description="use per-pair margins where the data gives them")
+    normalize: NormalizeConfig = NormalizeConfig()
+    train: RMTrainConfig = RMTrainConfig()
+
+
+# ---- data -----------------------------------------------------------------------------------
+def pairs_from_rankings(rankings: list[Ranking], completions: list[Completions]) -> tuple[list[Pair], Counter]:
+    """All preference pairs of every usable ranking, with counts of what was left out and why."""
+    check_rankings(rankings, completions)
+    by_id = {c.prompt_id: c for c in completions}
+    pairs: list[Pair] = []
+    counts: Counter = Counter(rankings=len(rankings))
+    for r in rankings:
+        if r.unusable:
+            counts["rankings_unusable_skipped"] += 1
+            continue
+        got = rankings_to_pairs([r], [by_id[r.prompt_id]])
+        n_pairs = math.comb(len(r.ranking), 2)
+        ties = sum(r.ranking[i] == r.ranking[j] for i, j in combinations(range(len(r.ranking)), 2))
+        counts["tied_pairs_dropped"] += ties
+        counts["identical_text_pairs_skipped"] += n_pairs - ties - len(got)
+        pairs += got
+    counts["pairs"] = len(pairs)
+    return pairs, counts
+
+
+def load_pairs(source: str, cfg: DataConfig) -> tuple[list[Pair], Counter]:
+    if cfg.rankings:
+        rankings = read_records(source, "rankings")
+        return pairs_from_rankings(rankings, read_records(cfg.completions, "completions"))
+    pairs = read_records(source, "pairs")
+    return pairs, Counter(pairs=len(pairs))
+
+
+def load_data(d: DataConfig, seed: int) -> tuple[list[Any], list[Any], Counter]:
+    """(train, held-out, counts): pairs (from a pairs file or rankings) or ratings."""
+    if d.ratings:
+        train: list[Any] = read_records(d.ratings, "ratings")
+        counts: Counter = Counter(ratings=len(train))
+        if d.valid:
+            return train, read_records(d.valid, "ratings"), counts
+        return *split_by_prompt(train, d.valid_fraction, seed), counts
+    train, counts = load_pairs(d.pairs or d.rankings, d)
+    if not train:
+        raise UserError(f"{d.pairs or d.rankings}: no usable preference pairs ({dict(counts)})")
+    if d.valid:
+        return train, load_pairs(d.valid, d)[0], counts
+    return *split_by_prompt(train, d.valid_fraction, seed), counts
+
+
+def pair_terms(
+    rewards: torch.Tensor, batch: dict[str, torch.Tensor], use_margins: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected, margin) of every pair in a collated batch of prompt groups."""
+    chosen, rejected = rewards[batch["chosen_idx"]], rewards[batch["rejected_idx"]]
+    return chosen, rejected, batch["margin"] if use_margins else torch.zeros_like(chosen)
+
+
+def pair_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], use_margins: bool = True
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The engine's loss_fn for preference pairs: Bradley-Terry loss, plus accuracy and margin to log."""
+    chosen, rejected, margin = pair_terms(reward_logits(model, batch), batch, use_margins)
+    c, r = chosen.detach(), rejected.detach()
+    stats = {"accuracy": float(pairwise_accuracy(c, r)), "margin": float(mean_margin(c, r))}
+    return pairwise_loss(chosen, rejected, margin), stats
+
+
+def rating_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    return mse_loss(reward_logits(model, batch), batch["score"]), {}
+
+
+def rating_metrics(predicted: torch.Tensor, target: torch.Tensor, prompt_keys: list[str]) -> dict[str, float]:
+    """MSE, and pairwise accuracy/margin over ratings of the same prompt with different scores."""
+    metrics = {"valid_loss": float(mse_loss(predicted, target))}
+    by_prompt: dict[str, list[int]] = {}
+    for i, k in enumerate(prompt_keys):
+        by_prompt.setdefault(k, []).append(i)
+    better, worse = [], []
+    for rows in by_prompt.values():
+        for i, j in combinations(rows, 2):
+            if target[i] != target[j]:
+                hi, lo = (i, j) if target[i] > target[j] else (j, i)
+                better.append(hi)
+                worse.append(lo)
+    if better:
+        chosen, rejected = predicted[better], predicted[worse]
+        metrics["valid_accuracy"] = float(pairwise_accuracy(chosen, rejected))
+        metrics["valid_margin"] = float(mean_margin(chosen, rejected))
+    return metrics
+
+
+# ---- normalisation --------------------------------------------------------------------------
+def reference_samples(cfg: Config, kind: str, train_prompts: list[Text]) -> tuple[list[Text], list[str], str] | None:
+    """(prompts, the reference policy's samples, description), or None when no policy is known."""
+    n = cfg.normalize
+    starts_from_lm = kind == "decoder" and RewardMeta.read(cfg.model.path) is None  # i.e. from the SFT model
+    policy = n.policy or (cfg.model.path if starts_from_lm else "")
+    if not policy:
+        return None
+    prompts = [r.prompt for r in read_records(n.prompts, "prompts")] if n.prompts else list(train_prompts)
+    random.Random(n.seed).shuffle(prompts)
+    prompts = prompts[: n.max_prompts]
+    model, tokenizer = load_causal_lm(ModelConfig(path=policy, trust_remote_code=cfg.model.trust_remote_code))
+    torch.manual_seed(n.seed)
+    rendered = [render_prompt(tokenizer, p, cfg.data.prompt_template) for p in prompts]
+    samples = sample(model, tokenizer, rendered, n.sampling, num_samples=n.samples_per_prompt)
+    repeated = [p for p in prompts for _ in range(n.samples_per_prompt)]
+    where = "given prompts" if n.prompts else "training prompts"
+    return repeated, samples.texts, f"samples of {policy} on {len(prompts)} {where}"
+
+
+def training_responses(train: list[Pair] | list[Rating]) -> tuple[list[Text], list[Text]]:
+    """Every distinct (prompt, response) of the training data: chosen and rejected, or rated."""
+    seen: dict[tuple[str, str], tuple[Text, Text]] = {}
+    for x in train:
+        for resp in (x.chosen, x.rejected) if isinstance(x, Pair) else (x.completion,):
+            seen[(text_key(x.prompt), text_key(resp))] = (x.prompt, resp)
+    return [p for p, _ in seen.values()], [r for _, r in seen.values()]
+
+
+def normalize(rm: RewardModel, cfg: Config, train: list[Pair] | list[Rating], out: Path) -> None:
+    """Fit gain/bias on the reference policy's samples (or on the training responses) and record them."""
+    prompts = list({text_key(x.prompt): x.prompt for x in train}.values())
+    ref = reference_samples(cfg, rm.meta.kind, prompts)
+    if ref is not None:
+        ref_prompts, ref_texts, source = ref
+    else:
+        ref_prompts, ref_texts = training_responses(train)
+        source = "training responses (no reference policy: set normalize.policy to normalise on its samples)"
+    raw = rm.raw_scores(ref_prompts, ref_texts)
+    rm.fit_normalization(raw, source)
+    rows = [
+        {"prompt": p if isinstance(p, str) else [m.model_dump() for m in p], "completion": c, "raw_reward": float(r)}
+        for p, c, r in zip(ref_prompts, ref_texts, raw, strict=True)
+    ]
+    atomic_write_text(out / "normalization_samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ---- the stage ------------------------------------------------------------------------------
+def run(cfg: Config) -> Path:
+    d = cfg.data
+    if not (d.pairs or d.rankings or d.ratings):
+        raise UserError("data: no training data; set data.pairs, data.rankings (+ data.completions) or data.ratings")
+    if not cfg.model.path:
+        raise UserError("model.path: no model given; set it to the SFT model or an encoder folder")
+    out = Path(cfg.output_dir)
+    engine = Engine(cfg.train, out, resume=cfg.resume)
+    if engine.is_main:
+        save_config(cfg, out)
+
+    # Data first: a bad line fails in seconds, not after loading a model.
+    regression = bool(d.ratings)
+    train, valid, counts = load_data(d, cfg.train.seed)
+    engine.print("data: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+    # Model.
+    model, tokenizer, kind = load_backbone(cfg.model.path, cfg.model.kind, cfg.model.dtype, cfg.model.trust_remote_code)
+    if RewardMeta.read(cfg.model.path) is None:  # a fresh head; an existing reward model keeps its trained one
+        torch.manual_seed(cfg.train.seed)
+        init_reward_head(model)
+    meta = RewardMeta(kind=kind, prompt_template=d.prompt_template, max_length=d.max_length)
+    rm = RewardModel(model, tokenizer, meta)
+    pad = tokenizer.pad_token_id
+    if regression:
+        train_set: list[Any] = [(rm.encode(r.prompt, r.completion), r.score) for r in train]
+        valid_set: list[Any] = [(rm.encode(r.prompt, r.completion), r.score) for r in valid]
+        collate = rating_collate(pad)
+    else:
+        train_set = [make_pair_group(g, rm.encode) for g in group_by_prompt(train)]
+        valid_set = [make_pair_group(g, rm.encode) for g in group_by_prompt(valid)]
+        collate = pair_collate(pad)
+    n_params = sum(p.numel() for p in model.parameters())
+    engine.print(
+        f"rm: {kind} {cfg.model.path} ({n_params / 1e6:.2f}M params), "
+        f"{len(train_set)} train / {len(valid_set)} held-out {'ratings' if regression else 'prompt groups'}"
+    )
+
+    loss_fn = rating_loss if regression else partial(pair_loss, use_margins=cfg.use_margins)
+
+    def eval_fn(model) -> dict[str, float]:
+        parts: list[tuple[torch.Tensor, ...]] = []
+        for i in range(0, len(valid_set), cfg.train.batch_size):
+            batch = {k: v.to(engine.device) for k, v in collate(valid_set[i : i + cfg.train.batch_size]).items()}
+            rewards = reward_logits(model, batch)
+            parts.append((rewards, batch["score"]) if regression else pair_terms(rewards, batch, cfg.use_margins))
+        cols = [torch.cat(c) for c in zip(*parts, strict=True)]
+        if regression:
+            return rating_metrics(cols[0], cols[1], [text_key(r.prompt) for r in valid])
+        chosen, rejected, margin = cols
+        return {
+            "valid_loss": float(pairwise_loss(chosen, rejected, margin)),
+            "valid_accuracy": float(pairwise_accuracy(chosen, rejected)),
+            "valid_margin": float(mean_margin(chosen, rejected)),
+        }
+
+    final = engine.fit(model, train_set, collate, loss_fn, eval_fn=eval_fn if valid_set else None, desc="rm")
+    rm.model = engine.unwrap()
+    if engine.is_main:
+        if cfg.normalize.enabled:
+            normalize(rm, cfg, train, out)
+            engine.print(
+                f"normalised on {rm.meta.normalization['source']}: gain {rm.meta.gain:.4g}, bias {rm.meta.bias:.4g}"
+            )
+        rm.save(out / "model")
+        results = {
+            **{k: v for k, v in final.items() if k.startswith("valid_")},
+            "final_train_loss": final.get("loss"),
+            "steps": engine.step,
+            "kind": kind,
+            "data": dict(counts),
+            "normalization": rm.meta.normalization,
+        }
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+        if "valid_accuracy" in final:
+            engine.print(f"held-out accuracy {final['valid_accuracy']:.3f}, mean margin {final['valid_margin']:.3f}")
+    engine.accelerator.wait_for_everyone()
+    engine.print(f"reward model in {out / 'model'}")
+    engine.accelerator.end_training()
+    return out / "model"

@@ -1,0 +1,157 @@
+"""Stage 2, supervised fine-tuning: teach a causal LM to answer prompts like the demonstrations.
+
+Reads demonstrations (`{prompt, response}`, plain text or conversations), renders each prompt with
+the template (or the tokenizer's chat template) and trains on the response tokens only: prompt
+tokens and padding have label −100, and every response ends with EOS, so the model learns when
+to stop. Options: packing (`data.packing`, whole examples per block, position ids restarted so
+examples do not see each other), LoRA (`model.lora`), warmup + cosine schedule, gradient
+accumulation, held-out loss, checkpoints and `--resume`.
+
+Output: `OUTPUT_DIR/model`, a plain `save_pretrained` folder: merged weights, or with
+`lora_save=adapter` the LoRA adapter (loadable with `peft.PeftModel.from_pretrained(base, folder)`).
+`OUTPUT_DIR/results.json` has the held-out loss and perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from rlhfkit.config import StrictModel, atomic_write_text, save_config
+from rlhfkit.data.batching import IGNORE_INDEX, SFTExample, pack_examples, packed_collate, sft_collate, split_by_prompt
+from rlhfkit.data.chat import PROMPT_TEMPLATE, encode_example
+from rlhfkit.data.formats import Demonstration, read_records
+from rlhfkit.engine.trainer import Engine, TrainConfig
+from rlhfkit.errors import UserError
+from rlhfkit.models.loading import ModelConfig, load_causal_lm, save_model
+
+
+class DataConfig(StrictModel):
+    train: str = Field("", description="demonstrations file (JSONL {prompt, response}) or dataset folder")
+    valid: str = Field("", description="held-out demonstrations; empty = split valid_fraction off train")
+    valid_fraction: float = Field(0.05, ge=0, lt=1)
+    max_length: int = Field(512, gt=1, description="tokens per example; longer prompts keep their end")
+    prompt_template: str = Field(PROMPT_TEMPLATE, description="'{prompt}' pattern, or 'chat' for the chat template")
+    packing: bool = Field(False, description="concatenate examples into blocks of max_length tokens")
+
+
+class SFTTrainConfig(TrainConfig):
+    """SFT defaults, as class defaults so that overriding one field keeps the others."""
+
+    lr: float = Field(1e-4, gt=0)
+    epochs: float = Field(2.0, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+
+
+class Config(StrictModel):
+    output_dir: str = "runs/sft"
+    resume: bool = False
+    model: ModelConfig = ModelConfig()
+    lora_save: Literal["merged", "adapter"] = Field("merged", description="with model.lora: what to save")
+    data: DataConfig = DataConfig()
+    train: SFTTrainConfig = SFTTrainConfig()
+
+
+def encode_all(tokenizer: Any, demos: list[Demonstration], cfg: DataConfig) -> list[SFTExample]:
+    return [encode_example(tokenizer, d.prompt, d.response, cfg.prompt_template, cfg.max_length) for d in demos]
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token loss over labelled tokens, with the LM head run on those positions only.
+
+    Why: with a real vocabulary the LM head and its softmax are a large share of the compute and
+    of the activation memory, and prompt tokens and padding need neither. A pre-hook on the output
+    layer hands it only the hidden states whose next token is labelled, so the model's own forward
+    (and any logit post-processing it does, e.g. soft-capping) runs unchanged on fewer rows.
+
+    Packed batches pass position ids and neither an attention mask nor a KV cache: only then does
+    `transformers` turn the position restarts into the per-example (block-diagonal) causal mask.
+    """
+    labels = batch["labels"]
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t is scored on token t + 1
+    head = getattr(model, "module", model).get_output_embeddings()  # `module`: under DDP
+    hook = head.register_forward_pre_hook(lambda _, args: (args[0][predicts], *args[1:]))
+    try:
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=None if "position_ids" in batch else batch["attention_mask"],
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+        ).logits
+    finally:
+        hook.remove()
+    return torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][labels[:, 1:] != IGNORE_INDEX])
+
+
+def run(cfg: Config) -> Path:
+    if not cfg.data.train:
+        raise UserError("data.train: no demonstrations given; set data.train=FILE.jsonl")
+    out = Path(cfg.output_dir)
+    engine = Engine(cfg.train, out, resume=cfg.resume)
+    if engine.is_main:
+        save_config(cfg, out)
+    demos = read_records(cfg.data.train, "demonstrations")
+    if cfg.data.valid:
+        valid_demos = read_records(cfg.data.valid, "demonstrations")
+    else:
+        demos, valid_demos = split_by_prompt(demos, cfg.data.valid_fraction, cfg.train.seed)
+    model, tokenizer = load_causal_lm(cfg.model)
+    train = encode_all(tokenizer, demos, cfg.data)
+    valid = encode_all(tokenizer, valid_demos, cfg.data)
+    pad = tokenizer.pad_token_id
+    n_tokens = sum(len(ids) for ids, _ in train)
+    if cfg.data.packing:
+        dataset = pack_examples(train, cfg.data.max_length, seed=cfg.train.seed)
+        collate = packed_collate(pad)
+        fill = n_tokens / (len(dataset) * cfg.data.max_length)
+        engine.print(
+            f"packing: {len(train)} examples into {len(dataset)} blocks of {cfg.data.max_length} ({fill:.0%} full)"
+        )
+    else:
+        dataset, collate = train, sft_collate(pad)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    engine.print(
+        f"sft: {cfg.model.path} ({n_trainable / 1e6:.2f}M trainable params{', LoRA' if cfg.model.lora else ''}), "
+        f"{len(train)} train / {len(valid)} held-out demonstrations, {n_tokens:,} train tokens"
+    )
+    valid_collate = sft_collate(pad)
+
+    def loss_fn(model, batch):
+        return lm_loss(model, batch), {}
+
+    def eval_fn(model) -> dict[str, float]:
+        """Token-weighted loss over the whole held-out set (not a mean of batch means)."""
+        total, count = 0.0, 0
+        for i in range(0, len(valid), cfg.train.batch_size):
+            batch = {k: v.to(engine.device) for k, v in valid_collate(valid[i : i + cfg.train.batch_size]).items()}
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += float(lm_loss(model, batch)) * n
+            count += n
+        loss = total / max(1, count)
+        return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))}
+
+    final = engine.fit(model, dataset, collate, loss_fn, eval_fn=eval_fn if valid else None, desc="sft")
+    results = {
+        "final_train_loss": final.get("loss"),
+        "valid_loss": final.get("valid_loss"),
+        "valid_ppl": final.get("valid_ppl"),
+        "train_examples": len(train),
+        "valid_examples": len(valid),
+        "steps": engine.step,
+    }
+    model_dir = out / "model"
+    if engine.is_main:
+        save_model(engine.unwrap(), tokenizer, model_dir, merge_lora=cfg.lora_save == "merged")
+        atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    engine.accelerator.wait_for_everyone()
+    if valid:
+        engine.print(f"held-out loss {results['valid_loss']:.4f} (perplexity {results['valid_ppl']:.2f})")
+    engine.print(f"model in {model_dir}")
+    engine.accelerator.end_training()
+    return model_dir
