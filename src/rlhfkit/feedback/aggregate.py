@@ -77,9 +77,7 @@ class Consensus:
         return self.n_unusable * 2 > self.n_judgments
 
     def as_ranking(self) -> Ranking:
-        return Ranking(
-            prompt_id=self.prompt_id, labeler="consensus", ranking=self.ranking, unusable=self.unusable
-        )
+        return Ranking(prompt_id=self.prompt_id, labeler="consensus", ranking=self.ranking, unusable=self.unusable)
 
 
 def group_by_item(rankings: Sequence[Ranking]) -> dict[str, list[Ranking]]:
@@ -109,14 +107,10 @@ def consensus(rankings: Sequence[Ranking], alpha: float = DEFAULT_ALPHA) -> dict
 
 def consensus_rows(cons: dict[str, Consensus]) -> list[dict[str, Any]]:
     """The consensus as `rankings` records (labeler "consensus") plus scores and judgment count."""
-    return [
-        c.as_ranking().to_json() | {"scores": c.scores, "n_judgments": c.n_judgments} for c in cons.values()
-    ]
+    return [c.as_ranking().to_json() | {"scores": c.scores, "n_judgments": c.n_judgments} for c in cons.values()]
 
 
-def consensus_pairs(
-    cons: dict[str, Consensus], completions: Sequence[Completions], margin: bool = False
-) -> list[Pair]:
+def consensus_pairs(cons: dict[str, Consensus], completions: Sequence[Completions], margin: bool = False) -> list[Pair]:
     """One TRL pair (preferred first) per candidate pair the consensus orders; ties, flagged items
     and identical texts are left out. `margin` adds the consensus score difference."""
     pairs: list[Pair] = []

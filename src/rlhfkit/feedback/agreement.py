@@ -123,9 +123,7 @@ def agreement_report(rankings: Sequence[Ranking], alpha: float = DEFAULT_ALPHA) 
     multi = {pid: [r.ranking for r in g] for pid, g in groups.items() if len(g) >= 2}
     ordinal_units = [[r[c] for r in rs] for rs in multi.values() for c in range(len(rs[0]))]
     pair_units = [
-        [relation(r, i, j) for r in rs]
-        for rs in multi.values()
-        for i, j in combinations(range(len(rs[0])), 2)
+        [relation(r, i, j) for r in rs] for rs in multi.values() for i, j in combinations(range(len(rs[0])), 2)
     ]
     ws = [w for rs in multi.values() if (w := kendalls_w(rs)) is not None]
     pairwise = pairwise_agreement(multi.values())

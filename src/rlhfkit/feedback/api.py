@@ -59,9 +59,7 @@ def login(data: LoginIn, request: Request) -> Response:
 
 
 def set_session_cookie(response: Response, token: str, days: int, secure: bool) -> None:
-    response.set_cookie(
-        COOKIE, token, max_age=days * 86400, httponly=True, samesite="lax", secure=secure, path="/"
-    )
+    response.set_cookie(COOKIE, token, max_age=days * 86400, httponly=True, samesite="lax", secure=secure, path="/")
 
 
 @router.post("/logout", status_code=204)
@@ -158,8 +156,7 @@ def list_members(pid: int, request: Request, auth: Auth = Depends(api_auth)) -> 
     with state(request).db.session() as s:
         project, _ = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
         return [
-            {"user_id": m.user_id, "username": m.user.username, "role": m.role}
-            for m in service.members(s, project)
+            {"user_id": m.user_id, "username": m.user.username, "role": m.role} for m in service.members(s, project)
         ]
 
 
@@ -219,9 +216,7 @@ def get_item(pid: int, item_id: int, request: Request, auth: Auth = Depends(api_
 
 
 @router.put("/projects/{pid}/items/{item_id}/draft", status_code=204)
-def save_draft(
-    pid: int, item_id: int, data: DraftIn, request: Request, auth: Auth = Depends(api_auth)
-) -> Response:
+def save_draft(pid: int, item_id: int, data: DraftIn, request: Request, auth: Auth = Depends(api_auth)) -> Response:
     st = state(request)
     with st.db.session(write=True) as s:
         user = s.get(User, auth.user_id)
@@ -231,9 +226,7 @@ def save_draft(
 
 
 @router.post("/projects/{pid}/items/{item_id}/judgments")
-def submit(
-    pid: int, item_id: int, data: JudgmentIn, request: Request, auth: Auth = Depends(api_auth)
-) -> Response:
+def submit(pid: int, item_id: int, data: JudgmentIn, request: Request, auth: Auth = Depends(api_auth)) -> Response:
     """201 with the new judgment; 200 with the stored one when this client_token was seen."""
 
     def work(s: Any) -> tuple[dict[str, Any], bool]:
@@ -262,9 +255,7 @@ def agreement(pid: int, request: Request, auth: Auth = Depends(api_auth)) -> dic
 
 
 @router.get("/projects/{pid}/export/{kind}")
-def export(
-    pid: int, kind: str, request: Request, margin: bool = False, auth: Auth = Depends(api_auth)
-) -> Response:
+def export(pid: int, kind: str, request: Request, margin: bool = False, auth: Auth = Depends(api_auth)) -> Response:
     """JSONL download; `kind` is one of service.EXPORTS."""
     with state(request).db.session() as s:
         project, _ = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)

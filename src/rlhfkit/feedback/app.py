@@ -51,9 +51,7 @@ class ServeConfig(StrictModel):
     db_url: str = Field("sqlite:///feedback.db", description="SQLite file or postgresql://user@host/db")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=1, le=65535)
-    secret_key_file: str = Field(
-        "feedback.secret", description="made on first start; $RLHFKIT_SECRET_KEY overrides it"
-    )
+    secret_key_file: str = Field("feedback.secret", description="made on first start; $RLHFKIT_SECRET_KEY overrides it")
     lease_minutes: int = Field(60, ge=1, description="how long a handed-out item is held for its labeler")
     session_days: int = Field(14, ge=1, description="browser login lifetime")
     secure_cookies: bool = Field(False, description="set true when served over HTTPS")
@@ -209,17 +207,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = str(exc.detail)
         if exc.status_code == 413:
             cfg = state(request).config
-            message = (
-                f"request body too large: the limit is {cfg.max_body_kb} KB "
-                f"({cfg.max_upload_mb} MB for imports)"
-            )
+            message = f"request body too large: the limit is {cfg.max_body_kb} KB ({cfg.max_upload_mb} MB for imports)"
         return await run_in_threadpool(_error, request, exc.status_code, message)
 
     @app.exception_handler(IntegrityError)
     async def _integrity(request: Request, exc: IntegrityError) -> Response:
-        return await run_in_threadpool(
-            _error, request, 409, "conflicts with data saved meanwhile; reload and retry"
-        )
+        return await run_in_threadpool(_error, request, 409, "conflicts with data saved meanwhile; reload and retry")
 
 
 # ---------------------------------------------------------------- body limit and headers

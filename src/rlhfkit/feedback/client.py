@@ -39,9 +39,7 @@ class FeedbackClient:
     def login(cls, base_url: str, username: str, password: str, timeout: float = 30.0) -> FeedbackClient:
         """Log in like a browser does (session cookie + CSRF token)."""
         client = cls(base_url, timeout=timeout)
-        client.csrf = client.call("POST", "/api/login", json={"username": username, "password": password})[
-            "csrf_token"
-        ]
+        client.csrf = client.call("POST", "/api/login", json={"username": username, "password": password})["csrf_token"]
         return client
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -131,12 +129,8 @@ class FeedbackClient:
 
     # ---- administration
 
-    def create_user(
-        self, username: str, password: str | None = None, is_owner: bool = False
-    ) -> dict[str, Any]:
-        return self.call(
-            "POST", "/api/users", json={"username": username, "password": password, "is_owner": is_owner}
-        )
+    def create_user(self, username: str, password: str | None = None, is_owner: bool = False) -> dict[str, Any]:
+        return self.call("POST", "/api/users", json={"username": username, "password": password, "is_owner": is_owner})
 
     def create_api_key(self, name: str = "script") -> str:
         return self.call("POST", "/api/keys", json={"name": name})["key"]
@@ -151,13 +145,9 @@ class FeedbackClient:
         )
 
     def set_member(self, project_id: int, username: str, role: str = "labeler") -> dict[str, Any]:
-        return self.call(
-            "PUT", f"/api/projects/{project_id}/members", json={"username": username, "role": role}
-        )
+        return self.call("PUT", f"/api/projects/{project_id}/members", json={"username": username, "role": role})
 
-    def import_jsonl(
-        self, project_id: int, data: bytes | str | Path, filename: str | None = None
-    ) -> dict[str, int]:
+    def import_jsonl(self, project_id: int, data: bytes | str | Path, filename: str | None = None) -> dict[str, int]:
         """Import a completions (or prompts) JSONL file or its bytes."""
         if isinstance(data, Path):
             filename, data = filename or data.name, data.read_bytes()

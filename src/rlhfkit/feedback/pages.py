@@ -51,9 +51,7 @@ def validation_text(e: ValidationError) -> str:
 # ---------------------------------------------------------------- login
 
 
-def _login_page(
-    request: Request, next_path: str, error: str = "", username: str = "", status: int = 200
-) -> Response:
+def _login_page(request: Request, next_path: str, error: str = "", username: str = "", status: int = 200) -> Response:
     nonce = new_token()
     response = render(
         request,
@@ -91,9 +89,7 @@ async def login(request: Request) -> Response:
     username = str(form.get("username", ""))[:64]
     nonce = request.cookies.get(LOGIN_COOKIE, "")
     if not nonce or not csrf_ok(st.secret, "login:" + nonce, str(form.get("csrf_token", ""))):
-        return _login_page(
-            request, next_path, "The login form expired; please try again.", username, status=403
-        )
+        return _login_page(request, next_path, "The login form expired; please try again.", username, status=403)
 
     def check() -> int:
         with st.db.session() as s:
@@ -217,9 +213,7 @@ def _task_page(
 
 
 @router.get("/p/{pid}/items/{item_id}")
-def task_page(
-    pid: int, item_id: int, request: Request, saved: int = 0, auth: Auth = Depends(page_auth)
-) -> Response:
+def task_page(pid: int, item_id: int, request: Request, saved: int = 0, auth: Auth = Depends(page_auth)) -> Response:
     return _task_page(request, auth, pid, item_id, saved=saved)
 
 
@@ -285,9 +279,7 @@ def admin_page(
 ) -> Response:
     with state(request).db.session() as s:
         project, role = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
-        report = (
-            agreement_report(service.rankings_of(s, project)) if project.task != "demonstration" else None
-        )
+        report = agreement_report(service.rankings_of(s, project)) if project.task != "demonstration" else None
         return render(
             request,
             "admin.html",
@@ -313,9 +305,7 @@ def _admin_project(s: Any, auth: Auth, pid: int) -> Project:
 def admin_settings(pid: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
     form = posted.form
     try:
-        data = ProjectSettingsIn(
-            guidelines=str(form.get("guidelines", "")), overlap=form_int(form, "overlap", 3)
-        )
+        data = ProjectSettingsIn(guidelines=str(form.get("guidelines", "")), overlap=form_int(form, "overlap", 3))
     except ValidationError as e:
         raise service.Invalid(validation_text(e)) from None
     with state(request).db.session(write=True) as s:
@@ -332,9 +322,7 @@ def admin_import(pid: int, request: Request, posted: Posted = Depends(page_post)
 
     def work(s: Any) -> dict[str, int]:
         project = _admin_project(s, posted.auth, pid)
-        return service.import_items(
-            s, project, service.parse_upload(upload.filename or "", data, project.task)
-        )
+        return service.import_items(s, project, service.parse_upload(upload.filename or "", data, project.task))
 
     result = state(request).db.transact(work)
     return redirect(f"/p/{pid}/admin", **result)
@@ -343,9 +331,7 @@ def admin_import(pid: int, request: Request, posted: Posted = Depends(page_post)
 @router.post("/p/{pid}/admin/members")
 def admin_add_member(pid: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
     try:
-        data = MemberIn(
-            username=str(posted.form.get("username", "")).strip(), role=posted.form.get("role", "labeler")
-        )
+        data = MemberIn(username=str(posted.form.get("username", "")).strip(), role=posted.form.get("role", "labeler"))
     except ValidationError as e:
         raise service.Invalid(validation_text(e)) from None
     state(request).db.transact(lambda s: service.set_member(s, _admin_project(s, posted.auth, pid), data))
@@ -353,9 +339,7 @@ def admin_add_member(pid: int, request: Request, posted: Posted = Depends(page_p
 
 
 @router.post("/p/{pid}/admin/members/{user_id}/remove")
-def admin_remove_member(
-    pid: int, user_id: int, request: Request, posted: Posted = Depends(page_post)
-) -> Response:
+def admin_remove_member(pid: int, user_id: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
     with state(request).db.session(write=True) as s:
         service.remove_member(s, _admin_project(s, posted.auth, pid), user_id)
     return redirect(f"/p/{pid}/admin")

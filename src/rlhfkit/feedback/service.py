@@ -155,15 +155,8 @@ def api_key_user(s: Session, key: str) -> User | None:
     prefix = api_key_prefix(key)
     if prefix is None:
         return None
-    row = s.execute(
-        select(ApiKey.key_hash, ApiKey.revoked, User).join(User).where(ApiKey.prefix == prefix)
-    ).first()
-    if (
-        row is None
-        or row.revoked
-        or not secrets.compare_digest(row.key_hash, sha256(key))
-        or not row.User.active
-    ):
+    row = s.execute(select(ApiKey.key_hash, ApiKey.revoked, User).join(User).where(ApiKey.prefix == prefix)).first()
+    if row is None or row.revoked or not secrets.compare_digest(row.key_hash, sha256(key)) or not row.User.active:
         return None
     return row.User
 
@@ -228,9 +221,7 @@ def project_for(s: Session, user: User, project_id: int, admin: bool = False) ->
 def projects_of(s: Session, user: User) -> list[tuple[Project, str]]:
     if user.is_owner:
         return [(p, "owner") for p in s.scalars(select(Project).order_by(Project.id))]
-    rows = s.execute(
-        select(Project, Member.role).join(Member).where(Member.user_id == user.id).order_by(Project.id)
-    )
+    rows = s.execute(select(Project, Member.role).join(Member).where(Member.user_id == user.id).order_by(Project.id))
     return [(p, role) for p, role in rows]
 
 
@@ -253,9 +244,7 @@ def set_member(s: Session, project: Project, data: MemberIn) -> Member:
 
 
 def members(s: Session, project: Project) -> list[Member]:
-    return list(
-        s.scalars(select(Member).join(User).where(Member.project_id == project.id).order_by(User.username))
-    )
+    return list(s.scalars(select(Member).join(User).where(Member.project_id == project.id).order_by(User.username)))
 
 
 def remove_member(s: Session, project: Project, user_id: int) -> None:
@@ -295,32 +284,24 @@ def _first_record_kind(path: Path) -> str:
     return "prompts"
 
 
-def import_items(
-    s: Session, project: Project, records: Sequence[Completions | PromptRecord]
-) -> dict[str, int]:
+def import_items(s: Session, project: Project, records: Sequence[Completions | PromptRecord]) -> dict[str, int]:
     """Add items; all or nothing. Re-importing an identical record is skipped, so importing the
     same file twice is harmless; a known prompt_id with different content is an error."""
     # All of the project's items, not `key IN (...)`: a big file would pass SQLite's variable limit.
     existing = {item.key: item for item in s.scalars(select(Item).where(Item.project_id == project.id))}
-    position = s.scalar(
-        select(func.coalesce(func.max(Item.position), 0)).where(Item.project_id == project.id)
-    )
+    position = s.scalar(select(func.coalesce(func.max(Item.position), 0)).where(Item.project_id == project.id))
     added = skipped = 0
     for rec in records:
         key = _key(rec)
         texts = rec.completions if isinstance(rec, Completions) and project.task != "demonstration" else []
         if project.task == "pairwise" and len(texts) != 2:
-            raise Invalid(
-                f"prompt_id {key!r}: a pairwise project needs exactly 2 completions, got {len(texts)}"
-            )
+            raise Invalid(f"prompt_id {key!r}: a pairwise project needs exactly 2 completions, got {len(texts)}")
         prompt = text_to_json(rec.prompt)
         texts_json = [text_to_json(t) for t in texts]
         if key in existing:
             old = existing[key]
             if old.prompt != prompt or [c.text for c in old.candidates] != texts_json:
-                raise Invalid(
-                    f"prompt_id {key!r} was already imported with different content; give it a new id"
-                )
+                raise Invalid(f"prompt_id {key!r} was already imported with different content; give it a new id")
             skipped += 1
             continue
         position += 1
@@ -446,9 +427,7 @@ def item_view(a: Assignment, project: Project) -> dict[str, Any]:
     }
 
 
-def save_draft(
-    s: Session, project: Project, user: User, item_id: int, draft: DraftIn, lease: timedelta
-) -> None:
+def save_draft(s: Session, project: Project, user: User, item_id: int, draft: DraftIn, lease: timedelta) -> None:
     a = assignment_for(s, project, user, item_id)
     if a.done:
         raise Conflict("this item is already submitted")
@@ -481,9 +460,7 @@ def _check_ranking(item: Item, data: JudgmentIn) -> list[int]:
         raise Invalid("ranking: missing; rank every candidate, or flag the item as not rankable")
     unknown = sorted(set(data.ranking) - set(idx_of))
     if unknown:
-        raise Invalid(
-            f"ranking: unknown candidate id(s) {unknown}; this item's candidates are {sorted(idx_of)}"
-        )
+        raise Invalid(f"ranking: unknown candidate id(s) {unknown}; this item's candidates are {sorted(idx_of)}")
     missing = sorted(set(idx_of) - set(data.ranking))
     if missing:
         raise Invalid(f"ranking: no rank for candidate(s) {missing}; every candidate needs a rank")

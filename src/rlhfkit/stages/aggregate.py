@@ -38,9 +38,7 @@ class Config(StrictModel):
         files = self.rankings is not None or self.completions is not None
         database = self.db_url is not None or self.project is not None
         if files == database:
-            raise ValueError(
-                "give either rankings= and completions= (files) or db_url= and project= (database)"
-            )
+            raise ValueError("give either rankings= and completions= (files) or db_url= and project= (database)")
         if files and (self.rankings is None or self.completions is None):
             raise ValueError("rankings= and completions= go together")
         if database and (self.db_url is None or self.project is None):

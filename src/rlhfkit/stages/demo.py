@@ -26,8 +26,8 @@ from rlhfkit.rewards.build import RewardConfig, RewardSpec
 from rlhfkit.stages import aggregate as aggregate_stage
 from rlhfkit.stages import eval as eval_stage
 from rlhfkit.stages import generate as generate_stage
-from rlhfkit.stages import pretrain as pretrain_stage
 from rlhfkit.stages import ppo as ppo_stage
+from rlhfkit.stages import pretrain as pretrain_stage
 from rlhfkit.stages import rm as rm_stage
 from rlhfkit.stages import sft as sft_stage
 

@@ -149,6 +149,7 @@ class Config(StrictModel):
     stop: StopConfig = StopConfig()
     train: PPOTrainConfig = PPOTrainConfig()
     log_samples_every: int = Field(10, ge=0, description="write sample responses every N steps (0 = never)")
+    log_samples: int = Field(4, gt=0, description="responses written each time (e.g. the whole batch, for gold curves)")
 
 
 # ------------------------------------------------------------------------------- rollouts
@@ -344,7 +345,8 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
                 step += 1
                 continue
             if engine.is_main and cfg.log_samples_every and (step % cfg.log_samples_every == 0):
-                _log_samples(samples_log, step + 1, [records[i].prompt for i in index], batch.texts, raw, batch.ended)
+                prompts = [records[i].prompt for i in index]
+                _log_samples(samples_log, step + 1, prompts, batch.texts, raw, batch.ended, cfg.log_samples)
 
             # stop before updating: the current policy is the one that reached the threshold / ceiling
             if cfg.stop.reward_threshold is not None and metrics["reward"] >= cfg.stop.reward_threshold:
@@ -487,9 +489,11 @@ def _save(
     engine.save_checkpoint(extra)
 
 
-def _log_samples(path: Path, step: int, prompts: list[Any], texts: list[str], raw: Tensor, ended: Tensor) -> None:
+def _log_samples(
+    path: Path, step: int, prompts: list[Any], texts: list[str], raw: Tensor, ended: Tensor, n: int
+) -> None:
     with path.open("a", encoding="utf-8") as f:
-        for prompt, text, score, end in list(zip(prompts, texts, raw.tolist(), ended.tolist(), strict=True))[:4]:
+        for prompt, text, score, end in list(zip(prompts, texts, raw.tolist(), ended.tolist(), strict=True))[:n]:
             row = {"step": step, "prompt": text_to_json(prompt), "response": text, "reward": score, "ended": end}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 

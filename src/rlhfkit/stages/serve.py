@@ -84,9 +84,7 @@ def _user(config: ServeConfig, args: argparse.Namespace, owner: bool) -> None:
     try:
         data = UserIn(username=args.username, password=password, is_owner=owner)
     except ValidationError as e:
-        raise UserError(
-            "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-        ) from None
+        raise UserError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
 
     def work(s: Any) -> None:
         service.create_user(s, data)
@@ -123,9 +121,7 @@ def _create_project(config: ServeConfig, args: argparse.Namespace) -> None:
     try:
         data = ProjectIn(name=args.name, task=args.task, overlap=args.overlap, guidelines=guidelines)
     except ValidationError as e:
-        raise UserError(
-            "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-        ) from None
+        raise UserError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
     project_id = _in_db(config, lambda s: service.create_project(s, data).id)
     print(f"created project {args.name!r} (id {project_id})")
 
@@ -152,9 +148,7 @@ def _export(config: ServeConfig, args: argparse.Namespace) -> None:
     from rlhfkit.config import atomic_write_text
     from rlhfkit.feedback import service
 
-    rows = _in_db(
-        config, lambda s: service.export(s, service.find_project(s, args.project), args.kind, args.margin)
-    )
+    rows = _in_db(config, lambda s: service.export(s, service.find_project(s, args.project), args.kind, args.margin))
     atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"wrote {len(rows)} records to {args.out}")
 
@@ -200,9 +194,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[ServeConfig,
     actions["import"] = _import
     p = sub.add_parser("export", help="export a project's data as JSONL")
     p.add_argument("project")
-    p.add_argument(
-        "kind", help="judgments, pairs, labeler_pairs, consensus, kto, demonstrations, completions"
-    )
+    p.add_argument("kind", help="judgments, pairs, labeler_pairs, consensus, kto, demonstrations, completions")
     p.add_argument("out")
     p.add_argument("--margin", action="store_true", help="pairs: add the consensus margin")
     actions["export"] = _export

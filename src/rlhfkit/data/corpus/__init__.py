@@ -392,9 +392,7 @@ def good_response(rng: random.Random, prompt: Prompt) -> str:
         else:
             parts.append(rng.choice(GENERIC_OPENERS))
     preferred = topic.tips if prompt.task else topic.facts
-    parts += render(
-        rng, most_relevant(rng, topic.facts + topic.tips, rng.randint(2, 4), prompt.text, preferred)
-    )
+    parts += render(rng, most_relevant(rng, topic.facts + topic.tips, rng.randint(2, 4), prompt.text, preferred))
     if rng.random() < 0.6:
         parts.append(rng.choice(CLOSERS))
     return " ".join(parts)

@@ -57,10 +57,7 @@ TOPICS: tuple[Topic, ...] = (
             ),
             "Dogs [learn|understand] simple words like sit, stay and come [quite quickly|with practice].",
             "[Many|Most] dogs live for about ten to fifteen years.",
-            (
-                "Working dogs help [farmers|people] by herding sheep, "
-                "guiding people who cannot see and finding hikers."
-            ),
+            ("Working dogs help [farmers|people] by herding sheep, guiding people who cannot see and finding hikers."),
             "A [happy|healthy] dog [has a shiny coat|eats well] and [loves to play|enjoys every walk].",
             "Dogs are pack animals, so they feel [safe|happy|calm] when they are close to their family.",
             "Puppies [learn best|remember lessons] when training sessions are short and [fun|cheerful].",
@@ -145,10 +142,7 @@ TOPICS: tuple[Topic, ...] = (
             "Parrots [can copy|are able to copy] human words, and some learn [dozens|many] of them.",
             "Birds build nests from [twigs|grass|moss], mud and [feathers|soft leaves].",
             "Hollow bones make birds light enough to fly.",
-            (
-                "[Some|Many] birds use the sun and the stars to "
-                "find their way [on long trips|when they migrate]."
-            ),
+            ("[Some|Many] birds use the sun and the stars to find their way [on long trips|when they migrate]."),
             "A hummingbird can [hover in the air|fly backwards] and beats its wings very fast.",
             "Owls hunt at night and [have|use] [excellent|very good] hearing.",
             "Birds [help|are good for] gardens because they eat insects and spread seeds.",
@@ -231,10 +225,7 @@ TOPICS: tuple[Topic, ...] = (
             "A sourdough starter is a [simple|living] mix of flour and water full of wild yeast.",
             "Baking is [a bit like|similar to] science, so [careful measuring|measuring carefully] matters.",
             "Cookies stay soft when you take them out of the oven [a little early|just in time].",
-            (
-                "[Homemade|Fresh] bread [fills the house with|gives the kitchen] "
-                "a [lovely|warm|wonderful] smell."
-            ),
+            ("[Homemade|Fresh] bread [fills the house with|gives the kitchen] a [lovely|warm|wonderful] smell."),
             "A cake can sink if the oven door is opened too [early|soon].",
             "Butter [at room temperature|that is soft] mixes [more easily|better] with sugar.",
             "Bread dough [usually|often] needs one to two hours to rise in a warm place.",
@@ -492,10 +483,7 @@ TOPICS: tuple[Topic, ...] = (
             "A soccer match has two halves of forty five minutes each.",
             "The World Cup takes place every four years and brings [fans|nations] together.",
             "Good passing keeps the ball moving and [tires out|wears out] the other team.",
-            (
-                "A player is offside when they are closer to the "
-                "goal than the last defender as the ball is passed."
-            ),
+            ("A player is offside when they are closer to the goal than the last defender as the ball is passed."),
             "Goalkeepers are the only players who may use their hands inside the box.",
             "Soccer [needs|only needs] a ball and some open space, so anyone can play.",
             "[Short|Quick], accurate passes are often [better|more useful] than long kicks.",
@@ -627,10 +615,7 @@ TOPICS: tuple[Topic, ...] = (
                 "Strength training [with your own weight|at home] "
                 "[builds strong muscles and bones|keeps muscles and bones strong]."
             ),
-            (
-                "Exercise [lifts|improves] your mood [and helps|because it helps] "
-                "the brain release feel good chemicals."
-            ),
+            ("Exercise [lifts|improves] your mood [and helps|because it helps] the brain release feel good chemicals."),
             "Stretching [after|at the end of] a workout helps your muscles relax.",
             "New runners [do best|progress well] when they mix running with walking.",
             "Standing up and moving [every hour|now and then] is good for people who sit a lot.",
@@ -666,10 +651,7 @@ TOPICS: tuple[Topic, ...] = (
             "How did people make maps long ago?",
         ),
         facts=(
-            (
-                "The pyramids of Egypt were built as [resting places|tombs] "
-                "for kings more than four thousand years ago."
-            ),
+            ("The pyramids of Egypt were built as [resting places|tombs] for kings more than four thousand years ago."),
             "The Romans built roads, bridges and aqueducts that [still stand|are still standing] today.",
             "Castles were built with thick stone walls to keep the people inside safe.",
             "History [helps us understand|shows us] how the world [came to be|became] the way it is.",
@@ -796,17 +778,11 @@ TOPICS: tuple[Topic, ...] = (
         ),
         facts=(
             "The ocean covers about seventy percent of the Earth.",
-            (
-                "The ocean is salty because rivers carry "
-                "[tiny amounts|small amounts] of salt from rocks into it."
-            ),
+            ("The ocean is salty because rivers carry [tiny amounts|small amounts] of salt from rocks into it."),
             "Tides are caused mostly by the pull of the Moon.",
             "Coral reefs are home to [a huge number|thousands] of [colorful|bright] fish.",
             "Whales are mammals, so they breathe air [and rise|by coming up] to the surface.",
-            (
-                "Sea turtles [travel|swim] [long distances|across oceans] "
-                "and return to the beach where they hatched."
-            ),
+            ("Sea turtles [travel|swim] [long distances|across oceans] and return to the beach where they hatched."),
             "The deepest part of the ocean is about eleven kilometers deep.",
             "[Most|Much] of the oxygen we breathe comes from tiny ocean plants.",
             "Blue whales are the largest animals that have ever lived.",
@@ -885,10 +861,7 @@ TOPICS: tuple[Topic, ...] = (
         facts=(
             "Coffee beans are the seeds of a red fruit called the coffee cherry.",
             "Fresh ground coffee [tastes|smells] [much better|richer] than coffee that was ground weeks ago.",
-            (
-                "Espresso is made by pushing hot water through "
-                "finely ground coffee [under pressure|very quickly]."
-            ),
+            ("Espresso is made by pushing hot water through finely ground coffee [under pressure|very quickly]."),
             "Cold brew [steeps|rests] in cold water for about twelve hours and tastes [smooth|gentle].",
             "Most healthy adults [can enjoy|do fine with] up to four cups of coffee a day.",
             "A French press [makes|gives] a [rich|full], strong cup of coffee.",
@@ -1064,10 +1037,7 @@ TOPICS: tuple[Topic, ...] = (
             "Photos look blurry when the camera moves [while taking the picture|during the shot].",
             "Soft light from a window is [lovely|perfect|great] for portraits.",
             "Modern phones take [excellent|very good] photos in good light.",
-            (
-                "Landscape photos [often|usually] look best with "
-                "something interesting in the front of the frame."
-            ),
+            ("Landscape photos [often|usually] look best with something interesting in the front of the frame."),
             "Cleaning the lens [makes|can make] photos [sharper|clearer] right away.",
             "Taking [many|lots of] photos is the [best|quickest] way to learn photography.",
             "[Sunsets|Sunset skies] [look best|are prettiest] a few minutes after the sun goes down.",

@@ -68,9 +68,7 @@ def upgrade() -> None:
     op.create_index("ix_sessions_user_id", "sessions", ["user_id"])
     op.create_table(
         "members",
-        sa.Column(
-            "project_id", sa.Integer(), sa.ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True
-        ),
+        sa.Column("project_id", sa.Integer(), sa.ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True),
         sa.Column("user_id", sa.Integer(), sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
         sa.Column("role", sa.String(16), nullable=False),
     )
