@@ -5,26 +5,12 @@ Everything is built locally from configs (no download) and sized to keep the sui
 
 from __future__ import annotations
 
-import os
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
 from rlhfkit.models.tiny import make_test_model
-
-SRC = Path(__file__).resolve().parents[1] / "src"
-ARCHS = ("gpt2", "llama", "qwen2")
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """Environment for running `python -m rlhfkit.cli` on this checkout's code in a child process."""
-    path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false", **extra}
-
-
-CLI = [sys.executable, "-m", "rlhfkit.cli"]
 
 
 @pytest.fixture(scope="session")

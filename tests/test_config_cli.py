@@ -9,12 +9,12 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import CLI, subprocess_env
 from rlhfkit.cli import main
 from rlhfkit.config import atomic_write_text, load_config, save_config
 from rlhfkit.data.formats import read_records
 from rlhfkit.errors import UserError
 from rlhfkit.stages import generate, pretrain
+from testutil import CLI, subprocess_env
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

@@ -8,7 +8,6 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from conftest import ARCHS
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import (
     LoraConfig,
@@ -20,6 +19,7 @@ from rlhfkit.models.loading import (
     save_model,
 )
 from rlhfkit.models.tiny import EOS_TOKEN, TinyModelConfig, build_tiny_model, train_tokenizer
+from testutil import ARCHS
 
 CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 TEXT = "User: How do I make tea?\nAssistant: Boil water."

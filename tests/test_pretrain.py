@@ -16,12 +16,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import CLI, subprocess_env
 from rlhfkit.cli import main
 from rlhfkit.engine.metrics import read_metrics
 from rlhfkit.errors import UserError
 from rlhfkit.models.tiny import train_tokenizer
 from rlhfkit.stages.pretrain import read_documents, to_blocks, unigram_perplexity
+from testutil import CLI, subprocess_env
 
 # Small, but slow enough per step (about 30 ms) that a kill lands between checkpoint and finish.
 # log_every does not divide save_every on purpose: resuming mid log-window must still log exactly.

@@ -252,7 +252,7 @@ def test_ratings_regression_learns_scores(root, tmp_path):
     ("bad_row", "message"),
     [
         ({"prompt": "Hi", "chosen": "same answer", "rejected": "same answer"}, "identical"),
-        ({"prompt": "Hi", "chosen": "fine", "rejected": "  "}, "empty"),
+        ({"prompt": "  ", "chosen": "fine", "rejected": "bad"}, "empty"),
     ],
 )
 def test_malformed_pairs_fail_naming_file_and_line(root, tmp_path, capsys, bad_row, message):

@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ARCHS
 from rlhfkit.cli import main
 from rlhfkit.data.formats import read_records
 from rlhfkit.models.loading import ModelConfig, load_causal_lm
 from rlhfkit.models.sampling import SamplingConfig, sample
+from testutil import ARCHS
 
 PROMPTS = ["User: How do I make tea?\nAssistant:", "The quick brown fox", "User: Hi\nAssistant:"]
 SAY_HI, SAY_MORE = "User: Say hi\nAssistant:", "User: Say more\nAssistant:"
