@@ -25,7 +25,7 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 demo: $(STAMP)
-	$(BIN)/rlhfkit demo
+	$(BIN)/rlhfkit demo $(ARGS)
 
 test: $(STAMP) chromium
 	$(BIN)/ruff check .

@@ -54,14 +54,25 @@ class Config(StrictModel):
     output_dir: str = "runs/demo"
     seed: int = 0
     resume: bool = Field(True, description="reuse finished stages (false = redo everything)")
+    # Sizes for 2 CPU cores and about 10 minutes in all; tiny models learn with larger LRs.
     pretrain: pretrain_stage.Config = pretrain_stage.Config(
         model=TinyModelConfig(arch="gpt2", n_layer=4, d_model=128, n_head=4, max_positions=256),
+        train=pretrain_stage.Config().train.model_copy(update={"max_steps": 500}),
     )
-    sft: sft_stage.Config = sft_stage.Config()
+    sft: sft_stage.Config = sft_stage.Config(
+        train=sft_stage.SFTTrainConfig(lr=5e-4, max_steps=60, batch_size=16, warmup_steps=5, log_every=10)
+    )
     generate: generate_stage.Config = generate_stage.Config(k=4)
     feedback: FeedbackConfig = FeedbackConfig()
-    rm: rm_stage.Config = rm_stage.Config()
-    ppo: ppo_stage.Config = ppo_stage.Config()
+    rm: rm_stage.Config = rm_stage.Config(
+        train=rm_stage.RMTrainConfig(lr=3e-4, epochs=2, eval_every=0, log_every=10)
+    )
+    ppo: ppo_stage.Config = ppo_stage.Config(
+        log_samples_every=2,
+        log_samples=64,
+        stop=ppo_stage.StopConfig(max_steps=40, kl_ceiling=30.0),
+        train=ppo_stage.PPOTrainConfig(lr=5e-5),
+    )
     eval: eval_stage.Config = eval_stage.Config()
 
 
