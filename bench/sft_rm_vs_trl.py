@@ -233,7 +233,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--worker", choices=list(RUNS), help=argparse.SUPPRESS)
     p.add_argument("--assets", help=argparse.SUPPRESS)

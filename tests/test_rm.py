@@ -16,13 +16,23 @@ from rlhfkit.data.batching import group_by_prompt, make_pair_group, pair_collate
 from rlhfkit.data.formats import Completions, Ranking
 from rlhfkit.engine.metrics import read_metrics
 from rlhfkit.models.tiny import make_test_model
-from rlhfkit.rewards.model import RewardModel, init_reward_head, load_backbone
+from rlhfkit.rewards.model import RewardMeta, RewardModel, init_reward_head, load_backbone
 from rlhfkit.stages.rm import pairs_from_rankings
 
 POSITIVE = ["good", "great", "helpful", "kind", "clear", "lovely"]
 NEGATIVE = ["bad", "awful", "rude", "wrong", "useless", "nasty"]
 FILLER = ["the", "tea", "water", "garden", "river", "book", "is", "very", "a", "small", "house", "today", "we", "see"]
 TOPICS = ["tea", "rivers", "gardens", "books", "houses", "birds", "music", "bread", "trains", "clouds"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread beats two that wait on each other (and on the other xdist
+    worker); with two, this module runs many times slower on a 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def response(rng: random.Random, word: str) -> str:
@@ -59,6 +69,7 @@ def root(tmp_path_factory) -> Path:
     write_jsonl(root / "demos.jsonl", demos)
     texts = [f"User: {p['prompt']}\nAssistant: {p['chosen']} {p['rejected']}" for p in pairs]
     make_test_model("gpt2", root / "tiny", texts=texts, vocab_size=400, n_layer=2, d_model=64)
+    make_test_model("llama", root / "tiny-llama", texts=texts, vocab_size=400, n_layer=2, d_model=64)
     return root
 
 
@@ -110,10 +121,11 @@ def test_decoder_rm_from_sft_learns_the_rule_and_is_normalised_on_policy_samples
     assert good > bad
 
 
-def test_reward_is_read_at_the_eos_token_and_does_not_depend_on_padding(root):
-    model, tokenizer, kind = load_backbone(str(root / "tiny"))
+@pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
+def test_reward_is_read_at_the_eos_token_and_does_not_depend_on_padding(root, name):
+    model, tokenizer, kind = load_backbone(str(root / name))
     assert kind == "decoder" and tokenizer.pad_token_id != tokenizer.eos_token_id
-    rm = RewardModel(model, tokenizer, meta=_meta("decoder"), batch_size=4)
+    rm = RewardModel(model, tokenizer, meta=RewardMeta(kind="decoder"), batch_size=4)
     prompts = ["Tell me about tea, number 1."] * 3
     completions = ["good", "the tea is very good today and we see a small house", ""]
     seq = rm.encode(prompts[1], completions[1])
@@ -125,12 +137,6 @@ def test_reward_is_read_at_the_eos_token_and_does_not_depend_on_padding(root):
         hidden = model(input_ids=torch.tensor([seq["input_ids"]]), output_hidden_states=True).hidden_states[-1]
         at_eos = model.score(hidden[:, -1]).squeeze()
     assert float(at_eos) == pytest.approx(float(batched[1]), abs=1e-5)
-
-
-def _meta(kind: str):
-    from rlhfkit.rewards.model import RewardMeta
-
-    return RewardMeta(kind=kind)
 
 
 def test_head_init_and_dropout_off_on_minilm():
@@ -195,7 +201,7 @@ def test_rankings_give_all_pairs_of_a_prompt_in_one_batch_with_ties_counted(root
         "pairs": 5 + 2,
     }
     _, tokenizer, _ = load_backbone(str(root / "tiny"))
-    rm = RewardModel(None, tokenizer, _meta("decoder"))
+    rm = RewardModel(None, tokenizer, RewardMeta(kind="decoder"))
     groups = [make_pair_group(g, rm.encode) for g in group_by_prompt(pairs)]
     assert [len(g.chosen) for g in groups] == [5, 2]
     assert [len(g.sequences) for g in groups] == [4, 2]  # each distinct candidate encoded once

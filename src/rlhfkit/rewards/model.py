@@ -113,12 +113,8 @@ def init_reward_head(model: torch.nn.Module) -> torch.nn.Linear:
 
 def reward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Raw (unnormalised) reward of every row of a collated batch, shape (N,)."""
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        token_type_ids=batch.get("token_type_ids"),
-    )
-    return out.logits[:, 0].float()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    return model(**inputs).logits[:, 0].float()
 
 
 class RewardModel:

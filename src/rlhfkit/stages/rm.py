@@ -201,7 +201,9 @@ def rating_metrics(predicted: torch.Tensor, target: torch.Tensor, prompt_keys: l
 
 
 # ---- normalisation --------------------------------------------------------------------------
-def reference_samples(cfg: Config, kind: str, train_prompts: list[Text]) -> tuple[list[Text], list[str], str] | None:
+def reference_samples(
+    cfg: Config, kind: str, train_prompts: list[Text], device: Any = "cpu"
+) -> tuple[list[Text], list[str], str] | None:
     """(prompts, the reference policy's samples, description), or None when no policy is known."""
     n = cfg.normalize
     starts_from_lm = kind == "decoder" and RewardMeta.read(cfg.model.path) is None  # i.e. from the SFT model
@@ -212,6 +214,7 @@ def reference_samples(cfg: Config, kind: str, train_prompts: list[Text]) -> tupl
     random.Random(n.seed).shuffle(prompts)
     prompts = prompts[: n.max_prompts]
     model, tokenizer = load_causal_lm(ModelConfig(path=policy, trust_remote_code=cfg.model.trust_remote_code))
+    model.to(device)
     torch.manual_seed(n.seed)
     rendered = [render_prompt(tokenizer, p, cfg.data.prompt_template) for p in prompts]
     samples = sample(model, tokenizer, rendered, n.sampling, num_samples=n.samples_per_prompt)
@@ -232,7 +235,7 @@ def training_responses(train: list[Pair] | list[Rating]) -> tuple[list[Text], li
 def normalize(rm: RewardModel, cfg: Config, train: list[Pair] | list[Rating], out: Path) -> None:
     """Fit gain/bias on the reference policy's samples (or on the training responses) and record them."""
     prompts = list({text_key(x.prompt): x.prompt for x in train}.values())
-    ref = reference_samples(cfg, rm.meta.kind, prompts)
+    ref = reference_samples(cfg, rm.meta.kind, prompts, device=next(rm.model.parameters()).device)
     if ref is not None:
         ref_prompts, ref_texts, source = ref
     else:
