@@ -9,8 +9,16 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlhfkit.models.tiny import make_test_model
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models: one intra-op thread per test worker. The suite runs as 2 xdist workers on 2
+    cores; two threads each would wait on each other and run many times slower."""
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -20,14 +20,6 @@ PROMPTS = ["Say something nice.", "Say something nice.", "Describe the river."]
 COMPLETIONS = ["you are lovely", "you are awful and rude", "it is long and very wide"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread beats two that wait on each other (and on the other xdist
-    worker); with two, this module runs many times slower on a 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,6 @@ FILLER = ["the", "tea", "water", "garden", "river", "book", "is", "very", "a", "
 TOPICS = ["tea", "rivers", "gardens", "books", "houses", "birds", "music", "bread", "trains", "clouds"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread beats two that wait on each other (and on the other xdist
-    worker); with two, this module runs many times slower on a 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def response(rng: random.Random, word: str) -> str:

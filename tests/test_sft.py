@@ -26,14 +26,6 @@ NAMES = ["Ann", "Bob", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hal", "Ivy", "Jo", 
 ANSWERS = {"Greet": "Hello there, friend.", "Thank": "You are very welcome.", "Warn": "Please be careful now."}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread beats two that wait on each other (and on the other xdist
-    worker); with two, this module runs many times slower on a 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def demonstration(verb: str, name: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ ARCHS = ("gpt2", "llama", "qwen2")
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for running `python -m rlhfkit.cli` on this checkout's code in a child process."""
     path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false", **extra}
+    return {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **extra}
 
 
 CLI = [sys.executable, "-m", "rlhfkit.cli"]
