@@ -176,9 +176,10 @@ def test_pure_position_bias_cancels_to_one_half(judge_model):
     assert pairs == [] and len(details) == 3 and not any(d["kept"] for d in details)
 
 
-def test_position_swap_average_and_batch_padding(judge_model):
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_position_swap_average_and_batch_padding(tiny_model_dir, arch):
     """With an untouched (random) model: p = (p_AB(A) + p_BA(B)) / 2, and padding in a batch changes nothing."""
-    model, tok = judge_model
+    model, tok = load_causal_lm(ModelConfig(path=str(tiny_model_dir(arch))))
     judge = ModelJudge(model, tok, batch_size=4)
     prompts, firsts, seconds = ["Tea?", "How do I make tea?"], ["Boil it.", "a"], ["Go away now please.", "b"]
     verdict = judge.prefer(prompts, firsts, seconds, [KIND, KIND])

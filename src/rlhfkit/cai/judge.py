@@ -27,7 +27,6 @@ import torch
 
 from rlhfkit.cai.constitution import Constitution, Principle
 from rlhfkit.cai.prompts import judge_prompt
-from rlhfkit.data.batching import pad_right
 from rlhfkit.data.formats import Completions, Pair, Text, text_key
 from rlhfkit.errors import UserError
 from rlhfkit.rewards.base import RewardSource
@@ -79,13 +78,16 @@ class ModelJudge:
         for start in range(0, len(texts), self.batch_size):
             parts = [answer_ids(self.tokenizer, t) for t in texts[start : start + self.batch_size]]
             rows = [ids[-self.max_tokens :] for ids, _, _ in parts]  # too long: keep the end, where the question is
-            # Right padding: a causal model's real tokens never see the pads, and positions stay 0, 1, ...
-            ids = pad_right(rows, self.tokenizer.pad_token_id).to(device)
-            mask = pad_right([[1] * len(r) for r in rows], 0).to(device)
-            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
-            last = logits[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])]
-            a = last[torch.arange(len(rows)), torch.tensor([ia for _, ia, _ in parts])]
-            b = last[torch.arange(len(rows)), torch.tensor([ib for _, _, ib in parts])]
+            # Left padding, so the answer position is the last column for every row and only its logits
+            # are computed (a full (batch, length, vocab) tensor would not fit for a real judge); explicit
+            # positions make a padded row see exactly what it would see alone.
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([[self.tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
+            letters = torch.tensor([[ia, ib] for _, ia, ib in parts], device=device)
+            a, b = logits[:, -1].float().gather(1, letters).unbind(1)
             probs.append(torch.sigmoid(a - b).cpu())
         self.model.train(was_training)
         return torch.cat(probs)

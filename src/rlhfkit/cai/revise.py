@@ -20,8 +20,8 @@ from rlhfkit.models.sampling import SamplingConfig, sample
 
 
 def generate(model: Any, tokenizer: Any, texts: list[str], sampling: SamplingConfig) -> list[str]:
-    """One sampled continuation per rendered text."""
-    return [t.strip() for t in sample(model, tokenizer, texts, sampling, num_samples=1).texts]
+    """One sampled continuation per rendered text (stripped, cut at a stop string)."""
+    return sample(model, tokenizer, texts, sampling, num_samples=1).texts
 
 
 def critique_and_revise(
