@@ -29,6 +29,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "rm": ("rlhfkit.stages.rm", "train a reward model on pairs, rankings or ratings"),
     "ppo": ("rlhfkit.stages.ppo", "PPO against a reward, with a KL penalty to the starting model"),
     "eval": ("rlhfkit.stages.eval", "compare models on held-out prompts: reward, gold utility, toxicity, KL"),
+    "cai": ("rlhfkit.stages.cai", "Constitutional AI: critique-and-revise data, AI preference labels (RLAIF)"),
     "demo": ("rlhfkit.stages.demo", "run the whole loop on the embedded default data"),
     "data": ("rlhfkit.stages.data", "validate data files and convert rankings to pairs"),
 }
