@@ -56,6 +56,7 @@ class Config(StrictModel):
     resume: bool = Field(True, description="reuse finished stages (false = redo everything)")
     # Sizes for 2 CPU cores and about 10 minutes in all; tiny models learn with larger LRs.
     pretrain: pretrain_stage.Config = pretrain_stage.Config(
+        vocab_size=2048,  # the corpus has under 2,000 word types; a larger vocabulary only costs time
         model=TinyModelConfig(arch="gpt2", n_layer=4, d_model=128, n_head=4, max_positions=256),
         train=pretrain_stage.Config().train.model_copy(update={"max_steps": 500}),
     )
