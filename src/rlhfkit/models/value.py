@@ -7,7 +7,9 @@ initialised from the reward model (PPO detail 4): it starts out already knowing 
 looks like, at the price of a second forward and backward.
 
 Only the positions that predict response tokens go through the LM head: on a short response after a
-long prompt most of the vocabulary projection would be wasted on the prompt.
+long prompt most of the vocabulary projection would be wasted on the prompt. And the rollout needs
+no trunk pass of the policy at all: `generation_hidden_states` keeps the hidden states `generate`
+computed anyway, and `PolicyAndValue.heads` turns them into the same logits and values.
 """
 
 from __future__ import annotations

@@ -469,6 +469,7 @@ def load_models(cfg: Config, device: Any) -> tuple[Any, Any, Any, Any]:
     policy, tokenizer = load_causal_lm(cfg.model)
     disable_dropout(policy)
     policy.generation_config.suppress_tokens = [tokenizer.pad_token_id]  # pad is never a real token
+    policy.generation_config.use_cache = True  # one decoder call per new token: see generation_hidden_states
     ref = policy
     if cfg.model.lora is None or cfg.ref_model not in ("", cfg.model.path):
         ref_cfg = cfg.model.model_copy(update={"path": cfg.ref_model or cfg.model.path, "lora": None})
