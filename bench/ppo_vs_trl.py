@@ -29,48 +29,76 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's rlhfkit, whatever the venv has installed
-TEXT = [
-    "User: How do I make tea?\nAssistant: Boil water, pour it over the leaves and wait three minutes.",
-    "User: What is a good name for a dog?\nAssistant: Short names with a clear sound work well, like Max.",
-    "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm afternoon sun.",
-    "Rivers carry water from the mountains to the sea, and cities grew along their banks for trade.",
-    "A kind answer is short, clear and honest; it says what it does not know and never makes things up.",
+from rlhfkit.data.chat import PROMPT_TEMPLATE, RESPONSE_SEPARATOR  # noqa: E402
+
+SUBJECTS = ["tea", "coffee", "a garden", "a bicycle", "the river", "a small dog", "bread", "the moon", "a song", "rain"]
+ASKS = ["How do I look after {}?", "What is good about {}?", "Can you tell me about {}?", "Why do people like {}?"]
+ANSWERS = [
+    "Start slowly and be patient with {}.",
+    "Most people enjoy {} in the morning.",
+    "Keep {} clean and check it every week.",
+    "Ask a friend who knows {} well.",
+    "There is no single answer, but {} rewards care.",
 ]
+
+
+def dialogues(n: int, seed: int = 0) -> list[str]:
+    """Short synthetic User/Assistant exchanges (one to three answer sentences)."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        subject = rng.choice(SUBJECTS)
+        answer = " ".join(rng.choice(ANSWERS).format(subject) for _ in range(rng.randint(1, 3)))
+        out.append(f"User: {rng.choice(ASKS).format(subject)}\nAssistant: {answer}")
+    return out
 
 
 # ------------------------------------------------------------------------------------ assets
 
 
-def build_assets(root: Path, arch: str, layers: int, d_model: int, vocab: int, n_prompts: int) -> dict[str, str]:
-    """A tokenizer, a random policy of the given size, a reward model (the policy's trunk with a
-    random one-output head) and prompts, all saved as ordinary folders/files."""
+def build_assets(root: Path, arch: str, layers: int, d_model: int, vocab: int, pretrain_steps: int) -> dict[str, str]:
+    """A policy pretrained for a few steps on dialogues with our `pretrain` stage, so that, like an
+    SFT model, it writes answers and ends them with EOS at varying lengths; a reward model (the
+    policy's trunk with a random one-output head); and prompts. All saved as ordinary folders/files."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    from rlhfkit.engine.trainer import TrainConfig
     from rlhfkit.models.tiny import TinyModelConfig, build_tiny_model, train_tokenizer
+    from rlhfkit.stages import pretrain
 
-    tok = train_tokenizer(TEXT * 20, vocab_size=vocab)
-    cfg = TinyModelConfig(arch=arch, n_layer=layers, d_model=d_model, n_head=max(2, d_model // 64))
-    policy = build_tiny_model(cfg, tok, seed=0)
-    policy.save_pretrained(root / "policy")
-    tok.save_pretrained(root / "policy")
-    rm = AutoModelForSequenceClassification.from_pretrained(root / "policy", num_labels=1)
+    texts = dialogues(2000)
+    size = TinyModelConfig(arch=arch, n_layer=layers, d_model=d_model, n_head=max(2, d_model // 64))
+    if pretrain_steps:
+        (root / "dialogues.txt").write_text("\n\n".join(texts))
+        data = pretrain.DataConfig(train_files=[str(root / "dialogues.txt")], block_size=64)
+        train = TrainConfig(lr=3e-3, batch_size=16, max_steps=pretrain_steps, warmup_steps=10, log_every=50)
+        policy = pretrain.run(pretrain.Config(output_dir=str(root / "pretrain"), vocab_size=vocab, data=data,
+                                              model=size, train=train))  # fmt: skip
+    else:  # untrained (for memory measurements, where only the size matters)
+        tok = train_tokenizer(texts, vocab_size=vocab)
+        policy = root / "policy"
+        build_tiny_model(size, tok).save_pretrained(policy)
+        tok.save_pretrained(policy)
+    rm = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1)
     torch.manual_seed(1)
     torch.nn.init.normal_(rm.score.weight, std=1 / (d_model + 1) ** 0.5)  # PPO detail 1
-    rm.config.pad_token_id = tok.pad_token_id
     rm.save_pretrained(root / "rm")
-    tok.save_pretrained(root / "rm")
-    words = " ".join(TEXT).split()
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (policy / f).exists():
+            (root / "rm" / f).write_bytes((policy / f).read_bytes())
     with (root / "prompts.jsonl").open("w") as f:
-        for i in range(n_prompts):
-            prompt = " ".join(words[(7 * i) % 60 : (7 * i) % 60 + 4 + i % 9])
-            f.write(json.dumps({"id": str(i), "prompt": prompt}) + "\n")
-    return {"policy": str(root / "policy"), "rm": str(root / "rm"), "prompts": str(root / "prompts.jsonl")}
+        for i, text in enumerate(dialogues(256, seed=1)):
+            f.write(json.dumps({"id": str(i), "prompt": text.split("\n")[0].removeprefix("User: ")}) + "\n")
+    return {"policy": str(policy), "rm": str(root / "rm"), "prompts": str(root / "prompts.jsonl")}
 
 
 class SequenceClassifierReward:
@@ -88,8 +116,9 @@ class SequenceClassifierReward:
     def score(self, prompts: list[str], completions: list[str]) -> Any:
         import torch
 
+        encode = partial(self.tok, add_special_tokens=False)
         rows = [
-            self.tok(p, add_special_tokens=False)["input_ids"] + self.tok(c, add_special_tokens=False)["input_ids"]
+            encode(PROMPT_TEMPLATE.format(prompt=p))["input_ids"] + encode(RESPONSE_SEPARATOR + c)["input_ids"]
             for p, c in zip(prompts, completions, strict=True)
         ]
         width = max(len(r) for r in rows)
@@ -121,7 +150,6 @@ def run_ours(a: argparse.Namespace, assets: dict[str, str], out: Path) -> dict[s
                 "temperature": a.temperature,
                 "stop": [],
                 "batch_size": a.batch,
-                "prompt_template": "{prompt}",
             },
             "ppo": {
                 "batch_size": a.batch,
@@ -152,7 +180,8 @@ def run_trl(a: argparse.Namespace, assets: dict[str, str], out: Path) -> dict[st
 
     tok = AutoTokenizer.from_pretrained(assets["policy"], padding_side="left")
     prompts = [json.loads(line)["prompt"] for line in Path(assets["prompts"]).read_text().splitlines()]
-    ds = Dataset.from_dict({"input_ids": [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]})
+    queries = [tok(PROMPT_TEMPLATE.format(prompt=p), add_special_tokens=False)["input_ids"] for p in prompts]
+    ds = Dataset.from_dict({"input_ids": queries})
     policy = AutoModelForCausalLM.from_pretrained(assets["policy"])
     peft_config = None
     if a.lora:
@@ -186,6 +215,18 @@ def run_trl(a: argparse.Namespace, assets: dict[str, str], out: Path) -> dict[st
         use_cpu=True,
         seed=0,
     )
+    lengths: list[float] = []  # generated tokens per response, up to and including EOS
+    generate = policy.generate
+
+    def counting_generate(*args: Any, **kwargs: Any) -> Any:
+        out = generate(*args, **kwargs)
+        new = out.sequences[:, kwargs["input_ids"].shape[1] :]
+        is_eos = new == tok.eos_token_id
+        ends = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, new.shape[1])
+        lengths.extend(ends.tolist())
+        return out
+
+    policy.generate = counting_generate
     stamps: list[float] = []
 
     class Timer(TrainerCallback):
@@ -210,7 +251,7 @@ def run_trl(a: argparse.Namespace, assets: dict[str, str], out: Path) -> dict[st
     torch.manual_seed(0)
     trainer.train()
     periods = [b - a_ for a_, b in zip(stamps[1:], stamps[2:], strict=False)]  # first step = warm-up
-    return {"step_s": statistics.median(periods), "response_tokens": float(a.response_length)}
+    return {"step_s": statistics.median(periods), "response_tokens": statistics.mean(lengths)}
 
 
 def worker(a: argparse.Namespace) -> None:
@@ -222,6 +263,9 @@ def worker(a: argparse.Namespace) -> None:
     else:
         import rlhfkit.stages.ppo  # noqa: F401
     torch.set_num_threads(a.threads)
+    # Numbers below 1e-38 (saturated GELUs, masked attention) are ~100x slower on x86 CPUs; both
+    # implementations get them flushed to zero, like they get the same number of threads.
+    torch.set_flush_denormal(True)
     base = rss_mb()  # after the imports: the floor every configuration pays
     assets = json.loads(a.assets)
     with tempfile.TemporaryDirectory() as tmp:
@@ -262,15 +306,13 @@ def matmul_params(path: str, causal: bool) -> int:
 
 def model_flops(impl: str, n_pol: int, n_rm: int, a: argparse.Namespace, prompt_len: float, resp: float) -> float:
     """Model FLOPs of one PPO step, as each implementation's model is built (2N per token forward,
-    6N forward + backward). Both: generation, reference forward, reward forward, policy updates.
-    Ours: one forward for old log-probs + values. With a separate critic (ours-critic, TRL): its
-    forward at rollout and its forward + backward in every update."""
+    6N forward + backward). Both: generation (whose outputs give the old log-probs), reference
+    forward, reward forward, policy updates. With a separate critic (ours-critic, TRL): its forward
+    at rollout and its forward + backward in every update."""
     seq = a.batch * (prompt_len + resp)
-    flops = 2 * n_pol * seq * 3 + 2 * n_rm * seq + a.epochs * 6 * n_pol * seq  # generate, old/ref, reward, updates
+    flops = 2 * n_pol * seq * 2 + 2 * n_rm * seq + a.epochs * 6 * n_pol * seq
     if impl != "ours":
-        flops += 2 * n_rm * seq + a.epochs * 6 * n_rm * seq  # the critic
-    if impl == "trl":
-        flops -= 2 * n_pol * seq  # TRL reuses generation logits for the old log-probs
+        flops += 2 * n_rm * seq + a.epochs * 6 * n_rm * seq
     return flops
 
 
@@ -311,14 +353,16 @@ def spawn(impl: str, a: argparse.Namespace, assets: dict[str, str], lora: bool =
 
 def speed(a: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        assets = build_assets(Path(tmp), a.arch, a.layers, a.d_model, a.vocab, n_prompts=4 * a.batch)
+        assets = build_assets(Path(tmp), a.arch, a.layers, a.d_model, a.vocab, a.pretrain_steps)
         n_pol = matmul_params(assets["policy"], causal=True)
         n_rm = matmul_params(assets["rm"], causal=False)
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(assets["policy"])
         prompts = [json.loads(line)["prompt"] for line in Path(assets["prompts"]).read_text().splitlines()]
-        prompt_len = statistics.mean(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+        prompt_len = statistics.mean(
+            len(tok(PROMPT_TEMPLATE.format(prompt=p), add_special_tokens=False)["input_ids"]) for p in prompts
+        )
         peak = matmul_peak_gflops(a.threads)
         impls = ["ours", "ours-critic", "trl"]
         runs: dict[str, list[dict]] = {k: [] for k in impls}
@@ -329,11 +373,12 @@ def speed(a: argparse.Namespace) -> None:
     print(
         f"\nPPO step, {a.arch} policy {n_pol / 1e6:.2f}M matmul params, reward/value model {n_rm / 1e6:.2f}M; "
         f"batch {a.batch}, minibatch {a.mini}, {a.epochs} epochs, prompt ~{prompt_len:.0f} + response "
-        f"{a.response_length} tokens, {'LoRA' if a.lora else 'full fine-tuning'}, {a.threads} thread(s); "
+        f"<= {a.response_length} tokens, {'LoRA' if a.lora else 'full fine-tuning'}, {a.threads} thread(s); "
         f"median of {a.repeats} runs x {a.steps} steps"
     )
     print(f"measured float32 matmul peak: {peak:.1f} GFLOP/s\n")
-    print(f"{'':<12}{'s/step':>9}{'tokens/s':>10}{'peak MB':>9}{'(+ over imports)':>17}{'MFU':>8}{'speed-up':>10}")
+    columns = ["s/step", "resp len", "tokens/s", "peak MB", "(+ over imports)", "MFU", "speed-up"]
+    print(f"{'':<12}" + "".join(f"{c:>{w}}" for c, w in zip(columns, (9, 9, 10, 9, 17, 8, 10), strict=True)))
     trl_step = statistics.median(r["step_s"] for r in runs["trl"])
     for impl in impls:
         step = statistics.median(r["step_s"] for r in runs[impl])
@@ -342,7 +387,7 @@ def speed(a: argparse.Namespace) -> None:
         extra = max(r["peak_rss_mb"] - r["base_rss_mb"] for r in runs[impl])
         mfu = model_flops(impl, n_pol, n_rm, a, prompt_len, resp) / step / (peak * 1e9)
         print(
-            f"{impl:<12}{step:>9.3f}{a.batch * resp / step:>10.0f}{mem:>9.0f}{extra:>17.0f}"
+            f"{impl:<12}{step:>9.3f}{resp:>9.1f}{a.batch * resp / step:>10.0f}{mem:>9.0f}{extra:>17.0f}"
             f"{100 * mfu:>7.1f}%{trl_step / step:>9.2f}x"
         )
 
@@ -353,7 +398,7 @@ def memory(a: argparse.Namespace) -> None:
 
     a.batch, a.mini, a.response_length, a.steps = 8, 8, 16, 1
     with tempfile.TemporaryDirectory() as tmp:
-        assets = build_assets(Path(tmp), "llama", layers=8, d_model=640, vocab=8000, n_prompts=16)
+        assets = build_assets(Path(tmp), "llama", layers=8, d_model=640, vocab=8000, pretrain_steps=0)
         total = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(assets["policy"])).num_parameters()
         full, lora = (spawn("ours", a, assets, lora=lora) for lora in (False, True))
     full_mb, lora_mb = (r["peak_rss_mb"] - r["base_rss_mb"] for r in (full, lora))
@@ -372,12 +417,13 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--pretrain-steps", type=int, default=150, help="steps of pretraining the policy on dialogues")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--mini", type=int, default=16)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--response-length", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-6, help="small: the policy (and so the lengths) barely move")
     p.add_argument("--steps", type=int, default=4, help="timed steps per run (after one warm-up step)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)

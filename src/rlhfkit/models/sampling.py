@@ -85,7 +85,7 @@ def sample(model: Any, tokenizer: Any, prompts: list[str], cfg: SamplingConfig, 
             attention_mask=p_mask.to(device),
             do_sample=True,
             temperature=cfg.temperature,
-            top_k=cfg.top_k or None,
+            top_k=cfg.top_k,  # 0 disables it; None would mean the generation config's default (50)
             top_p=cfg.top_p,
             max_new_tokens=cfg.max_new_tokens,
             num_return_sequences=num_samples,

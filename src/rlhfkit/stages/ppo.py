@@ -33,7 +33,13 @@ from rlhfkit.engine.trainer import Engine, NonFiniteError, TrainConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import ModelConfig, disable_dropout, load_causal_lm, save_model
 from rlhfkit.models.sampling import SamplingConfig, sample
-from rlhfkit.models.value import PolicyAndValue, load_critic, response_logits
+from rlhfkit.models.value import (
+    PolicyAndValue,
+    generation_hidden_states,
+    load_critic,
+    response_logits,
+    stack_generation_states,
+)
 from rlhfkit.rewards.base import RewardSource
 from rlhfkit.rewards.build import RewardConfig, build_reward
 from rlhfkit.rl.core import (
@@ -213,12 +219,16 @@ def shape_scores(raw: Tensor, ended: Tensor, cfg: PPOConfig, baseline: tuple[flo
 
 
 @torch.no_grad()
-def score_tokens(model: Any, ref: Any, adapter_off: bool, ro: Rollout, temperature: float, chunk: int) -> None:
+def score_tokens(
+    model: PolicyAndValue, hidden: Tensor, ref: Any, adapter_off: bool, ro: Rollout, temperature: float, chunk: int
+) -> None:
     """Log-probs (policy and reference), values and entropy of the sampled tokens, into `ro.tokens`.
 
     Computed once, before any update: these are the "old" policy's numbers that the clipped
     objective compares against. Logits are divided by the sampling temperature (PPO detail 3).
-    `adapter_off`: `ref` is the LoRA policy itself, run with its adapter disabled.
+    The policy's come from `hidden`, its last hidden states recorded during generation (no second
+    pass over its trunk); the reference model runs a forward pass. `adapter_off`: `ref` is the
+    LoRA policy itself, run with its adapter disabled.
     """
     B, T = ro.tokens["response_ids"].shape
     for key in ("logp", "ref_logp", "values", "entropy"):
@@ -226,7 +236,7 @@ def score_tokens(model: Any, ref: Any, adapter_off: bool, ro: Rollout, temperatu
     for index in torch.arange(B, device=ro.input_ids.device).split(chunk):
         ids, mask, start, tok = ro.rows(index)
         width = tok["response_ids"].shape[1]
-        logits, values = model(ids, mask, start)
+        logits, values = model.heads(hidden[index, :width], ids, mask, start)
         ro.tokens["logp"][index, :width] = logprobs_from_logits(logits, tok["response_ids"], temperature)
         ro.tokens["values"][index, :width] = values
         ro.tokens["entropy"][index, :width] = entropy_from_logits(logits, temperature)
@@ -293,7 +303,9 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
             t0 = time.perf_counter()
             # 1. rollout: sample one response per prompt
             index = prompt_indices(len(records), p.batch_size, step, cfg.train.seed)
-            batch = sample(policy, tokenizer, [rendered[i] for i in index], cfg.sampling)
+            with generation_hidden_states(policy) as recorded:
+                batch = sample(policy, tokenizer, [rendered[i] for i in index], cfg.sampling)
+            hidden = stack_generation_states(recorded, batch.response_mask).to(engine.device)
 
             # 2. score the responses
             raw = reward.score([records[i].prompt for i in index], batch.texts).float().cpu()
@@ -313,7 +325,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
                 start=batch.prompt_ids.shape[1],
                 tokens={"response_ids": batch.response_ids.to(engine.device), "mask": mask},
             )
-            score_tokens(model, ref, adapter_off, ro, temperature, p.micro)
+            score_tokens(engine.unwrap(model), hidden, ref, adapter_off, ro, temperature, p.micro)
             tok = ro.tokens
 
             # 4. per-token rewards, advantages, returns
@@ -459,6 +471,7 @@ def load_models(cfg: Config, device: Any) -> tuple[Any, Any, Any, Any]:
     policy, tokenizer = load_causal_lm(cfg.model)
     disable_dropout(policy)
     policy.generation_config.suppress_tokens = [tokenizer.pad_token_id]  # pad is never a real token
+    policy.generation_config.use_cache = True  # one decoder call per new token: see generation_hidden_states
     ref = policy
     if cfg.model.lora is None or cfg.ref_model not in ("", cfg.model.path):
         ref_cfg = cfg.model.model_copy(update={"path": cfg.ref_model or cfg.model.path, "lora": None})
