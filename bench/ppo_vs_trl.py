@@ -306,13 +306,16 @@ def matmul_params(path: str, causal: bool) -> int:
 
 def model_flops(impl: str, n_pol: int, n_rm: int, a: argparse.Namespace, prompt_len: float, resp: float) -> float:
     """Model FLOPs of one PPO step, as each implementation's model is built (2N per token forward,
-    6N forward + backward). Both: generation (whose outputs give the old log-probs), reference
-    forward, reward forward, policy updates. With a separate critic (ours-critic, TRL): its forward
-    at rollout and its forward + backward in every update."""
+    6N forward + backward, 4N with LoRA: frozen weights get no gradient). Both: generation (whose
+    outputs give the old log-probs), reference forward, reward forward, policy updates. With a
+    separate critic (ours-critic, TRL): its forward at rollout and its forward + backward in every
+    update (TRL trains its critic fully even with LoRA; ours gives it LoRA too)."""
     seq = a.batch * (prompt_len + resp)
-    flops = 2 * n_pol * seq * 2 + 2 * n_rm * seq + a.epochs * 6 * n_pol * seq
+    train = 4 if a.lora else 6
+    flops = 2 * n_pol * seq * 2 + 2 * n_rm * seq + a.epochs * train * n_pol * seq
     if impl != "ours":
-        flops += 2 * n_rm * seq + a.epochs * 6 * n_rm * seq
+        critic_train = 6 if impl == "trl" else train
+        flops += 2 * n_rm * seq + a.epochs * critic_train * n_rm * seq
     return flops
 
 

@@ -260,6 +260,9 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     engine = Engine(cfg.train, out, resume=cfg.resume)
     if engine.accelerator.num_processes > 1:
         raise UserError("ppo runs in a single process; launch it without `accelerate launch --num_processes`")
+    # On CPU, numbers below 1e-38 (saturated GELUs, masked attention) are ~100x slower and never matter:
+    # flushing them to zero makes a PPO step up to 40% faster (process-wide, like the thread count).
+    torch.set_flush_denormal(True)
     if engine.is_main:
         save_config(cfg, out)
     records = read_records(cfg.prompts, "prompts")
