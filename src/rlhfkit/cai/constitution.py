@@ -11,10 +11,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from rlhfkit.config import StrictModel
+from rlhfkit.config import StrictModel, read_yaml
 from rlhfkit.errors import UserError
 
 DEFAULT_CONSTITUTION = Path(__file__).with_name("default_constitution.yaml")
@@ -73,18 +72,7 @@ class Constitution(StrictModel):
 def load_constitution(path: str | Path = "") -> Constitution:
     """Read and validate a constitution YAML file; the shipped default when `path` is empty."""
     source = Path(path) if path else DEFAULT_CONSTITUTION
-    try:
-        text = source.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{source}: constitution file not found") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else str(source)
-        raise UserError(f"{where}: YAML syntax error: {getattr(e, 'problem', e)}") from None
+    data = read_yaml(source, "constitution file")
     if not isinstance(data, dict):
         raise UserError(f"{source}: expected a mapping with `principles:` (and optional `examples:`)")
     try:
