@@ -60,6 +60,16 @@ def ppo_config(out: Path, model_dir: Path, prompts: Path, **sections: Any) -> Co
     return Config.model_validate(data)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread per test process: under pytest-xdist the workers share the cores, and more
+    threads than cores make torch's thread pool spin (the learning test took 160 s instead of 25)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ppo-models")

@@ -10,7 +10,7 @@ from rlhfkit.engine.metrics import read_metrics
 from rlhfkit.models.tiny import make_test_model
 from rlhfkit.rewards.base import FunctionReward
 from rlhfkit.stages.ppo import train_ppo
-from test_ppo import e_frequency, ppo_config, write_prompts
+from test_ppo import e_frequency, one_thread, ppo_config, write_prompts  # noqa: F401  (one_thread: autouse fixture)
 
 STEPS = 30
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from rlhfkit.models.tiny import make_test_model
-from test_ppo import ppo_config, write_prompts
+from test_ppo import one_thread, ppo_config, write_prompts  # noqa: F401  (one_thread: autouse fixture)
 
 CHILD = """
 import json, resource, sys

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from rlhfkit.cli import main
 from rlhfkit.engine.metrics import read_metrics
 from rlhfkit.models.tiny import make_test_model
-from test_ppo import ppo_config, write_prompts
+from test_ppo import one_thread, ppo_config, write_prompts  # noqa: F401  (one_thread: autouse fixture)
 
 REWARD_MODULE = """
 import os, time
