@@ -71,14 +71,15 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, m
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    ckpts = tmp_path / "killed" / "checkpoints"
     deadline = time.monotonic() + 120
-    while not latest.exists() and child.poll() is None and time.monotonic() < deadline:
+    # a `step-*` folder exists only once completely written (it is renamed from a temp folder)
+    while not list(ckpts.glob("step-*")) and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
     _, stderr = child.communicate()
     assert child.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
-    assert latest.read_text().strip() != "step-0000048"  # killed before the end (6 steps x 8 updates)
+    assert max(p.name for p in ckpts.glob("step-*")) != "step-0000048"  # killed before the end (6 steps x 8 updates)
     assert not (tmp_path / "killed" / "results.json").exists()
 
     assert main(["ppo", "--config", str(killed_cfg), "--resume"]) == 0

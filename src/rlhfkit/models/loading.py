@@ -111,11 +111,17 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(model.config, attr, 0.0)
 
 
-def save_model(model: Any, tokenizer: Any, out_dir: str | Path, merge_lora: bool = True) -> Path:
+def save_model(
+    model: Any, tokenizer: Any, out_dir: str | Path, merge_lora: bool = True, keep_adapter: bool = True
+) -> Path:
     """Save a loadable folder; a LoRA model is merged into plain weights unless merge_lora=False.
 
-    Written to a temporary sibling and renamed, so a crash never leaves a half-saved model.
+    Merging rewrites the weights, so it works on a copy unless `keep_adapter=False` (the stage is
+    over and the in-memory model is no longer needed): that saves a whole copy of the weights at
+    the memory peak. Written to a temporary sibling and renamed, so a crash never leaves a
+    half-saved model.
     """
+    import copy
     import shutil
 
     out = Path(out_dir)
@@ -123,9 +129,7 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path, merge_lora: bool
     shutil.rmtree(tmp, ignore_errors=True)
     to_save = model
     if is_peft(model) and merge_lora:
-        import copy
-
-        to_save = copy.deepcopy(model).merge_and_unload()
+        to_save = (copy.deepcopy(model) if keep_adapter else model).merge_and_unload()
     to_save.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if out.exists():

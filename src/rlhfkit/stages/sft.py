@@ -147,7 +147,7 @@ def run(cfg: Config) -> Path:
     }
     model_dir = out / "model"
     if engine.is_main:
-        save_model(engine.unwrap(), tokenizer, model_dir, merge_lora=cfg.lora_save == "merged")
+        save_model(engine.unwrap(), tokenizer, model_dir, merge_lora=cfg.lora_save == "merged", keep_adapter=False)
         atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     engine.accelerator.wait_for_everyone()
     if valid:
