@@ -10,7 +10,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint chromium venv
+.PHONY: demo test lint chromium venv bench-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,3 +33,10 @@ test: $(STAMP) chromium
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# TRL's last PPO trainer (trl 1.12.0) for bench/ppo_vs_trl.py and bench/sft_rm_vs_trl.py, kept out of
+# the project's own environment.
+bench-venv:
+	test -x .venv-bench/bin/python || $(PY) -m venv .venv-bench
+	.venv-bench/bin/pip install -q -c constraints.txt torch==2.13.0 $(QUIET)
+	.venv-bench/bin/pip install -q -c constraints.txt -e . trl==1.12.0 $(QUIET)

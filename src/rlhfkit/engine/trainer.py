@@ -301,7 +301,8 @@ class Engine:
                 self.log(self.last)
                 bar.set_postfix(loss=f"{self.last['loss']:.4f}")
                 self.window, t0, tokens = {}, time.perf_counter(), 0
-            if eval_fn is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+            due = self.cfg.eval_every and self.step % self.cfg.eval_every == 0
+            if eval_fn is not None and due and self.step < total:  # the last step is evaluated once, below
                 self.evaluate(model, eval_fn)
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < total:
                 self.save_checkpoint()
