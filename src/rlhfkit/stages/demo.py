@@ -66,12 +66,15 @@ class Config(StrictModel):
     generate: generate_stage.Config = generate_stage.Config(k=4)
     feedback: FeedbackConfig = FeedbackConfig()
     rm: rm_stage.Config = rm_stage.Config(
-        train=rm_stage.RMTrainConfig(lr=3e-4, epochs=2, eval_every=0, log_every=10)
+        train=rm_stage.RMTrainConfig(lr=5e-4, epochs=6, eval_every=0, log_every=10)
     )
+    # β=0.2 and 24 steps: with β=0.05 and 40 steps the policy over-optimised this small reward model
+    # (proxy up, gold down; the report shows it), which is the point of the KL penalty.
     ppo: ppo_stage.Config = ppo_stage.Config(
         log_samples_every=2,
         log_samples=64,
-        stop=ppo_stage.StopConfig(max_steps=40, kl_ceiling=30.0),
+        ppo=ppo_stage.PPOConfig(kl=ppo_stage.KLConfig(beta=0.2)),
+        stop=ppo_stage.StopConfig(max_steps=24, kl_ceiling=30.0),
         train=ppo_stage.PPOTrainConfig(lr=5e-5),
     )
     eval: eval_stage.Config = eval_stage.Config()
