@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import Field
 
-from rlhfkit.config import StrictModel, save_config
+from rlhfkit.config import StrictModel, atomic_write_text, save_config
 from rlhfkit.data.formats import read_records
 from rlhfkit.models.tiny import TinyModelConfig
 from rlhfkit.rewards.build import RewardConfig, RewardSpec
@@ -65,9 +65,7 @@ class Config(StrictModel):
     )
     generate: generate_stage.Config = generate_stage.Config(k=4)
     feedback: FeedbackConfig = FeedbackConfig()
-    rm: rm_stage.Config = rm_stage.Config(
-        train=rm_stage.RMTrainConfig(lr=5e-4, epochs=6, eval_every=0, log_every=10)
-    )
+    rm: rm_stage.Config = rm_stage.Config(train=rm_stage.RMTrainConfig(lr=5e-4, epochs=6, eval_every=0, log_every=10))
     # β=0.2 and 24 steps: with β=0.05 and 40 steps the policy over-optimised this small reward model
     # (proxy up, gold down; the report shows it), which is the point of the KL penalty.
     ppo: ppo_stage.Config = ppo_stage.Config(
@@ -181,11 +179,9 @@ def run(cfg: Config) -> Path:
 
     runner.stage("generate", "completions.jsonl", generate)
 
-    feedback_info: dict[str, Any] = {}
-
     def feedback() -> None:
         info = collect_feedback(out / "feedback", out / "generate" / "completions.jsonl", cfg.feedback, cfg.seed)
-        (out / "feedback" / "summary.json").write_text(json.dumps(info, indent=2))
+        atomic_write_text(out / "feedback" / "summary.json", json.dumps(info, indent=2))
 
     runner.stage("feedback", "summary.json", feedback)
     feedback_info = json.loads((out / "feedback" / "summary.json").read_text())
