@@ -21,12 +21,14 @@ SMALL = [
     "feedback.overlap=2",
     "rm.train.max_steps=5",
     "rm.normalize.max_prompts=4",
+    "rm.normalize.sampling.max_new_tokens=16",
     "ppo.stop.max_steps=2",
     "ppo.ppo.batch_size=8",
     "ppo.ppo.mini_batch_size=8",
     "ppo.sampling.max_new_tokens=16",
     "ppo.log_samples_every=1",
     "eval.limit=8",
+    "eval.samples_per_prompt=2",
     "eval.bootstrap=50",
     "eval.sampling.max_new_tokens=16",
 ]
@@ -51,6 +53,10 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert sum(feedback["judgments"].values()) == 10 * 2  # every item got exactly `overlap` judgments
     results = json.loads((tmp_path / "eval/results.json").read_text())
     assert set(results["models"]) == {"sft", "ppo"} and "ppo_vs_sft" in results["comparisons"]
+    rows = [json.loads(line) for line in (tmp_path / "eval/samples.jsonl").read_text().splitlines()]
+    assert [(r["prompt_id"], r["sample"]) for r in rows[:3]] == [(rows[0]["prompt_id"], 0), (rows[0]["prompt_id"], 1),
+                                                                 (rows[2]["prompt_id"], 0)]  # fmt: skip
+    assert len(rows) == 8 * 2 and all("gold" in r["ppo"] for r in rows)
     page = report.read_text()
     assert "reward-hacking monitor" in page and "Labeler agreement" in page and "data:image/png" in page
 

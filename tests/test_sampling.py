@@ -182,3 +182,18 @@ def test_generate_stage_writes_completions(capsys, tmp_path, tiny_model_dir, arc
     assert records[1].prompt[0].content == "Hi"  # conversations are kept as conversations
     assert (out / "config.yaml").exists()
     assert f"wrote 2 prompts x 3 completions to {out / 'completions.jsonl'}" in capsys.readouterr().out
+
+
+def test_generate_stage_mixes_candidates_of_several_models(capsys, tmp_path, tiny_model_dir):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "tea", "prompt": "How do I make tea?"}\n{"id": "fox", "prompt": "The fox?"}\n')
+    base = [f"prompts={prompts}", f"model.path={tiny_model_dir('gpt2')}", "k=2", "sampling.max_new_tokens=6"]
+    assert main(["generate", *base, f"output_dir={tmp_path / 'one'}"]) == 0
+    other = tiny_model_dir("llama")
+    assert main(["generate", *base, f"output_dir={tmp_path / 'mix'}", f"extra_models=[{other}]"]) == 0
+    assert "wrote 2 prompts x 4 completions" in capsys.readouterr().out
+    one = read_records(tmp_path / "one" / "completions.jsonl", "completions")
+    mix = read_records(tmp_path / "mix" / "completions.jsonl", "completions")
+    for a, b in zip(one, mix, strict=True):
+        assert b.completions[:2] == a.completions  # the first model's samples come first, as alone
+        assert len(b.completions) == 4

@@ -57,7 +57,9 @@ def write_demo_report(run_dir: Path, timings: dict[str, float] | None = None) ->
                     f"<p>{html.escape(pair)} by <b>{key}</b>: win rate {c['win_rate']:.2f}, mean difference "
                     f"{c['mean_diff']:+.3f} (95% bootstrap CI {c['ci_low']:+.3f} .. {c['ci_high']:+.3f})</p>"
                 )
-        report.add(f"Baseline (SFT) vs aligned (PPO) on {ev['n_prompts']} held-out prompts", body)
+        n = ev.get("samples_per_prompt", 1)
+        each = f", {n} samples each (compared per prompt)" if n > 1 else ""
+        report.add(f"Baseline (SFT) vs aligned (PPO) on {ev['n_prompts']} held-out prompts{each}", body)
 
     # ---- over-optimisation picture
     metrics = read_metrics(run_dir / "ppo" / "metrics.jsonl") if (run_dir / "ppo" / "metrics.jsonl").exists() else []
@@ -125,11 +127,10 @@ def write_demo_report(run_dir: Path, timings: dict[str, float] | None = None) ->
             "Toxicity before and after",
             plot_bars({n: m.get("toxicity", 0.0) for n, m in ev["models"].items()}, "toxicity", "P(offensive)"),
         )
-        lines = (run_dir / "eval" / "samples.jsonl").read_text().splitlines()[:12]
+        first = [json.loads(line) for line in (run_dir / "eval" / "samples.jsonl").read_text().splitlines()]
         names = list(ev["models"])
         rows = []
-        for line in lines:
-            r = json.loads(line)
+        for r in [r for r in first if r.get("sample", 0) == 0][:12]:
             prompt = r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"]
             rows.append([prompt] + [f"{r[n]['response']}  [gold {r[n].get('gold', 0):+.2f}]" for n in names])
         report.add("Before / after, same prompts", table(["prompt", *names], rows).replace("<td>", "<td class='text'>"))

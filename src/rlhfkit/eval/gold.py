@@ -89,7 +89,10 @@ class GoldJudge:
 
         texts = [c.strip() for c in completions]
         nonempty = [t if t else "." for t in texts]
-        p_emb = self.minilm.embed([prompt_text(p) for p in prompts])
+        # each distinct prompt once: evaluation and labeling score several responses per prompt
+        asked = [prompt_text(p) for p in prompts]
+        row = {text: i for i, text in enumerate(dict.fromkeys(asked))}
+        p_emb = self.minilm.embed(list(row))[[row[a] for a in asked]]
         r_emb = self.minilm.embed(nonempty)
         return {
             "sentiment": torch.tensor([self.vader.polarity_scores(t)["compound"] for t in texts]),

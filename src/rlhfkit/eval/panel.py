@@ -4,13 +4,22 @@ Each labeler ranks candidates by the hidden gold utility plus its own Gaussian n
 candidates a tie when their noisy utilities are within `tie_margin`, and flags a set unusable when
 every candidate is clearly bad. One careless labeler ranks at random. So the panel disagrees the
 way real labelers do, and its agreement is a realistic ceiling for the reward model.
+
+The noise levels are calibrated so that two careful labelers agree on about 70% of the pairs they
+both order (on the demo's candidates), like InstructGPT's labelers (72.6% ± 1.5%, Ouyang et al.
+2022); the careless one pulls the panel's agreement below that.
+
+Labeling is deterministic: a labeler's noise on an item depends only on (seed, labeler, prompt,
+candidate texts), and the labelers take turns (round-robin), so the same seed gives the same labels however fast
+the server answers. (Concurrent labelers are exercised by the feedback server's own tests and
+`bench/feedback_load.py`.)
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 from rlhfkit.feedback.aggregate import dense_ranks
@@ -28,10 +37,10 @@ class SimulatedLabeler:
 
 def default_panel() -> list[SimulatedLabeler]:
     return [
-        SimulatedLabeler("alice", noise=0.25),
-        SimulatedLabeler("bob", noise=0.4),
-        SimulatedLabeler("carol", noise=0.6),
-        SimulatedLabeler("dave", noise=0.8),
+        SimulatedLabeler("alice", noise=0.15),
+        SimulatedLabeler("bob", noise=0.2),
+        SimulatedLabeler("carol", noise=0.3),
+        SimulatedLabeler("dave", noise=0.4),
         SimulatedLabeler("erin", noise=0.0, careless=True),
     ]
 
@@ -53,18 +62,25 @@ def label_over_http(
     utility: dict[tuple[str, str], float],
     seed: int = 0,
 ) -> dict[str, int]:
-    """Every labeler logs in to the real server and ranks items until none is left for them.
+    """Every labeler logs in to the real server; they take turns ranking the next item the server
+    gives them until none is left. Returns the number of judgments per labeler.
 
-    `utility[(prompt_id, candidate_text)]` is the hidden gold utility. The labelers work at the
-    same time (one thread each), as people would; returns the number of judgments per labeler.
+    `utility[(prompt_id, candidate_text)]` is the hidden gold utility.
     """
-
-    def work(i: int, labeler: SimulatedLabeler) -> int:
-        rng = random.Random(seed * 1000 + i)
-        done = 0
-        with FeedbackClient.login(url, labeler.name, password) as client:
-            while (item := client.next_item(project_id)) is not None:
-                cands = item["candidates"]
+    counts = {labeler.name: 0 for labeler in panel}
+    with ExitStack() as stack:
+        clients = {lab.name: stack.enter_context(FeedbackClient.login(url, lab.name, password)) for lab in panel}
+        active = list(panel)
+        while active:
+            for labeler in list(active):
+                client = clients[labeler.name]
+                item = client.next_item(project_id)
+                if item is None:
+                    active.remove(labeler)
+                    continue
+                # the server shows candidates in a per-labeler random order (against position bias)
+                cands = sorted(item["candidates"], key=lambda c: (c["text"], c["id"]))
+                rng = random.Random(f"{seed}/{labeler.name}/{item['prompt_id']}")
                 ranks, unusable = judge(labeler, [utility[(item["prompt_id"], c["text"])] for c in cands], rng)
                 client.submit(
                     project_id,
@@ -72,9 +88,5 @@ def label_over_http(
                     {c["id"]: r for c, r in zip(cands, ranks, strict=True)},
                     unusable=unusable,
                 )
-                done += 1
-        return done
-
-    with ThreadPoolExecutor(len(panel)) as pool:
-        counts = list(pool.map(work, range(len(panel)), panel))
-    return {labeler.name: n for labeler, n in zip(panel, counts, strict=True)}
+                counts[labeler.name] += 1
+    return counts

@@ -1,14 +1,17 @@
 """Evaluation: compare models (e.g. SFT vs PPO) on held-out prompts.
 
-For each model: sample one response per prompt (same seed for every model), then measure the
+For each model: sample `samples_per_prompt` responses per prompt (same seed for every model), then measure the
 reward-model score (if a reward is given), the gold utility and its parts (if `gold=true`: the
 independent judges of `rlhfkit.eval.gold`; toxicity is the profanity classifier's probability),
 KL to the reference model on the model's own samples, response length and distinct-n diversity.
-Each later model is compared with the first (the baseline): win rate by gold utility and by
-reward, and the mean paired difference with a bootstrap 95% confidence interval.
+Each later model is compared with the first (the baseline) prompt by prompt (each model's mean
+over its samples of that prompt): win rate by gold utility and by reward, and the mean paired
+difference with a bootstrap 95% confidence interval over prompts. Several samples per prompt
+narrow the interval at the cost of generation time: a rare failure (a rude answer once in 25)
+shows up in a sample of 200 only a handful of times.
 
-Writes `OUTPUT_DIR/results.json` and `OUTPUT_DIR/samples.jsonl` (every prompt with every
-model's response and scores).
+Writes `OUTPUT_DIR/results.json` and `OUTPUT_DIR/samples.jsonl` (one row per prompt and sample,
+with every model's response and scores).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class Config(StrictModel):
     reference: str = Field("", description="model folder for KL; default: the first model")
     prompts: str = Field("", description="held-out prompts file (JSONL {id, prompt})")
     limit: int = Field(0, ge=0, description="use the first N prompts (0 = all)")
+    samples_per_prompt: int = Field(1, gt=0, description="responses per prompt and model (averaged per prompt)")
     seed: int = 0
     gold: bool = Field(True, description="score with the gold judges (VADER, profanity, MiniLM)")
     reward: RewardConfig = RewardConfig()
@@ -97,6 +101,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
         judge = GoldJudge()
     prompts = [r.prompt for r in records]
+    per_sample = [p for p in prompts for _ in range(cfg.samples_per_prompt)]  # `sample` groups rows by prompt
     per_model: dict[str, dict[str, np.ndarray]] = {}
     texts: dict[str, list[str]] = {}
     summary: dict[str, dict[str, float]] = {}
@@ -105,7 +110,7 @@ def run(cfg: Config) -> dict[str, Any]:
         model.eval()
         rendered = [render_prompt(tok, p, cfg.sampling.prompt_template) for p in prompts]
         torch.manual_seed(cfg.seed)
-        s = sample(model, tok, rendered, cfg.sampling)
+        s = sample(model, tok, rendered, cfg.sampling, num_samples=cfg.samples_per_prompt)
         texts[name] = s.texts
         m: dict[str, np.ndarray] = {
             "kl": sequence_kl(model, ref_model, s, cfg.sampling.temperature).numpy(),
@@ -113,9 +118,9 @@ def run(cfg: Config) -> dict[str, Any]:
             "ended": s.ended.float().numpy(),
         }
         if reward is not None:
-            m["reward"] = reward.score(prompts, s.texts).float().numpy()
+            m["reward"] = reward.score(per_sample, s.texts).float().numpy()
         if judge is not None:
-            parts = judge.components(prompts, s.texts)
+            parts = judge.components(per_sample, s.texts)
             m["gold"] = judge.utility(parts).numpy()
             m.update({k: v.numpy() for k, v in parts.items()})
         per_model[name] = m
@@ -123,19 +128,31 @@ def run(cfg: Config) -> dict[str, Any]:
         summary[name]["distinct_1"] = distinct_n(s.texts, 1)
         summary[name]["distinct_2"] = distinct_n(s.texts, 2)
     base = names[0]
+
+    def per_prompt(name: str, key: str) -> np.ndarray:  # rows are grouped by prompt
+        return per_model[name][key].reshape(len(records), cfg.samples_per_prompt).mean(1)
+
     comparisons = {
         f"{name}_vs_{base}": {
-            key: paired_comparison(per_model[base][key], per_model[name][key], cfg.bootstrap, cfg.seed)
+            key: paired_comparison(per_prompt(base, key), per_prompt(name, key), cfg.bootstrap, cfg.seed)
             for key in ("gold", "reward", "toxicity")
             if key in per_model[name]
         }
         for name in names[1:]
     }
-    results = {"n_prompts": len(records), "models": summary, "comparisons": comparisons}
+    results = {
+        "n_prompts": len(records),
+        "samples_per_prompt": cfg.samples_per_prompt,
+        "models": summary,
+        "comparisons": comparisons,
+    }
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     rows = []
-    for i, rec in enumerate(records):
+    for i in range(len(records) * cfg.samples_per_prompt):
+        rec = records[i // cfg.samples_per_prompt]
         row: dict[str, Any] = {"prompt_id": rec.id, "prompt": text_to_json(rec.prompt)}
+        if cfg.samples_per_prompt > 1:
+            row["sample"] = i % cfg.samples_per_prompt
         for name in names:
             row[name] = {"response": texts[name][i], **{k: float(v[i]) for k, v in per_model[name].items()}}
         rows.append(json.dumps(row, ensure_ascii=False))
@@ -148,7 +165,9 @@ def _print_table(results: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"evaluation on {results['n_prompts']} held-out prompts")
+    n = results["samples_per_prompt"]
+    title = f"evaluation on {results['n_prompts']} held-out prompts" + (f", {n} samples each" if n > 1 else "")
+    table = Table(title=title)
     first = next(iter(results["models"].values()))
     keys = [k for k in ("gold", "reward", "toxicity", "kl", "length", "distinct_2") if k in first]
     table.add_column("model")

@@ -3,11 +3,17 @@
 Reads a prompts file (`{id, prompt}` lines), renders each prompt (template or chat template),
 samples `k` completions with temperature / top-k / top-p, and writes
 `OUTPUT_DIR/completions.jsonl` (`{prompt_id, prompt, completions: [...]}`), ready to be ranked.
+
+`extra_models` adds `k` completions of each further model to every prompt: labelers then compare
+answers of several policies (InstructGPT ranked samples of several models), which shows the
+reward model failures that one policy produces only rarely. The models must share the tokenizer's
+chat format; the feedback server shows candidates in a random order, so the source is hidden.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -27,7 +33,21 @@ class Config(StrictModel):
     seed: int = 0
     limit: int = Field(0, ge=0, description="use only the first N prompts (0 = all)")
     model: ModelConfig = ModelConfig()
+    extra_models: list[str] = Field(default_factory=list, description="more model folders, k completions each")
     sampling: SamplingConfig = SamplingConfig()
+
+
+def sample_completions(model_cfg: ModelConfig, records: list[Any], cfg: Config) -> list[list[str]]:
+    """`cfg.k` completions of every prompt by one model (seeded: the same for the same inputs)."""
+    model, tokenizer = load_causal_lm(model_cfg)
+    torch.manual_seed(cfg.seed)
+    rendered = [render_prompt(tokenizer, r.prompt, cfg.sampling.prompt_template) for r in records]
+    chunk = max(1, cfg.sampling.batch_size // cfg.k)
+    out: list[list[str]] = []
+    for start in tqdm(range(0, len(records), chunk), desc=f"generate ({model_cfg.path})", unit="batch"):
+        s = sample(model, tokenizer, rendered[start : start + chunk], cfg.sampling, num_samples=cfg.k)
+        out += [s.texts[i : i + cfg.k] for i in range(0, len(s.texts), cfg.k)]
+    return out
 
 
 def run(cfg: Config) -> Path:
@@ -40,17 +60,12 @@ def run(cfg: Config) -> Path:
         records = records[: cfg.limit]
     out = Path(cfg.output_dir)
     save_config(cfg, out)
-    model, tokenizer = load_causal_lm(cfg.model)
-    torch.manual_seed(cfg.seed)
-    rendered = [render_prompt(tokenizer, r.prompt, cfg.sampling.prompt_template) for r in records]
-    chunk = max(1, cfg.sampling.batch_size // cfg.k)
-    results: list[Completions] = []
-    for start in tqdm(range(0, len(records), chunk), desc="generate", unit="batch"):
-        batch = records[start : start + chunk]
-        s = sample(model, tokenizer, rendered[start : start + chunk], cfg.sampling, num_samples=cfg.k)
-        for i, rec in enumerate(batch):
-            texts = s.texts[i * cfg.k : (i + 1) * cfg.k]
-            results.append(Completions(prompt_id=rec.id, prompt=rec.prompt, completions=texts))
+    per_model = [sample_completions(cfg.model, records, cfg)]
+    per_model += [sample_completions(cfg.model.model_copy(update={"path": p}), records, cfg) for p in cfg.extra_models]
+    results = [
+        Completions(prompt_id=rec.id, prompt=rec.prompt, completions=[t for texts in per_model for t in texts[i]])
+        for i, rec in enumerate(records)
+    ]
     path = write_records(out / "completions.jsonl", results)
-    print(f"wrote {len(results)} prompts x {cfg.k} completions to {path}")
+    print(f"wrote {len(results)} prompts x {cfg.k * len(per_model)} completions to {path}")
     return path
