@@ -18,14 +18,9 @@ from rlhfkit.errors import UserError
 from rlhfkit.models.loading import LoraConfig, ModelConfig, apply_lora, load_causal_lm
 from rlhfkit.models.sampling import SamplingConfig, _encode_prompts, sample
 from rlhfkit.models.tiny import make_test_model
-from rlhfkit.models.value import (
-    PolicyAndValue,
-    generation_hidden_states,
-    load_critic,
-    response_logits,
-    stack_generation_states,
-)
+from rlhfkit.models.value import PolicyAndValue, load_critic, response_logits
 from rlhfkit.rewards.base import FunctionReward
+from rlhfkit.rl.core import logprobs_from_logits
 from rlhfkit.stages.ppo import Config, PPOConfig, Rollout, ppo_loss, prompt_indices, shape_scores, train_ppo
 
 # ----------------------------------------------------------------------------- helpers (shared)
@@ -152,31 +147,38 @@ def test_policy_logits_match_generation_and_values_start_at_zero(models, arch):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
-def test_states_recorded_during_generation_give_the_logits_and_values_of_a_full_pass(models, arch):
-    """Several generate calls (batch_size 2 for 5 prompts), prompts of different lengths, responses
-    cut at a stop string: the recorded states must still line up with every response token."""
-    model, tok = load_causal_lm(ModelConfig(path=str(models[arch])))
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_hidden_states_kept_by_sampling_give_the_logits_and_values_of_a_full_pass(models, arch, lora):
+    """Several decoding batches (batch_size 2 for 5 prompts), prompts of different lengths, responses
+    cut at a stop string: the kept states must still line up with every response token, and give
+    the log-probs and values a full forward pass gives (what PPO's rollout relies on)."""
+    model, tok = load_causal_lm(ModelConfig(path=str(models[arch]), lora=LoraConfig(r=4) if lora else None))
+    if lora:  # move the adapter away from its zero init, so that it changes the output
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
     net = PolicyAndValue(model)
     torch.nn.init.normal_(net.value_head.weight)
     prompts = ["Hello there, how", "a", "The quick brown fox jumps over", "tea", "Good answers are"]
     cfg = SamplingConfig(max_new_tokens=6, batch_size=2, stop=["e"], prompt_template="{prompt}")
     torch.manual_seed(0)
-    with generation_hidden_states(model) as recorded:
-        samples = sample(model, tok, prompts, cfg)
-    assert len(recorded) == 3
+    samples = sample(model, tok, prompts, cfg, keep_hidden=True)
     assert (samples.response_mask.sum(1) < 6).any()  # some responses were cut short
-    hidden = stack_generation_states(recorded, samples.response_mask)
+    assert samples.hidden is not None and samples.hidden.shape[:2] == samples.response_ids.shape
     ids = torch.cat([samples.prompt_ids, samples.response_ids], 1)
     mask = torch.cat([samples.prompt_mask, samples.response_mask], 1)
     start = samples.prompt_ids.shape[1]
     with torch.no_grad():
         logits, values = net(ids, mask, start)
-        rec_logits, rec_values = net.heads(hidden, ids, mask, start)
+        kept_logits, kept_values = net.heads(samples.hidden, ids, mask, start)
     real = samples.response_mask.bool()
-    torch.testing.assert_close(rec_logits[real], logits[real], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(rec_values[real], values[real], atol=1e-4, rtol=1e-4)
-    with pytest.raises(RuntimeError, match="rows"):
-        stack_generation_states(recorded[:2], samples.response_mask)
+    torch.testing.assert_close(kept_logits[real], logits[real], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(kept_values[real], values[real], atol=1e-4, rtol=1e-4)
+    logp = logprobs_from_logits(logits, samples.response_ids, 0.7)
+    kept_logp = logprobs_from_logits(kept_logits, samples.response_ids, 0.7)
+    torch.testing.assert_close(kept_logp[real], logp[real], atol=1e-5, rtol=1e-5)
+    assert sample(model, tok, prompts, cfg).hidden is None  # only kept when asked for
 
 
 def test_lora_reference_is_the_base_model_with_the_adapter_off(models):

@@ -13,7 +13,7 @@ import torch
 from rlhfkit.cli import main
 from rlhfkit.data.formats import read_records
 from rlhfkit.models.loading import ModelConfig, load_causal_lm
-from rlhfkit.models.sampling import SamplingConfig, sample
+from rlhfkit.models.sampling import SamplingConfig, filter_logits, sample
 from testutil import ARCHS
 
 PROMPTS = ["User: How do I make tea?\nAssistant:", "The quick brown fox", "User: Hi\nAssistant:"]
@@ -89,6 +89,57 @@ def test_greedy_limits_equal_greedy_decoding(models, arch):
     for options in (dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-3)):
         assert rows(seeded(model, tok, PROMPTS, cfg(max_new_tokens=8, **options))) == expected, options
     assert rows(seeded(model, tok, PROMPTS, cfg(max_new_tokens=8))) != expected  # temperature 1 samples
+
+
+def kept(logits):
+    return torch.isfinite(logits).tolist()
+
+
+def test_filter_logits_by_hand():
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.0])
+    assert kept(filter_logits(logits, 2, 1.0)) == [False, True, True, False]
+    assert torch.equal(filter_logits(logits, 0, 1.0), logits)  # 0 and 1 are off
+    assert torch.equal(filter_logits(logits, 4, 1.0), logits)
+    assert kept(filter_logits(torch.tensor([1.0, 2.0, 2.0, 0.0]), 1, 1.0)) == [False, True, True, False]  # ties
+    # probabilities 1/8, 1/2, 1/8, 1/4: the nucleus is the most likely tokens until their mass reaches top_p
+    logits = torch.tensor([0.125, 0.5, 0.125, 0.25]).log()
+    assert kept(filter_logits(logits, 0, 0.4)) == [False, True, False, False]
+    assert kept(filter_logits(logits, 0, 0.7)) == [False, True, False, True]
+    assert sum(kept(filter_logits(logits, 0, 0.8))) == 3  # 0.75 is short of 0.8: one of the 1/8s joins
+    assert kept(filter_logits(logits, 0, 1e-9)) == [False, True, False, False]  # the top token always stays
+    assert kept(filter_logits(logits, 2, 0.4)) == [False, True, False, False]  # top-k first, then top-p
+    kept_values = filter_logits(logits, 0, 0.7)
+    assert kept_values[1] == logits[1] and kept_values[3] == logits[3]  # kept logits are unchanged
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(5, 1.0), (0, 0.9), (0, 0.3), (10, 0.6), (1, 0.5)])
+def test_filter_logits_matches_transformers_warpers(top_k, top_p):
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(16, 50, generator=torch.Generator().manual_seed(top_k))
+    expected = logits
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    assert torch.equal(filter_logits(logits, top_k, top_p), expected)
+
+
+def test_the_pad_token_is_never_sampled(models):
+    """Even when the model puts nearly all its probability on it: pad is not a real token."""
+    model, tok = models["gpt2"]
+    ids = tok(PROMPTS[0], return_tensors="pt", add_special_tokens=False).input_ids
+    head = model.get_output_embeddings().weight
+    saved = head[tok.pad_token_id].clone()
+    with torch.no_grad():
+        last = model.get_decoder()(input_ids=ids).last_hidden_state[0, -1]
+        head[tok.pad_token_id] = 100 * last / last.norm()
+        try:
+            assert int(model(input_ids=ids).logits[0, -1].argmax()) == tok.pad_token_id
+            s = seeded(model, tok, PROMPTS[:1], cfg(max_new_tokens=1), k=16)
+        finally:
+            head[tok.pad_token_id] = saved
+    assert (s.response_ids[:, 0] != tok.pad_token_id).all()
 
 
 def test_top_k_limits_the_candidates_and_zero_means_off(models):

@@ -33,13 +33,7 @@ from rlhfkit.engine.trainer import Engine, NonFiniteError, TrainConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import ModelConfig, disable_dropout, load_causal_lm, save_model
 from rlhfkit.models.sampling import SamplingConfig, sample
-from rlhfkit.models.value import (
-    PolicyAndValue,
-    generation_hidden_states,
-    load_critic,
-    response_logits,
-    stack_generation_states,
-)
+from rlhfkit.models.value import PolicyAndValue, load_critic, response_logits
 from rlhfkit.rewards.base import RewardSource
 from rlhfkit.rewards.build import RewardConfig, build_reward
 from rlhfkit.rl.core import (
@@ -306,9 +300,8 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
             t0 = time.perf_counter()
             # 1. rollout: sample one response per prompt
             index = prompt_indices(len(records), p.batch_size, step, cfg.train.seed)
-            with generation_hidden_states(policy) as recorded:
-                batch = sample(policy, tokenizer, [rendered[i] for i in index], cfg.sampling)
-            hidden = stack_generation_states(recorded, batch.response_mask).to(engine.device)
+            batch = sample(policy, tokenizer, [rendered[i] for i in index], cfg.sampling, keep_hidden=True)
+            hidden = batch.hidden.to(engine.device)  # type: ignore[union-attr]  (keep_hidden)
 
             # 2. score the responses
             raw = reward.score([records[i].prompt for i in index], batch.texts).float().cpu()
@@ -473,8 +466,6 @@ def load_models(cfg: Config, device: Any) -> tuple[Any, Any, Any, Any]:
     """
     policy, tokenizer = load_causal_lm(cfg.model)
     disable_dropout(policy)
-    policy.generation_config.suppress_tokens = [tokenizer.pad_token_id]  # pad is never a real token
-    policy.generation_config.use_cache = True  # one decoder call per new token: see generation_hidden_states
     ref = policy
     if cfg.model.lora is None or cfg.ref_model not in ("", cfg.model.path):
         ref_cfg = cfg.model.model_copy(update={"path": cfg.ref_model or cfg.model.path, "lora": None})
