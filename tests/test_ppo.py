@@ -112,6 +112,26 @@ def test_rollout_rows_drop_columns_that_are_padding_in_every_selected_row():
     assert full_ids.tolist() == [ids[1].tolist()] and full_start == 3
 
 
+def test_micro_batches_group_rows_of_similar_length():
+    # prompts of 2 tokens, responses of 1, 8, 2, 7, 1, 8 tokens: a row costs 2 + the longest response
+    lengths = [1, 8, 2, 7, 1, 8]
+    response_mask = torch.tensor([[1] * n + [0] * (8 - n) for n in lengths], dtype=torch.bool)
+    attention = torch.cat([torch.ones(6, 2, dtype=torch.long), response_mask.long()], 1)
+    ro = Rollout(torch.ones(6, 10, dtype=torch.long), attention, 2, {"mask": response_mask})
+    rows = torch.arange(6)
+
+    def split(max_rows, pass_cost):
+        return [part.tolist() for part in ro.micro_batches(rows, max_rows, pass_cost)]
+
+    # one pass: 6 x 10 + 3 = 63 tokens; short and long apart: 3 x 4 + 3 + 3 x 10 + 3 = 48; more passes cost more
+    assert split(6, 3) == [[0, 4, 2], [3, 1, 5]]
+    assert split(6, 100) == [[0, 4, 2, 3, 1, 5]]  # a pass costs more than the padding it would save
+    assert split(2, 3) == [[0, 4], [2], [3], [1, 5]]  # at most 2 rows: 9 + 7 + 12 + 23 = 51
+    assert split(3, None) == [[0, 4, 2], [3, 1, 5]]  # no more passes than max_rows needs
+    assert split(6, None) == [[0, 4, 2, 3, 1, 5]]
+    assert split(4, None) == [[0, 4, 2], [3, 1, 5]]
+
+
 def test_train_section_rejects_settings_ppo_does_not_use():
     with pytest.raises(UserError, match="batch_size.*not used by PPO"):
         load_config(Config, None, ["train.batch_size=8"])
