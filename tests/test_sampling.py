@@ -14,6 +14,7 @@ from rlhfkit.cli import main
 from rlhfkit.data.formats import read_records
 from rlhfkit.models.loading import ModelConfig, load_causal_lm
 from rlhfkit.models.sampling import SamplingConfig, filter_logits, sample
+from rlhfkit.models.value import response_logits
 from testutil import ARCHS
 
 PROMPTS = ["User: How do I make tea?\nAssistant:", "The quick brown fox", "User: Hi\nAssistant:"]
@@ -175,6 +176,25 @@ def test_stops_at_eos(parrot):
         assert bool(s.ended[i]) and s.texts[i] == "hi there"
         assert (s.response_ids[i, n:] == tok.pad_token_id).all()  # shorter than the other rows: padded
     assert s.response_mask[:2].sum(1).max() < s.response_mask[2:].sum(1).max()
+
+
+def test_rows_that_end_leave_the_batch_and_the_others_go_on(parrot):
+    """The "Say hi" rows end at EOS after a few tokens and leave the decoding batch (and its cache);
+    the "Say more" row must go on exactly as if alone, with its hidden states still in its row."""
+    model, tok = parrot
+    torch.manual_seed(0)
+    s = sample(model, tok, [SAY_HI, SAY_MORE, SAY_HI], cfg(max_new_tokens=16, temperature=0.3), keep_hidden=True)
+    assert s.texts[0] == s.texts[2] == "hi there" and s.texts[1].startswith("more words\nUser: n")
+    assert s.response_mask.sum(1).tolist()[0] < s.response_mask.sum(1).tolist()[1] == 16
+    alone = seeded(model, tok, [SAY_MORE], cfg(max_new_tokens=16, temperature=0.3))
+    assert alone.texts[0] == s.texts[1]
+    ids = torch.cat([s.prompt_ids, s.response_ids], 1)
+    mask = torch.cat([s.prompt_mask, s.response_mask], 1)
+    with torch.no_grad():
+        full = response_logits(model, ids, mask, s.prompt_ids.shape[1])
+        kept = model.get_output_embeddings()(s.hidden)
+    real = s.response_mask.bool()
+    torch.testing.assert_close(kept[real], full[real], atol=1e-4, rtol=1e-4)
 
 
 def test_stop_string_cuts_the_text_and_keeps_its_first_token(parrot):

@@ -106,37 +106,40 @@ def _decode(
     Returns the new tokens (B, N), pad after a row's EOS, and with `keep_hidden` the decoder's last
     hidden states (B, N, d) from which they were sampled. One trunk call per token on the KV cache;
     the LM head only on the last position. The pad token is never sampled: it is not a real token
-    (the loaders give every tokenizer one of its own).
+    (the loaders give every tokenizer one of its own). A row leaves the batch (and the cache) at its
+    EOS, so a few long responses do not keep the finished ones computing.
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
+    n_rows, n_new = ids.shape[0], cfg.max_new_tokens
+    tokens = torch.full((n_rows, n_new), pad, dtype=torch.long, device=ids.device)
+    states: list[Tensor] = []
+    live = torch.arange(n_rows, device=ids.device)  # the rows still in the batch
     positions = position_ids(mask)
     out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    positions = positions[:, -1:]
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    tokens: list[Tensor] = []
-    states: list[Tensor] = []
-    while True:
+    cache, positions = out.past_key_values, positions[:, -1:]
+    for step in range(n_new):
         hidden = out.last_hidden_state[:, -1]
         logits = head(hidden).float() / cfg.temperature
         logits[:, pad] = float("-inf")
         probs = filter_logits(logits, cfg.top_k, cfg.top_p).softmax(-1)
-        token = torch.multinomial(probs, 1).squeeze(1).masked_fill(done, pad)
-        tokens.append(token)
+        token = torch.multinomial(probs, 1).squeeze(1)
+        tokens[live, step] = token
         if keep_hidden:
-            states.append(hidden)
-        done = done | (token == eos)
-        if len(tokens) == cfg.max_new_tokens or bool(done.all()):
+            states.append(torch.zeros(n_rows, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device))
+            states[-1][live] = hidden
+        ended = token == eos
+        if step == n_new - 1 or bool(ended.all()):
             break
+        if bool(ended.any()):
+            keep = (~ended).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            live, token, mask, positions = live[keep], token[keep], mask[keep], positions[keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
         positions = positions + 1
         out = decoder(
-            input_ids=token[:, None],
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=out.past_key_values,
-            use_cache=True,
+            input_ids=token[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
         )
-    return torch.stack(tokens, 1), torch.stack(states, 1) if keep_hidden else None
+    return tokens[:, : step + 1], torch.stack(states, 1) if keep_hidden else None
 
 
 @torch.no_grad()
