@@ -157,8 +157,8 @@ class Config(StrictModel):
 # ------------------------------------------------------------------------------- rollouts
 
 # On a CPU one forward + backward pass costs about as much as this many more tokens through the
-# model, whatever its size: every pass streams all the weights through the caches (measured ~30 on
-# GPT-2 and Llama). Splitting a minibatch into one more micro-batch pays when it saves more padding.
+# model, whatever its size: every pass streams all the weights through the caches (measured 20-36
+# on GPT-2 and Llama of 3-40M parameters). One more micro-batch pays when it saves more padding.
 CPU_PASS_COST_TOKENS = 32
 
 
