@@ -3,10 +3,11 @@
 
 Used by `rlhfkit generate` and by PPO's rollouts, so both see exactly the same responses.
 
-The decoding loop is our own rather than `model.generate`: on small models `generate`'s per-token
-bookkeeping (logits processors, stopping criteria, cache handling) costs as much as the model, and
-the loop hands back the decoder's last hidden state for every sampled token, which is all PPO
-needs for the log-probs and values of its rollout (no second pass of the policy).
+The decoding loop is our own rather than `model.generate`: it hands back the decoder's last hidden
+state for every sampled token, which is all PPO needs for the log-probs and values of its rollout
+(no second pass of the policy), and a row leaves the batch at its EOS. Only `SamplingConfig`
+applies, not the model's generation config (a repetition penalty, say): PPO's log-probs must
+describe exactly the distribution the tokens were drawn from.
 """
 
 from __future__ import annotations
