@@ -125,8 +125,9 @@ class SequenceClassifierReward:
         ids = torch.full((len(rows), width), self.tok.pad_token_id)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
-        with torch.no_grad():
-            return self.model(input_ids=ids, attention_mask=(ids != self.tok.pad_token_id).long()).logits[:, 0]
+        mask = (ids != self.tok.pad_token_id).long()
+        with torch.no_grad():  # no KV cache, as TRL's get_reward
+            return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0]
 
 
 # ----------------------------------------------------------------------------------- workers

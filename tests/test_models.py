@@ -116,7 +116,29 @@ def test_save_round_trip_with_plain_transformers(tmp_path, tiny_model_dir, arch)
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     plain_tok = AutoTokenizer.from_pretrained(out)
     assert plain_tok.pad_token == tok.pad_token and plain_tok.eos_token == tok.eos_token
-    assert torch.equal(logits(reloaded, plain_tok), logits(model, tok))
+    saved = reloaded.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    # equal up to float rounding: GPT-2's GELU runs as one fused kernel in our loaded models
+    torch.testing.assert_close(logits(reloaded, plain_tok), logits(model, tok), rtol=0, atol=1e-6)
+
+
+def test_gpt2_gelu_is_fused_in_memory_only(tmp_path, tiny_model_dir):
+    from transformers.activations import NewGELUActivation
+
+    path = tiny_model_dir("gpt2")
+    plain = AutoModelForCausalLM.from_pretrained(path)
+    assert any(isinstance(m, NewGELUActivation) for m in plain.modules())
+    model, tok = load_causal_lm(ModelConfig(path=str(path)))
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    ids = tok(TEXT, return_tensors="pt", add_special_tokens=False).input_ids
+    for m in (plain, model):  # the gradient too: PPO trains through it
+        m.zero_grad()
+        m(input_ids=ids).logits.square().sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(logits(model, tok), logits(plain, tok), rtol=0, atol=1e-6)
+    save_model(model, tok, tmp_path / "saved")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "saved").config.activation_function == "gelu_new"
 
 
 def test_save_round_trip_after_adding_a_pad_token(tmp_path, no_pad_dir):
@@ -157,7 +179,8 @@ def test_lora_saved_merged_gives_the_peft_models_logits(tmp_path, lora_model):
     assert is_peft(model) and torch.equal(logits(model, tok), before)  # the live model is not merged
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert not is_peft(reloaded) and not (out / "adapter_config.json").exists()
-    torch.testing.assert_close(logits(reloaded, tok), before, atol=1e-5, rtol=1e-5)
+    # W + BA in one matrix rounds differently from W x + B(A x): ~1e-5 apart on logits of ~0.1
+    torch.testing.assert_close(logits(reloaded, tok), before, atol=1e-4, rtol=1e-4)
 
 
 def test_lora_saved_as_adapter(tmp_path, lora_model, tiny_model_dir):

@@ -18,14 +18,9 @@ from rlhfkit.errors import UserError
 from rlhfkit.models.loading import LoraConfig, ModelConfig, apply_lora, load_causal_lm
 from rlhfkit.models.sampling import SamplingConfig, _encode_prompts, sample
 from rlhfkit.models.tiny import make_test_model
-from rlhfkit.models.value import (
-    PolicyAndValue,
-    generation_hidden_states,
-    load_critic,
-    response_logits,
-    stack_generation_states,
-)
+from rlhfkit.models.value import PolicyAndValue, load_critic, response_logits
 from rlhfkit.rewards.base import FunctionReward
+from rlhfkit.rl.core import logprobs_from_logits
 from rlhfkit.stages.ppo import Config, PPOConfig, Rollout, ppo_loss, prompt_indices, shape_scores, train_ppo
 
 # ----------------------------------------------------------------------------- helpers (shared)
@@ -117,6 +112,26 @@ def test_rollout_rows_drop_columns_that_are_padding_in_every_selected_row():
     assert full_ids.tolist() == [ids[1].tolist()] and full_start == 3
 
 
+def test_micro_batches_group_rows_of_similar_length():
+    # prompts of 2 tokens, responses of 1, 8, 2, 7, 1, 8 tokens: a row costs 2 + the longest response
+    lengths = [1, 8, 2, 7, 1, 8]
+    response_mask = torch.tensor([[1] * n + [0] * (8 - n) for n in lengths], dtype=torch.bool)
+    attention = torch.cat([torch.ones(6, 2, dtype=torch.long), response_mask.long()], 1)
+    ro = Rollout(torch.ones(6, 10, dtype=torch.long), attention, 2, {"mask": response_mask})
+    rows = torch.arange(6)
+
+    def split(max_rows, pass_cost):
+        return [part.tolist() for part in ro.micro_batches(rows, max_rows, pass_cost)]
+
+    # one pass: 6 x 10 + 3 = 63 tokens; short and long apart: 3 x 4 + 3 + 3 x 10 + 3 = 48; more passes cost more
+    assert split(6, 3) == [[0, 4, 2], [3, 1, 5]]
+    assert split(6, 100) == [[0, 4, 2, 3, 1, 5]]  # a pass costs more than the padding it would save
+    assert split(2, 3) == [[0, 4], [2], [3], [1, 5]]  # at most 2 rows: 9 + 7 + 12 + 23 = 51
+    assert split(3, None) == [[0, 4, 2], [3, 1, 5]]  # no more passes than max_rows needs
+    assert split(6, None) == [[0, 4, 2, 3, 1, 5]]
+    assert split(4, None) == [[0, 4, 2], [3, 1, 5]]
+
+
 def test_train_section_rejects_settings_ppo_does_not_use():
     with pytest.raises(UserError, match="batch_size.*not used by PPO"):
         load_config(Config, None, ["train.batch_size=8"])
@@ -152,31 +167,38 @@ def test_policy_logits_match_generation_and_values_start_at_zero(models, arch):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
-def test_states_recorded_during_generation_give_the_logits_and_values_of_a_full_pass(models, arch):
-    """Several generate calls (batch_size 2 for 5 prompts), prompts of different lengths, responses
-    cut at a stop string: the recorded states must still line up with every response token."""
-    model, tok = load_causal_lm(ModelConfig(path=str(models[arch])))
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_hidden_states_kept_by_sampling_give_the_logits_and_values_of_a_full_pass(models, arch, lora):
+    """Several decoding batches (batch_size 2 for 5 prompts), prompts of different lengths, responses
+    cut at a stop string: the kept states must still line up with every response token, and give
+    the log-probs and values a full forward pass gives (what PPO's rollout relies on)."""
+    model, tok = load_causal_lm(ModelConfig(path=str(models[arch]), lora=LoraConfig(r=4) if lora else None))
+    if lora:  # move the adapter away from its zero init, so that it changes the output
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
     net = PolicyAndValue(model)
     torch.nn.init.normal_(net.value_head.weight)
     prompts = ["Hello there, how", "a", "The quick brown fox jumps over", "tea", "Good answers are"]
     cfg = SamplingConfig(max_new_tokens=6, batch_size=2, stop=["e"], prompt_template="{prompt}")
     torch.manual_seed(0)
-    with generation_hidden_states(model) as recorded:
-        samples = sample(model, tok, prompts, cfg)
-    assert len(recorded) == 3
+    samples = sample(model, tok, prompts, cfg, keep_hidden=True)
     assert (samples.response_mask.sum(1) < 6).any()  # some responses were cut short
-    hidden = stack_generation_states(recorded, samples.response_mask)
+    assert samples.hidden is not None and samples.hidden.shape[:2] == samples.response_ids.shape
     ids = torch.cat([samples.prompt_ids, samples.response_ids], 1)
     mask = torch.cat([samples.prompt_mask, samples.response_mask], 1)
     start = samples.prompt_ids.shape[1]
     with torch.no_grad():
         logits, values = net(ids, mask, start)
-        rec_logits, rec_values = net.heads(hidden, ids, mask, start)
+        kept_logits, kept_values = net.heads(samples.hidden, ids, mask, start)
     real = samples.response_mask.bool()
-    torch.testing.assert_close(rec_logits[real], logits[real], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(rec_values[real], values[real], atol=1e-4, rtol=1e-4)
-    with pytest.raises(RuntimeError, match="rows"):
-        stack_generation_states(recorded[:2], samples.response_mask)
+    torch.testing.assert_close(kept_logits[real], logits[real], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(kept_values[real], values[real], atol=1e-4, rtol=1e-4)
+    logp = logprobs_from_logits(logits, samples.response_ids, 0.7)
+    kept_logp = logprobs_from_logits(kept_logits, samples.response_ids, 0.7)
+    torch.testing.assert_close(kept_logp[real], logp[real], atol=1e-5, rtol=1e-5)
+    assert sample(model, tok, prompts, cfg).hidden is None  # only kept when asked for
 
 
 def test_lora_reference_is_the_base_model_with_the_adapter_off(models):

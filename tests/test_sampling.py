@@ -13,7 +13,8 @@ import torch
 from rlhfkit.cli import main
 from rlhfkit.data.formats import read_records
 from rlhfkit.models.loading import ModelConfig, load_causal_lm
-from rlhfkit.models.sampling import SamplingConfig, sample
+from rlhfkit.models.sampling import SamplingConfig, filter_logits, sample
+from rlhfkit.models.value import response_logits
 from testutil import ARCHS
 
 PROMPTS = ["User: How do I make tea?\nAssistant:", "The quick brown fox", "User: Hi\nAssistant:"]
@@ -91,6 +92,57 @@ def test_greedy_limits_equal_greedy_decoding(models, arch):
     assert rows(seeded(model, tok, PROMPTS, cfg(max_new_tokens=8))) != expected  # temperature 1 samples
 
 
+def kept(logits):
+    return torch.isfinite(logits).tolist()
+
+
+def test_filter_logits_by_hand():
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.0])
+    assert kept(filter_logits(logits, 2, 1.0)) == [False, True, True, False]
+    assert torch.equal(filter_logits(logits, 0, 1.0), logits)  # 0 and 1 are off
+    assert torch.equal(filter_logits(logits, 4, 1.0), logits)
+    assert kept(filter_logits(torch.tensor([1.0, 2.0, 2.0, 0.0]), 1, 1.0)) == [False, True, True, False]  # ties
+    # probabilities 1/8, 1/2, 1/8, 1/4: the nucleus is the most likely tokens until their mass reaches top_p
+    logits = torch.tensor([0.125, 0.5, 0.125, 0.25]).log()
+    assert kept(filter_logits(logits, 0, 0.4)) == [False, True, False, False]
+    assert kept(filter_logits(logits, 0, 0.7)) == [False, True, False, True]
+    assert sum(kept(filter_logits(logits, 0, 0.8))) == 3  # 0.75 is short of 0.8: one of the 1/8s joins
+    assert kept(filter_logits(logits, 0, 1e-9)) == [False, True, False, False]  # the top token always stays
+    assert kept(filter_logits(logits, 2, 0.4)) == [False, True, False, False]  # top-k first, then top-p
+    kept_values = filter_logits(logits, 0, 0.7)
+    assert kept_values[1] == logits[1] and kept_values[3] == logits[3]  # kept logits are unchanged
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(5, 1.0), (0, 0.9), (0, 0.3), (10, 0.6), (1, 0.5)])
+def test_filter_logits_matches_transformers_warpers(top_k, top_p):
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(16, 50, generator=torch.Generator().manual_seed(top_k))
+    expected = logits
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    assert torch.equal(filter_logits(logits, top_k, top_p), expected)
+
+
+def test_the_pad_token_is_never_sampled(models):
+    """Even when the model puts nearly all its probability on it: pad is not a real token."""
+    model, tok = models["gpt2"]
+    ids = tok(PROMPTS[0], return_tensors="pt", add_special_tokens=False).input_ids
+    head = model.get_output_embeddings().weight
+    saved = head[tok.pad_token_id].clone()
+    with torch.no_grad():
+        last = model.get_decoder()(input_ids=ids).last_hidden_state[0, -1]
+        head[tok.pad_token_id] = 100 * last / last.norm()
+        try:
+            assert int(model(input_ids=ids).logits[0, -1].argmax()) == tok.pad_token_id
+            s = seeded(model, tok, PROMPTS[:1], cfg(max_new_tokens=1), k=16)
+        finally:
+            head[tok.pad_token_id] = saved
+    assert (s.response_ids[:, 0] != tok.pad_token_id).all()
+
+
 def test_top_k_limits_the_candidates_and_zero_means_off(models):
     model, tok = models["llama"]
     ids = tok(PROMPTS[0], return_tensors="pt", add_special_tokens=False).input_ids
@@ -124,6 +176,25 @@ def test_stops_at_eos(parrot):
         assert bool(s.ended[i]) and s.texts[i] == "hi there"
         assert (s.response_ids[i, n:] == tok.pad_token_id).all()  # shorter than the other rows: padded
     assert s.response_mask[:2].sum(1).max() < s.response_mask[2:].sum(1).max()
+
+
+def test_rows_that_end_leave_the_batch_and_the_others_go_on(parrot):
+    """The "Say hi" rows end at EOS after a few tokens and leave the decoding batch (and its cache);
+    the "Say more" row must go on exactly as if alone, with its hidden states still in its row."""
+    model, tok = parrot
+    torch.manual_seed(0)
+    s = sample(model, tok, [SAY_HI, SAY_MORE, SAY_HI], cfg(max_new_tokens=16, temperature=0.3), keep_hidden=True)
+    assert s.texts[0] == s.texts[2] == "hi there" and s.texts[1].startswith("more words\nUser: n")
+    assert s.response_mask.sum(1).tolist()[0] < s.response_mask.sum(1).tolist()[1] == 16
+    alone = seeded(model, tok, [SAY_MORE], cfg(max_new_tokens=16, temperature=0.3))
+    assert alone.texts[0] == s.texts[1]
+    ids = torch.cat([s.prompt_ids, s.response_ids], 1)
+    mask = torch.cat([s.prompt_mask, s.response_mask], 1)
+    with torch.no_grad():
+        full = response_logits(model, ids, mask, s.prompt_ids.shape[1])
+        kept = model.get_output_embeddings()(s.hidden)
+    real = s.response_mask.bool()
+    torch.testing.assert_close(kept[real], full[real], atol=1e-4, rtol=1e-4)
 
 
 def test_stop_string_cuts_the_text_and_keeps_its_first_token(parrot):

@@ -121,8 +121,14 @@ class Engine:
         """Wrap the model, build AdamW + LR schedule for `total_steps` optimizer steps."""
         self.total_steps = total_steps
         trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+        # The fused kernel (transformers' Trainer default too): one pass over each tensor instead of a
+        # dozen elementwise ops; on CPU a third of the time of the default loop.
         optimizer = torch.optim.AdamW(
-            trainable, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, eps=self.cfg.adam_eps
+            trainable,
+            lr=self.cfg.lr,
+            weight_decay=self.cfg.weight_decay,
+            eps=self.cfg.adam_eps,
+            fused=self.device.type in ("cpu", "cuda"),
         )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # Not prepared on purpose: accelerate would step a prepared scheduler once per process.

@@ -77,9 +77,27 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: Any | None = None) -> tuple[Any,
     except OSError as e:
         raise UserError(f"model.path: cannot load {cfg.path!r} as a causal LM ({e})") from None
     _fit_embeddings(model, tokenizer)
+    fuse_gelu(model)
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora)
     return model, tokenizer
+
+
+def fuse_gelu(model: torch.nn.Module) -> None:
+    """Compute GPT-2's GELU (`gelu_new`, the tanh approximation) with PyTorch's one fused kernel.
+
+    Why: transformers writes `gelu_new` as six elementwise operations, each a pass over the MLP's
+    widest activations, forward and backward; the fused `gelu(x, approximate="tanh")` is the same
+    function (equal to float rounding) at about a third of the time: ~6% of a PPO step of the
+    benchmark's small GPT-2 on CPU. Only the modules in memory change: the config and the saved
+    model still say `gelu_new`.
+    """
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(module, name, GELUTanh())
 
 
 def apply_lora(model: Any, lora: LoraConfig) -> Any:

@@ -1,7 +1,13 @@
-"""Sampling K completions per prompt: batched, KV-cached (`model.generate`), with temperature,
-top-k, nucleus (top-p), stop at EOS or a stop string, and a seed.
+"""Sampling K completions per prompt: batched, KV-cached, with temperature, top-k, nucleus
+(top-p), stop at EOS or a stop string, and a seed.
 
 Used by `rlhfkit generate` and by PPO's rollouts, so both see exactly the same responses.
+
+The decoding loop is our own rather than `model.generate`: it hands back the decoder's last hidden
+state for every sampled token, which is all PPO needs for the log-probs and values of its rollout
+(no second pass of the policy), and a row leaves the batch at its EOS. Only `SamplingConfig`
+applies, not the model's generation config (a repetition penalty, say): PPO's log-probs must
+describe exactly the distribution the tokens were drawn from.
 """
 
 from __future__ import annotations
@@ -10,10 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
+from torch import Tensor
 
 from rlhfkit.config import StrictModel
 from rlhfkit.data.chat import PROMPT_TEMPLATE, RESPONSE_SEPARATOR, STOP_STRINGS
+from rlhfkit.models.value import position_ids
 
 
 class SamplingConfig(StrictModel):
@@ -38,6 +47,7 @@ class Samples:
     response_mask: torch.Tensor  # (B, T)
     texts: list[str]  # decoded responses, cut at a stop string, without the leading separator
     ended: torch.Tensor  # (B,) bool: the response finished with EOS or a stop string
+    hidden: torch.Tensor | None = None  # (B, T, d) with keep_hidden: the state each token was sampled from
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -69,45 +79,106 @@ def _cut_at_stop(tokenizer: Any, ids: list[int], stops: list[str]) -> tuple[int,
     return len(ids), text[:cut], True
 
 
+def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """`logits` (..., V) with the tokens outside the top-k and then outside the nucleus set to -inf.
+
+    As Hugging Face's warpers: top-k keeps every token tied with the k-th largest logit; top-p keeps
+    the smallest set of most likely tokens whose probability reaches `top_p`, and always the most
+    likely one. 0 and 1 switch them off.
+    """
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # probability of the more likely tokens
+        drop = before >= top_p
+        drop[..., 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def _decode(
+    model: Any, ids: Tensor, mask: Tensor, cfg: SamplingConfig, eos: int, pad: int, keep_hidden: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Sample up to `cfg.max_new_tokens` tokens after the left-padded prompts `ids`.
+
+    Returns the new tokens (B, N), pad after a row's EOS, and with `keep_hidden` the decoder's last
+    hidden states (B, N, d) from which they were sampled. One trunk call per token on the KV cache;
+    the LM head only on the last position. The pad token is never sampled: it is not a real token
+    (the loaders give every tokenizer one of its own). A row leaves the batch (and the cache) at its
+    EOS, so a few long responses do not keep the finished ones computing.
+    """
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    n_rows, n_new = ids.shape[0], cfg.max_new_tokens
+    tokens = torch.full((n_rows, n_new), pad, dtype=torch.long, device=ids.device)
+    states: list[Tensor] = []
+    live = torch.arange(n_rows, device=ids.device)  # the rows still in the batch
+    positions = position_ids(mask)
+    out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache, positions = out.past_key_values, positions[:, -1:]
+    for step in range(n_new):
+        hidden = out.last_hidden_state[:, -1]
+        logits = head(hidden).float() / cfg.temperature
+        logits[:, pad] = float("-inf")
+        probs = filter_logits(logits, cfg.top_k, cfg.top_p).softmax(-1)
+        token = torch.multinomial(probs, 1).squeeze(1)
+        tokens[live, step] = token
+        if keep_hidden:
+            states.append(torch.zeros(n_rows, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device))
+            states[-1][live] = hidden
+        ended = token == eos
+        if step == n_new - 1 or bool(ended.all()):
+            break
+        if bool(ended.any()):
+            keep = (~ended).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            live, token, mask, positions = live[keep], token[keep], mask[keep], positions[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        positions = positions + 1
+        out = decoder(
+            input_ids=token[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        )
+    return tokens[:, : step + 1], torch.stack(states, 1) if keep_hidden else None
+
+
 @torch.no_grad()
-def sample(model: Any, tokenizer: Any, prompts: list[str], cfg: SamplingConfig, num_samples: int = 1) -> Samples:
-    """Generate `num_samples` responses for each rendered prompt (rows grouped by prompt)."""
+def sample(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    cfg: SamplingConfig,
+    num_samples: int = 1,
+    keep_hidden: bool = False,
+) -> Samples:
+    """Generate `num_samples` responses for each rendered prompt (rows grouped by prompt).
+
+    `keep_hidden`: also return, in `Samples.hidden`, the last hidden state from which each response
+    token was sampled (PPO turns them into log-probs and values without another forward pass).
+    """
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    parts: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = []
+    parts: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
     per_batch = max(1, cfg.batch_size // num_samples)
     for start in range(0, len(prompts), per_batch):
         p_ids, p_mask = _encode_prompts(tokenizer, prompts[start : start + per_batch], cfg.max_prompt_tokens)
-        out = model.generate(
-            input_ids=p_ids.to(device),
-            attention_mask=p_mask.to(device),
-            do_sample=True,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,  # 0 disables it; None would mean the generation config's default (50)
-            top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens,
-            num_return_sequences=num_samples,
-            pad_token_id=pad,
-            eos_token_id=eos,
-        )
-        responses = [row for row in out[:, p_ids.shape[1] :].cpu()]
-        parts.append((p_ids.repeat_interleave(num_samples, 0), p_mask.repeat_interleave(num_samples, 0), responses))
+        p_ids, p_mask = p_ids.repeat_interleave(num_samples, 0), p_mask.repeat_interleave(num_samples, 0)
+        new, hidden = _decode(model, p_ids.to(device), p_mask.to(device), cfg, eos, pad, keep_hidden)
+        parts.append((p_ids, p_mask, new.cpu(), hidden))
     model.train(was_training)
 
-    prompt_width = max(p.shape[1] for p, _, _ in parts)
+    prompt_width = max(p.shape[1] for p, _, _, _ in parts)
     prompt_ids, prompt_mask, rows, texts, ended = [], [], [], [], []
-    for p, m, responses in parts:
+    for p, m, new, _ in parts:
         pad_left = prompt_width - p.shape[1]
-        prompt_ids.append(torch.nn.functional.pad(p, (pad_left, 0), value=pad))
-        prompt_mask.append(torch.nn.functional.pad(m, (pad_left, 0), value=0))
-        for r in responses:
-            ids = r.tolist()
+        prompt_ids.append(F.pad(p, (pad_left, 0), value=pad))
+        prompt_mask.append(F.pad(m, (pad_left, 0), value=0))
+        for ids in new.tolist():
             n = ids.index(eos) + 1 if eos in ids else len(ids)
-            while n > 0 and ids[n - 1] == pad:  # generate pads finished rows
-                n -= 1
-            has_eos = n > 0 and ids[n - 1] == eos
+            has_eos = ids[n - 1] == eos
             keep, text, stopped = _cut_at_stop(tokenizer, ids[: n - int(has_eos)], cfg.stop)
             if stopped:
                 n = keep
@@ -120,6 +191,10 @@ def sample(model: Any, tokenizer: Any, prompts: list[str], cfg: SamplingConfig, 
     for i, r in enumerate(rows):
         response_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         response_mask[i, : len(r)] = 1
+    hidden = None
+    if keep_hidden:  # each part's states, cut or zero-padded to the responses' width
+        states = [h for _, _, _, h in parts if h is not None]
+        hidden = torch.cat([F.pad(h[:, :width], (0, 0, 0, width - min(width, h.shape[1]))) for h in states])
     return Samples(
         prompt_ids=torch.cat(prompt_ids),
         prompt_mask=torch.cat(prompt_mask),
@@ -127,4 +202,5 @@ def sample(model: Any, tokenizer: Any, prompts: list[str], cfg: SamplingConfig, 
         response_mask=response_mask,
         texts=texts,
         ended=torch.tensor(ended, dtype=torch.bool),
+        hidden=hidden,
     )

@@ -8,18 +8,15 @@ looks like, at the price of a second forward and backward.
 
 Only the positions that predict response tokens go through the LM head: on a short response after a
 long prompt most of the vocabulary projection would be wasted on the prompt. And the rollout needs
-no trunk pass of the policy at all: `generation_hidden_states` keeps the hidden states `generate`
-computed anyway, and `PolicyAndValue.heads` turns them into the same logits and values.
+no trunk pass of the policy at all: `sample(..., keep_hidden=True)` returns the hidden states the
+sampling loop computed anyway, and `PolicyAndValue.heads` turns them into the same logits and values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rlhfkit.errors import UserError
@@ -33,7 +30,9 @@ def position_ids(attention_mask: Tensor) -> Tensor:
 
 def trunk_hidden(trunk: nn.Module, input_ids: Tensor, attention_mask: Tensor, start: int) -> Tensor:
     """Last hidden states at positions start-1 ... end-2: those that predict tokens start ... end-1."""
-    out = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    positions = position_ids(attention_mask)
+    # no KV cache: nothing decodes after this pass, and filling one copies every layer's keys and values
+    out = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
     return out.last_hidden_state[:, start - 1 : -1]
 
 
@@ -83,56 +82,6 @@ class PolicyAndValue(nn.Module):
             critic_hidden = trunk_hidden(self.critic.base_model, input_ids, attention_mask, start)
             values = self.critic.score(critic_hidden).float()
         return logits, values.squeeze(-1)
-
-
-@contextmanager
-def generation_hidden_states(lm: Any) -> Iterator[list[list[Tensor]]]:
-    """Record, while `lm` generates, the last hidden state from which each new token was sampled.
-
-    Why: they are exactly the hidden states PPO needs for the log-probs and values of the sampled
-    tokens, so keeping them saves a forward pass of the policy over every rollout (what differs is
-    only float rounding between the cached, step-by-step computation and a full pass). Yields one
-    list per `generate` call, holding one (B, 1, d) state per generated token.
-    """
-    calls: list[list[Tensor]] = []
-    decoder = lm.get_decoder()
-
-    def before(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
-        cache = kwargs.get("past_key_values")
-        if cache is None or cache.get_seq_length() == 0:  # the prompt's forward: a new generate call
-            calls.append([])
-
-    def after(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
-        calls[-1].append(output.last_hidden_state[:, -1:].detach())
-
-    handles = [
-        decoder.register_forward_pre_hook(before, with_kwargs=True),
-        decoder.register_forward_hook(after, with_kwargs=True),
-    ]
-    try:
-        yield calls
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def stack_generation_states(calls: list[list[Tensor]], response_mask: Tensor) -> Tensor:
-    """The recorded states as one (B, T, d) tensor aligned with the right-padded responses.
-
-    Raises RuntimeError if they do not line up with the responses (a generation strategy that
-    calls the model differently): a silent misalignment would train on wrong log-probs.
-    """
-    width = response_mask.shape[1]
-    parts = [torch.cat(steps, 1) for steps in calls if steps]
-    rows = 0
-    for part in parts:
-        longest = int(response_mask[rows : rows + part.shape[0]].sum(1).max())
-        if longest > part.shape[1]:
-            raise RuntimeError(f"recorded {part.shape[1]} generation steps for responses of {longest} tokens")
-        rows += part.shape[0]
-    if rows != response_mask.shape[0]:
-        raise RuntimeError(f"recorded generation states for {rows} rows, expected {response_mask.shape[0]}")
-    return torch.cat([F.pad(p[:, :width], (0, 0, 0, width - min(width, p.shape[1]))) for p in parts])
 
 
 def load_critic(
