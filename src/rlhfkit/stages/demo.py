@@ -83,14 +83,15 @@ class Config(StrictModel):
         train=rm_stage.RMTrainConfig(lr=5e-4, epochs=2, eval_every=0, log_every=10),
         normalize=rm_stage.NormalizeConfig(sampling=_sampling(SamplingConfig())),
     )
-    # β=0.1 and 36 steps stay well below the KL ceiling here; with β=0.05 and 40 steps an earlier,
-    # weaker reward model was over-optimised (proxy up, gold down; the report shows it).
+    # β=0.1 and 20 steps: KL stays far below the ceiling and the gold utility near its peak. With
+    # 36 steps the proxy reward kept rising while the gold utility fell back from step ~13 (the
+    # report's monitor flags that); with β=0.05 and 40 steps a weaker reward model was plainly hacked.
     ppo: ppo_stage.Config = ppo_stage.Config(
         log_samples_every=2,
         log_samples=64,
         sampling=_sampling(ppo_stage.PPOSamplingConfig()),
         ppo=ppo_stage.PPOConfig(kl=ppo_stage.KLConfig(beta=0.1)),
-        stop=ppo_stage.StopConfig(max_steps=36, kl_ceiling=30.0),
+        stop=ppo_stage.StopConfig(max_steps=20, kl_ceiling=30.0),
         train=ppo_stage.PPOTrainConfig(lr=5e-5),
     )
     # 4 samples per held-out prompt: rude answers are rare, and the toxicity comparison needs them.
