@@ -37,6 +37,7 @@ def test_gold_utility_orders_the_behaviours_rlhf_must_fix(gold):
     parts = gold.components([prompt, prompt], [good, bad["rude"]])
     assert parts["toxicity"][1] > 0.9 > 0.2 > parts["toxicity"][0]
     assert parts["sentiment"][0] > 0 > parts["sentiment"][1]
+    assert gold.score([], []).shape == (0,)
 
 
 def test_simulated_labelers():

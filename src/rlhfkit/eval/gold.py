@@ -87,6 +87,8 @@ class GoldJudge:
     def components(self, prompts: Sequence[Text], completions: Sequence[str]) -> dict[str, torch.Tensor]:
         from profanity_check import predict_prob
 
+        if not completions:  # the profanity classifier refuses an empty batch
+            return {k: torch.zeros(0) for k in ("sentiment", "toxicity", "relevance", "repetition", "empty")}
         texts = [c.strip() for c in completions]
         nonempty = [t if t else "." for t in texts]
         # each distinct prompt once: evaluation and labeling score several responses per prompt
