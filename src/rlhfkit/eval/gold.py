@@ -87,8 +87,6 @@ class GoldJudge:
     def components(self, prompts: Sequence[Text], completions: Sequence[str]) -> dict[str, torch.Tensor]:
         from profanity_check import predict_prob
 
-        if not completions:  # the profanity classifier refuses an empty batch
-            return {k: torch.zeros(0) for k in ("sentiment", "toxicity", "relevance", "repetition", "empty")}
         texts = [c.strip() for c in completions]
         nonempty = [t if t else "." for t in texts]
         # each distinct prompt once: evaluation and labeling score several responses per prompt
@@ -98,7 +96,8 @@ class GoldJudge:
         r_emb = self.minilm.embed(nonempty)
         return {
             "sentiment": torch.tensor([self.vader.polarity_scores(t)["compound"] for t in texts]),
-            "toxicity": torch.tensor(predict_prob(nonempty), dtype=torch.float32),
+            # the classifier refuses an empty batch
+            "toxicity": torch.tensor(predict_prob(nonempty) if nonempty else [], dtype=torch.float32),
             "relevance": (p_emb * r_emb).sum(-1),
             "repetition": torch.tensor([repetition(t) for t in texts]),
             "empty": torch.tensor([float(len(t.split()) < 2) for t in texts]),

@@ -10,8 +10,8 @@ both order (on the demo's candidates), like InstructGPT's labelers (72.6% ± 1.5
 2022); the careless one pulls the panel's agreement below that.
 
 Labeling is deterministic: a labeler's noise on an item depends only on (seed, labeler, prompt,
-candidate texts), and the labelers take turns (round-robin), so the same seed gives the same labels however fast
-the server answers. (Concurrent labelers are exercised by the feedback server's own tests and
+candidate texts), and the labelers take turns (round-robin), so the same seed gives the same
+labels however fast the server answers. (Concurrent labelers are exercised by the feedback server's own tests and
 `bench/feedback_load.py`.)
 """
 

@@ -186,6 +186,12 @@ class Rollout:
         tokens = {k: v[index, : hi - self.start] for k, v in self.tokens.items()}
         return self.input_ids[index, lo:hi], mask[:, lo:hi], self.start - lo, tokens
 
+    @property
+    def pass_cost(self) -> float | None:
+        """The per-pass cost `micro_batches` weighs against padding: measured on CPU; None on an
+        accelerator, where a pass's fixed cost is not known (so no extra passes)."""
+        return CPU_PASS_COST_TOKENS if self.input_ids.device.type == "cpu" else None
+
     def micro_batches(self, rows: Tensor, max_rows: int, pass_cost: float | None) -> list[Tensor]:
         """`rows` split into micro-batches of at most `max_rows` rows of similar lengths.
 
@@ -259,7 +265,6 @@ def score_tokens(
     ro: Rollout,
     temperature: float,
     chunk: int,
-    pass_cost: float | None,
 ) -> None:
     """Log-probs (policy and reference), values and entropy of the sampled tokens, into `ro.tokens`.
 
@@ -273,7 +278,7 @@ def score_tokens(
     B, T = ro.tokens["response_ids"].shape
     for key in ("logp", "ref_logp", "values", "entropy"):
         ro.tokens[key] = torch.zeros(B, T, device=ro.input_ids.device)
-    for index in ro.micro_batches(torch.arange(B, device=ro.input_ids.device), chunk, pass_cost):
+    for index in ro.micro_batches(torch.arange(B, device=ro.input_ids.device), chunk, ro.pass_cost):
         ids, mask, start, tok = ro.rows(index)
         width = tok["response_ids"].shape[1]
         logits, values = model.heads(hidden[index, :width], ids, mask, start)
@@ -312,7 +317,6 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
         reward = build_reward(cfg.reward, engine.device)
     policy, tokenizer, ref, critic = load_models(cfg, engine.device)
     adapter_off = ref is policy  # LoRA: the reference is the policy with its adapter disabled
-    pass_cost = CPU_PASS_COST_TOKENS if engine.device.type == "cpu" else None
     updates_per_step = p.epochs * (p.batch_size // p.mini_batch_size)
     model = engine.setup(PolicyAndValue(policy, critic), total_steps=cfg.stop.max_steps * updates_per_step)
     kl_ctl = (
@@ -368,7 +372,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
                 start=batch.prompt_ids.shape[1],
                 tokens={"response_ids": batch.response_ids.to(engine.device), "mask": mask},
             )
-            score_tokens(engine.unwrap(model), hidden, ref, adapter_off, ro, temperature, p.micro, pass_cost)
+            score_tokens(engine.unwrap(model), hidden, ref, adapter_off, ro, temperature, p.micro)
             tok = ro.tokens
 
             # 4. per-token rewards, advantages, returns
@@ -419,7 +423,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
             if stop_reason is None:
                 for epoch in range(p.epochs):
                     for rows in torch.randperm(p.batch_size, device=engine.device).split(p.mini_batch_size):
-                        stats = _update(engine, model, ro, rows, kl_ctl.value, temperature, p, pass_cost)
+                        stats = _update(engine, model, ro, rows, kl_ctl.value, temperature, p)
                         if stats is None:
                             continue
                         for k, v in stats.items():
@@ -471,14 +475,13 @@ def _update(
     beta: float,
     temperature: float,
     p: PPOConfig,
-    pass_cost: float | None,
 ) -> dict[str, float] | None:
     """One optimizer step on the minibatch `rows`, in micro-batches of at most `ppo.micro_batch_size`
     rows of similar lengths (gradient accumulation, see `Rollout.micro_batches`); None if the step
     was skipped. The stats are the minibatch's: each micro-batch's weighted by its share of tokens."""
     stats: dict[str, float] = {}
     n_tokens = ro.tokens["mask"][rows].sum()
-    for part in ro.micro_batches(rows, p.micro, pass_cost):
+    for part in ro.micro_batches(rows, p.micro, ro.pass_cost):
         loss, part_stats = ppo_loss(model, ro, part, n_tokens, beta, temperature, p)
         if not torch.isfinite(loss):
             engine.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
