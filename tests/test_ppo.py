@@ -21,7 +21,16 @@ from rlhfkit.models.tiny import make_test_model
 from rlhfkit.models.value import PolicyAndValue, load_critic, response_logits
 from rlhfkit.rewards.base import FunctionReward
 from rlhfkit.rl.core import logprobs_from_logits
-from rlhfkit.stages.ppo import Config, PPOConfig, Rollout, ppo_loss, prompt_indices, shape_scores, train_ppo
+from rlhfkit.stages.ppo import (
+    Config,
+    PPOConfig,
+    Rollout,
+    normalization_mismatches,
+    ppo_loss,
+    prompt_indices,
+    shape_scores,
+    train_ppo,
+)
 
 # ----------------------------------------------------------------------------- helpers (shared)
 
@@ -258,7 +267,8 @@ def test_ppo_runs_for_each_architecture(models, prompts, tmp_path, arch, lora):
     assert [r["step"] for r in rows] == [1, 2]
     # policy == reference before any update (up to the rounding of cached generation vs a full pass)
     assert abs(rows[0]["kl"]) < 1e-4 and rows[0]["kl_k3"] < 1e-6
-    assert rows[1]["kl_k3"] > 0  # ... and not after
+    # ... and not after: measured 4e-3 to 3e-2 after one update, 1e-13 without one (rounding)
+    assert rows[1]["kl_k3"] > 1e-4
     for key in ("reward", "kl_k1", "entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl", "tokens_per_s"):
         assert all(math.isfinite(r[key]) for r in rows), key
     samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
@@ -268,22 +278,61 @@ def test_ppo_runs_for_each_architecture(models, prompts, tmp_path, arch, lora):
     assert json.loads((tmp_path / "out" / "results.json").read_text())["steps"] == 2
 
 
+def exact_kl(model_dir: Path, ref_dir: Path) -> float:
+    """KL(policy || reference) summed over the whole vocabulary, averaged over the positions of fixed
+    texts: a deterministic measure of how far a trained policy is from its reference (PPO's own
+    `kl` metric is an estimate on fresh samples, too noisy to compare two short runs)."""
+    policy, tok = load_causal_lm(ModelConfig(path=str(model_dir)))
+    ref, _ = load_causal_lm(ModelConfig(path=str(ref_dir)))
+    texts = ["User: Tell me about thing number 3\nAssistant: the tea is red and the cat", "User: hi\nAssistant: hello"]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logp = torch.log_softmax(policy.eval()(**batch).logits, -1)
+        ref_logp = torch.log_softmax(ref.eval()(**batch).logits, -1)
+    kl = (logp.exp() * (logp - ref_logp)).sum(-1)
+    return float((kl * batch["attention_mask"]).sum() / batch["attention_mask"].sum())
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_critic_from_a_reward_model_and_kl_as_a_loss(models, prompts, tmp_path, lora):
+def test_critic_from_a_reward_model_and_kl_as_a_loss_pulls_towards_the_reference(models, prompts, tmp_path, lora):
+    """The same run with the KL loss off (beta 0) and on: on, the policy ends much closer to the
+    reference. (k1 as a loss would not: its expected gradient is zero; it is refused.)"""
     from transformers import AutoModelForSequenceClassification
 
     rm_dir = tmp_path / "rm"
     AutoModelForSequenceClassification.from_pretrained(str(models["gpt2"]), num_labels=1).save_pretrained(rm_dir)
-    cfg = ppo_config(
-        tmp_path / "out",
-        models["gpt2"],
-        prompts,
-        model={"lora": {"r": 4} if lora else None},
-        ppo={"value_init": "reward_model", "critic_path": str(rm_dir), "kl": {"mode": "loss", "kind": "k3"}},
-    )
-    results = train_ppo(cfg, reward=FunctionReward(e_frequency))
-    assert results["steps"] == 2 and math.isfinite(results["last"]["value_loss"])
-    assert results["last"]["grad_norm"] > 0
+    kl = {}
+    for beta in (0.0, 50.0):
+        cfg = ppo_config(
+            tmp_path / f"beta{beta}",
+            models["gpt2"],
+            prompts,
+            model={"lora": {"r": 4} if lora else None},
+            ppo={"value_init": "reward_model", "critic_path": str(rm_dir), "kl": {"mode": "loss", "beta": beta}},
+            stop={"max_steps": 3},
+            train={"lr": 1e-2},
+        )
+        assert cfg.ppo.kl.estimator == "k3"  # the default estimator as a loss
+        results = train_ppo(cfg, reward=FunctionReward(e_frequency))
+        assert results["steps"] == 3 and math.isfinite(results["last"]["value_loss"])
+        kl[beta] = exact_kl(tmp_path / f"beta{beta}" / "model", models["gpt2"])
+    # measured: full 0.107 -> 0.021, LoRA 0.0134 -> 0.0054
+    assert kl[0.0] > 5e-3 and kl[50.0] < 0.6 * kl[0.0], kl
+
+
+def test_kl_estimator_defaults_to_k3_as_a_loss_and_refuses_k1_there():
+    assert load_config(Config, None, []).ppo.kl.estimator == "k1"
+    assert load_config(Config, None, ["ppo.kl.mode=loss"]).ppo.kl.estimator == "k3"
+    assert load_config(Config, None, ["ppo.kl.mode=loss", "ppo.kl.kind=k2"]).ppo.kl.estimator == "k2"
+    with pytest.raises(UserError, match="k1.*expected gradient.*zero"):
+        load_config(Config, None, ["ppo.kl.mode=loss", "ppo.kl.kind=k1"])
+
+
+@pytest.mark.parametrize("setting", ["sampling.top_k=5", "sampling.top_p=0.9"])
+def test_ppo_refuses_top_k_and_top_p(setting):
+    """Tokens drawn from a filtered distribution, ratio and KL of the full one: refused, as TRL does."""
+    with pytest.raises(UserError, match="top_k=0 and sampling.top_p=1"):
+        load_config(Config, None, [setting])
 
 
 @pytest.mark.parametrize("mode", ["reward", "loss"])
@@ -363,6 +412,49 @@ def test_nan_rewards_in_a_row_abort_without_writing_a_checkpoint(models, prompts
         train_ppo(cfg, reward=FlakyReward(bad=100))
     assert not (tmp_path / "out" / "checkpoints").exists()
     assert not (tmp_path / "out" / "model").exists()
+
+
+class FlatThenSpread:
+    """Scores that are nearly constant on the first rollout (std 2.4e-6), then spread over [0, 1]."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, prompts, completions):
+        self.calls += 1
+        if self.calls == 1:
+            return 0.5 + 1e-6 * torch.arange(len(completions), dtype=torch.float32)
+        return FunctionReward(e_frequency).score(prompts, completions) / 10
+
+
+def test_normalising_by_a_nearly_constant_first_rollout_is_floored_and_warned(models, prompts, tmp_path, capsys):
+    cfg = ppo_config(tmp_path / "out", models["gpt2"], prompts, ppo={"normalize_rewards": True}, stop={"max_steps": 3})
+    train_ppo(cfg, reward=FlatThenSpread())
+    assert "first rollout's scores are nearly constant" in capsys.readouterr().out
+    rows = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    # scores in [0, 1] minus 0.5, over the floor 0.01: within +-50 (over the measured std: ~2e5)
+    assert all(abs(r["reward_normalized"]) <= 50 for r in rows), [r["reward_normalized"] for r in rows]
+    assert all(r["value_loss"] < 1e4 for r in rows)
+
+
+def test_ppo_warns_when_the_reward_model_was_normalised_on_other_sampling(models, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhfkit.rewards.model import META_FILE, RewardMeta
+
+    rm_dir = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_pretrained(str(models["gpt2"]), num_labels=1).save_pretrained(rm_dir)
+
+    def warnings(normalised_with: SamplingConfig, ppo_sampling: dict[str, Any]) -> list[str]:
+        meta = RewardMeta(kind="decoder", normalization={"sampling": normalised_with.distribution()})
+        (rm_dir / META_FILE).write_text(meta.model_dump_json())
+        reward = {"sources": [{"model": str(rm_dir)}]}
+        cfg = ppo_config(tmp_path, models["gpt2"], tmp_path, sampling=ppo_sampling, reward=reward)
+        return normalization_mismatches(cfg)
+
+    assert warnings(SamplingConfig(temperature=0.7, max_new_tokens=8), {"temperature": 0.7}) == []
+    (warning,) = warnings(SamplingConfig(temperature=1.0, max_new_tokens=8), {"temperature": 0.7})
+    assert "temperature 1.0 vs 0.7" in warning and str(rm_dir) in warning
 
 
 def test_missing_prompts_file_is_a_clear_error(models, tmp_path):

@@ -80,6 +80,15 @@ def test_fit_normalization_maps_reference_scores_to_mean_0_std_1(reward_model_di
     assert rm.meta.normalization["source"] == "test samples" and rm.meta.normalization["n"] == 3
 
 
+def test_fit_normalization_floors_the_std_of_nearly_constant_scores(reward_model_dir):
+    rm = RewardModel.load(reward_model_dir)
+    assert rm.fit_normalization(torch.tensor([2.0, 2.0 + 1e-6, 2.0 - 1e-6]), "flat", min_std=0.01)
+    assert rm.meta.gain == pytest.approx(100.0) and rm.meta.bias == pytest.approx(-200.0)
+    assert rm.meta.normalization["raw_std"] < 2e-6  # what was measured
+    assert not rm.fit_normalization(torch.tensor([1.0, 2.0, 3.0]), "spread", min_std=0.01)
+    assert rm.meta.gain == pytest.approx(1.0)
+
+
 def test_loading_a_plain_model_as_reward_model_is_a_clear_error(reward_model_dir):
     with pytest.raises(UserError, match="not a reward model"):
         RewardModel.load(reward_model_dir.parent / "lm")

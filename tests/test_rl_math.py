@@ -23,6 +23,7 @@ from rlhfkit.rl.core import (
     nonfinite,
     per_token_rewards,
     policy_loss,
+    score_scale,
     value_loss,
 )
 
@@ -262,6 +263,39 @@ def test_kl_loss_is_the_masked_mean_of_k3():
     loss.backward()
     # d k3 / d logp = 1 - rho: (1 - e^-0.5) / 2 = 0.1967347, (1 - e) / 2 = -0.8591409; padding 0
     close(logp.grad, [[0.1967347, -0.8591409, 0.0]])
+
+
+def test_kl_loss_expected_gradients_on_the_policys_own_samples():
+    """What each estimator does as a loss: its gradient averaged over the tokens the policy samples
+    (the exact expectation over a 3-token vocabulary: each token weighted by pi, no gradient through
+    the sampling)."""
+    theta = torch.tensor([0.5, -0.3, 0.1], dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.tensor([0.0, 0.4, -0.2], dtype=torch.float64), 0)
+
+    def expected_grad(kind):
+        logp = torch.log_softmax(theta, 0)
+        (grad,) = torch.autograd.grad((logp.exp().detach() * kl_penalty(logp, ref, kind)).sum(), theta)
+        return grad
+
+    def true_grad(forward: bool):
+        logp = torch.log_softmax(theta, 0)
+        kl = (ref.exp() * (ref - logp)).sum() if forward else (logp.exp() * (logp - ref)).sum()
+        (grad,) = torch.autograd.grad(kl, theta)
+        return grad
+
+    torch.testing.assert_close(expected_grad("k2"), true_grad(forward=False))  # grad KL(pi || pi_ref)
+    torch.testing.assert_close(expected_grad("k3"), true_grad(forward=True))  # grad KL(pi_ref || pi)
+    assert true_grad(forward=False).abs().max() > 0.05
+    assert expected_grad("k1").abs().max() < 1e-12  # E_pi[grad log pi] = grad sum pi = 0: refused as a loss
+    with pytest.raises(ValueError, match="k1"):
+        kl_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), "k1")
+
+
+def test_score_scale_floors_the_std():
+    assert score_scale(torch.tensor([1.0, 2.0, 3.0]), min_std=0.01) == pytest.approx((2.0, 1.0, 1.0))  # unbiased std
+    mean, std, measured = score_scale(torch.tensor([5.0, 5.0 + 2e-7]), min_std=0.01)
+    assert (mean, std) == pytest.approx((5.0, 0.01)) and measured < 1e-6  # not 1 / 1.4e-7 = 7e6 times larger
+    assert score_scale(torch.tensor([3.0]), min_std=0.5) == (3.0, 0.5, 0.0)  # one score has no spread
 
 
 # ---------------------------------------------------------------------------- diagnostics

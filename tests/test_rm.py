@@ -17,6 +17,7 @@ from rlhfkit.data.formats import Completions, Ranking
 from rlhfkit.engine.metrics import read_metrics
 from rlhfkit.models.tiny import make_test_model
 from rlhfkit.rewards.model import RewardMeta, RewardModel, init_reward_head, load_backbone
+from rlhfkit.stages.ppo import PPOSamplingConfig
 from rlhfkit.stages.rm import pairs_from_rankings
 
 POSITIVE = ["good", "great", "helpful", "kind", "clear", "lovely"]
@@ -102,6 +103,8 @@ def test_decoder_rm_from_sft_learns_the_rule_and_is_normalised_on_policy_samples
     rm = RewardModel.load(out / "model")
     assert rm.meta.prompt_template == "User: {prompt}\nAssistant:" and rm.meta.kind == "decoder"
     assert "samples of" in rm.meta.normalization["source"]
+    # drawn the way PPO rolls out by default, and recorded so that PPO can check
+    assert rm.meta.normalization["sampling"] == {**PPOSamplingConfig().distribution(), "max_new_tokens": 12}
     samples = [json.loads(line) for line in (out / "normalization_samples.jsonl").read_text().splitlines()]
     assert len(samples) == 32 * 4
     scores = rm.score([s["prompt"] for s in samples], [s["completion"] for s in samples])

@@ -24,6 +24,13 @@ from rlhfkit.config import StrictModel
 from rlhfkit.data.chat import PROMPT_TEMPLATE, RESPONSE_SEPARATOR, STOP_STRINGS
 from rlhfkit.models.value import position_ids
 
+# PPO's rollout temperature by default (PPO detail 12). The reward model is normalised on the SFT
+# policy's samples drawn at the same temperature, so that "mean 0, std 1 on the reference policy"
+# holds for the responses PPO actually scores (at T = 1.0 they are longer and more varied).
+ROLLOUT_TEMPERATURE = 0.7
+# The settings that change which responses come out (the rest only change how fast).
+DISTRIBUTION_FIELDS = ("temperature", "top_k", "top_p", "max_new_tokens", "stop")
+
 
 class SamplingConfig(StrictModel):
     max_new_tokens: int = Field(48, gt=0)
@@ -34,6 +41,11 @@ class SamplingConfig(StrictModel):
     batch_size: int = Field(32, gt=0, description="sequences generated per forward pass")
     max_prompt_tokens: int = Field(192, gt=0, description="longer prompts keep their end")
     prompt_template: str = PROMPT_TEMPLATE
+
+    def distribution(self) -> dict[str, Any]:
+        """The settings that decide which responses are drawn, e.g. to record what a reward model was
+        normalised on and compare it with what PPO samples."""
+        return {name: getattr(self, name) for name in DISTRIBUTION_FIELDS}
 
 
 @dataclass

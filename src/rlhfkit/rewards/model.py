@@ -30,6 +30,7 @@ from rlhfkit.data.chat import PROMPT_TEMPLATE, encode_example, render_prompt, re
 from rlhfkit.data.formats import Text
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import DTYPES, disable_dropout, load_tokenizer
+from rlhfkit.rl.core import score_scale
 
 META_FILE = "rlhfkit_reward.json"
 Kind = Literal["decoder", "encoder"]
@@ -189,12 +190,21 @@ class RewardModel:
     def score(self, prompts: Sequence[Text], completions: Sequence[Text]) -> torch.Tensor:
         return self.meta.gain * self.raw_scores(prompts, completions) + self.meta.bias
 
-    def fit_normalization(self, raw: torch.Tensor, source: str) -> None:
-        """Set gain/bias so that these raw rewards map to mean 0, std 1."""
-        mean, std = float(raw.mean()), float(raw.std()) if len(raw) > 1 else 0.0
-        gain = 1.0 / std if std > 1e-6 else 1.0
-        self.meta.gain, self.meta.bias = gain, -mean * gain
-        self.meta.normalization = {"source": source, "n": len(raw), "raw_mean": mean, "raw_std": std}
+    def fit_normalization(
+        self, raw: torch.Tensor, source: str, min_std: float = 1e-2, sampling: dict[str, Any] | None = None
+    ) -> bool:
+        """Set gain/bias so that these raw rewards map to mean 0, std 1 (std floored at `min_std`).
+
+        `sampling`: the settings the samples were drawn with, recorded so PPO can warn when it rolls
+        out differently (mean 0, std 1 only holds on samples drawn the same way). Returns whether
+        the floor applied, i.e. the scores were nearly constant.
+        """
+        mean, std, measured = score_scale(raw, min_std)
+        self.meta.gain, self.meta.bias = 1.0 / std, -mean / std
+        self.meta.normalization = {"source": source, "n": len(raw), "raw_mean": mean, "raw_std": measured}
+        if sampling is not None:
+            self.meta.normalization["sampling"] = sampling
+        return measured < min_std
 
     def __repr__(self) -> str:
         return f"RewardModel({self.meta.kind}, gain={self.meta.gain:.4g}, bias={self.meta.bias:.4g})"

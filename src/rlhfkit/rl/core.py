@@ -85,6 +85,19 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     return _zero_padding(whitened, mask)
 
 
+def score_scale(scores: Tensor, min_std: float) -> tuple[float, float, float]:
+    """(mean, std to divide by, measured std) of a batch of sequence scores, for normalising them.
+
+    The std is floored at `min_std`: scores that are (nearly) constant on the reference policy say
+    nothing about scale, and dividing by their std would blow every later difference up by orders
+    of magnitude (a std of 5e-7 turns a 1.0 gain into 2e6 and a value loss into 1e12). Callers warn
+    when the floor applies (measured std < min_std). One score has no spread: its std counts as 0.
+    """
+    mean = float(scores.float().mean())
+    measured = float(scores.float().std()) if scores.numel() > 1 else 0.0
+    return mean, max(measured, min_std), measured
+
+
 # ------------------------------------------------------------------ log-probs and entropy
 
 
@@ -244,9 +257,14 @@ def value_loss(
 def kl_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, kind: KLKind = "k3") -> Tensor:
     """KL to the reference model as a loss term (GRPO-style) instead of inside the reward.
 
-    k3 is the usual choice here: never negative and low-variance, and its gradient pulls every
-    token's log-prob towards the reference one.
+    The tokens were sampled from pi itself and no gradient flows through the sampling, so what a
+    loss contributes is E_pi[grad k(x)]. For k1 that is E_pi[grad log pi] = 0: its gradient is pure
+    noise, so k1 is refused. k2's is exactly grad KL(pi || pi_ref); k3's is grad KL(pi_ref || pi),
+    the forward KL (GRPO's choice: never negative, low variance). Both pull every token's
+    log-prob towards the reference one.
     """
+    if kind == "k1":
+        raise ValueError("k1 as a KL loss has zero expected gradient on on-policy samples; use k2 or k3")
     mask = _bool_mask(mask, logp)
     kl = kl_penalty(_zero_padding(logp, mask), _zero_padding(ref_logp, mask), kind)
     return masked_mean(kl, mask)

@@ -60,6 +60,9 @@ def _sampling(cfg: SamplingConfig) -> SamplingConfig:
     return cfg.model_copy(update={"max_new_tokens": RESPONSE_TOKENS})
 
 
+ROLLOUT = _sampling(ppo_stage.PPOSamplingConfig())  # how PPO samples, and so how the reward model is normalised
+
+
 class Config(StrictModel):
     output_dir: str = "runs/demo"
     seed: int = 0
@@ -79,9 +82,10 @@ class Config(StrictModel):
     generate: generate_stage.Config = generate_stage.Config(k=4, sampling=_sampling(SamplingConfig()))
     feedback: FeedbackConfig = FeedbackConfig()
     # 2 epochs: the reward model overfits after that (InstructGPT trains its reward model for one).
+    # Normalised on the SFT policy's samples drawn like PPO's rollouts (PPO warns if the two differ).
     rm: rm_stage.Config = rm_stage.Config(
         train=rm_stage.RMTrainConfig(lr=5e-4, epochs=2, eval_every=0, log_every=10),
-        normalize=rm_stage.NormalizeConfig(sampling=_sampling(SamplingConfig())),
+        normalize=rm_stage.NormalizeConfig(sampling=SamplingConfig(**ROLLOUT.model_dump())),
     )
     # β=0.1 and 20 steps: KL stays far below the ceiling and the gold utility near its peak. With
     # 36 steps the proxy reward kept rising while the gold utility fell back from step ~13 (the
@@ -89,7 +93,7 @@ class Config(StrictModel):
     ppo: ppo_stage.Config = ppo_stage.Config(
         log_samples_every=2,
         log_samples=64,
-        sampling=_sampling(ppo_stage.PPOSamplingConfig()),
+        sampling=ROLLOUT,
         ppo=ppo_stage.PPOConfig(kl=ppo_stage.KLConfig(beta=0.1)),
         stop=ppo_stage.StopConfig(max_steps=20, kl_ceiling=30.0),
         train=ppo_stage.PPOTrainConfig(lr=5e-5),

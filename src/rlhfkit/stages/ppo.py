@@ -32,7 +32,7 @@ from rlhfkit.data.formats import read_records, text_to_json
 from rlhfkit.engine.trainer import Engine, NonFiniteError, TrainConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import ModelConfig, disable_dropout, load_causal_lm, save_model
-from rlhfkit.models.sampling import SamplingConfig, sample
+from rlhfkit.models.sampling import ROLLOUT_TEMPERATURE, SamplingConfig, sample
 from rlhfkit.models.value import PolicyAndValue, load_critic, response_logits
 from rlhfkit.rewards.base import RewardSource
 from rlhfkit.rewards.build import RewardConfig, build_reward
@@ -50,6 +50,7 @@ from rlhfkit.rl.core import (
     nonfinite,
     per_token_rewards,
     policy_loss,
+    score_scale,
     value_loss,
 )
 
@@ -62,10 +63,32 @@ class AdaptiveKLConfig(StrictModel):
 
 
 class KLConfig(StrictModel):
-    kind: Literal["k1", "k3"] = Field("k1", description="estimator: k1 = log(pi/pi_ref); k3 = (r-1) - log r")
+    kind: Literal["k1", "k2", "k3"] | None = Field(
+        None,
+        description="estimator: k1 = log(pi/pi_ref); k2 = (log(pi/pi_ref))^2 / 2; k3 = (r-1) - log r with "
+        "r = pi_ref/pi; default: k1 in mode=reward, k3 in mode=loss (k1 is refused there: no gradient)",
+    )
     beta: float = Field(0.05, ge=0, description="KL coefficient (the initial one if adaptive)")
     mode: Literal["reward", "loss"] = Field("reward", description="penalise KL in the reward, or as a loss term")
     adaptive: AdaptiveKLConfig | None = Field(None, description="adaptive beta (Ziegler et al.); null = fixed")
+
+    @model_validator(mode="after")
+    def _kind_fits_mode(self) -> KLConfig:
+        """k1 as a loss has an expected gradient of zero on the policy's own samples
+        (E_pi[grad log pi] = 0): the penalty would be logged but never pull the policy back."""
+        if self.kind == "k1" and self.mode == "loss":
+            raise ValueError(
+                "kind=k1 with mode=loss: as a loss, k1's expected gradient on the policy's own samples is zero, "
+                "so the KL term would not pull the policy towards the reference; use kind=k3 (the default for "
+                "mode=loss) or k2, or mode=reward for k1"
+            )
+        return self
+
+    @property
+    def estimator(self) -> Literal["k1", "k2", "k3"]:
+        """`kind`, or its default for the mode (left unset in the config, so that changing only the mode
+        also changes the estimator)."""
+        return self.kind or ("k3" if self.mode == "loss" else "k1")
 
 
 class PPOConfig(StrictModel):
@@ -83,7 +106,10 @@ class PPOConfig(StrictModel):
     lam: float = Field(0.95, ge=0, le=1)
     whiten_rewards: bool = False
     normalize_rewards: bool = Field(
-        False, description="divide scores by the first rollout's mean/std (for sources that are not normalised)"
+        False, description="subtract the first rollout's mean, divide by its std (for sources not normalised)"
+    )
+    normalize_min_std: float = Field(
+        1e-2, gt=0, description="floor of that std: a nearly constant first rollout must not scale scores by 1e6"
     )
     reward_clip: float | None = Field(None, gt=0, description="clip scores to +-this")
     missing_eos_penalty: float | None = Field(-1.0, description="score of a response that never ends; null = off")
@@ -136,7 +162,20 @@ class PPOTrainConfig(TrainConfig):
 
 
 class PPOSamplingConfig(SamplingConfig):
-    temperature: float = Field(0.7, gt=0, description="the log-probs use the same temperature")
+    temperature: float = Field(ROLLOUT_TEMPERATURE, gt=0, description="the log-probs use the same temperature")
+
+    @model_validator(mode="after")
+    def _full_distribution(self) -> PPOSamplingConfig:
+        """The ratio and the KL use the log-probs of the full tempered softmax; tokens drawn from a
+        top-k/top-p-filtered one come from another distribution (measured 2.5-3.9 nats/token apart),
+        so PPO would optimise a ratio that is not the one it samples from. TRL fixes top_k=0, top_p=1."""
+        if self.top_k != 0 or self.top_p != 1.0:
+            raise ValueError(
+                "top_k/top_p: PPO samples from the full softmax at `temperature` (its log-probs, ratio and KL are "
+                "those of that distribution); set sampling.top_k=0 and sampling.top_p=1, and shape the "
+                "distribution with sampling.temperature"
+            )
+        return self
 
 
 class Config(StrictModel):
@@ -311,6 +350,8 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     if engine.is_main:
         save_config(cfg, out)
     records = read_records(cfg.prompts, "prompts")
+    for warning in normalization_mismatches(cfg):
+        engine.print(f"[yellow]warning: {warning}[/]")
     p = cfg.ppo
     temperature = cfg.sampling.temperature
     if reward is None:
@@ -361,7 +402,14 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
                 step += 1
                 continue
             if baseline is None:  # the first rollout is the reference policy's: the scale of "normal"
-                baseline = (float(raw.mean()), float(raw.std()) if len(raw) > 1 and raw.std() > 0 else 1.0)
+                mean, std, measured = score_scale(raw, p.normalize_min_std)
+                baseline = (mean, std)
+                if p.normalize_rewards and measured < p.normalize_min_std:
+                    engine.print(
+                        f"[yellow]warning: the first rollout's scores are nearly constant (std {measured:.3g} < "
+                        f"ppo.normalize_min_std {p.normalize_min_std}); normalising by the floor. The reward barely "
+                        "tells these responses apart: check the reward source[/]"
+                    )
             scores = shape_scores(raw, batch.ended, p, baseline).to(engine.device)
 
             # 3. log-probs, reference log-probs and values of the sampled tokens
@@ -378,7 +426,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
             # 4. per-token rewards, advantages, returns
             beta = kl_ctl.value
             rewards, kl = per_token_rewards(
-                scores, tok["logp"], tok["ref_logp"], mask, beta if p.kl.mode == "reward" else 0.0, p.kl.kind
+                scores, tok["logp"], tok["ref_logp"], mask, beta if p.kl.mode == "reward" else 0.0, p.kl.estimator
             )
             if p.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False)
@@ -512,9 +560,36 @@ def ppo_loss(
     if p.ent_coef:
         loss = loss - p.ent_coef * masked_mean(entropy_from_logits(logits, temperature), tok["mask"])
     if p.kl.mode == "loss":
-        loss = loss + beta * kl_loss(logp, tok["ref_logp"], tok["mask"], p.kl.kind)
+        loss = loss + beta * kl_loss(logp, tok["ref_logp"], tok["mask"], p.kl.estimator)
     stats = {"policy_loss": pg_loss, "value_loss": vf_loss, "value_clipfrac": vf_clipfrac, **pg_stats}
     return loss * tok["mask"].sum() / n_tokens, {k: float(v.detach()) for k, v in stats.items()}
+
+
+def normalization_mismatches(cfg: Config) -> list[str]:
+    """One warning per reward model normalised on samples drawn unlike PPO's rollouts.
+
+    Why: a reward model's gain/bias make the reference policy's samples score mean 0, std 1, but only
+    for samples drawn the way it recorded (at T = 1.0, say, responses are longer and more varied
+    than PPO's at T = 0.7); elsewhere the scores are off-centre and PPO's "0 = as good as the SFT
+    model" and the reward clip mean something else.
+    """
+    from rlhfkit.rewards.model import RewardMeta
+
+    ours = cfg.sampling.distribution()
+    warnings = []
+    for spec in cfg.reward.sources:
+        meta = RewardMeta.read(spec.model) if spec.model else None
+        theirs = meta.normalization.get("sampling") if meta else None
+        if not theirs:
+            continue
+        differ = [f"{k} {theirs[k]!r} vs {ours[k]!r}" for k in theirs if k in ours and theirs[k] != ours[k]]
+        if differ:
+            warnings.append(
+                f"reward model {spec.model} was normalised on samples drawn with other settings than "
+                f"`sampling` here ({'; '.join(differ)}), so PPO's responses will not score mean 0, std 1; "
+                "retrain its normalisation with `rlhfkit rm` normalize.sampling set to these settings"
+            )
+    return warnings
 
 
 def load_models(cfg: Config, device: Any) -> tuple[Any, Any, Any, Any]:

@@ -51,7 +51,7 @@ from rlhfkit.data.formats import (
 from rlhfkit.engine.trainer import Engine, TrainConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import ModelConfig, load_causal_lm
-from rlhfkit.models.sampling import SamplingConfig, sample
+from rlhfkit.models.sampling import ROLLOUT_TEMPERATURE, SamplingConfig, sample
 from rlhfkit.rewards.losses import mean_margin, mse_loss, pairwise_accuracy, pairwise_loss
 from rlhfkit.rewards.model import RewardMeta, RewardModel, init_reward_head, load_backbone, reward_logits
 
@@ -90,7 +90,11 @@ class NormalizeConfig(StrictModel):
     max_prompts: int = Field(64, gt=0)
     samples_per_prompt: int = Field(4, gt=0)
     seed: int = 0
-    sampling: SamplingConfig = SamplingConfig()
+    min_std: float = Field(1e-2, gt=0, description="floor of the raw scores' std (nearly constant scores)")
+    sampling: SamplingConfig = Field(
+        SamplingConfig(temperature=ROLLOUT_TEMPERATURE),
+        description="how the reference samples are drawn: use PPO's sampling settings (PPO warns if they differ)",
+    )
 
 
 class RMTrainConfig(TrainConfig):
@@ -204,7 +208,8 @@ def rating_metrics(predicted: torch.Tensor, target: torch.Tensor, prompt_keys: l
 def reference_samples(
     cfg: Config, kind: str, train_prompts: list[Text], device: Any = "cpu"
 ) -> tuple[list[Text], list[str], str] | None:
-    """(prompts, the reference policy's samples, description), or None when no policy is known."""
+    """(prompts, the reference policy's samples drawn with `normalize.sampling`, description), or None
+    when no policy is known."""
     n = cfg.normalize
     starts_from_lm = kind == "decoder" and RewardMeta.read(cfg.model.path) is None  # i.e. from the SFT model
     policy = n.policy or (cfg.model.path if starts_from_lm else "")
@@ -232,8 +237,9 @@ def training_responses(train: list[Pair] | list[Rating]) -> tuple[list[Text], li
     return [p for p, _ in seen.values()], [r for _, r in seen.values()]
 
 
-def normalize(rm: RewardModel, cfg: Config, train: list[Pair] | list[Rating], out: Path) -> None:
-    """Fit gain/bias on the reference policy's samples (or on the training responses) and record them."""
+def normalize(rm: RewardModel, cfg: Config, train: list[Pair] | list[Rating], out: Path) -> str | None:
+    """Fit gain/bias on the reference policy's samples (or on the training responses) and record them;
+    returns a warning when the scores were nearly constant."""
     prompts = list({text_key(x.prompt): x.prompt for x in train}.values())
     ref = reference_samples(cfg, rm.meta.kind, prompts, device=next(rm.model.parameters()).device)
     if ref is not None:
@@ -242,12 +248,20 @@ def normalize(rm: RewardModel, cfg: Config, train: list[Pair] | list[Rating], ou
         ref_prompts, ref_texts = training_responses(train)
         source = "training responses (no reference policy: set normalize.policy to normalise on its samples)"
     raw = rm.raw_scores(ref_prompts, ref_texts)
-    rm.fit_normalization(raw, source)
+    sampling = cfg.normalize.sampling.distribution() if ref is not None else None
+    floored = rm.fit_normalization(raw, source, cfg.normalize.min_std, sampling)
     rows = [
         {"prompt": p if isinstance(p, str) else [m.model_dump() for m in p], "completion": c, "raw_reward": float(r)}
         for p, c, r in zip(ref_prompts, ref_texts, raw, strict=True)
     ]
     atomic_write_text(out / "normalization_samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    if floored:
+        return (
+            f"the raw scores of {source} are nearly constant (std {rm.meta.normalization['raw_std']:.3g} < "
+            f"normalize.min_std {cfg.normalize.min_std}): the model barely tells them apart; they are divided by "
+            "the floor instead of their std"
+        )
+    return None
 
 
 # ---- the stage ------------------------------------------------------------------------------
@@ -311,7 +325,9 @@ def run(cfg: Config) -> Path:
     rm.model = engine.unwrap()
     if engine.is_main:
         if cfg.normalize.enabled:
-            normalize(rm, cfg, train, out)
+            warning = normalize(rm, cfg, train, out)
+            if warning:
+                engine.print(f"[yellow]warning: {warning}[/]")
             engine.print(
                 f"normalised on {rm.meta.normalization['source']}: gain {rm.meta.gain:.4g}, bias {rm.meta.bias:.4g}"
             )
