@@ -152,11 +152,15 @@ class RewardModel:
 
     # ---- inputs ---------------------------------------------------------------------------
     def encode(self, prompt: Text, completion: Text) -> Encoded:
-        """Token ids exactly as in training (same template, EOS for decoders, text pair for encoders)."""
+        """Token ids exactly as in training (same template, EOS for decoders, text pair for encoders).
+
+        A sequence longer than `meta.max_length` is cut: for a decoder the prompt keeps its end and
+        the response its start and the EOS the score is read at (`encode_example`); for an encoder
+        the tokenizer cuts the longer of the two texts.
+        """
         tok, template = self.tokenizer, self.meta.prompt_template
         if self.meta.kind == "decoder":
-            ids, _ = encode_example(tok, prompt, completion, template, self.meta.max_length)
-            return {"input_ids": ids}
+            return {"input_ids": encode_example(tok, prompt, completion, template, self.meta.max_length).ids}
         response = render_response(tok, prompt, completion, template).strip()
         enc = tok(render_prompt(tok, prompt, template), response, truncation=True, max_length=self.meta.max_length)
         out = {"input_ids": enc["input_ids"]}

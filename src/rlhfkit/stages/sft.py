@@ -3,9 +3,11 @@
 Reads demonstrations (`{prompt, response}`, plain text or conversations), renders each prompt with
 the template (or the tokenizer's chat template) and trains on the response tokens only: prompt
 tokens and padding have label −100, and every response ends with EOS, so the model learns when
-to stop. Options: packing (`data.packing`, whole examples per block, position ids restarted so
-examples do not see each other), LoRA (`model.lora`), warmup + cosine schedule, gradient
-accumulation, held-out loss, checkpoints and `--resume`.
+to stop. A demonstration longer than `data.max_length` keeps the end of its prompt, the start of
+its response and the EOS (`rlhfkit.data.chat.encode_example`). Options:
+packing (`data.packing`, whole examples per block, position ids restarted so examples do not see
+each other), LoRA (`model.lora`), warmup + cosine schedule, gradient accumulation, held-out loss,
+checkpoints and `--resume`.
 
 Output: `OUTPUT_DIR/model`, a plain `save_pretrained` folder: merged weights, or with
 `lora_save=adapter` the LoRA adapter (loadable with `peft.PeftModel.from_pretrained(base, folder)`).
@@ -35,7 +37,9 @@ class DataConfig(StrictModel):
     train: str = Field("", description="demonstrations file (JSONL {prompt, response}) or dataset folder")
     valid: str = Field("", description="held-out demonstrations; empty = split valid_fraction off train")
     valid_fraction: float = Field(0.05, ge=0, lt=1)
-    max_length: int = Field(512, gt=1, description="tokens per example; longer prompts keep their end")
+    max_length: int = Field(
+        512, gt=1, description="tokens per example; a longer one keeps the prompt's end and the response's start + EOS"
+    )
     prompt_template: str = Field(PROMPT_TEMPLATE, description="'{prompt}' pattern, or 'chat' for the chat template")
     packing: bool = Field(False, description="concatenate examples into blocks of max_length tokens")
 
@@ -58,7 +62,8 @@ class Config(StrictModel):
 
 
 def encode_all(tokenizer: Any, demos: list[Demonstration], cfg: DataConfig) -> list[SFTExample]:
-    return [encode_example(tokenizer, d.prompt, d.response, cfg.prompt_template, cfg.max_length) for d in demos]
+    encoded = [encode_example(tokenizer, d.prompt, d.response, cfg.prompt_template, cfg.max_length) for d in demos]
+    return [(e.ids, e.response_start) for e in encoded]
 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
