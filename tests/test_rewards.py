@@ -81,6 +81,7 @@ def test_reward_model_reads_a_long_response_with_its_prompt_and_eos(reward_model
     assert a[-1] == b[-1] == rm.tokenizer.eos_token_id
     first, second = rm.raw_scores([PROMPTS[0], PROMPTS[2]], [long, long]).tolist()
     assert first != pytest.approx(second, abs=1e-6)
+    assert rm.truncated == 4  # the two encodes above and the two scored sequences
 
 
 def test_fit_normalization_maps_reference_scores_to_mean_0_std_1(reward_model_dir):

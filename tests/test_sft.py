@@ -146,6 +146,7 @@ def test_sft_learns_answers_and_eos(data_dir, tmp_path):
     assert main(["sft", *overrides(data_dir, out, "train.max_steps=60", "data.packing=true")]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["valid_ppl"] < 2.0, results  # from ~300 (uniform over the vocab) to nearly deterministic
+    assert results["truncated_examples"] == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["loss"] > 3 * metrics[-2]["loss"]
 
@@ -157,6 +158,16 @@ def test_sft_learns_answers_and_eos(data_dir, tmp_path):
     s = sample(model, tok, [render_prompt(tok, p) for p in prompts], SamplingConfig(temperature=0.05, stop=[]))
     assert s.ended.all(), s.texts  # every answer ends with a sampled EOS
     assert s.texts == list(ANSWERS.values())
+
+
+def test_sft_reports_truncated_demonstrations(data_dir, tmp_path, capsys):
+    """Issue 11: demonstrations cut to data.max_length are counted, in the output and in results.json."""
+    out = tmp_path / "run"
+    assert main(["sft", *overrides(data_dir, out, "train.max_steps=1", "data.max_length=12")]) == 0
+    n_demos = len((data_dir / "demos.jsonl").read_text().splitlines())  # every one is longer than 12 tokens
+    assert json.loads((out / "results.json").read_text())["truncated_examples"] == n_demos
+    warning = f"warning: {n_demos} of {n_demos} demonstrations are longer than data.max_length=12"
+    assert warning in " ".join(capsys.readouterr().out.split())  # the console wraps long lines
 
 
 def test_lora_merged_and_adapter_outputs_agree(data_dir, tmp_path):

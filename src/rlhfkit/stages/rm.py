@@ -17,7 +17,8 @@ After training, rewards are normalised: gain and bias are fitted so that the ref
 policy's own samples on training prompts score mean 0, std 1 (`normalize.*`; by default the policy
 is the model the decoder RM started from; without one, the training responses are used and the
 metadata says so). Output: `OUTPUT_DIR/model` (load with `rlhfkit.rewards.model.RewardModel.load`),
-`results.json` (held-out accuracy, margin, loss, data counts), `metrics.jsonl` per step.
+`results.json` (held-out accuracy, margin, loss, data counts, sequences cut to `data.max_length`),
+`metrics.jsonl` per step.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class DataConfig(StrictModel):
     ratings: str = Field("", description="ratings file {prompt, completion, score} (MSE regression)")
     valid: str = Field("", description="held-out file in the training format; empty = split valid_fraction off")
     valid_fraction: float = Field(0.1, ge=0, lt=1, description="share of prompts held out")
-    max_length: int = Field(512, gt=1)
+    max_length: int = Field(512, gt=1, description="tokens per sequence; longer ones are cut, counted in results.json")
     prompt_template: str = Field(PROMPT_TEMPLATE, description="must match the policy's (stored with the model)")
 
     @model_validator(mode="after")
@@ -283,6 +284,13 @@ def run(cfg: Config) -> Path:
         train_set = [make_pair_group(g, rm.encode) for g in group_by_prompt(train)]
         valid_set = [make_pair_group(g, rm.encode) for g in group_by_prompt(valid)]
         collate = pair_collate(pad)
+    truncated = rm.truncated  # read now: normalisation encodes more sequences
+    if truncated:
+        n_seqs = len(train_set) + len(valid_set) if regression else sum(len(g.sequences) for g in train_set + valid_set)
+        engine.print(
+            f"[yellow]warning: {truncated} of {n_seqs} training and held-out sequences are longer than "
+            f"data.max_length={d.max_length} tokens and were cut; raise data.max_length to score them whole[/]"
+        )
     n_params = sum(p.numel() for p in model.parameters())
     engine.print(
         f"rm: {kind} {cfg.model.path} ({n_params / 1e6:.2f}M params), "
@@ -322,6 +330,7 @@ def run(cfg: Config) -> Path:
             "steps": engine.step,
             "kind": kind,
             "data": dict(counts),
+            "truncated_sequences": truncated,
             "normalization": rm.meta.normalization,
         }
         atomic_write_text(out / "results.json", json.dumps(results, indent=2))
