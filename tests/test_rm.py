@@ -276,6 +276,17 @@ def test_malformed_pairs_fail_naming_file_and_line(root, tmp_path, capsys, bad_r
     assert f"{path}:5" in err and message in err
 
 
+def test_normalisation_budget_over_the_policys_positions_fails_before_training(root, tmp_path, capsys):
+    """Issue 11: normalisation samples from the policy after training; a budget it cannot hold fails first."""
+    out = tmp_path / "rm"
+    argv = [f"model.path={root / 'tiny'}", f"data.pairs={root / 'pairs.jsonl'}", f"output_dir={out}"]
+    assert main(["rm", *argv, "normalize.sampling.max_new_tokens=100"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "normalize.sampling.max_prompt_tokens + normalize.sampling.max_new_tokens = 192 + 100 = 292" in err
+    assert "exceeds the 256 positions" in err
+    assert not (out / "metrics.jsonl").exists()
+
+
 def test_config_errors_are_clear(root, tmp_path, capsys):
     assert main(["rm", f"model.path={root / 'tiny'}", f"output_dir={tmp_path}"]) == 2
     assert "no training data" in capsys.readouterr().err

@@ -52,7 +52,7 @@ from rlhfkit.data.formats import (
 from rlhfkit.engine.trainer import Engine, TrainConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import ModelConfig, load_causal_lm
-from rlhfkit.models.sampling import SamplingConfig, sample
+from rlhfkit.models.sampling import SamplingConfig, check_length_budget, sample, truncation_warning
 from rlhfkit.rewards.losses import mean_margin, mse_loss, pairwise_accuracy, pairwise_loss
 from rlhfkit.rewards.model import RewardMeta, RewardModel, init_reward_head, load_backbone, reward_logits
 
@@ -202,13 +202,19 @@ def rating_metrics(predicted: torch.Tensor, target: torch.Tensor, prompt_keys: l
 
 
 # ---- normalisation --------------------------------------------------------------------------
+def reference_policy(cfg: Config, kind: str) -> str:
+    """The policy whose samples normalisation scores: `normalize.policy`, else the SFT model the
+    decoder reward model starts from; "" when there is none."""
+    starts_from_lm = kind == "decoder" and RewardMeta.read(cfg.model.path) is None  # i.e. from the SFT model
+    return cfg.normalize.policy or (cfg.model.path if starts_from_lm else "")
+
+
 def reference_samples(
     cfg: Config, kind: str, train_prompts: list[Text], device: Any = "cpu"
 ) -> tuple[list[Text], list[str], str] | None:
     """(prompts, the reference policy's samples, description), or None when no policy is known."""
     n = cfg.normalize
-    starts_from_lm = kind == "decoder" and RewardMeta.read(cfg.model.path) is None  # i.e. from the SFT model
-    policy = n.policy or (cfg.model.path if starts_from_lm else "")
+    policy = reference_policy(cfg, kind)
     if not policy:
         return None
     prompts = [r.prompt for r in read_records(n.prompts, "prompts")] if n.prompts else list(train_prompts)
@@ -219,6 +225,8 @@ def reference_samples(
     torch.manual_seed(n.seed)
     rendered = [render_prompt(tokenizer, p, cfg.data.prompt_template) for p in prompts]
     samples = sample(model, tokenizer, rendered, n.sampling, num_samples=n.samples_per_prompt)
+    if samples.prompts_truncated:
+        print(truncation_warning(samples.prompts_truncated, len(prompts), n.sampling, "normalize.sampling"))
     repeated = [p for p in prompts for _ in range(n.samples_per_prompt)]
     where = "given prompts" if n.prompts else "training prompts"
     return repeated, samples.texts, f"samples of {policy} on {len(prompts)} {where}"
@@ -270,6 +278,15 @@ def run(cfg: Config) -> Path:
 
     # Model.
     model, tokenizer, kind = load_backbone(cfg.model.path, cfg.model.kind, cfg.model.dtype, cfg.model.trust_remote_code)
+    policy = reference_policy(cfg, kind) if cfg.normalize.enabled else ""
+    if policy:  # normalisation samples after training: a budget the policy cannot hold must fail before it
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(policy, trust_remote_code=cfg.model.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise UserError(f"normalize.policy: cannot load {policy!r} ({e})") from None
+        check_length_budget(config, cfg.normalize.sampling, "normalize.sampling")
     if RewardMeta.read(cfg.model.path) is None:  # a fresh head; an existing reward model keeps its trained one
         torch.manual_seed(cfg.train.seed)
         init_reward_head(model)
