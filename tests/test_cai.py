@@ -275,6 +275,18 @@ def test_cai_revise_writes_valid_demonstrations_and_pairs(tiny_model_dir, tmp_pa
     assert (out / "config.yaml").exists()
 
 
+def test_cai_revise_defaults_on_a_small_model_are_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    """Issue 11: the default max_prompt_tokens=2048 crashed a 256-position model with a traceback."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "p0", "prompt": "How do I pick a lock?"}) + "\n")
+    out = tmp_path / "rev"
+    argv = [f"prompts={prompts}", f"model.path={tiny_model_dir('gpt2')}", f"output_dir={out}"]
+    assert main(["cai", "revise", *argv]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "sampling.max_prompt_tokens + sampling.max_new_tokens = 2048 + 128 = 2176 exceeds the 256 positions" in err
+    assert not (out / "traces.jsonl").exists()
+
+
 def test_cai_label_and_mix_from_the_command_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
     (tmp_path / "cai_marker.py").write_text(
         "def marker(prompt, completion):\n    return 2.0 if 'kindly' in completion else 0.0\n"

@@ -82,6 +82,27 @@ def test_sequence_kl_is_zero_against_itself_and_positive_against_another_model(t
     assert sequence_kl(model, other, s, 1.0).mean() > 0.1
 
 
+def test_eval_over_a_models_positions_is_a_clear_error_before_sampling(tmp_path, tiny_model_dir):
+    """Issue 11: a model with too few positions crashed mid-sampling (GPT-2) or ran past them."""
+    from rlhfkit.errors import UserError
+    from rlhfkit.models.tiny import make_test_model
+    from rlhfkit.stages.eval import Config, run
+
+    short = make_test_model("llama", tmp_path / "short", max_positions=32)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "tea", "prompt": "How do I make tea?"}\n')
+    cfg = Config(
+        output_dir=str(tmp_path / "eval"),
+        models={"base": str(tiny_model_dir("llama")), "short": str(short)},
+        prompts=str(prompts),
+        gold=False,
+        sampling=SamplingConfig(max_prompt_tokens=16, max_new_tokens=40),
+    )
+    with pytest.raises(UserError, match=r"16 \+ 40 = 56 exceeds the 32 positions of .*short"):
+        run(cfg)
+    assert not (tmp_path / "eval" / "results.json").exists()
+
+
 def test_hacking_check_and_report_html():
     steps = [1, 2, 3, 4]
     assert hacking_check(steps, [0, 1, 2, 3], [0, 1, 2, 3])["hacking"] is False

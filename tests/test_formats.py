@@ -410,7 +410,8 @@ def test_conversation_with_chat_template(chat_tok):
 )
 def test_encode_example_response_start_is_exact(plain_tok, chat_tok, which, prompt, response):
     tok = plain_tok if which == "plain" else chat_tok
-    ids, start = encode_example(tok, prompt, response)
+    ids, start, truncated = encode_example(tok, prompt, response)
+    assert not truncated
     assert ids[:start] == tok(render_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
     expected = render_response(tok, prompt, response)
     expected += "" if expected.endswith(tok.eos_token) else tok.eos_token
@@ -420,13 +421,53 @@ def test_encode_example_response_start_is_exact(plain_tok, chat_tok, which, prom
 
 def test_encode_example_cuts_long_prompts_from_the_left(plain_tok):
     long_prompt = "tea " * 40
-    full, full_start = encode_example(plain_tok, long_prompt, "Boil water.")
-    ids, start = encode_example(plain_tok, long_prompt, "Boil water.", max_length=12)
-    assert len(ids) == 12 and ids[start:] == full[full_start:]
+    full, full_start = encode_example(plain_tok, long_prompt, "Boil water.")[:2]
+    ids, start = encode_example(plain_tok, long_prompt, "Boil water.", max_length=24)[:2]
+    assert len(ids) == 24 and ids[start:] == full[full_start:]  # a short response stays whole
     assert ids[:start] == full[:full_start][-start:]
-    # A response longer than max_length keeps its beginning and no prompt at all.
-    ids, start = encode_example(plain_tok, "Hi", "tea " * 40, max_length=5)
-    assert start == 0 and ids == plain_tok(" " + "tea " * 39 + "tea", add_special_tokens=False)["input_ids"][:5]
+
+
+def test_encode_example_keeps_eos_and_prompt_of_a_long_response(plain_tok):
+    """Issue 11: a long response used to lose its EOS and push the whole prompt out."""
+    long_response = "tea " * 40
+    full, full_start = encode_example(plain_tok, "Hi", long_response)[:2]
+    ids, start = encode_example(plain_tok, "Hi", long_response, max_length=30)[:2]
+    assert len(ids) == 30 and ids[-1] == plain_tok.eos_token_id
+    # The prompt (13 tokens) fits its half, so it stays whole; the response keeps its start, then EOS.
+    assert start == full_start and ids[:start] == full[:full_start]
+    assert ids[start:-1] == full[full_start : full_start + 30 - start - 1]
+
+
+def test_encode_example_different_prompts_with_one_long_response_stay_different(plain_tok):
+    long_response = "Boil the water and steep the leaves. " * 20
+    a, start_a = encode_example(plain_tok, "How do I make tea?", long_response, max_length=32)[:2]
+    b, start_b = encode_example(plain_tok, "How do I make coffee?", long_response, max_length=32)[:2]
+    assert len(a) == len(b) == 32 and a[:start_a] != b[:start_b]
+    assert a[-1] == b[-1] == plain_tok.eos_token_id
+    # The response starts exactly where the (whole or end of the) prompt stops.
+    for ids, start, prompt in ((a, start_a, "How do I make tea?"), (b, start_b, "How do I make coffee?")):
+        rendered = plain_tok(render_prompt(plain_tok, prompt), add_special_tokens=False)["input_ids"]
+        response = plain_tok(render_response(plain_tok, prompt, long_response), add_special_tokens=False)["input_ids"]
+        assert ids[:start] == rendered[len(rendered) - start :]
+        assert ids[start:-1] == response[: 32 - start - 1]
+
+
+@pytest.mark.parametrize(
+    ("prompt_words", "response_words", "kept", "cut"),  # " tea" is 2 tokens, the response has 1 more (EOS)
+    [(15, 15, (8, 8), True), (2, 15, (4, 12), True), (15, 1, (13, 3), True), (4, 3, (8, 7), False)],
+)
+def test_encode_example_splits_the_budget_with_a_minimum_prompt_share(
+    plain_tok, prompt_words, response_words, kept, cut
+):
+    """Both long: half each; one short: kept whole, the other gets the rest. EOS always last."""
+    prompt, response = " tea" * prompt_words, "tea " * response_words
+    p_full = plain_tok(prompt, add_special_tokens=False)["input_ids"]
+    r_full = plain_tok(" " + response.strip(), add_special_tokens=False)["input_ids"]
+    ids, start, truncated = encode_example(plain_tok, prompt, response, "{prompt}", max_length=16)
+    assert (start, len(ids) - start) == kept
+    assert truncated is cut
+    assert ids[:start] == p_full[len(p_full) - start :]  # the prompt's end
+    assert ids[start:] == r_full[: len(ids) - start - 1] + [plain_tok.eos_token_id]  # the response's start, EOS
 
 
 def test_truncate_at_stop():

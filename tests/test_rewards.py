@@ -64,11 +64,24 @@ def test_reward_model_applies_saved_normalisation_and_template(reward_model_dir)
     rm = RewardModel.load(reward_model_dir)
     assert isinstance(rm, RewardSource)
     assert rm.meta.prompt_template == "Q: {prompt}\nA:" and rm.meta.max_length == 64
-    ids, _ = encode_example(rm.tokenizer, PROMPTS[2], COMPLETIONS[2], "Q: {prompt}\nA:", 64)
+    ids = encode_example(rm.tokenizer, PROMPTS[2], COMPLETIONS[2], "Q: {prompt}\nA:", 64)[0]
     assert rm.encode(PROMPTS[2], COMPLETIONS[2])["input_ids"] == ids
     raw = rm.raw_scores(PROMPTS, COMPLETIONS)
     assert raw.shape == (3,) and raw.std() > 0
     assert torch.allclose(rm.score(PROMPTS, COMPLETIONS), 2.0 * raw - 0.5)
+
+
+def test_reward_model_reads_a_long_response_with_its_prompt_and_eos(reward_model_dir):
+    """Issue 11: a response filling max_length pushed the prompt out and the EOS off, so different
+    prompts gave identical inputs and scores (and the score was read mid-response)."""
+    rm = RewardModel.load(reward_model_dir)
+    long = "it is long and very wide " * 30
+    a, b = rm.encode(PROMPTS[0], long)["input_ids"], rm.encode(PROMPTS[2], long)["input_ids"]
+    assert len(a) == len(b) == rm.meta.max_length and a != b
+    assert a[-1] == b[-1] == rm.tokenizer.eos_token_id
+    first, second = rm.raw_scores([PROMPTS[0], PROMPTS[2]], [long, long]).tolist()
+    assert first != pytest.approx(second, abs=1e-6)
+    assert rm.truncated == 4  # the two encodes above and the two scored sequences
 
 
 def test_fit_normalization_maps_reference_scores_to_mean_0_std_1(reward_model_dir):

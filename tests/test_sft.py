@@ -71,8 +71,8 @@ def config(data_dir: Path, out: Path, *extra: str) -> sft.Config:
 def test_collate_masks_prompt_and_padding_and_keeps_eos(data_dir):
     tok = load_tokenizer(data_dir / "gpt2")
     examples = [
-        encode_example(tok, "What color are the tea of red?", "The tea are red."),
-        encode_example(tok, "Hi", "Yo"),
+        encode_example(tok, "What color are the tea of red?", "The tea are red.")[:2],
+        encode_example(tok, "Hi", "Yo")[:2],
     ]
     batch = sft_collate(tok.pad_token_id)(examples)
     for row, (ids, n_prompt) in enumerate(examples):
@@ -102,7 +102,7 @@ def test_pack_examples_keeps_examples_whole_and_restarts_positions():
 def test_lm_loss_on_labelled_positions_equals_the_models_own_loss(data_dir, arch):
     tok = load_tokenizer(data_dir / arch)
     model = AutoModelForCausalLM.from_pretrained(data_dir / arch)
-    examples = [encode_example(tok, r["prompt"], r["response"]) for r in map(demonstration, ANSWERS, NAMES)]
+    examples = [encode_example(tok, r["prompt"], r["response"])[:2] for r in map(demonstration, ANSWERS, NAMES)]
     batch = sft_collate(tok.pad_token_id)(examples)
     ours = sft.lm_loss(model, batch)
     ours.backward()
@@ -123,7 +123,7 @@ def test_packed_loss_equals_unpacked_loss(data_dir, arch):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(model_config).eval()
     rows = [demonstration(v, n) for v in ANSWERS for n in NAMES[:4]]
-    examples = [encode_example(tok, r["prompt"], r["response"], max_length=48) for r in rows]
+    examples = [encode_example(tok, r["prompt"], r["response"], max_length=48)[:2] for r in rows]
 
     def total(batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -146,6 +146,7 @@ def test_sft_learns_answers_and_eos(data_dir, tmp_path):
     assert main(["sft", *overrides(data_dir, out, "train.max_steps=60", "data.packing=true")]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["valid_ppl"] < 2.0, results  # from ~300 (uniform over the vocab) to nearly deterministic
+    assert results["truncated_examples"] == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["loss"] > 3 * metrics[-2]["loss"]
 
@@ -157,6 +158,16 @@ def test_sft_learns_answers_and_eos(data_dir, tmp_path):
     s = sample(model, tok, [render_prompt(tok, p) for p in prompts], SamplingConfig(temperature=0.05, stop=[]))
     assert s.ended.all(), s.texts  # every answer ends with a sampled EOS
     assert s.texts == list(ANSWERS.values())
+
+
+def test_sft_reports_truncated_demonstrations(data_dir, tmp_path, capsys):
+    """Issue 11: demonstrations cut to data.max_length are counted, in the output and in results.json."""
+    out = tmp_path / "run"
+    assert main(["sft", *overrides(data_dir, out, "train.max_steps=1", "data.max_length=12")]) == 0
+    n_demos = len((data_dir / "demos.jsonl").read_text().splitlines())  # every one is longer than 12 tokens
+    assert json.loads((out / "results.json").read_text())["truncated_examples"] == n_demos
+    warning = f"warning: {n_demos} of {n_demos} demonstrations are longer than data.max_length=12"
+    assert warning in " ".join(capsys.readouterr().out.split())  # the console wraps long lines
 
 
 def test_lora_merged_and_adapter_outputs_agree(data_dir, tmp_path):
@@ -208,7 +219,7 @@ def test_conversational_demonstrations_use_the_chat_template_and_learn_only_the_
     AutoModelForCausalLM.from_pretrained(data_dir / "gpt2").save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Greet Ann for me."}]
-    ids, n_prompt = encode_example(tok, [Message(**m) for m in conversation], "Hello there, friend.")
+    ids, n_prompt, _ = encode_example(tok, [Message(**m) for m in conversation], "Hello there, friend.")
     assert (
         tok.decode(ids[:n_prompt])
         == "<|system|>Be brief.<|endoftext|><|user|>Greet Ann for me.<|endoftext|><|assistant|>"

@@ -16,12 +16,15 @@ from rlhfkit.cai.constitution import Constitution
 from rlhfkit.cai.prompts import critique_messages, few_shot_messages, render, revision_messages
 from rlhfkit.data.chat import render_prompt
 from rlhfkit.data.formats import Demonstration, Pair, Text, text_key, text_to_json
-from rlhfkit.models.sampling import SamplingConfig, sample
+from rlhfkit.models.sampling import SamplingConfig, check_length_budget, sample, truncation_warning
 
 
 def generate(model: Any, tokenizer: Any, texts: list[str], sampling: SamplingConfig) -> list[str]:
-    """One sampled continuation per rendered text (stripped, cut at a stop string)."""
-    return sample(model, tokenizer, texts, sampling, num_samples=1).texts
+    """One sampled continuation per rendered text (stripped, cut at a stop string); warns of cut prompts."""
+    s = sample(model, tokenizer, texts, sampling, num_samples=1)
+    if s.prompts_truncated:
+        print(truncation_warning(s.prompts_truncated, len(texts), sampling))
+    return s.texts
 
 
 def critique_and_revise(
@@ -35,6 +38,7 @@ def critique_and_revise(
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """One trace per prompt: `{prompt, initial, rounds: [{principle, critique, revision}], final}`."""
+    check_length_budget(model.config, sampling)
     rng = random.Random(seed)
     shots = few_shot_messages(constitution, few_shot)
     initial = generate(

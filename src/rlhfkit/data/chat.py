@@ -11,7 +11,7 @@ exact: the loss mask of SFT and the response tokens of PPO never straddle a merg
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from rlhfkit.data.formats import Message, Text
 from rlhfkit.errors import UserError
@@ -20,6 +20,11 @@ PROMPT_TEMPLATE = "User: {prompt}\nAssistant:"
 RESPONSE_SEPARATOR = " "  # a plain response follows the template's "Assistant:" after one space
 STOP_STRINGS = ("\nUser:",)  # where a plain-template model starts the next turn on its own
 _ROLE_PREFIX = {"system": "System", "user": "User", "assistant": "Assistant"}
+# The prompt's guaranteed share of an over-long example (see `encode_example`). Half: the response
+# is what SFT learns and what the reward model judges, the prompt is what makes it an answer, and
+# neither is worth more than the other; TRL's DPO defaults give a long prompt and a long response
+# the same halves (max_prompt_length 512 of max_length 1024).
+MIN_PROMPT_SHARE = 0.5
 
 
 def _messages(value: Text) -> list[dict[str, Any]]:
@@ -71,18 +76,41 @@ def truncate_at_stop(text: str, stops: tuple[str, ...] | list[str] = STOP_STRING
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def encode_example(
-    tokenizer: Any, prompt: Text, response: Text, template: str = PROMPT_TEMPLATE, max_length: int = 512
-) -> tuple[list[int], int]:
-    """Token ids of prompt + response + EOS, and the index where the response starts.
+class EncodedExample(NamedTuple):
+    """What `encode_example` makes of one (prompt, response)."""
 
-    Long examples are cut from the left of the prompt (the response is what we learn from).
+    ids: list[int]  # prompt + response + EOS
+    response_start: int  # index of the first response token (= prompt tokens kept)
+    truncated: bool  # the example was longer than max_length and was cut
+
+
+def encode_example(
+    tokenizer: Any,
+    prompt: Text,
+    response: Text,
+    template: str = PROMPT_TEMPLATE,
+    max_length: int = 512,
+    min_prompt_share: float = MIN_PROMPT_SHARE,
+) -> EncodedExample:
+    """Token ids of prompt + response + EOS, the index where the response starts, and whether it was cut.
+
+    An example longer than `max_length` is cut so that it still reads as prompt, response, EOS: the
+    prompt loses its beginning (its end, where the request is, stays: TRL's `keep_end`), the response
+    loses its end, and the EOS is always kept. Why the EOS: a decoder reward model reads its score
+    there and SFT teaches the model to stop with it; without it the score is read mid-response.
+    The prompt keeps at least min(its length, `min_prompt_share` * max_length) tokens and the
+    response at least the rest; either may use the room the other does not need. Why a floor for
+    the prompt: a response alone can fill `max_length`, and then different prompts with the same
+    long response would be identical inputs (same reward) and SFT would learn the response with
+    no prompt at all.
     """
+    eos = tokenizer.eos_token_id
     p_ids = tokenizer(render_prompt(tokenizer, prompt, template), add_special_tokens=False)["input_ids"]
     r_ids = tokenizer(render_response(tokenizer, prompt, response, template), add_special_tokens=False)["input_ids"]
-    if not r_ids or r_ids[-1] != tokenizer.eos_token_id:  # chat templates often end a turn with EOS
-        r_ids = r_ids + [tokenizer.eos_token_id]
-    r_ids = r_ids[:max_length]
-    keep = max_length - len(r_ids)
-    p_ids = p_ids[-keep:] if keep > 0 else []
-    return p_ids + r_ids, len(p_ids)
+    if not r_ids or r_ids[-1] != eos:  # chat templates often end a turn with EOS
+        r_ids = r_ids + [eos]
+    if len(p_ids) + len(r_ids) <= max_length:
+        return EncodedExample(p_ids + r_ids, len(p_ids), False)
+    keep_prompt = min(len(p_ids), max(max_length - len(r_ids), int(min_prompt_share * max_length)), max_length - 1)
+    kept = p_ids[len(p_ids) - keep_prompt :] + r_ids[: max_length - keep_prompt - 1] + [eos]
+    return EncodedExample(kept, keep_prompt, True)

@@ -3,6 +3,10 @@
 
 Used by `rlhfkit generate` and by PPO's rollouts, so both see exactly the same responses.
 
+A prompt longer than `max_prompt_tokens` keeps its end (where the request is); `Samples` counts
+such prompts, for the stages to report. Every stage that samples first calls `check_length_budget`:
+`max_prompt_tokens + max_new_tokens` must fit the model's positions.
+
 The decoding loop is our own rather than `model.generate`: it hands back the decoder's last hidden
 state for every sampled token, which is all PPO needs for the log-probs and values of its rollout
 (no second pass of the policy), and a row leaves the batch at its EOS. Only `SamplingConfig`
@@ -22,6 +26,7 @@ from torch import Tensor
 
 from rlhfkit.config import StrictModel
 from rlhfkit.data.chat import PROMPT_TEMPLATE, RESPONSE_SEPARATOR, STOP_STRINGS
+from rlhfkit.errors import UserError
 from rlhfkit.models.value import position_ids
 
 # PPO's rollout temperature by default (PPO detail 12). The reward model is normalised on the SFT
@@ -30,6 +35,8 @@ from rlhfkit.models.value import position_ids
 ROLLOUT_TEMPERATURE = 0.7
 # The settings that change which responses come out (the rest only change how fast).
 DISTRIBUTION_FIELDS = ("temperature", "top_k", "top_p", "max_new_tokens", "stop")
+# Where a `transformers` config keeps the number of positions: GPT-2's name, then everyone else's.
+POSITION_FIELDS = ("n_positions", "max_position_embeddings")
 
 
 class SamplingConfig(StrictModel):
@@ -39,7 +46,7 @@ class SamplingConfig(StrictModel):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1 = off")
     stop: list[str] = Field(default_factory=lambda: list(STOP_STRINGS), description="cut a response here")
     batch_size: int = Field(32, gt=0, description="sequences generated per forward pass")
-    max_prompt_tokens: int = Field(192, gt=0, description="longer prompts keep their end")
+    max_prompt_tokens: int = Field(192, gt=0, description="longer prompts keep their end (counted)")
     prompt_template: str = PROMPT_TEMPLATE
 
     def distribution(self) -> dict[str, Any]:
@@ -60,13 +67,49 @@ class Samples:
     texts: list[str]  # decoded responses, cut at a stop string, without the leading separator
     ended: torch.Tensor  # (B,) bool: the response finished with EOS or a stop string
     hidden: torch.Tensor | None = None  # (B, T, d) with keep_hidden: the state each token was sampled from
+    prompts_truncated: int = 0  # prompts longer than max_prompt_tokens, of which the model saw only the end
 
     def __len__(self) -> int:
         return len(self.texts)
 
 
-def _encode_prompts(tokenizer: Any, prompts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = [ids[-max_tokens:] for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+def check_length_budget(config: Any, cfg: SamplingConfig, where: str = "sampling") -> None:
+    """Stop with a clear error, before any sampling, if the longest prompt plus the longest response
+    would not fit the model's positions (`config`: the model's `transformers` config).
+
+    Why up front: past its last position GPT-2's position embedding raises an IndexError in the
+    middle of a run (PPO's first rollout), and a rotary model (Llama, Qwen2, Mistral) silently runs
+    on positions it was never trained on. `where` is the config section that holds the two fields,
+    so that the error names the settings to change. A model without a position limit passes.
+    """
+    field = next((f for f in POSITION_FIELDS if getattr(config, f, None) is not None), None)
+    if field is None:
+        return
+    limit, total = getattr(config, field), cfg.max_prompt_tokens + cfg.max_new_tokens
+    if total > limit:
+        raise UserError(
+            f"{where}.max_prompt_tokens + {where}.max_new_tokens = {cfg.max_prompt_tokens} + {cfg.max_new_tokens} = "
+            f"{total} exceeds the {limit} positions of {config.name_or_path or 'the model'} (model.config.{field}); "
+            f"lower them so that they add up to at most {limit}"
+        )
+
+
+def truncation_warning(n: int, total: int, cfg: SamplingConfig, where: str = "sampling") -> str:
+    """The line a stage prints when `n` of the `total` prompts it sampled were cut to `max_prompt_tokens`.
+
+    Why it matters: the model answered the end of such a prompt, while the reward model, the
+    labelers and the gold judges read all of it.
+    """
+    return (
+        f"warning: {n} of {total} prompts are longer than {where}.max_prompt_tokens={cfg.max_prompt_tokens} tokens "
+        f"and the model saw only their end; raise {where}.max_prompt_tokens (within the model's positions)"
+    )
+
+
+def _encode_prompts(tokenizer: Any, prompts: list[str], max_tokens: int) -> tuple[Tensor, Tensor, int]:
+    """Left-padded ids and mask of the prompts, each cut to its last `max_tokens` tokens, and how many were cut."""
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    rows = [ids[-max_tokens:] for ids in encoded]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -74,7 +117,7 @@ def _encode_prompts(tokenizer: Any, prompts: list[str], max_tokens: int) -> tupl
         if r:
             ids[i, width - len(r) :] = torch.tensor(r)
             mask[i, width - len(r) :] = 1
-    return ids, mask
+    return ids, mask, sum(len(e) > max_tokens for e in encoded)
 
 
 def _cut_at_stop(tokenizer: Any, ids: list[int], stops: list[str]) -> tuple[int, str, bool]:
@@ -175,8 +218,10 @@ def sample(
     model.eval()
     parts: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
     per_batch = max(1, cfg.batch_size // num_samples)
+    truncated = 0
     for start in range(0, len(prompts), per_batch):
-        p_ids, p_mask = _encode_prompts(tokenizer, prompts[start : start + per_batch], cfg.max_prompt_tokens)
+        p_ids, p_mask, cut = _encode_prompts(tokenizer, prompts[start : start + per_batch], cfg.max_prompt_tokens)
+        truncated += cut
         p_ids, p_mask = p_ids.repeat_interleave(num_samples, 0), p_mask.repeat_interleave(num_samples, 0)
         new, hidden = _decode(model, p_ids.to(device), p_mask.to(device), cfg, eos, pad, keep_hidden)
         parts.append((p_ids, p_mask, new.cpu(), hidden))
@@ -215,4 +260,5 @@ def sample(
         texts=texts,
         ended=torch.tensor(ended, dtype=torch.bool),
         hidden=hidden,
+        prompts_truncated=truncated,
     )

@@ -126,6 +126,7 @@ class RewardModel:
         self.tokenizer = tokenizer
         self.meta = meta
         self.batch_size = batch_size
+        self.truncated = 0  # sequences `encode` has cut to meta.max_length (the rm stage reports them)
 
     @classmethod
     def load(cls, path: str | Path, device: Any = "cpu", batch_size: int = 32) -> RewardModel:
@@ -153,13 +154,23 @@ class RewardModel:
 
     # ---- inputs ---------------------------------------------------------------------------
     def encode(self, prompt: Text, completion: Text) -> Encoded:
-        """Token ids exactly as in training (same template, EOS for decoders, text pair for encoders)."""
+        """Token ids exactly as in training (same template, EOS for decoders, text pair for encoders).
+
+        A sequence longer than `meta.max_length` is cut and counted in `self.truncated`: for a
+        decoder the prompt keeps its end and the response its start and the EOS the score is read
+        at (`encode_example`); for an encoder the tokenizer cuts the longer of the two texts.
+        """
         tok, template = self.tokenizer, self.meta.prompt_template
         if self.meta.kind == "decoder":
-            ids, _ = encode_example(tok, prompt, completion, template, self.meta.max_length)
-            return {"input_ids": ids}
+            example = encode_example(tok, prompt, completion, template, self.meta.max_length)
+            self.truncated += example.truncated
+            return {"input_ids": example.ids}
+        prompt_text = render_prompt(tok, prompt, template)
         response = render_response(tok, prompt, completion, template).strip()
-        enc = tok(render_prompt(tok, prompt, template), response, truncation=True, max_length=self.meta.max_length)
+        enc = tok(prompt_text, response, verbose=False)  # whole first, to know whether it must be cut
+        if len(enc["input_ids"]) > self.meta.max_length:
+            self.truncated += 1
+            enc = tok(prompt_text, response, truncation=True, max_length=self.meta.max_length)
         out = {"input_ids": enc["input_ids"]}
         if "token_type_ids" in enc:
             out["token_type_ids"] = enc["token_type_ids"]

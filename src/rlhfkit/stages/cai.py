@@ -37,11 +37,17 @@ from rlhfkit.rewards.build import RewardConfig, build_reward
 
 
 class CAISamplingConfig(SamplingConfig):
-    """Critiques and revisions run longer than the default rollouts, and a bit cooler."""
+    """Critiques and revisions run longer than the default rollouts, and a bit cooler.
+
+    Few-shot critique prompts are long: 2048 prompt tokens suit real instruct models (4k positions
+    and more). On a model with fewer positions `cai revise` stops up front with an error naming both
+    fields, rather than shrinking the budget to fit: that would silently cut the few-shot examples
+    and the instructions out of every critique prompt.
+    """
 
     max_new_tokens: int = Field(128, gt=0)
     temperature: float = Field(0.7, gt=0)
-    max_prompt_tokens: int = Field(2048, gt=0, description="longer prompts keep their end")
+    max_prompt_tokens: int = Field(2048, gt=0, description="longer prompts keep their end (counted)")
 
 
 class ReviseConfig(StrictModel):

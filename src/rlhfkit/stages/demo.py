@@ -54,10 +54,13 @@ class FeedbackConfig(StrictModel):
 # The corpus's good answers run to about 60 tokens (90% under 82): 96 new tokens let an answer end
 # with EOS instead of being cut off (and then penalised as one that never ends).
 RESPONSE_TOKENS = 96
+# The demo model's positions: prompt and response must share them (the stages check it up front).
+# The corpus's prompts are under 100 characters, so the remaining 160 prompt tokens never cut one.
+POSITIONS = 256
 
 
 def _sampling(cfg: SamplingConfig) -> SamplingConfig:
-    return cfg.model_copy(update={"max_new_tokens": RESPONSE_TOKENS})
+    return cfg.model_copy(update={"max_new_tokens": RESPONSE_TOKENS, "max_prompt_tokens": POSITIONS - RESPONSE_TOKENS})
 
 
 ROLLOUT = _sampling(ppo_stage.PPOSamplingConfig())  # how PPO samples, and so how the reward model is normalised
@@ -70,7 +73,7 @@ class Config(StrictModel):
     # Sizes for 2 CPU cores and about 10 minutes in all; tiny models learn with larger LRs.
     pretrain: pretrain_stage.Config = pretrain_stage.Config(
         vocab_size=2048,  # the corpus has under 2,000 word types; a larger vocabulary only costs time
-        model=TinyModelConfig(arch="gpt2", n_layer=4, d_model=128, n_head=4, max_positions=256),
+        model=TinyModelConfig(arch="gpt2", n_layer=4, d_model=128, n_head=4, max_positions=POSITIONS),
         train=pretrain_stage.Config().train.model_copy(update={"max_steps": 500}),
     )
     # A small demonstration budget (12 steps of 16 = 192 demonstrations): demonstrations are the

@@ -30,7 +30,7 @@ from rlhfkit.data.chat import render_prompt
 from rlhfkit.data.formats import read_records, text_to_json
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import ModelConfig, load_causal_lm
-from rlhfkit.models.sampling import Samples, SamplingConfig, sample
+from rlhfkit.models.sampling import Samples, SamplingConfig, check_length_budget, sample, truncation_warning
 from rlhfkit.models.value import response_logits
 from rlhfkit.rewards.build import RewardConfig, build_reward
 from rlhfkit.rl.core import logprobs_from_logits
@@ -94,6 +94,7 @@ def run(cfg: Config) -> dict[str, Any]:
     names = list(cfg.models)
     ref_model, ref_tok = load_causal_lm(ModelConfig(path=cfg.reference or cfg.models[names[0]]))
     ref_model.eval()
+    check_length_budget(ref_model.config, cfg.sampling)  # the reference reads every model's prompts + samples
     reward = build_reward(cfg.reward) if cfg.reward.sources else None
     judge = None
     if cfg.gold:
@@ -108,9 +109,12 @@ def run(cfg: Config) -> dict[str, Any]:
     for name in tqdm(names, desc="eval models"):
         model, tok = load_causal_lm(ModelConfig(path=cfg.models[name]))
         model.eval()
+        check_length_budget(model.config, cfg.sampling)
         rendered = [render_prompt(tok, p, cfg.sampling.prompt_template) for p in prompts]
         torch.manual_seed(cfg.seed)
         s = sample(model, tok, rendered, cfg.sampling, num_samples=cfg.samples_per_prompt)
+        if s.prompts_truncated:
+            print(f"{name}: {truncation_warning(s.prompts_truncated, len(prompts), cfg.sampling)}")
         texts[name] = s.texts
         m: dict[str, np.ndarray] = {
             "kl": sequence_kl(model, ref_model, s, cfg.sampling.temperature).numpy(),
@@ -127,6 +131,7 @@ def run(cfg: Config) -> dict[str, Any]:
         summary[name] = {k: float(v.mean()) for k, v in m.items()}
         summary[name]["distinct_1"] = distinct_n(s.texts, 1)
         summary[name]["distinct_2"] = distinct_n(s.texts, 2)
+        summary[name]["prompts_truncated"] = s.prompts_truncated
     base = names[0]
 
     def per_prompt(name: str, key: str) -> np.ndarray:  # rows are grouped by prompt

@@ -23,7 +23,7 @@ from rlhfkit.config import StrictModel, save_config
 from rlhfkit.data.chat import render_prompt
 from rlhfkit.data.formats import Completions, read_records, write_records
 from rlhfkit.models.loading import ModelConfig, load_causal_lm
-from rlhfkit.models.sampling import SamplingConfig, sample
+from rlhfkit.models.sampling import SamplingConfig, check_length_budget, sample, truncation_warning
 
 
 class Config(StrictModel):
@@ -40,13 +40,18 @@ class Config(StrictModel):
 def sample_completions(model_cfg: ModelConfig, records: list[Any], cfg: Config) -> list[list[str]]:
     """`cfg.k` completions of every prompt by one model (seeded: the same for the same inputs)."""
     model, tokenizer = load_causal_lm(model_cfg)
+    check_length_budget(model.config, cfg.sampling)
     torch.manual_seed(cfg.seed)
     rendered = [render_prompt(tokenizer, r.prompt, cfg.sampling.prompt_template) for r in records]
     chunk = max(1, cfg.sampling.batch_size // cfg.k)
     out: list[list[str]] = []
+    truncated = 0
     for start in tqdm(range(0, len(records), chunk), desc=f"generate ({model_cfg.path})", unit="batch"):
         s = sample(model, tokenizer, rendered[start : start + chunk], cfg.sampling, num_samples=cfg.k)
         out += [s.texts[i : i + cfg.k] for i in range(0, len(s.texts), cfg.k)]
+        truncated += s.prompts_truncated
+    if truncated:
+        print(truncation_warning(truncated, len(records), cfg.sampling))
     return out
 
 

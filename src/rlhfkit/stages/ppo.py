@@ -32,7 +32,7 @@ from rlhfkit.data.formats import read_records, text_to_json
 from rlhfkit.engine.trainer import Engine, NonFiniteError, TrainConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import ModelConfig, disable_dropout, load_causal_lm, save_model
-from rlhfkit.models.sampling import ROLLOUT_TEMPERATURE, SamplingConfig, sample
+from rlhfkit.models.sampling import ROLLOUT_TEMPERATURE, SamplingConfig, check_length_budget, sample
 from rlhfkit.models.value import PolicyAndValue, load_critic, response_logits
 from rlhfkit.rewards.base import RewardSource
 from rlhfkit.rewards.build import RewardConfig, build_reward
@@ -357,6 +357,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     if reward is None:
         reward = build_reward(cfg.reward, engine.device)
     policy, tokenizer, ref, critic = load_models(cfg, engine.device)
+    check_length_budget(policy.config, cfg.sampling)
     adapter_off = ref is policy  # LoRA: the reference is the policy with its adapter disabled
     updates_per_step = p.epochs * (p.batch_size // p.mini_batch_size)
     model = engine.setup(PolicyAndValue(policy, critic), total_steps=cfg.stop.max_steps * updates_per_step)
@@ -445,6 +446,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
                 "explained_variance": float(explained_variance(tok["values"], returns, mask)),
                 "response_length": float(mask.sum(1).float().mean()),
                 "ended": float(batch.ended.float().mean()),
+                "prompts_truncated": batch.prompts_truncated,
             }
             bad = nonfinite({k: _masked(v, mask) for k, v in tok.items() if k != "mask"})
             if bad:

@@ -17,7 +17,8 @@ After training, rewards are normalised: gain and bias are fitted so that the ref
 policy's own samples on training prompts score mean 0, std 1 (`normalize.*`; by default the policy
 is the model the decoder RM started from; without one, the training responses are used and the
 metadata says so). Output: `OUTPUT_DIR/model` (load with `rlhfkit.rewards.model.RewardModel.load`),
-`results.json` (held-out accuracy, margin, loss, data counts), `metrics.jsonl` per step.
+`results.json` (held-out accuracy, margin, loss, data counts, sequences cut to `data.max_length`),
+`metrics.jsonl` per step.
 """
 
 from __future__ import annotations
@@ -51,7 +52,13 @@ from rlhfkit.data.formats import (
 from rlhfkit.engine.trainer import Engine, TrainConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import ModelConfig, load_causal_lm
-from rlhfkit.models.sampling import ROLLOUT_TEMPERATURE, SamplingConfig, sample
+from rlhfkit.models.sampling import (
+    ROLLOUT_TEMPERATURE,
+    SamplingConfig,
+    check_length_budget,
+    sample,
+    truncation_warning,
+)
 from rlhfkit.rewards.losses import mean_margin, mse_loss, pairwise_accuracy, pairwise_loss
 from rlhfkit.rewards.model import RewardMeta, RewardModel, init_reward_head, load_backbone, reward_logits
 
@@ -70,7 +77,7 @@ class DataConfig(StrictModel):
     ratings: str = Field("", description="ratings file {prompt, completion, score} (MSE regression)")
     valid: str = Field("", description="held-out file in the training format; empty = split valid_fraction off")
     valid_fraction: float = Field(0.1, ge=0, lt=1, description="share of prompts held out")
-    max_length: int = Field(512, gt=1)
+    max_length: int = Field(512, gt=1, description="tokens per sequence; longer ones are cut, counted in results.json")
     prompt_template: str = Field(PROMPT_TEMPLATE, description="must match the policy's (stored with the model)")
 
     @model_validator(mode="after")
@@ -205,14 +212,20 @@ def rating_metrics(predicted: torch.Tensor, target: torch.Tensor, prompt_keys: l
 
 
 # ---- normalisation --------------------------------------------------------------------------
+def reference_policy(cfg: Config, kind: str) -> str:
+    """The policy whose samples normalisation scores: `normalize.policy`, else the SFT model the
+    decoder reward model starts from; "" when there is none."""
+    starts_from_lm = kind == "decoder" and RewardMeta.read(cfg.model.path) is None  # i.e. from the SFT model
+    return cfg.normalize.policy or (cfg.model.path if starts_from_lm else "")
+
+
 def reference_samples(
     cfg: Config, kind: str, train_prompts: list[Text], device: Any = "cpu"
 ) -> tuple[list[Text], list[str], str] | None:
     """(prompts, the reference policy's samples drawn with `normalize.sampling`, description), or None
     when no policy is known."""
     n = cfg.normalize
-    starts_from_lm = kind == "decoder" and RewardMeta.read(cfg.model.path) is None  # i.e. from the SFT model
-    policy = n.policy or (cfg.model.path if starts_from_lm else "")
+    policy = reference_policy(cfg, kind)
     if not policy:
         return None
     prompts = [r.prompt for r in read_records(n.prompts, "prompts")] if n.prompts else list(train_prompts)
@@ -223,6 +236,8 @@ def reference_samples(
     torch.manual_seed(n.seed)
     rendered = [render_prompt(tokenizer, p, cfg.data.prompt_template) for p in prompts]
     samples = sample(model, tokenizer, rendered, n.sampling, num_samples=n.samples_per_prompt)
+    if samples.prompts_truncated:
+        print(truncation_warning(samples.prompts_truncated, len(prompts), n.sampling, "normalize.sampling"))
     repeated = [p for p in prompts for _ in range(n.samples_per_prompt)]
     where = "given prompts" if n.prompts else "training prompts"
     return repeated, samples.texts, f"samples of {policy} on {len(prompts)} {where}"
@@ -283,6 +298,15 @@ def run(cfg: Config) -> Path:
 
     # Model.
     model, tokenizer, kind = load_backbone(cfg.model.path, cfg.model.kind, cfg.model.dtype, cfg.model.trust_remote_code)
+    policy = reference_policy(cfg, kind) if cfg.normalize.enabled else ""
+    if policy:  # normalisation samples after training: a budget the policy cannot hold must fail before it
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(policy, trust_remote_code=cfg.model.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise UserError(f"normalize.policy: cannot load {policy!r} ({e})") from None
+        check_length_budget(config, cfg.normalize.sampling, "normalize.sampling")
     if RewardMeta.read(cfg.model.path) is None:  # a fresh head; an existing reward model keeps its trained one
         torch.manual_seed(cfg.train.seed)
         init_reward_head(model)
@@ -297,6 +321,13 @@ def run(cfg: Config) -> Path:
         train_set = [make_pair_group(g, rm.encode) for g in group_by_prompt(train)]
         valid_set = [make_pair_group(g, rm.encode) for g in group_by_prompt(valid)]
         collate = pair_collate(pad)
+    truncated = rm.truncated  # read now: normalisation encodes more sequences
+    if truncated:
+        n_seqs = len(train_set) + len(valid_set) if regression else sum(len(g.sequences) for g in train_set + valid_set)
+        engine.print(
+            f"[yellow]warning: {truncated} of {n_seqs} training and held-out sequences are longer than "
+            f"data.max_length={d.max_length} tokens and were cut; raise data.max_length to score them whole[/]"
+        )
     n_params = sum(p.numel() for p in model.parameters())
     engine.print(
         f"rm: {kind} {cfg.model.path} ({n_params / 1e6:.2f}M params), "
@@ -338,6 +369,7 @@ def run(cfg: Config) -> Path:
             "steps": engine.step,
             "kind": kind,
             "data": dict(counts),
+            "truncated_sequences": truncated,
             "normalization": rm.meta.normalization,
         }
         atomic_write_text(out / "results.json", json.dumps(results, indent=2))

@@ -3,13 +3,15 @@
 Reads demonstrations (`{prompt, response}`, plain text or conversations), renders each prompt with
 the template (or the tokenizer's chat template) and trains on the response tokens only: prompt
 tokens and padding have label −100, and every response ends with EOS, so the model learns when
-to stop. Options: packing (`data.packing`, whole examples per block, position ids restarted so
-examples do not see each other), LoRA (`model.lora`), warmup + cosine schedule, gradient
-accumulation, held-out loss, checkpoints and `--resume`.
+to stop. A demonstration longer than `data.max_length` keeps the end of its prompt, the start of
+its response and the EOS (`rlhfkit.data.chat.encode_example`); the run warns how many. Options:
+packing (`data.packing`, whole examples per block, position ids restarted so examples do not see
+each other), LoRA (`model.lora`), warmup + cosine schedule, gradient accumulation, held-out loss,
+checkpoints and `--resume`.
 
 Output: `OUTPUT_DIR/model`, a plain `save_pretrained` folder: merged weights, or with
 `lora_save=adapter` the LoRA adapter (loadable with `peft.PeftModel.from_pretrained(base, folder)`).
-`OUTPUT_DIR/results.json` has the held-out loss and perplexity.
+`OUTPUT_DIR/results.json` has the held-out loss and perplexity, and how many demonstrations were cut.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ class DataConfig(StrictModel):
     train: str = Field("", description="demonstrations file (JSONL {prompt, response}) or dataset folder")
     valid: str = Field("", description="held-out demonstrations; empty = split valid_fraction off train")
     valid_fraction: float = Field(0.05, ge=0, lt=1)
-    max_length: int = Field(512, gt=1, description="tokens per example; longer prompts keep their end")
+    max_length: int = Field(
+        512, gt=1, description="tokens per example; a longer one keeps the prompt's end and the response's start + EOS"
+    )
     prompt_template: str = Field(PROMPT_TEMPLATE, description="'{prompt}' pattern, or 'chat' for the chat template")
     packing: bool = Field(False, description="concatenate examples into blocks of max_length tokens")
 
@@ -57,8 +61,10 @@ class Config(StrictModel):
     train: SFTTrainConfig = SFTTrainConfig()
 
 
-def encode_all(tokenizer: Any, demos: list[Demonstration], cfg: DataConfig) -> list[SFTExample]:
-    return [encode_example(tokenizer, d.prompt, d.response, cfg.prompt_template, cfg.max_length) for d in demos]
+def encode_all(tokenizer: Any, demos: list[Demonstration], cfg: DataConfig) -> tuple[list[SFTExample], int]:
+    """(examples, how many of them were longer than `data.max_length` and cut)."""
+    encoded = [encode_example(tokenizer, d.prompt, d.response, cfg.prompt_template, cfg.max_length) for d in demos]
+    return [(e.ids, e.response_start) for e in encoded], sum(e.truncated for e in encoded)
 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -102,8 +108,14 @@ def run(cfg: Config) -> Path:
     else:
         demos, valid_demos = split_by_prompt(demos, cfg.data.valid_fraction, cfg.train.seed)
     model, tokenizer = load_causal_lm(cfg.model)
-    train = encode_all(tokenizer, demos, cfg.data)
-    valid = encode_all(tokenizer, valid_demos, cfg.data)
+    train, train_cut = encode_all(tokenizer, demos, cfg.data)
+    valid, valid_cut = encode_all(tokenizer, valid_demos, cfg.data)
+    if train_cut or valid_cut:
+        engine.print(
+            f"[yellow]warning: {train_cut + valid_cut} of {len(train) + len(valid)} demonstrations are longer than "
+            f"data.max_length={cfg.data.max_length} tokens and were cut (the prompt keeps its end, the response its "
+            "start and EOS); raise data.max_length to train on them whole[/]"
+        )
     pad = tokenizer.pad_token_id
     n_tokens = sum(len(ids) for ids, _ in train)
     if cfg.data.packing:
@@ -143,6 +155,7 @@ def run(cfg: Config) -> Path:
         "valid_ppl": final.get("valid_ppl"),
         "train_examples": len(train),
         "valid_examples": len(valid),
+        "truncated_examples": train_cut + valid_cut,
         "steps": engine.step,
     }
     model_dir = out / "model"
