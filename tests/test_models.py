@@ -18,7 +18,7 @@ from rlhfkit.models.loading import (
     load_tokenizer,
     save_model,
 )
-from rlhfkit.models.tiny import EOS_TOKEN, TinyModelConfig, build_tiny_model, train_tokenizer
+from rlhfkit.models.tiny import EOS_TOKEN, TinyModelConfig, build_tiny_model, tiny_config, train_tokenizer
 from testutil import ARCHS
 
 CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -193,22 +193,48 @@ def test_lora_saved_as_adapter(tmp_path, lora_model, tiny_model_dir):
     torch.testing.assert_close(logits(PeftModel.from_pretrained(base, out), tok), logits(model, tok))
 
 
-def save_gpt2_with_dropout(folder):
-    """A GPT-2 with dropout 0.3 everywhere, saved to `folder`; returns its tokenizer."""
+DROPOUT_ARCHS = ("gpt2", "llama", "qwen2", "mistral", "bert")
+
+
+def model_with_dropout(arch: str) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """A tiny model whose config asks for dropout 0.3 everywhere it can: the four decoder layouts
+    (causal LM) and a BERT encoder (the reward model's other kind, as a one-output classifier)."""
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
     tok = train_tokenizer([TEXT] * 4, vocab_size=280)
-    config = TinyModelConfig(arch="gpt2", n_layer=1, d_model=16, n_head=2)
-    model = build_tiny_model(config, tok)
-    model.config.resid_pdrop = model.config.attn_pdrop = model.config.embd_pdrop = 0.3
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return tok
+    if arch == "bert":
+        config = BertConfig(
+            vocab_size=len(tok),
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            hidden_dropout_prob=0.3,
+            attention_probs_dropout_prob=0.3,
+            num_labels=1,
+        )
+        torch.manual_seed(0)
+        return AutoModelForSequenceClassification.from_config(config), tok
+    config = tiny_config(TinyModelConfig(arch=arch, n_layer=1, d_model=16, n_head=2), len(tok), 0, 0, 1)
+    if arch == "gpt2":
+        config.resid_pdrop = config.attn_pdrop = config.embd_pdrop = 0.3
+    else:  # Llama, Qwen2, Mistral: attention dropout is their only one
+        config.attention_dropout = 0.3
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config), tok
 
 
-def test_disable_dropout_makes_training_mode_deterministic(tmp_path):
-    tok = save_gpt2_with_dropout(tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+@pytest.mark.parametrize("arch", DROPOUT_ARCHS)
+def test_disable_dropout_makes_training_mode_equal_eval_mode(arch):
+    """Llama-style attention copies the config's rate into a float when it is built, so zeroing the
+    config afterwards is not enough: the training-mode forward must really be dropout-free."""
+    model, tok = model_with_dropout(arch)
     model.train()
     assert not torch.equal(logits(model, tok), logits(model, tok))  # dropout on: two passes differ
     disable_dropout(model)
-    assert torch.equal(logits(model, tok), logits(model, tok))
-    assert model.config.resid_pdrop == model.config.attn_pdrop == 0.0
+    train_logits = logits(model, tok)
+    assert torch.equal(train_logits, logits(model, tok))
+    model.eval()
+    assert torch.equal(train_logits, logits(model, tok))
+    rates = {k: v for k, v in model.config.to_dict().items() if "dropout" in k or k.endswith("pdrop")}
+    assert rates and all(v in (0.0, None) for v in rates.values()), rates  # a saved copy has no dropout either

@@ -335,6 +335,45 @@ def test_ppo_refuses_top_k_and_top_p(setting):
         load_config(Config, None, [setting])
 
 
+@pytest.fixture()
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state and refuses a second mixed-precision setting in the
+    same process: start from none and leave none behind (what accelerate's own test case does)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.mark.usefixtures("fresh_accelerator_state")
+def test_bf16_ratio_is_exactly_one_at_the_first_update(tmp_path):
+    """Under mixed precision the update's forward runs in bf16 autocast: the rollout's "old" numbers
+    must come from that same forward, in the same micro-batches (in bf16 a row's result depends on
+    how wide its batch-mates make the batch: 1e-3 apart at this model width), or the ratio is off by
+    ~1e-3 before any update. Two minibatches of rows with prompts of different lengths, one epoch,
+    and a learning rate (1e-30) far below the rounding step of any weight or activation: both
+    updates see the rollout's policy, and the logged stats are theirs alone."""
+    model_dir = make_test_model("gpt2", tmp_path / "gpt2-128", d_model=128)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": "tea " * (1 + 2 * i)}) + "\n" for i in range(16)))
+    cfg = ppo_config(
+        tmp_path / "out",
+        model_dir,
+        prompts,
+        ppo={"batch_size": 16, "mini_batch_size": 8, "micro_batch_size": 2, "epochs": 1},
+        stop={"max_steps": 1},
+        train={"mixed_precision": "bf16", "lr": 1e-30},
+    )
+    train_ppo(cfg, reward=FunctionReward(e_frequency))
+    [row] = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    # approx_kl: the mean over two minibatches of the mean over their <= 64 tokens of (r - 1) - log r,
+    # ~ (log r)^2 / 2; below 1e-13, every token has |r - 1| < 1e-5
+    assert row["approx_kl"] < 1e-13 and row["clipfrac"] == 0.0
+    assert abs(row["kl"]) < 1e-12 and row["kl_k3"] < 1e-12  # the reference is scored the same way
+
+
 @pytest.mark.parametrize("mode", ["reward", "loss"])
 def test_micro_batch_losses_add_up_to_the_minibatch_loss_and_gradient(models, mode):
     """Gradient accumulation must be exact even when rows have different numbers of tokens."""

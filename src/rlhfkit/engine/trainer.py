@@ -90,9 +90,11 @@ class Engine:
         self.step = 0  # optimizer steps done
         self.micro_step = 0  # micro-batches consumed (data position)
         self.bad_steps = 0
-        # Loss/stat values since the last log row, and that row: saved in checkpoints so a resumed
-        # run logs exactly what an uninterrupted one would, whatever log_every and save_every are.
+        # Loss/stat values of the optimizer steps since the last log row, the steps skipped since then,
+        # and that row: saved in checkpoints so a resumed run logs exactly what an uninterrupted one
+        # would, whatever log_every and save_every are.
         self.window: dict[str, list[float]] = {}
+        self.skipped = 0
         self.last: dict[str, float] = {}
         self.resume = resume
         self.model: torch.nn.Module | None = None
@@ -164,7 +166,9 @@ class Engine:
         return grad_norm
 
     def skip_step(self, why: str) -> None:
+        """Count a skipped update; `fit` logs the count (`skipped_steps`) in its next row."""
         self.bad_steps += 1
+        self.skipped += 1
         self.print(f"[yellow]warning: step {self.step + 1} skipped ({why}); {self.bad_steps} in a row[/]")
         if self.bad_steps >= self.cfg.max_bad_steps:
             raise NonFiniteError(f"{self.bad_steps} non-finite steps in a row: training diverged (lower train.lr?)")
@@ -193,6 +197,7 @@ class Engine:
                 "step": self.step,
                 "micro_step": self.micro_step,
                 "window": self.window,
+                "skipped": self.skipped,
                 "last": self.last,
                 "extra": extra or {},
             }
@@ -229,6 +234,7 @@ class Engine:
         state = json.loads((path / "trainer_state.json").read_text())
         self.step, self.micro_step = state["step"], state["micro_step"]
         self.window, self.last = state["window"], state["last"]
+        self.skipped = state.get("skipped", 0)  # absent from checkpoints written before it was kept
         self.metrics.truncate_after(self.step)
         self.print(f"resumed from {path} (step {self.step})")
         return state["extra"]
@@ -280,7 +286,10 @@ class Engine:
         bar = tqdm(total=total, initial=self.step, desc=desc, disable=not self.is_main, dynamic_ncols=True)
         t0, tokens = time.perf_counter(), 0
         while self.step < total:
+            # this step's values go into the window only once it is applied: a skipped step's NaNs
+            # (or the finite stats of its other micro-batches) must not average into the next row
             losses: list[float] = []
+            step_stats: dict[str, list[float]] = {}
             for micro in range(self.cfg.grad_accum):
                 batch = next(batches)
                 sync = micro == self.cfg.grad_accum - 1
@@ -290,7 +299,7 @@ class Engine:
                 losses.append(float(loss.detach()))
                 tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
                 for k, v in stats.items():
-                    self.window.setdefault(k, []).append(float(v))
+                    step_stats.setdefault(k, []).append(float(v))
             if not all(math.isfinite(x) for x in losses):
                 self.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
                 self.skip_step("non-finite loss")
@@ -298,15 +307,21 @@ class Engine:
             grad_norm = self.optimizer_step()
             if grad_norm is None:
                 continue
-            self.window.setdefault("loss", []).extend(losses)
+            for k, v in {**step_stats, "loss": losses}.items():
+                self.window.setdefault(k, []).extend(v)
             bar.update(1)
             if self.step % self.cfg.log_every == 0 or self.step == total:
                 dt = time.perf_counter() - t0
                 self.last = {k: sum(v) / len(v) for k, v in self.window.items()}
-                self.last.update(lr=self.lr, grad_norm=grad_norm, tokens_per_s=tokens / dt if dt > 0 else 0.0)
+                self.last.update(
+                    lr=self.lr,
+                    grad_norm=grad_norm,
+                    tokens_per_s=tokens / dt if dt > 0 else 0.0,
+                    skipped_steps=self.skipped,
+                )
                 self.log(self.last)
                 bar.set_postfix(loss=f"{self.last['loss']:.4f}")
-                self.window, t0, tokens = {}, time.perf_counter(), 0
+                self.window, self.skipped, t0, tokens = {}, 0, time.perf_counter(), 0
             due = self.cfg.eval_every and self.step % self.cfg.eval_every == 0
             if eval_fn is not None and due and self.step < total:  # the last step is evaluated once, below
                 self.evaluate(model, eval_fn)

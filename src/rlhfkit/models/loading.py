@@ -120,13 +120,28 @@ def is_peft(model: Any) -> bool:
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """RL needs the same function for sampling and for training: no dropout (PPO detail 4)."""
+    """RL needs the same function for sampling and for training: no dropout (PPO detail 4); a reward
+    must be a deterministic function of the text.
+
+    Why more than `nn.Dropout` modules and the config: attention layers copy the config's rate into a
+    plain float when they are built (Llama, Qwen2, Mistral: `self.attention_dropout`, handed to the
+    attention kernel in training mode), so zeroing the config afterwards changes nothing. Every
+    module's float `*dropout*` / `*pdrop` attribute is zeroed too, and the config's (read by modules
+    that look it up at forward time, and by whoever loads the saved model).
+    """
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):  # Dropout, Dropout1d/2d/3d, AlphaDropout
             module.p = 0.0
-    for attr in ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_dropout", "dropout"):
-        if hasattr(getattr(model, "config", None), attr):
-            setattr(model.config, attr, 0.0)
+        _zero_dropout_rates(module)
+        if hasattr(module, "config"):
+            _zero_dropout_rates(module.config)
+
+
+def _zero_dropout_rates(owner: Any) -> None:
+    """Set every float attribute of `owner` named like a dropout rate (`*dropout*`, `*pdrop`) to 0."""
+    for name, value in list(vars(owner).items()):
+        if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
+            setattr(owner, name, 0.0)
 
 
 def save_model(

@@ -9,7 +9,8 @@ looks like, at the price of a second forward and backward.
 Only the positions that predict response tokens go through the LM head: on a short response after a
 long prompt most of the vocabulary projection would be wasted on the prompt. And the rollout needs
 no trunk pass of the policy at all: `sample(..., keep_hidden=True)` returns the hidden states the
-sampling loop computed anyway, and `PolicyAndValue.heads` turns them into the same logits and values.
+sampling loop computed anyway, and `PolicyAndValue.heads` turns them into the same logits and values
+(in float32; under mixed precision PPO runs the full forward instead, see `stages.ppo.score_tokens`).
 """
 
 from __future__ import annotations

@@ -298,12 +298,13 @@ def shape_scores(raw: Tensor, ended: Tensor, cfg: PPOConfig, baseline: tuple[flo
 @torch.no_grad()
 def score_tokens(
     model: PolicyAndValue,
-    hidden: Tensor,
+    hidden: Tensor | None,
     ref: Any,
     adapter_off: bool,
     ro: Rollout,
     temperature: float,
     chunk: int,
+    first_minibatches: list[Tensor],
 ) -> None:
     """Log-probs (policy and reference), values and entropy of the sampled tokens, into `ro.tokens`.
 
@@ -313,14 +314,25 @@ def score_tokens(
     pass over its trunk); the reference model runs a forward pass, over at most `chunk` rows at a
     time (see `Rollout.micro_batches`). `adapter_off`: `ref` is the LoRA policy itself, run with its
     adapter disabled.
+
+    `hidden=None` (mixed precision; call it under the accelerator's autocast): the policy runs the
+    forward the update runs (`model(...)`, as in `ppo_loss`), and both models run in the
+    micro-batches `_update` will cut from `first_minibatches` (the first epoch's). Why: under
+    autocast, the sampling loop's float32 hidden states, and even the same forward over other
+    batch-mates (other widths), give log-probs ~1e-3 from the update's, so the first update's ratio
+    would start that far from 1; the same forward over the same rows makes it exactly 1.
     """
     B, T = ro.tokens["response_ids"].shape
     for key in ("logp", "ref_logp", "values", "entropy"):
         ro.tokens[key] = torch.zeros(B, T, device=ro.input_ids.device)
-    for index in ro.micro_batches(torch.arange(B, device=ro.input_ids.device), chunk, ro.pass_cost):
+    groups = [torch.arange(B, device=ro.input_ids.device)] if hidden is not None else first_minibatches
+    for index in (part for rows in groups for part in ro.micro_batches(rows, chunk, ro.pass_cost)):
         ids, mask, start, tok = ro.rows(index)
         width = tok["response_ids"].shape[1]
-        logits, values = model.heads(hidden[index, :width], ids, mask, start)
+        if hidden is None:
+            logits, values = model(ids, mask, start)
+        else:
+            logits, values = model.heads(hidden[index, :width], ids, mask, start)
         ro.tokens["logp"][index, :width] = logprobs_from_logits(logits, tok["response_ids"], temperature)
         ro.tokens["values"][index, :width] = values
         ro.tokens["entropy"][index, :width] = entropy_from_logits(logits, temperature)
@@ -360,6 +372,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     check_length_budget(policy.config, cfg.sampling)
     adapter_off = ref is policy  # LoRA: the reference is the policy with its adapter disabled
     updates_per_step = p.epochs * (p.batch_size // p.mini_batch_size)
+    mixed = cfg.train.mixed_precision != "no"  # the rollout is then scored by the update's forward (score_tokens)
     model = engine.setup(PolicyAndValue(policy, critic), total_steps=cfg.stop.max_steps * updates_per_step)
     kl_ctl = (
         AdaptiveKLController(p.kl.beta, p.kl.adaptive.target, p.kl.adaptive.horizon)
@@ -393,8 +406,8 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
             t0 = time.perf_counter()
             # 1. rollout: sample one response per prompt
             index = prompt_indices(len(records), p.batch_size, step, cfg.train.seed)
-            batch = sample(policy, tokenizer, [rendered[i] for i in index], cfg.sampling, keep_hidden=True)
-            hidden = batch.hidden.to(engine.device)  # type: ignore[union-attr]  (keep_hidden)
+            batch = sample(policy, tokenizer, [rendered[i] for i in index], cfg.sampling, keep_hidden=not mixed)
+            hidden = None if mixed else batch.hidden.to(engine.device)  # type: ignore[union-attr]  (keep_hidden)
 
             # 2. score the responses
             raw = reward.score([records[i].prompt for i in index], batch.texts).float().cpu()
@@ -421,7 +434,13 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
                 start=batch.prompt_ids.shape[1],
                 tokens={"response_ids": batch.response_ids.to(engine.device), "mask": mask},
             )
-            score_tokens(engine.unwrap(model), hidden, ref, adapter_off, ro, temperature, p.micro)
+            # every epoch's minibatches, drawn now (the same draws as epoch by epoch): with mixed
+            # precision the rollout is scored in the first epoch's micro-batches
+            minibatches = [
+                torch.randperm(p.batch_size, device=engine.device).split(p.mini_batch_size) for _ in range(p.epochs)
+            ]
+            with engine.accelerator.autocast():  # a no-op without mixed precision
+                score_tokens(engine.unwrap(model), hidden, ref, adapter_off, ro, temperature, p.micro, minibatches[0])
             tok = ro.tokens
 
             # 4. per-token rewards, advantages, returns
@@ -472,7 +491,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
             window: dict[str, list[float]] = {}
             if stop_reason is None:
                 for epoch in range(p.epochs):
-                    for rows in torch.randperm(p.batch_size, device=engine.device).split(p.mini_batch_size):
+                    for rows in minibatches[epoch]:
                         stats = _update(engine, model, ro, rows, kl_ctl.value, temperature, p)
                         if stats is None:
                             continue
