@@ -309,7 +309,9 @@ def test_cai_label_and_mix_from_the_command_line(tiny_model_dir, tmp_path, monke
 
     # A model judge on the same file: gibberish preferences, but valid pairs and both orders recorded.
     assert main(["cai", "label", f"completions={completions}", f"judge.model.path={tiny_model_dir('gpt2')}",
-                 f"output_dir={tmp_path / 'lm'}", "pairs=sampled", "judge.max_tokens=250"]) == 0  # fmt: skip
+                 f"output_dir={tmp_path / 'lm'}", "pairs=sampled"]) == 0  # fmt: skip
+    # judge.max_tokens (2048) is lowered to the judge's 256 positions, not an IndexError
+    assert "judge.max_tokens=2048 exceeds the 256 positions" in " ".join(capsys.readouterr().out.split())
     details = [json.loads(line) for line in (tmp_path / "lm" / "judgements.jsonl").read_text().splitlines()]
     assert len(details) == 2
     for d in details:

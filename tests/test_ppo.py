@@ -424,6 +424,14 @@ def test_ppo_over_the_policys_positions_is_a_clear_error_before_the_first_rollou
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
+def test_a_separate_reference_model_is_checked_against_the_budget_too(models, tmp_path, prompts):
+    short = make_test_model("gpt2", tmp_path / "short", max_positions=32)
+    sampling = {"max_prompt_tokens": 16, "max_new_tokens": 24}  # fits the policy's 256 positions
+    cfg = ppo_config(tmp_path / "out", models["gpt2"], prompts, sampling=sampling, ref_model=str(short))
+    with pytest.raises(UserError, match=r"16 \+ 24 = 40 exceeds the 32 positions"):
+        train_ppo(cfg, reward=FunctionReward(e_frequency))
+
+
 def test_ppo_logs_truncated_prompts(models, prompts, tmp_path):
     sampling = {"max_prompt_tokens": 4}
     cfg = ppo_config(tmp_path / "out", models["gpt2"], prompts, sampling=sampling, stop={"max_steps": 1})

@@ -240,6 +240,16 @@ def test_rm_stage_on_rankings_reports_counts(root, tmp_path, capsys):
     assert warning in " ".join(capsys.readouterr().out.split())  # the console wraps long lines
 
 
+def test_max_length_over_the_models_positions_is_lowered_to_them(root, tmp_path, capsys):
+    texts = [json.loads(line)["chosen"] for line in (root / "pairs.jsonl").read_text().splitlines()]
+    model = make_test_model("llama", tmp_path / "short", texts=texts, vocab_size=400, max_positions=12)
+    run_rm(f"model.path={model}", f"data.pairs={root / 'pairs.jsonl'}", f"output_dir={tmp_path / 'rm'}",
+           "train.max_steps=1", "normalize.enabled=false")  # fmt: skip
+    assert "data.max_length=512 exceeds the 12 positions" in " ".join(capsys.readouterr().out.split())
+    assert RewardModel.load(tmp_path / "rm" / "model").meta.max_length == 12  # and scoring cuts there too
+    assert json.loads((tmp_path / "rm" / "results.json").read_text())["truncated_sequences"] > 0
+
+
 def test_ratings_regression_learns_scores(root, tmp_path):
     rng = random.Random(3)
     rows = []

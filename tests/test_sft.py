@@ -170,6 +170,19 @@ def test_sft_reports_truncated_demonstrations(data_dir, tmp_path, capsys):
     assert warning in " ".join(capsys.readouterr().out.split())  # the console wraps long lines
 
 
+def test_max_length_over_the_models_positions_is_lowered_to_them(data_dir, tmp_path, capsys):
+    """The default data.max_length=512 on a 16-position model: examples are cut to 16 tokens (and
+    counted), not an IndexError in the middle of the first epoch."""
+    texts = [json.loads(line)["response"] for line in (data_dir / "demos.jsonl").read_text().splitlines()]
+    model = make_test_model("gpt2", tmp_path / "short", texts=texts, vocab_size=320, max_positions=16)
+    out = tmp_path / "run"
+    args = [a for a in overrides(data_dir, out, "train.max_steps=1") if not a.startswith("data.max_length")]
+    assert main(["sft", *args, f"model.path={model}"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "data.max_length=512 exceeds the 16 positions" in printed and "(model.config.n_positions)" in printed
+    assert json.loads((out / "results.json").read_text())["truncated_examples"] > 0
+
+
 def test_lora_merged_and_adapter_outputs_agree(data_dir, tmp_path):
     from peft import PeftModel
 

@@ -119,6 +119,31 @@ def is_peft(model: Any) -> bool:
     return hasattr(model, "peft_config")
 
 
+# Where a `transformers` config keeps the number of positions: GPT-2's name, then everyone else's.
+POSITION_FIELDS = ("n_positions", "max_position_embeddings")
+
+
+def model_positions(config: Any) -> tuple[int, str] | None:
+    """(how many positions the model has, the config field that says so), or None without a limit."""
+    field = next((f for f in POSITION_FIELDS if getattr(config, f, None) is not None), None)
+    return (int(getattr(config, field)), field) if field else None
+
+
+def fit_to_positions(config: Any, length: int, setting: str) -> tuple[int, str | None]:
+    """A length cap (`setting`, e.g. "data.max_length") lowered to the model's positions if it asks
+    for more, and the note to print when it was. Why lower it rather than fail: it is only a
+    ceiling (the examples longer than it are cut and counted either way), and a 512 default must
+    not crash a 256-position model mid-epoch with an IndexError (GPT-2) or train on positions a
+    rotary model never saw (Llama)."""
+    limit = model_positions(config)
+    if limit is None or length <= limit[0]:
+        return length, None
+    return limit[0], (
+        f"{setting}={length} exceeds the {limit[0]} positions of {config.name_or_path or 'the model'} "
+        f"(model.config.{limit[1]}): sequences are cut to {limit[0]} tokens"
+    )
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     """RL needs the same function for sampling and for training: no dropout (PPO detail 4); a reward
     must be a deterministic function of the text.

@@ -27,6 +27,7 @@ from torch import Tensor
 from rlhfkit.config import StrictModel
 from rlhfkit.data.chat import PROMPT_TEMPLATE, RESPONSE_SEPARATOR, STOP_STRINGS
 from rlhfkit.errors import UserError
+from rlhfkit.models.loading import model_positions
 from rlhfkit.models.value import position_ids
 
 # PPO's rollout temperature by default (PPO detail 12). The reward model is normalised on the SFT
@@ -35,8 +36,6 @@ from rlhfkit.models.value import position_ids
 ROLLOUT_TEMPERATURE = 0.7
 # The settings that change which responses come out (the rest only change how fast).
 DISTRIBUTION_FIELDS = ("temperature", "top_k", "top_p", "max_new_tokens", "stop")
-# Where a `transformers` config keeps the number of positions: GPT-2's name, then everyone else's.
-POSITION_FIELDS = ("n_positions", "max_position_embeddings")
 
 
 class SamplingConfig(StrictModel):
@@ -82,10 +81,10 @@ def check_length_budget(config: Any, cfg: SamplingConfig, where: str = "sampling
     on positions it was never trained on. `where` is the config section that holds the two fields,
     so that the error names the settings to change. A model without a position limit passes.
     """
-    field = next((f for f in POSITION_FIELDS if getattr(config, f, None) is not None), None)
-    if field is None:
+    positions = model_positions(config)
+    if positions is None:
         return
-    limit, total = getattr(config, field), cfg.max_prompt_tokens + cfg.max_new_tokens
+    (limit, field), total = positions, cfg.max_prompt_tokens + cfg.max_new_tokens
     if total > limit:
         raise UserError(
             f"{where}.max_prompt_tokens + {where}.max_new_tokens = {cfg.max_prompt_tokens} + {cfg.max_new_tokens} = "

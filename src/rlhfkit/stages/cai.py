@@ -31,7 +31,7 @@ from rlhfkit.cai.revise import critique_and_revise, to_records
 from rlhfkit.config import StrictModel, atomic_write_text, load_config, save_config
 from rlhfkit.data.formats import read_records, write_records
 from rlhfkit.errors import UserError
-from rlhfkit.models.loading import ModelConfig, load_causal_lm
+from rlhfkit.models.loading import ModelConfig, fit_to_positions, load_causal_lm
 from rlhfkit.models.sampling import SamplingConfig
 from rlhfkit.rewards.build import RewardConfig, build_reward
 
@@ -132,7 +132,10 @@ def build_judge(cfg: JudgeConfig) -> Judge:
         raise UserError("judge: give exactly one judge: judge.model.path=MODEL or judge.reward.sources=[...]")
     if cfg.model.path:
         model, tokenizer = _device_model(cfg.model)
-        return ModelJudge(model, tokenizer, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens)
+        max_tokens, note = fit_to_positions(model.config, cfg.max_tokens, "judge.max_tokens")
+        if note:
+            print(f"note: {note}")
+        return ModelJudge(model, tokenizer, batch_size=cfg.batch_size, max_tokens=max_tokens)
     return RewardJudge(build_reward(cfg.reward, device="cuda" if torch.cuda.is_available() else "cpu"))
 
 

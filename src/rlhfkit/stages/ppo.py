@@ -369,8 +369,10 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     if reward is None:
         reward = build_reward(cfg.reward, engine.device)
     policy, tokenizer, ref, critic = load_models(cfg, engine.device)
-    check_length_budget(policy.config, cfg.sampling)
     adapter_off = ref is policy  # LoRA: the reference is the policy with its adapter disabled
+    check_length_budget(policy.config, cfg.sampling)
+    if not adapter_off:  # a separate reference model reads the same prompts and responses
+        check_length_budget(ref.config, cfg.sampling)
     updates_per_step = p.epochs * (p.batch_size // p.mini_batch_size)
     mixed = cfg.train.mixed_precision != "no"  # the rollout is then scored by the update's forward (score_tokens)
     model = engine.setup(PolicyAndValue(policy, critic), total_steps=cfg.stop.max_steps * updates_per_step)

@@ -51,7 +51,7 @@ from rlhfkit.data.formats import (
 )
 from rlhfkit.engine.trainer import Engine, TrainConfig
 from rlhfkit.errors import UserError
-from rlhfkit.models.loading import ModelConfig, load_causal_lm
+from rlhfkit.models.loading import ModelConfig, fit_to_positions, load_causal_lm
 from rlhfkit.models.sampling import (
     ROLLOUT_TEMPERATURE,
     SamplingConfig,
@@ -310,7 +310,10 @@ def run(cfg: Config) -> Path:
     if RewardMeta.read(cfg.model.path) is None:  # a fresh head; an existing reward model keeps its trained one
         torch.manual_seed(cfg.train.seed)
         init_reward_head(model)
-    meta = RewardMeta(kind=kind, prompt_template=d.prompt_template, max_length=d.max_length)
+    max_length, note = fit_to_positions(model.config, d.max_length, "data.max_length")
+    if note:
+        engine.print(f"[yellow]note: {note}[/]")
+    meta = RewardMeta(kind=kind, prompt_template=d.prompt_template, max_length=max_length)
     rm = RewardModel(model, tokenizer, meta)
     pad = tokenizer.pad_token_id
     if regression:
@@ -326,7 +329,7 @@ def run(cfg: Config) -> Path:
         n_seqs = len(train_set) + len(valid_set) if regression else sum(len(g.sequences) for g in train_set + valid_set)
         engine.print(
             f"[yellow]warning: {truncated} of {n_seqs} training and held-out sequences are longer than "
-            f"data.max_length={d.max_length} tokens and were cut; raise data.max_length to score them whole[/]"
+            f"data.max_length={max_length} tokens and were cut; raise data.max_length to score them whole[/]"
         )
     n_params = sum(p.numel() for p in model.parameters())
     engine.print(

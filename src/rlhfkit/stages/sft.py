@@ -30,7 +30,7 @@ from rlhfkit.data.chat import PROMPT_TEMPLATE, encode_example
 from rlhfkit.data.formats import Demonstration, read_records
 from rlhfkit.engine.trainer import Engine, TrainConfig
 from rlhfkit.errors import UserError
-from rlhfkit.models.loading import ModelConfig, load_causal_lm, save_model
+from rlhfkit.models.loading import ModelConfig, fit_to_positions, load_causal_lm, save_model
 
 
 class DataConfig(StrictModel):
@@ -108,23 +108,25 @@ def run(cfg: Config) -> Path:
     else:
         demos, valid_demos = split_by_prompt(demos, cfg.data.valid_fraction, cfg.train.seed)
     model, tokenizer = load_causal_lm(cfg.model)
-    train, train_cut = encode_all(tokenizer, demos, cfg.data)
-    valid, valid_cut = encode_all(tokenizer, valid_demos, cfg.data)
+    max_length, note = fit_to_positions(model.config, cfg.data.max_length, "data.max_length")
+    if note:
+        engine.print(f"[yellow]note: {note}[/]")
+    data = cfg.data.model_copy(update={"max_length": max_length})
+    train, train_cut = encode_all(tokenizer, demos, data)
+    valid, valid_cut = encode_all(tokenizer, valid_demos, data)
     if train_cut or valid_cut:
         engine.print(
             f"[yellow]warning: {train_cut + valid_cut} of {len(train) + len(valid)} demonstrations are longer than "
-            f"data.max_length={cfg.data.max_length} tokens and were cut (the prompt keeps its end, the response its "
+            f"data.max_length={max_length} tokens and were cut (the prompt keeps its end, the response its "
             "start and EOS); raise data.max_length to train on them whole[/]"
         )
     pad = tokenizer.pad_token_id
     n_tokens = sum(len(ids) for ids, _ in train)
-    if cfg.data.packing:
-        dataset = pack_examples(train, cfg.data.max_length, seed=cfg.train.seed)
+    if data.packing:
+        dataset = pack_examples(train, max_length, seed=cfg.train.seed)
         collate = packed_collate(pad)
-        fill = n_tokens / (len(dataset) * cfg.data.max_length)
-        engine.print(
-            f"packing: {len(train)} examples into {len(dataset)} blocks of {cfg.data.max_length} ({fill:.0%} full)"
-        )
+        fill = n_tokens / (len(dataset) * max_length)
+        engine.print(f"packing: {len(train)} examples into {len(dataset)} blocks of {max_length} ({fill:.0%} full)")
     else:
         dataset, collate = train, sft_collate(pad)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
