@@ -45,6 +45,24 @@ def test_stage_help_lists_fields_with_the_stage_defaults(capsys):
     assert "train.max_steps         int = 800  (optimizer steps; 0 = derive from epochs)" in out
 
 
+def test_stage_help_shows_choices_and_optional_sections(capsys):
+    out = " ".join(run_cli(capsys, "ppo", "--help")[1].split())  # column padding does not matter
+    assert "train.scheduler {cosine|linear|constant} = 'cosine'" in out
+    assert "ppo.kl.kind {k1|k2|k3} | None = None" in out
+    # optional sections: a row of their own, then their fields with the values they take once set
+    assert "ppo.kl.adaptive AdaptiveKLConfig | None = None" in out
+    assert "ppo.kl.adaptive.target float = 6.0" in out and "model.lora.r int = 8" in out
+    for unused in ("train.batch_size", "train.max_steps", "train.epochs"):  # PPO's sizes live in ppo/stop
+        assert f"{unused} " not in out
+
+
+def test_an_unknown_setting_names_the_one_meant(capsys):
+    code, _, err = run_cli(capsys, "sft", "train.epoch=3", "train.batch_sise=4")
+    assert code == 2
+    assert "train.epoch: unknown setting; did you mean train.epochs?" in err
+    assert "train.batch_sise: unknown setting; did you mean train.batch_size?" in err
+
+
 def test_unknown_stage(capsys):
     code, _, err = run_cli(capsys, "pretrian")
     assert code == 2 and "unknown stage 'pretrian'; one of: pretrain, " in err
@@ -71,7 +89,7 @@ def test_bad_override_in_a_real_process_exits_2_without_traceback(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.lrr=1", "  train.lrr: Extra inputs are not permitted"),
+        ("train.lrr=1", "  train.lrr: unknown setting; did you mean train.lr?"),
         ("train.max_steps=ten", "  train.max_steps: Input should be a valid integer"),
         ("train.max_steps=-1", "  train.max_steps: Input should be greater than or equal to 0"),
         ("model.arch=gpt5", "  model.arch: Input should be 'gpt2', 'llama', 'qwen2' or 'mistral'"),
@@ -103,7 +121,8 @@ def test_bad_yaml_files(capsys, tmp_path):
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("train:\n  lr: 0.1\n  warmup: 5\n", encoding="utf-8")
     code, _, err = run_cli(capsys, "pretrain", "-c", str(unknown))
-    assert code == 2 and err == f"error: {unknown}: invalid config\n  train.warmup: Extra inputs are not permitted\n"
+    expected = f"error: {unknown}: invalid config\n  train.warmup: unknown setting; did you mean train.warmup_steps?\n"
+    assert code == 2 and err == expected
 
     binary = tmp_path / "latin1.yaml"
     binary.write_bytes(b"output_dir: caf\xe9\n")

@@ -142,7 +142,7 @@ def test_micro_batches_group_rows_of_similar_length():
 
 
 def test_train_section_rejects_settings_ppo_does_not_use():
-    with pytest.raises(UserError, match="batch_size.*not used by PPO"):
+    with pytest.raises(UserError, match=r"train.batch_size: unknown setting; did you mean .*ppo.batch_size\?"):
         load_config(Config, None, ["train.batch_size=8"])
     with pytest.raises(UserError, match="multiple of mini_batch_size"):
         load_config(Config, None, ["ppo.batch_size=10", "ppo.mini_batch_size=4"])

@@ -6,9 +6,12 @@ an error that names the field. `extra="forbid"` everywhere makes unknown keys an
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tempfile
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -57,11 +60,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, cls: type[BaseModel] | None = None) -> str:
+    """One line per error, `section.key: what is wrong`. An unknown key names the settings of `cls`
+    with the same or a similar name (`train.batch_size` in PPO: did you mean `ppo.batch_size`?)."""
     lines = [f"{source}: invalid config"]
+    known = [row[0] for row in describe_fields(cls)] if cls is not None else []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  {loc}: {e['msg']}")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden" and known:
+            leaf = loc.rsplit(".", 1)[-1]
+            near = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+            near = near or difflib.get_close_matches(loc, known, n=2, cutoff=0.8)
+            msg = "unknown setting" + (f"; did you mean {' or '.join(near)}?" if near else "")
+        lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
 
 
@@ -123,7 +135,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise UserError(format_validation_error(e, source)) from None
+        raise UserError(format_validation_error(e, source, cls)) from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -150,15 +162,31 @@ def save_config(config: BaseModel, directory: str | Path, name: str = "config.ya
     return path
 
 
+def _type_name(ann: Any) -> str:
+    """A field's type as --help shows it: `{a|b|c}` for a Literal, `int | None`, `list[str]`."""
+    args = typing.get_args(ann)
+    if typing.get_origin(ann) is typing.Literal:
+        return "{" + "|".join(str(a) for a in args) + "}"
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if ann is type(None):
+        return "None"
+    if args:
+        return str(ann).replace("typing.", "")
+    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+
+
 def describe_fields(
-    cls: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None
+    cls: type[BaseModel] | None, prefix: str = "", defaults: BaseModel | None = None
 ) -> list[tuple[str, str, str, str]]:
     """(dotted name, type, default, description) for every leaf field: the CLI's --help table.
 
     `defaults` is the enclosing stage's default instance of `cls`, whose values win over the class's.
+    An optional section (`model.lora`, `ppo.kl.adaptive`: a model or null) gets a row of its own,
+    then its fields, with the defaults they take once it is set.
     """
     rows: list[tuple[str, str, str, str]] = []
-    for name, field in cls.model_fields.items():
+    for name, field in (cls.model_fields if cls is not None else {}).items():
         ann = field.annotation
         dotted = f"{prefix}{name}"
         if defaults is not None:
@@ -168,7 +196,13 @@ def describe_fields(
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows.extend(describe_fields(ann, f"{dotted}.", value if isinstance(value, BaseModel) else None))
             continue
-        type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        section = next((a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), None)
         default = "required" if field.is_required() and defaults is None else repr(value)
-        rows.append((dotted, type_name, default, field.description or ""))
+        if section is not None:
+            desc = field.description or ""
+            desc = desc if "null" in desc else "; ".join(filter(None, [desc, "a section, or null for none"]))
+            rows.append((dotted, _type_name(ann), default, desc))
+            rows.extend(describe_fields(section, f"{dotted}.", value if isinstance(value, BaseModel) else None))
+            continue
+        rows.append((dotted, _type_name(ann), default, field.description or ""))
     return rows

@@ -30,14 +30,16 @@ LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor
 EvalFn = Callable[[torch.nn.Module], dict[str, float]]
 
 
-class TrainConfig(StrictModel):
+class EngineConfig(StrictModel):
+    """What the engine needs in every stage: the optimizer, its LR schedule, checkpoints, logging.
+
+    A stage pairs this with its own loop settings: `TrainConfig` adds the supervised loop's batch
+    sizes and length (pretrain, SFT, reward model); PPO's sizes live in its `ppo` and `stop` sections.
+    """
+
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
-    batch_size: int = Field(16, gt=0, description="micro-batch size per process")
-    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    max_steps: int = Field(0, ge=0, description="optimizer steps; 0 = derive from epochs")
-    epochs: float = Field(1.0, gt=0)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine/linear decay floor, as a ratio of lr")
@@ -45,17 +47,26 @@ class TrainConfig(StrictModel):
     seed: int = 0
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = Field(2, ge=1)
-    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0 = only at the end)")
     log_every: int = Field(10, gt=0)
     max_bad_steps: int = Field(5, gt=0, description="abort after this many non-finite steps in a row")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+
+
+class TrainConfig(EngineConfig):
+    """The supervised loop (`Engine.fit`): batches, gradient accumulation, how long, when to evaluate."""
+
+    batch_size: int = Field(16, gt=0, description="micro-batch size per process")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    max_steps: int = Field(0, ge=0, description="optimizer steps; 0 = derive from epochs")
+    epochs: float = Field(1.0, gt=0)
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0 = only at the end)")
 
 
 class NonFiniteError(RuntimeError):
     """Raised after `max_bad_steps` consecutive non-finite losses/gradients: training diverged."""
 
 
-def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+def lr_lambda(cfg: EngineConfig, total_steps: int) -> Callable[[int], float]:
     """LR multiplier per step: linear warmup, then cosine/linear decay to `min_lr_ratio`."""
 
     def f(step: int) -> float:
@@ -74,7 +85,7 @@ def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
 class Engine:
     """Accelerator + optimizer + schedule + checkpoints + metrics for one training run."""
 
-    def __init__(self, cfg: TrainConfig, out_dir: str | Path, resume: bool = False, total_steps: int = 0):
+    def __init__(self, cfg: EngineConfig, out_dir: str | Path, resume: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import DataLoaderConfiguration, set_seed
 
@@ -86,7 +97,7 @@ class Engine:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         )
         set_seed(cfg.seed)
-        self.total_steps = total_steps
+        self.total_steps = 0  # optimizer steps planned, set by `setup`
         self.step = 0  # optimizer steps done
         self.micro_step = 0  # micro-batches consumed (data position)
         self.bad_steps = 0
@@ -265,20 +276,23 @@ class Engine:
         desc: str = "train",
     ) -> dict[str, float]:
         """Train `model` on `train_dataset` with `loss_fn`; returns the last logged metrics."""
+        cfg = self.cfg
+        if not isinstance(cfg, TrainConfig):
+            raise TypeError("Engine.fit runs the supervised loop: the engine needs a TrainConfig")
         from torch.utils.data import DataLoader
         from tqdm.auto import tqdm
 
         loader = DataLoader(
             train_dataset,
-            batch_size=self.cfg.batch_size,
+            batch_size=cfg.batch_size,
             shuffle=True,
             collate_fn=collate_fn,
-            drop_last=len(train_dataset) >= self.cfg.batch_size * self.accelerator.num_processes,
-            generator=torch.Generator().manual_seed(self.cfg.seed),
+            drop_last=len(train_dataset) >= cfg.batch_size * self.accelerator.num_processes,
+            generator=torch.Generator().manual_seed(cfg.seed),
         )
         loader = self.accelerator.prepare(loader)
-        steps_per_epoch = max(1, len(loader) // self.cfg.grad_accum)
-        total = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * steps_per_epoch))
+        steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
+        total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         model = self.setup(model, total)
         self.load_checkpoint()
         model.train()
@@ -290,12 +304,12 @@ class Engine:
             # (or the finite stats of its other micro-batches) must not average into the next row
             losses: list[float] = []
             step_stats: dict[str, list[float]] = {}
-            for micro in range(self.cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 batch = next(batches)
-                sync = micro == self.cfg.grad_accum - 1
+                sync = micro == cfg.grad_accum - 1
                 with nullcontext() if sync else self.accelerator.no_sync(model):
                     loss, stats = loss_fn(model, batch)
-                    self.backward(loss / self.cfg.grad_accum)
+                    self.backward(loss / cfg.grad_accum)
                 losses.append(float(loss.detach()))
                 tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
                 for k, v in stats.items():
@@ -310,7 +324,7 @@ class Engine:
             for k, v in {**step_stats, "loss": losses}.items():
                 self.window.setdefault(k, []).extend(v)
             bar.update(1)
-            if self.step % self.cfg.log_every == 0 or self.step == total:
+            if self.step % cfg.log_every == 0 or self.step == total:
                 dt = time.perf_counter() - t0
                 self.last = {k: sum(v) / len(v) for k, v in self.window.items()}
                 self.last.update(
@@ -322,10 +336,10 @@ class Engine:
                 self.log(self.last)
                 bar.set_postfix(loss=f"{self.last['loss']:.4f}")
                 self.window, self.skipped, t0, tokens = {}, 0, time.perf_counter(), 0
-            due = self.cfg.eval_every and self.step % self.cfg.eval_every == 0
+            due = cfg.eval_every and self.step % cfg.eval_every == 0
             if eval_fn is not None and due and self.step < total:  # the last step is evaluated once, below
                 self.evaluate(model, eval_fn)
-            if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < total:
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < total:
                 self.save_checkpoint()
         bar.close()
         if eval_fn is not None:

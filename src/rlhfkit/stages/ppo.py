@@ -1,9 +1,9 @@
-"""Stage 5, PPO: fine-tune the SFT policy against a reward, with a KL penalty to the SFT model.
+"""Stage 6, PPO: fine-tune the SFT policy against a reward, with a KL penalty to the SFT model.
 
-Each step: take a batch of prompts -> sample responses (temperature, top-k/top-p, stop at EOS or a
-stop string) -> score them with the reward source -> per-token rewards (score at the last token,
--beta * KL to the reference model at every token) -> GAE advantages -> several epochs of clipped
-minibatch updates of the policy and its value head. The math is in `rlhfkit.rl.core`; this file is
+Each step: take a batch of prompts -> sample responses (at a temperature, from the full softmax;
+stop at EOS or a stop string) -> score them with the reward source -> per-token rewards (score at
+the last token, -beta * KL to the reference model at every token) -> GAE advantages -> several
+epochs of clipped minibatch updates of the policy and its value head. The math is in `rlhfkit.rl.core`; this file is
 the loop, readable top to bottom in `train_ppo`.
 
 The reference model is a frozen copy of the starting policy; with LoRA it is the same network with
@@ -29,7 +29,7 @@ from torch import Tensor
 from rlhfkit.config import StrictModel, atomic_write_text, save_config
 from rlhfkit.data.chat import render_prompt
 from rlhfkit.data.formats import read_records, text_to_json
-from rlhfkit.engine.trainer import Engine, NonFiniteError, TrainConfig
+from rlhfkit.engine.trainer import Engine, EngineConfig, NonFiniteError
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import ModelConfig, disable_dropout, load_causal_lm, save_model
 from rlhfkit.models.sampling import ROLLOUT_TEMPERATURE, SamplingConfig, check_length_budget, sample
@@ -140,25 +140,18 @@ class StopConfig(StrictModel):
     kl_ceiling: float | None = Field(None, gt=0, description="stop (reward hacking?) once KL per response exceeds this")
 
 
-class PPOTrainConfig(TrainConfig):
-    """The optimizer settings, with PPO's defaults. Batch sizes and step counts are in `ppo` and `stop`."""
+class PPOTrainConfig(EngineConfig):
+    """The optimizer, schedule and checkpoints (the engine's settings), with PPO's defaults.
+
+    Differs from the supervised stages: a smaller lr (1e-5) and Adam eps 1e-5 (PPO detail 12), a
+    line printed every step, and no batch sizes or step counts here: those are `ppo.batch_size`,
+    `ppo.mini_batch_size`, `ppo.micro_batch_size`, `ppo.epochs` and `stop.max_steps`.
+    """
 
     lr: float = Field(1e-5, gt=0)
     adam_eps: float = 1e-5
     log_every: int = Field(1, gt=0, description="print a line every N steps (metrics.jsonl gets every step)")
     save_every: int = Field(0, ge=0, description="checkpoint every N PPO steps (0 = only at the end)")
-
-    @model_validator(mode="after")
-    def _unused(self) -> PPOTrainConfig:
-        # compared with the defaults, not `model_fields_set`: a saved config.yaml lists every field
-        names = ("batch_size", "grad_accum", "max_steps", "epochs", "eval_every")
-        unused = [n for n in names if getattr(self, n) != TrainConfig.model_fields[n].default]
-        if unused:
-            raise ValueError(
-                f"{', '.join(unused)}: not used by PPO; set ppo.batch_size, ppo.mini_batch_size, "
-                "ppo.micro_batch_size and stop.max_steps instead"
-            )
-        return self
 
 
 class PPOSamplingConfig(SamplingConfig):

@@ -1,4 +1,4 @@
-"""Stage 3, reward model: learn a scalar score of (prompt, completion) from human preferences.
+"""Stage 5, reward model: learn a scalar score of (prompt, completion) from human preferences.
 
 The model is a pretrained LM with a scalar head (`AutoModelForSequenceClassification`,
 `num_labels=1`): the SFT model (decoder; reward read at the EOS token) or an encoder such as
