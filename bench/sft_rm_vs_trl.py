@@ -62,7 +62,7 @@ def encoded(root: Path, max_length: int) -> tuple[Any, list[tuple[list[int], int
 
     data = json.loads((root / "data.json").read_text())
     tok = load_tokenizer(root / "model")
-    sft = [encode_example(tok, d["prompt"], d["response"], max_length=max_length) for d in data["demos"]]
+    sft = [encode_example(tok, d["prompt"], d["response"], max_length=max_length)[:2] for d in data["demos"]]
     pairs = [
         (
             encode_example(tok, p["prompt"], p["chosen"], max_length=max_length)[0],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,10 @@ from rlhfkit.models.tiny import make_test_model
 from rlhfkit.models.value import PolicyAndValue, load_critic, response_logits
 from rlhfkit.rewards.base import FunctionReward
 from rlhfkit.rl.core import logprobs_from_logits
+from rlhfkit.rl.rollout import Rollout
 from rlhfkit.stages.ppo import (
     Config,
     PPOConfig,
-    Rollout,
     normalization_mismatches,
     ppo_loss,
     prompt_indices,
@@ -130,7 +131,7 @@ def test_micro_batches_group_rows_of_similar_length():
     rows = torch.arange(6)
 
     def split(max_rows, pass_cost):
-        return [part.tolist() for part in ro.micro_batches(rows, max_rows, pass_cost)]
+        return [part.tolist() for part in replace(ro, pass_cost=pass_cost).micro_batches(rows, max_rows)]
 
     # one pass: 6 x 10 + 3 = 63 tokens; short and long apart: 3 x 4 + 3 + 3 x 10 + 3 = 48; more passes cost more
     assert split(6, 3) == [[0, 4, 2], [3, 1, 5]]

@@ -45,10 +45,18 @@ class MetricsLogger:
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop rows the killed run logged after its last checkpoint (they will be redone)."""
-        if not self.enabled or not self.path.exists():
-            return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+        if self.enabled:
+            truncate_jsonl(self.path, step)
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep only the rows of a JSONL log whose "step" is at most `step` (atomically; no file, nothing to do).
+
+    Why: a resumed run redoes the steps after its last checkpoint, and a log must never hold a step twice.
+    """
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -40,8 +40,9 @@ def _bool_mask(mask: Tensor, like: Tensor) -> Tensor:
     return mask.bool()
 
 
-def _zero_padding(x: Tensor, mask: Tensor) -> Tensor:
-    """x with padded positions set to 0; gradients reach only the real positions."""
+def zero_padding(x: Tensor, mask: Tensor) -> Tensor:
+    """x with padded positions set to 0 (not x * mask: inf * 0 = nan); gradients reach only the real
+    positions. Public for the loop's own statistics (summed KL per response, finiteness checks)."""
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
@@ -52,7 +53,7 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     cannot make a loss non-finite.
     """
     mask = _bool_mask(mask, x)
-    total = _zero_padding(x, mask).sum(dim=dim)
+    total = zero_padding(x, mask).sum(dim=dim)
     count = mask.sum(dim=dim).clamp(min=1)
     return total / count
 
@@ -64,7 +65,7 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     (instead of a division by zero), so whitening such a batch gives zeros, not NaN.
     """
     mask = _bool_mask(mask, x)
-    centered = _zero_padding(x - masked_mean(x, mask), mask)
+    centered = zero_padding(x - masked_mean(x, mask), mask)
     n = mask.sum()
     denominator = (n - 1).clamp(min=1) if unbiased else n.clamp(min=1)
     return centered.square().sum() / denominator
@@ -82,7 +83,7 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     whitened = (x - mean) * torch.rsqrt(masked_var(x, mask) + eps)
     if not shift_mean:
         whitened = whitened + mean
-    return _zero_padding(whitened, mask)
+    return zero_padding(whitened, mask)
 
 
 def score_scale(scores: Tensor, min_std: float) -> tuple[float, float, float]:
@@ -167,7 +168,7 @@ def per_token_rewards(
     mask = _bool_mask(mask, logp)
     if not mask.any(dim=1).all():
         raise ValueError("every response needs at least one real token to receive its score")
-    kl = _zero_padding(kl_penalty(_zero_padding(logp, mask), _zero_padding(ref_logp, mask), kind), mask)
+    kl = zero_padding(kl_penalty(zero_padding(logp, mask), zero_padding(ref_logp, mask), kind), mask)
     rewards = -beta * kl
     positions = torch.arange(mask.shape[1], device=mask.device)
     last = (positions * mask).argmax(dim=1)  # index of the last real token in each row
@@ -187,7 +188,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
     gamma = 1 is standard for RLHF: the only big reward comes at the end and must reach the start.
     """
     mask = _bool_mask(mask, rewards)
-    rewards, values = _zero_padding(rewards, mask), _zero_padding(values, mask)
+    rewards, values = zero_padding(rewards, mask), zero_padding(values, mask)
     next_value = torch.zeros_like(values[:, 0])
     next_advantage = torch.zeros_like(values[:, 0])
     advantages = torch.zeros_like(values)
@@ -198,7 +199,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
         advantages[:, t] = advantage
         next_value = torch.where(real, values[:, t], next_value)
         next_advantage = torch.where(real, advantage, next_advantage)
-    returns = _zero_padding(advantages + values, mask)
+    returns = zero_padding(advantages + values, mask)
     return advantages, returns
 
 
@@ -219,8 +220,8 @@ def policy_loss(
     KL(pi_old || pi) on tokens sampled from pi_old, i.e. how far this update has moved.
     """
     mask = _bool_mask(mask, logp)
-    log_ratio = _zero_padding(logp - _zero_padding(old_logp, mask), mask)
-    advantages = _zero_padding(advantages, mask)
+    log_ratio = zero_padding(logp - zero_padding(old_logp, mask), mask)
+    advantages = zero_padding(advantages, mask)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
@@ -243,8 +244,8 @@ def value_loss(
     clipped error is the larger one, i.e. where V gets no gradient).
     """
     mask = _bool_mask(mask, values)
-    values = _zero_padding(values, mask)
-    old_values, returns = _zero_padding(old_values, mask), _zero_padding(returns, mask)
+    values = zero_padding(values, mask)
+    old_values, returns = zero_padding(old_values, mask), zero_padding(returns, mask)
     values_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
     unclipped = (values - returns).square()
     clipped = (values_clipped - returns).square()
@@ -266,7 +267,7 @@ def kl_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, kind: KLKind = "k3") -
     if kind == "k1":
         raise ValueError("k1 as a KL loss has zero expected gradient on on-policy samples; use k2 or k3")
     mask = _bool_mask(mask, logp)
-    kl = kl_penalty(_zero_padding(logp, mask), _zero_padding(ref_logp, mask), kind)
+    kl = kl_penalty(zero_padding(logp, mask), zero_padding(ref_logp, mask), kind)
     return masked_mean(kl, mask)
 
 

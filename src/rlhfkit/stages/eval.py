@@ -33,7 +33,7 @@ from rlhfkit.models.loading import ModelConfig, load_causal_lm
 from rlhfkit.models.sampling import Samples, SamplingConfig, check_length_budget, sample, truncation_warning
 from rlhfkit.models.value import response_logits
 from rlhfkit.rewards.build import RewardConfig, build_reward
-from rlhfkit.rl.core import logprobs_from_logits
+from rlhfkit.rl.core import logprobs_from_logits, zero_padding
 
 
 class Config(StrictModel):
@@ -62,7 +62,7 @@ def sequence_kl(model: Any, ref: Any, s: Samples, temperature: float, batch: int
         labels = s.response_ids[rows]
         lp = logprobs_from_logits(response_logits(model, ids[rows], mask[rows], start), labels, temperature)
         ref_lp = logprobs_from_logits(response_logits(ref, ids[rows], mask[rows], start), labels, temperature)
-        out.append(((lp - ref_lp) * s.response_mask[rows]).sum(-1))
+        out.append(zero_padding(lp - ref_lp, s.response_mask[rows].bool()).sum(-1))
     return torch.cat(out)
 
 

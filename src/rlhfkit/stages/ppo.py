@@ -18,7 +18,6 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +28,7 @@ from torch import Tensor
 from rlhfkit.config import StrictModel, atomic_write_text, save_config
 from rlhfkit.data.chat import render_prompt
 from rlhfkit.data.formats import read_records, text_to_json
+from rlhfkit.engine.metrics import truncate_jsonl
 from rlhfkit.engine.trainer import Engine, EngineConfig, NonFiniteError
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import ModelConfig, disable_dropout, load_causal_lm, save_model
@@ -52,7 +52,9 @@ from rlhfkit.rl.core import (
     policy_loss,
     score_scale,
     value_loss,
+    zero_padding,
 )
+from rlhfkit.rl.rollout import Rollout, pass_cost_on
 
 # ------------------------------------------------------------------------------------ config
 
@@ -188,74 +190,6 @@ class Config(StrictModel):
 
 # ------------------------------------------------------------------------------- rollouts
 
-# On a CPU one forward + backward pass costs about as much as this many more tokens through the
-# model, whatever its size: every pass streams all the weights through the caches (measured 20-36
-# on GPT-2 and Llama of 3-40M parameters). One more micro-batch pays when it saves more padding.
-CPU_PASS_COST_TOKENS = 32
-
-
-@dataclass
-class Rollout:
-    """One batch of responses and everything PPO computes about them, as (B, ...) tensors.
-
-    `input_ids` is the left-padded prompt followed by the right-padded response, so the response
-    starts at column `start` in every row; per-token tensors in `tokens` are (B, T).
-    """
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    start: int
-    tokens: dict[str, Tensor]
-
-    def rows(self, index: Tensor) -> tuple[Tensor, Tensor, int, dict[str, Tensor]]:
-        """The rows `index`, without the columns that are padding in all of them.
-
-        Why: a minibatch of short responses should not pay for the longest one in the rollout.
-        """
-        mask = self.attention_mask[index]
-        used = mask.any(0).nonzero().squeeze(1)
-        lo, hi = int(used[0]), int(used[-1]) + 1
-        tokens = {k: v[index, : hi - self.start] for k, v in self.tokens.items()}
-        return self.input_ids[index, lo:hi], mask[:, lo:hi], self.start - lo, tokens
-
-    @property
-    def pass_cost(self) -> float | None:
-        """The per-pass cost `micro_batches` weighs against padding: measured on CPU; None on an
-        accelerator, where a pass's fixed cost is not known (so no extra passes)."""
-        return CPU_PASS_COST_TOKENS if self.input_ids.device.type == "cpu" else None
-
-    def micro_batches(self, rows: Tensor, max_rows: int, pass_cost: float | None) -> list[Tensor]:
-        """`rows` split into micro-batches of at most `max_rows` rows of similar lengths.
-
-        Why: every row of a micro-batch is as wide as its longest prompt plus its longest response,
-        so mixing 5-token responses with 32-token ones computes mostly padding (28% of the tokens in
-        the benchmark's minibatches of 16 random rows; ~10% once grouped).
-        The split minimises padded tokens + `pass_cost` tokens per pass (None: no more passes than
-        `max_rows` requires), over contiguous runs of the rows sorted by length (dynamic
-        programming). The PPO loss is unchanged: the micro-batches' losses add up to the minibatch's.
-        """
-        prompt = self.attention_mask[rows, : self.start].sum(1).tolist()
-        response = self.tokens["mask"][rows].sum(1).tolist()
-        n = len(prompt)
-        if pass_cost is None:  # more than any split can save: only as many passes as max_rows needs
-            pass_cost = n * (max(prompt) + max(response)) + 1.0
-        order = sorted(range(n), key=lambda i: (response[i], prompt[i]))
-        best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)  # best[j]: cost of the first j sorted rows
-        for j in range(1, n + 1):
-            widest_prompt = widest_response = 0
-            for i in range(j - 1, max(0, j - max_rows) - 1, -1):  # the last micro-batch: sorted rows i..j-1
-                widest_prompt = max(widest_prompt, prompt[order[i]])
-                widest_response = max(widest_response, response[order[i]])
-                cost = best[i] + (j - i) * (widest_prompt + widest_response) + pass_cost
-                if cost < best[j]:
-                    best[j], cut[j] = cost, i
-        parts = []
-        while n:
-            parts.append(rows[order[cut[n] : n]])
-            n = cut[n]
-        return parts[::-1]
-
-
 def prompt_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     """The prompts of PPO step `step`: consecutive slices of a fresh permutation per pass over the file.
 
@@ -319,7 +253,7 @@ def score_tokens(
     for key in ("logp", "ref_logp", "values", "entropy"):
         ro.tokens[key] = torch.zeros(B, T, device=ro.input_ids.device)
     groups = [torch.arange(B, device=ro.input_ids.device)] if hidden is not None else first_minibatches
-    for index in (part for rows in groups for part in ro.micro_batches(rows, chunk, ro.pass_cost)):
+    for index in (part for rows in groups for part in ro.micro_batches(rows, chunk)):
         ids, mask, start, tok = ro.rows(index)
         width = tok["response_ids"].shape[1]
         if hidden is None:
@@ -385,7 +319,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     engine.metrics.truncate_after(step)  # rows a killed run logged after its last checkpoint (or an old run's)
     samples_log = out / "samples.jsonl"
     if engine.is_main:
-        _truncate_jsonl(samples_log, step)
+        truncate_jsonl(samples_log, step)
 
     rendered = [render_prompt(tokenizer, r.prompt, cfg.sampling.prompt_template) for r in records]
     n_params = sum(x.numel() for x in model.parameters())
@@ -428,6 +362,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
                 attention_mask=torch.cat([batch.prompt_mask, batch.response_mask], 1).to(engine.device),
                 start=batch.prompt_ids.shape[1],
                 tokens={"response_ids": batch.response_ids.to(engine.device), "mask": mask},
+                pass_cost=pass_cost_on(engine.device),
             )
             # every epoch's minibatches, drawn now (the same draws as epoch by epoch): with mixed
             # precision the rollout is scored in the first epoch's micro-batches
@@ -453,8 +388,8 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
                 "reward_normalized": float((raw.mean() - baseline[0]) / baseline[1]),
                 "score": float(scores.mean()),
                 "kl": kl_per_response,
-                "kl_k1": float(_masked(kl_penalty(tok["logp"], tok["ref_logp"], "k1"), mask).sum(1).mean()),
-                "kl_k3": float(_masked(kl_penalty(tok["logp"], tok["ref_logp"], "k3"), mask).sum(1).mean()),
+                "kl_k1": float(zero_padding(kl_penalty(tok["logp"], tok["ref_logp"], "k1"), mask).sum(1).mean()),
+                "kl_k3": float(zero_padding(kl_penalty(tok["logp"], tok["ref_logp"], "k3"), mask).sum(1).mean()),
                 "beta": beta,
                 "entropy": float(masked_mean(tok["entropy"], mask)),
                 "explained_variance": float(explained_variance(tok["values"], returns, mask)),
@@ -462,7 +397,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
                 "ended": float(batch.ended.float().mean()),
                 "prompts_truncated": batch.prompts_truncated,
             }
-            bad = nonfinite({k: _masked(v, mask) for k, v in tok.items() if k != "mask"})
+            bad = nonfinite({k: zero_padding(v, mask) for k, v in tok.items() if k != "mask"})
             if bad:
                 engine.skip_step(f"non-finite {', '.join(bad)} in the rollout")
                 step += 1
@@ -545,7 +480,7 @@ def _update(
     was skipped. The stats are the minibatch's: each micro-batch's weighted by its share of tokens."""
     stats: dict[str, float] = {}
     n_tokens = ro.tokens["mask"][rows].sum()
-    for part in ro.micro_batches(rows, p.micro, ro.pass_cost):
+    for part in ro.micro_batches(rows, p.micro):
         loss, part_stats = ppo_loss(model, ro, part, n_tokens, beta, temperature, p)
         if not torch.isfinite(loss):
             engine.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
@@ -630,10 +565,6 @@ def load_models(cfg: Config, device: Any) -> tuple[Any, Any, Any, Any]:
     return policy, tokenizer, ref, critic
 
 
-def _masked(x: Tensor, mask: Tensor) -> Tensor:
-    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
 def _save(
     engine: Engine, model: Any, step: int, kl_ctl: Any, baseline: tuple[float, float] | None, stop: str | None
 ) -> None:
@@ -653,13 +584,6 @@ def _log_samples(
         for prompt, text, score, end in list(zip(prompts, texts, raw.tolist(), ended.tolist(), strict=True))[:n]:
             row = {"step": step, "prompt": text_to_json(prompt), "response": text, "reward": score, "ended": end}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def _truncate_jsonl(path: Path, step: int) -> None:
-    """On resume, drop sample rows the killed run wrote after its last checkpoint."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def run(cfg: Config) -> Path:
