@@ -49,6 +49,10 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
         "eval/results.json",
     ]:
         assert (tmp_path / path).exists(), path
+    # the reward model was normalised on samples drawn the way PPO then sampled (PPO warns otherwise)
+    normalization = json.loads((tmp_path / "rm/model/rlhfkit_reward.json").read_text())["normalization"]
+    assert normalization["sampling"] == cfg.ppo.sampling.distribution()
+    assert "normalised on samples drawn with other settings" not in capsys.readouterr().out
     feedback = json.loads((tmp_path / "feedback/summary.json").read_text())
     assert sum(feedback["judgments"].values()) == 10 * 2  # every item got exactly `overlap` judgments
     results = json.loads((tmp_path / "eval/results.json").read_text())
