@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 
 from rlhfkit.feedback import service
 from rlhfkit.feedback.db import Database
+from rlhfkit.feedback.models import Candidate, Item
 from rlhfkit.feedback.schemas import MemberIn, ProjectIn, UserIn
 
 PASSWORD = "correct-horse-9"
 XSS = "<script>alert('xss')</script>"
 ALPHA, BRAVO = "ALPHA-ONLY-TEXT", "BRAVO-ONLY-TEXT"
+BROKEN = "half an emoji \ud83d"  # a lone UTF-16 surrogate, as JavaScript tools write it ("\\ud83d" in JSON)
 
 
 def completions_jsonl(n: int, k: int = 3, prefix: str = "p", marker: str = "") -> str:
@@ -71,3 +73,14 @@ def seed(db: Database, items: int = 4, overlap: int = 2, task: str = "ranking") 
             service.parse_upload("b.jsonl", completions_jsonl(2, prefix="b", marker=BRAVO).encode(), "ranking"),
         )
     return world
+
+
+def store_damaged_item(db: Database, project_id: int, key: str = "damaged") -> int:
+    """An item as an older version stored it from an unchecked import: a lone surrogate in its
+    text, first in the queue. No page or JSON answer can contain it (it is not valid UTF-8)."""
+    with db.session(write=True) as s:
+        item = Item(project_id=project_id, key=key, prompt=f"prompt with {BROKEN}", position=0)
+        item.candidates = [Candidate(idx=0, text="fine"), Candidate(idx=1, text=BROKEN)]
+        s.add(item)
+        s.flush()
+        return item.id

@@ -10,7 +10,6 @@ Candidates come in this labeler's shuffled order; their ids are stable. Errors a
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -201,8 +200,7 @@ def next_item(pid: int, request: Request, auth: Auth = Depends(api_auth)) -> dic
     def work(s: Any) -> dict[str, Any]:
         user = s.get(User, auth.user_id)
         project, _ = service.project_for(s, user, pid)
-        a = service.next_assignment(s, project, user, st.lease)
-        return {"item": service.item_view(a, project) if a else None}
+        return {"item": service.next_view(s, project, user, st.lease)}
 
     return st.db.transact(work)
 
@@ -264,7 +262,7 @@ def export(pid: int, kind: str, request: Request, margin: bool = False, auth: Au
 
     def lines() -> Iterator[str]:
         for row in rows:
-            yield json.dumps(row, ensure_ascii=False) + "\n"
+            yield service.jsonl_line(row)
 
     return StreamingResponse(
         lines(),

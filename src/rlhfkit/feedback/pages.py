@@ -155,8 +155,8 @@ def next_page(pid: int, request: Request, saved: int = 0, auth: Auth = Depends(p
     def work(s: Any) -> int | None:
         user = s.get(User, auth.user_id)
         project, _ = service.project_for(s, user, pid)
-        a = service.next_assignment(s, project, user, st.lease)
-        return a.item_id if a else None
+        view = service.next_view(s, project, user, st.lease)
+        return view["item_id"] if view else None
 
     item_id = st.db.transact(work)
     if item_id is not None:

@@ -9,10 +9,11 @@ transaction (see Database.transact), so a failure anywhere leaves nothing half-s
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import statistics
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,16 @@ from rlhfkit.feedback.models import (
     User,
     utcnow,
 )
-from rlhfkit.feedback.schemas import DraftIn, JudgmentIn, MemberIn, ProjectIn, ProjectSettingsIn, UserIn
+from rlhfkit.feedback.schemas import (
+    MAX_CANDIDATES,
+    DraftIn,
+    JudgmentIn,
+    MemberIn,
+    ProjectIn,
+    ProjectSettingsIn,
+    UserIn,
+    text_problem,
+)
 from rlhfkit.feedback.security import (
     api_key_prefix,
     hash_password,
@@ -54,6 +64,8 @@ from rlhfkit.feedback.security import (
     sha256,
     verify_password,
 )
+
+log = logging.getLogger("rlhfkit.feedback")
 
 
 class ServiceError(Exception):
@@ -82,6 +94,10 @@ class Conflict(ServiceError):
 
 class Invalid(ServiceError):
     status = 422
+
+
+class Unshowable(Conflict):
+    """A stored item holds text no page can show (imported before imports were checked)."""
 
 
 # ---------------------------------------------------------------- users, sessions, API keys
@@ -258,7 +274,8 @@ def remove_member(s: Session, project: Project, user_id: int) -> None:
 
 
 def parse_upload(filename: str, data: bytes, task: str) -> list[Completions] | list[PromptRecord]:
-    """Validate an uploaded JSONL file with the project's reader; errors name the file and line."""
+    """Validate an uploaded JSONL file with the project's reader, and what the reader accepts but
+    an item cannot hold (see `_record_problem`); errors name the file and line."""
     name = Path(filename or "upload.jsonl").name
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
@@ -267,9 +284,47 @@ def parse_upload(filename: str, data: bytes, task: str) -> list[Completions] | l
             kind = "completions"
             if task == "demonstration":
                 kind = _first_record_kind(path)
-            return read_records(path, kind)
+            records = read_records(path, kind)
         except UserError as e:
             raise Invalid(str(e).replace(str(path), name)) from None
+        for rec in records:
+            problem = _record_problem(rec, task)
+            if problem:
+                raise Invalid(f"{(rec._where or '').replace(str(path), name)}: {problem}")
+    return records
+
+
+def _record_problem(rec: Completions | PromptRecord, task: str) -> str | None:
+    """`field: what is wrong` for a record the file reader accepts but an item cannot hold, or None:
+    more candidates than a judgment may rank, or text a database cannot store or a page cannot
+    show (one such item would fail every labeler it is handed to)."""
+    fields = rec.model_dump()
+    if isinstance(rec, Completions):
+        if task == "demonstration":
+            del fields["completions"]  # only the prompt is imported
+        elif len(rec.completions) > MAX_CANDIDATES:
+            return (
+                f"completions: {len(rec.completions)} candidates, but one item can have at most {MAX_CANDIDATES} "
+                "(a judgment ranks them all); keep fewer or split them over several prompt_ids"
+            )
+    key = "prompt_id" if isinstance(rec, Completions) else "id"
+    for where, value in _strings(fields, ""):
+        problem = text_problem(value, allow_nul=where != key)  # only the id goes into a text column
+        if problem:
+            return f"{where}: {problem}"
+    return None
+
+
+def _strings(value: Any, where: str) -> Iterator[tuple[str, str]]:
+    """Every string in a JSON-like value, with where it is (`prompt`, `completions[2][0].content`)."""
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _strings(v, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(v, f"{where}.{k}" if where else k)
 
 
 def _first_record_kind(path: Path) -> str:
@@ -410,9 +465,13 @@ def assignment_for(s: Session, project: Project, user: User, item_id: int) -> As
 
 
 def item_view(a: Assignment, project: Project) -> dict[str, Any]:
-    """What a labeler sees: candidates in *their* order, with stable ids and display letters."""
+    """What a labeler sees: candidates in *their* order, with stable ids and display letters.
+
+    Raises Unshowable if some text in it cannot be encoded as UTF-8 (a lone surrogate stored
+    before imports refused them): better a clear error than a page that fails half-way.
+    """
     by_id = {c.id: c for c in a.item.candidates}
-    return {
+    view = {
         "project_id": project.id,
         "item_id": a.item_id,
         "prompt_id": a.item.key,
@@ -425,6 +484,33 @@ def item_view(a: Assignment, project: Project) -> dict[str, Any]:
         "draft": a.draft,
         "submitted": a.done,
     }
+    for where, value in _strings(view, ""):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise Unshowable(
+                    f"item {a.item.key!r} cannot be shown: its {where} is not valid Unicode text; it is "
+                    "skipped (an admin can import it again, fixed, under a new prompt_id): take the next item"
+                ) from None
+    return view
+
+
+def next_view(s: Session, project: Project, user: User, lease: timedelta) -> dict[str, Any] | None:
+    """The view of the item this labeler should judge next (see next_assignment), or None.
+
+    An Unshowable item is logged and marked done for this labeler without a judgment (skipped),
+    and the next one is taken: their unfinished item always comes first, so otherwise it would
+    fail every request of theirs, for good.
+    """
+    while (a := next_assignment(s, project, user, lease)) is not None:
+        try:
+            return item_view(a, project)
+        except Unshowable as e:
+            log.error("project %s, labeler %s: %s", project.id, user.username, e.message)
+            a.done, a.draft, a.leased_until = True, None, utcnow()
+            s.flush()
+    return None
 
 
 def save_draft(s: Session, project: Project, user: User, item_id: int, draft: DraftIn, lease: timedelta) -> None:
@@ -691,6 +777,18 @@ EXPORTS = {
     "demonstrations": "written demonstrations {prompt, response} for SFT",
     "completions": "the items themselves (completions format), to pair with the raw judgments",
 }
+
+
+def jsonl_line(row: dict[str, Any]) -> str:
+    """One line of a JSONL export, non-ASCII text as is; but escaped (\\ud800) where the row holds
+    text that is not valid Unicode (stored before imports refused it), which keeps it exactly and
+    the export going instead of breaking off at that row."""
+    line = json.dumps(row, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(row)
+    return line + "\n"
 
 
 def export(s: Session, project: Project, kind: str, margin: bool = False) -> list[dict[str, Any]]:

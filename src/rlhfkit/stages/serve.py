@@ -143,13 +143,11 @@ def _import(config: ServeConfig, args: argparse.Namespace) -> None:
 
 
 def _export(config: ServeConfig, args: argparse.Namespace) -> None:
-    import json
-
     from rlhfkit.config import atomic_write_text
     from rlhfkit.feedback import service
 
     rows = _in_db(config, lambda s: service.export(s, service.find_project(s, args.project), args.kind, args.margin))
-    atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(args.out, "".join(service.jsonl_line(r) for r in rows))
     print(f"wrote {len(rows)} records to {args.out}")
 
 

@@ -1,0 +1,155 @@
+"""The server against hostile or broken input and password guessing (issue 12, an outside test):
+text no page can show, too many candidates, link-filter bypasses, odd names and numbers, login
+throttling, secrets in the output, file modes, cookies and sessions; on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from feedback_helpers import (
+    BROKEN,
+    PASSWORD,
+    World,
+    completions_jsonl,
+    seed,
+    store_damaged_item,
+)
+from sqlalchemy import func, select
+
+from rlhfkit.feedback.app import ServeConfig, create_app
+from rlhfkit.feedback.db import Database
+from rlhfkit.feedback.models import Item
+from rlhfkit.feedback.schemas import MAX_CANDIDATES
+
+ROOT = Path(__file__).resolve().parents[2]
+MakeApp = Callable[..., tuple[Any, World]]
+
+
+@pytest.fixture
+def make_app(config: ServeConfig) -> Iterator[MakeApp]:
+    """`make_app(**settings)`: the app with these ServeConfig settings over a seeded database."""
+    databases: list[Database] = []
+
+    def make(**settings: Any) -> tuple[Any, World]:
+        cfg = ServeConfig(**(config.model_dump() | settings))
+        db = Database(cfg.db_url)
+        databases.append(db)
+        app = create_app(cfg, db)
+        return app, seed(db, items=4, overlap=2)
+
+    yield make
+    for db in databases:
+        db.dispose()
+
+
+def key_client(app: Any, world: World, name: str) -> TestClient:
+    return TestClient(app, headers={"Authorization": f"Bearer {world.keys[name]}"}, raise_server_exceptions=False)
+
+
+def browser(app: Any, name: str, base_url: str = "http://testserver") -> tuple[TestClient, str]:
+    """A logged-in cookie client and its CSRF token."""
+    client = TestClient(app, base_url=base_url, follow_redirects=False, raise_server_exceptions=False)
+    r = client.post("/api/login", json={"username": name, "password": PASSWORD})
+    assert r.status_code == 200, r.text
+    return client, r.json()["csrf_token"]
+
+
+def form_login(client: TestClient, username: str, password: str) -> httpx.Response:
+    page = client.get("/login")
+    token = page.text.split('name="csrf_token" value="')[1].split('"')[0]
+    return client.post("/login", data={"username": username, "password": password, "csrf_token": token})
+
+
+# ---------------------------------------------------------------- 1. text no page can show
+
+
+def test_import_refuses_text_no_page_can_show(make_app: MakeApp) -> None:
+    app, world = make_app()
+    owner, A = key_client(app, world, "owner"), world.project_a
+    good = json.loads(completions_jsonl(1, prefix="new").splitlines()[0])
+    cases = [  # json.dumps writes a lone surrogate as the escape JavaScript tools write: \ud800
+        (good | {"prompt": "x\ud800"}, "prompt: contains a lone UTF-16 surrogate (\\ud800"),
+        (good | {"completions": ["fine", "half an emoji \udfff"]}, "completions[1]: contains a lone UTF-16"),
+        (good | {"prompt": [{"role": "user", "content": "hi \ud83d"}]}, "prompt[0].content: contains a lone"),
+        (good | {"prompt_id": "id\x00"}, "prompt_id: contains a NUL character"),
+    ]
+    for record, message in cases:
+        body = completions_jsonl(2, prefix="ok") + json.dumps(record) + "\n"
+        r = owner.post(f"/api/projects/{A}/import?filename=batch.jsonl", content=body.encode())
+        assert r.status_code == 422, (record, r.text)
+        error = r.json()["error"]
+        assert error.startswith(f"batch.jsonl:3: {message}"), error
+        assert "fix the broken character" in error or "remove it" in error  # what to do
+    with app.state.feedback.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Item).where(Item.project_id == A)) == 4  # only the seed
+    # A NUL inside a prompt or a completion is stored (as the JSON escape \u0000) on both databases,
+    # and model output can hold one (the demo's does): only the id, a text column, cannot.
+    nul = good | {"prompt_id": "with-nul", "completions": ["fine", "a NUL \x00 from the tokenizer"]}
+    r = owner.post(f"/api/projects/{A}/import", content=(json.dumps(nul) + "\n").encode())
+    assert r.status_code == 200 and r.json()["added"] == 1, r.text
+    exported = owner.get(f"/api/projects/{A}/export/completions").text.splitlines()
+    assert json.loads(exported[-1])["completions"][1] == "a NUL \x00 from the tokenizer"
+
+
+def test_a_damaged_stored_item_is_skipped_not_a_dead_end(make_app: MakeApp, caplog: pytest.LogCaptureFixture) -> None:
+    """An item stored before imports were checked used to fail every request of each labeler it was
+    handed to (their unfinished item comes first), and cut the completions export short."""
+    app, world = make_app()
+    A = world.project_a
+    damaged = store_damaged_item(app.state.feedback.db, A)
+    ann = key_client(app, world, "ann")
+    with caplog.at_level(logging.ERROR, logger="rlhfkit.feedback"):
+        r = ann.get(f"/api/projects/{A}/next")
+    assert r.status_code == 200, r.text
+    item = r.json()["item"]
+    assert item["prompt_id"] == "p0"
+    assert "'damaged' cannot be shown" in caplog.text and "labeler ann" in caplog.text
+    again = ann.get(f"/api/projects/{A}/next")
+    assert again.status_code == 200 and again.json()["item"]["item_id"] == item["item_id"]
+    r = ann.get(f"/api/projects/{A}/items/{damaged}")
+    assert r.status_code == 409 and "cannot be shown" in r.json()["error"] and "next item" in r.json()["error"]
+    progress = ann.get(f"/api/projects/{A}").json()["progress"]
+    assert progress["to_go"] == 4  # the four good items; the skipped one is not waiting for ann
+
+    bob, _ = browser(app, "bob")  # the task page: straight to the first good item
+    page = bob.get(f"/p/{A}/next", follow_redirects=True)
+    assert page.status_code == 200 and "Rank the 3 responses" in page.text and "item p0" in page.text
+
+    owner = key_client(app, world, "owner")
+    r = owner.get(f"/api/projects/{A}/export/completions")
+    rows = [json.loads(line) for line in r.text.splitlines()]
+    assert [row["prompt_id"] for row in rows] == ["damaged", "p0", "p1", "p2", "p3"]
+    assert rows[0]["completions"] == ["fine", BROKEN]  # kept exactly (escaped in the JSON)
+
+
+# ---------------------------------------------------------------- 2. candidates per item
+
+
+def test_one_candidate_limit_for_import_and_judgment(make_app: MakeApp) -> None:
+    app, world = make_app()
+    owner = key_client(app, world, "owner")
+    project = owner.post("/api/projects", json={"name": "wide", "overlap": 1}).json()["id"]
+    assert owner.put(f"/api/projects/{project}/members", json={"username": "ann"}).status_code == 200
+    wide = {"prompt_id": "w", "prompt": "Rank them all", "completions": [f"c{i}" for i in range(MAX_CANDIDATES + 1)]}
+    r = owner.post(f"/api/projects/{project}/import?filename=wide.jsonl", content=(json.dumps(wide) + "\n").encode())
+    assert r.status_code == 422
+    assert r.json()["error"].startswith(f"wide.jsonl:1: completions: {MAX_CANDIDATES + 1} candidates")
+    assert f"at most {MAX_CANDIDATES}" in r.json()["error"]
+    widest = wide | {"completions": wide["completions"][:MAX_CANDIDATES]}
+    r = owner.post(f"/api/projects/{project}/import", content=(json.dumps(widest) + "\n").encode())
+    assert r.status_code == 200 and r.json()["added"] == 1
+    ann = key_client(app, world, "ann")  # what could be imported can be judged
+    item = ann.get(f"/api/projects/{project}/next").json()["item"]
+    ranking = {c["id"]: i % 7 + 1 for i, c in enumerate(item["candidates"])}
+    r = ann.post(
+        f"/api/projects/{project}/items/{item['item_id']}/judgments",
+        json={"ranking": ranking, "client_token": "widest-item-1"},
+    )
+    assert r.status_code == 201, r.text
