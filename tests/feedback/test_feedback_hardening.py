@@ -4,8 +4,10 @@ throttling, secrets in the output, file modes, cookies and sessions; on SQLite a
 
 from __future__ import annotations
 
+import html
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,9 @@ import pytest
 from fastapi.testclient import TestClient
 from feedback_helpers import (
     BROKEN,
+    BYPASSES,
     PASSWORD,
+    SAFE_LINKS,
     World,
     completions_jsonl,
     seed,
@@ -25,6 +29,7 @@ from sqlalchemy import func, select
 
 from rlhfkit.feedback.app import ServeConfig, create_app
 from rlhfkit.feedback.db import Database
+from rlhfkit.feedback.markdown_safe import render_markdown
 from rlhfkit.feedback.models import Item
 from rlhfkit.feedback.schemas import MAX_CANDIDATES
 
@@ -153,3 +158,23 @@ def test_one_candidate_limit_for_import_and_judgment(make_app: MakeApp) -> None:
         json={"ranking": ranking, "client_token": "widest-item-1"},
     )
     assert r.status_code == 201, r.text
+
+
+# ---------------------------------------------------------------- 3. link filter
+
+
+def _targets(rendered: str) -> list[str]:
+    """Every href/src as the browser reads it: entities decoded, tabs and newlines dropped."""
+    return [re.sub(r"[\t\n\r]", "", html.unescape(v)) for v in re.findall(r'(?:href|src)="([^"]*)"', rendered)]
+
+
+@pytest.mark.parametrize("source", BYPASSES)
+def test_markdown_links_cannot_run_script(source: str) -> None:
+    for target in _targets(str(render_markdown(source))):
+        scheme = re.match(r"^\s*([a-zA-Z][a-zA-Z0-9+.-]*):", target)
+        assert scheme is None or scheme.group(1).lower() in ("http", "https", "mailto"), (source, target)
+
+
+def test_markdown_keeps_safe_links() -> None:
+    for source, target in SAFE_LINKS.items():
+        assert _targets(str(render_markdown(source))) == [target]
