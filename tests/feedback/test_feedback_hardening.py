@@ -178,3 +178,52 @@ def test_markdown_links_cannot_run_script(source: str) -> None:
 def test_markdown_keeps_safe_links() -> None:
     for source, target in SAFE_LINKS.items():
         assert _targets(str(render_markdown(source))) == [target]
+
+
+# ---------------------------------------------------------------- 4. clean 4xx for odd input
+
+
+def test_odd_names_deep_json_and_huge_numbers_get_a_clean_4xx(make_app: MakeApp) -> None:
+    app, world = make_app()
+    A = world.project_a
+    owner = key_client(app, world, "owner")
+    lines = completions_jsonl(1, prefix="odd").encode()
+    for name in ("..", ".", "/", "a\x00b", "x" * 300):
+        r = owner.post(f"/api/projects/{A}/import", params={"filename": name}, content=lines)
+        assert r.status_code == 422 and r.json()["error"].startswith("filename: "), (name, r.text)
+    alice, alice_csrf = browser(app, "alice")  # project A's admin, through the upload form
+    r = alice.post(f"/p/{A}/admin/import", data={"csrf_token": alice_csrf}, files={"file": ("..", lines)})
+    assert r.status_code == 422 and "filename" in r.text
+
+    deep = '{"prompt_id": "d", "prompt": ' + "[" * 100_000 + "]" * 100_000 + ', "completions": ["a", "b"]}\n'
+    r = owner.post(f"/api/projects/{A}/import?filename=deep.jsonl", content=deep.encode())
+    assert r.status_code == 422 and r.json()["error"].startswith("deep.jsonl:1: JSON nested too deeply")
+    demo = owner.post("/api/projects", json={"name": "demo", "task": "demonstration"}).json()["id"]
+    r = owner.post(f"/api/projects/{demo}/import?filename=deep.jsonl", content=deep.encode())
+    assert r.status_code == 422 and "nested too deeply" in r.json()["error"]
+
+    huge = "9" * 5_000  # int() refuses strings of 4,300 digits and more
+    r = alice.post(f"/p/{A}/admin/settings", data={"csrf_token": alice_csrf, "overlap": huge, "guidelines": ""})
+    assert r.status_code == 422 and "overlap" in r.text
+    owner_page, owner_csrf = browser(app, "owner")
+    r = owner_page.post("/projects", data={"csrf_token": owner_csrf, "name": "N", "task": "ranking", "overlap": huge})
+    assert r.status_code == 422 and "overlap" in r.text
+    ann, ann_csrf = browser(app, "ann")
+    page = ann.get(f"/p/{A}/next", follow_redirects=True)
+    item_id = int(str(page.url).split("/items/")[1])
+    cids = [int(x.split('"')[0]) for x in page.text.split('name="rank_')[1:]]
+    form = {"csrf_token": ann_csrf, "client_token": "huge-rank-1"} | {f"rank_{c}": "1" for c in cids}
+    r = ann.post(f"/p/{A}/items/{item_id}", data=form | {f"rank_{cids[0]}": huge})
+    assert r.status_code == 422 and "rank" in r.text
+
+    # NUL bytes (PostgreSQL text cannot hold one) and lone surrogates (not UTF-8) in what is sent.
+    r = form_login(TestClient(app, raise_server_exceptions=False), "ann\x00", PASSWORD)
+    assert r.status_code == 422 and "username" in r.text
+    r = ann.post("/account/keys", data={"csrf_token": ann_csrf, "name": "key\x00name"})
+    assert r.status_code == 422 and "name" in r.text and "NUL" in r.text
+    as_json = {"Content-Type": "application/json"}  # json.dumps escapes the surrogate, as a JS tool would
+    anon = TestClient(app, raise_server_exceptions=False)
+    r = anon.post("/api/login", content=json.dumps({"username": "ann", "password": "guess\ud800"}), headers=as_json)
+    assert r.status_code == 422 and "password" in r.json()["error"]
+    r = ann.post("/api/keys", content=json.dumps({"name": "half \udc00"}), headers=as_json | {"X-CSRF-Token": ann_csrf})
+    assert r.status_code == 422 and "name" in r.json()["error"]

@@ -20,7 +20,7 @@ from rlhfkit.feedback.agreement import agreement_report
 from rlhfkit.feedback.api import set_session_cookie
 from rlhfkit.feedback.app import COOKIE, LOGIN_COOKIE, Auth, Posted, page_auth, page_post, render, state
 from rlhfkit.feedback.models import TASKS, Project, User
-from rlhfkit.feedback.schemas import JudgmentIn, MemberIn, ProjectIn, ProjectSettingsIn, UserIn
+from rlhfkit.feedback.schemas import ApiKeyIn, JudgmentIn, LoginIn, MemberIn, ProjectIn, ProjectSettingsIn, UserIn
 from rlhfkit.feedback.security import csrf_ok, csrf_token, new_token
 
 router = APIRouter()
@@ -37,11 +37,19 @@ def safe_next(target: str | None) -> str:
     return target
 
 
+def small_int(raw: str) -> int | None:
+    """A form field's whole number, or None if it is not one. At most 9 digits: every number
+    a form here takes is small, and int() refuses 4,300 digits and more with an error."""
+    raw = raw.strip()
+    return int(raw) if raw.isdecimal() and len(raw) <= 9 else None
+
+
 def form_int(form: Any, name: str, default: int) -> int:
-    raw = str(form.get(name, default)).strip()
-    if not raw.isdecimal():
-        raise service.Invalid(f"{name}: {raw[:20]!r} is not a whole number")
-    return int(raw)
+    raw = str(form.get(name, default))
+    value = small_int(raw)
+    if value is None:
+        raise service.Invalid(f"{name}: {raw.strip()[:20]!r} is not a whole number (at most 9 digits)")
+    return value
 
 
 def validation_text(e: ValidationError) -> str:
@@ -91,9 +99,14 @@ async def login(request: Request) -> Response:
     if not nonce or not csrf_ok(st.secret, "login:" + nonce, str(form.get("csrf_token", ""))):
         return _login_page(request, next_path, "The login form expired; please try again.", username, status=403)
 
+    try:
+        data = LoginIn(username=str(form.get("username", "")), password=str(form.get("password", "")))
+    except ValidationError as e:
+        return _login_page(request, next_path, validation_text(e), "", status=422)
+
     def check() -> int:
         with st.db.session() as s:
-            return service.check_password(s, username, str(form.get("password", ""))).id
+            return service.check_password(s, data.username, data.password).id
 
     try:
         user_id = await run_in_threadpool(check)
@@ -221,8 +234,7 @@ def _draft_from_form(form: Any, display_order: list[int]) -> dict[str, Any]:
     """The posted form as a draft: what the page shows again if the submit is refused."""
     ranks: dict[int, int | None] = {}
     for cid in display_order:
-        raw = str(form.get(f"rank_{cid}", "")).strip()
-        ranks[cid] = int(raw) if raw.isdecimal() else None
+        ranks[cid] = small_int(str(form.get(f"rank_{cid}", "")))
     # Browsers send textarea line breaks as CRLF; training data wants plain newlines.
     return {
         "ranks": ranks,
@@ -433,9 +445,12 @@ def account_page(request: Request, auth: Auth = Depends(page_auth)) -> Response:
 
 @router.post("/account/keys")
 def create_key(request: Request, posted: Posted = Depends(page_post)) -> Response:
-    name = str(posted.form.get("name", "")).strip()[:100] or "script"
+    try:
+        data = ApiKeyIn(name=str(posted.form.get("name", "")).strip() or "script")
+    except ValidationError as e:
+        raise service.Invalid(validation_text(e)) from None
     with state(request).db.session(write=True) as s:
-        key = service.create_api_key(s, s.get(User, posted.auth.user_id), name)
+        key = service.create_api_key(s, s.get(User, posted.auth.user_id), data.name)
     with state(request).db.session() as s:  # shown once, on this response only
         return render(
             request,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import statistics
 import tempfile
@@ -275,10 +276,11 @@ def remove_member(s: Session, project: Project, user_id: int) -> None:
 
 def parse_upload(filename: str, data: bytes, task: str) -> list[Completions] | list[PromptRecord]:
     """Validate an uploaded JSONL file with the project's reader, and what the reader accepts but
-    an item cannot hold (see `_record_problem`); errors name the file and line."""
-    name = Path(filename or "upload.jsonl").name
+    an item cannot hold (see `_record_problem`); errors name the file and line. The file is
+    parsed under a fixed name: the uploaded name only ever appears in messages."""
+    name = upload_name(filename)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
+        path = Path(tmp) / "upload.jsonl"
         path.write_bytes(data)
         try:
             kind = "completions"
@@ -292,6 +294,18 @@ def parse_upload(filename: str, data: bytes, task: str) -> list[Completions] | l
             if problem:
                 raise Invalid(f"{(rec._where or '').replace(str(path), name)}: {problem}")
     return records
+
+
+def upload_name(filename: str) -> str:
+    """An upload's file name as shown in messages: its last path component, which must be a plain
+    printable name (".." or a NUL byte is a broken client, not a file to import)."""
+    name = re.split(r"[/\\]", filename)[-1] if filename else "upload.jsonl"
+    if name in ("", ".", "..") or len(name) > 200 or not name.isprintable() or text_problem(name):
+        raise Invalid(
+            f"filename: {filename[:40]!r} is not usable; send a plain file name such as batch.jsonl "
+            "(at most 200 printable characters, no folders)"
+        )
+    return name
 
 
 def _record_problem(rec: Completions | PromptRecord, task: str) -> str | None:
@@ -333,7 +347,7 @@ def _first_record_kind(path: Path) -> str:
         if line.strip():
             try:
                 kind = detect_kind(json.loads(line))
-            except (ValueError, TypeError):
+            except (ValueError, TypeError, RecursionError):
                 return "prompts"  # let read_records report the precise problem
             return kind if kind in ("prompts", "completions") else "prompts"
     return "prompts"
