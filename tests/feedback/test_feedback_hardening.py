@@ -7,7 +7,13 @@ from __future__ import annotations
 import html
 import json
 import logging
+import os
 import re
+import socket
+import stat
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,7 @@ from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.markdown_safe import render_markdown
 from rlhfkit.feedback.models import Item
 from rlhfkit.feedback.schemas import MAX_CANDIDATES
+from rlhfkit.feedback.security import SECRET_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 MakeApp = Callable[..., tuple[Any, World]]
@@ -227,3 +234,64 @@ def test_odd_names_deep_json_and_huge_numbers_get_a_clean_4xx(make_app: MakeApp)
     assert r.status_code == 422 and "password" in r.json()["error"]
     r = ann.post("/api/keys", content=json.dumps({"name": "half \udc00"}), headers=as_json | {"X-CSRF-Token": ann_csrf})
     assert r.status_code == 422 and "name" in r.json()["error"]
+
+
+# ---------------------------------------------------------------- 6. no secrets in the output
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+def test_serve_never_prints_the_database_password(db_url: str, tmp_path: Path) -> None:
+    url = db_url.replace("postgres@", "postgres:s3cret@")  # trust auth: the password is not checked
+    env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
+    cli = [sys.executable, "-m", "rlhfkit.cli", "serve"]
+    init = subprocess.run([*cli, "init", f"db_url={url}"], capture_output=True, text=True, env=env, check=True)
+    refused = subprocess.run([*cli, "init", "db_url=mysql://root:s3cret@db/x"], capture_output=True, text=True, env=env)
+    assert refused.returncode == 2 and "only SQLite and PostgreSQL" in refused.stderr
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [*cli, f"db_url={url}", f"port={port}", "log_level=debug", f"secret_key_file={tmp_path / 'secret'}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/login", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "rlhfkit serve did not start"
+            time.sleep(0.1)
+        httpx.post(f"http://127.0.0.1:{port}/api/login", json={"username": "x", "password": "wrong-guess-1"})
+        httpx.get(f"http://127.0.0.1:{port}/nowhere")
+    finally:
+        server.terminate()
+        output = server.communicate(timeout=30)[0]
+    everything = init.stdout + init.stderr + refused.stdout + refused.stderr + output
+    assert "s3cret" not in everything, everything
+    assert "postgres:***@127.0.0.1" in init.stdout and "postgres:***@127.0.0.1" in output
+
+
+# ---------------------------------------------------------------- 7. files
+
+
+def test_database_and_secret_files_are_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    folder = tmp_path / "server"
+    config = ServeConfig(db_url=f"sqlite:///{folder}/feedback.db", secret_key_file=str(folder / "feedback.secret"))
+    umask = os.umask(0o022)  # the usual umask, which made them 0644
+    try:
+        db = Database(config.db_url)
+        create_app(config, db)
+        seed(db)
+        modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in folder.iterdir()}
+        db.dispose()
+    finally:
+        os.umask(umask)
+    assert {"feedback.db", "feedback.db-wal", "feedback.db-shm", "feedback.secret"} <= set(modes), modes
+    assert set(modes.values()) == {"0o600"}, modes

@@ -48,9 +48,10 @@ def _run(config: ServeConfig, args: argparse.Namespace) -> None:
     import uvicorn
 
     from rlhfkit.feedback.app import create_app
+    from rlhfkit.feedback.db import display_url
 
     app = create_app(config)
-    print(f"rlhfkit feedback on http://{config.host}:{config.port}  (database: {app.state.feedback.db.url})")
+    print(f"rlhfkit feedback on http://{config.host}:{config.port}  (database: {display_url(config.db_url)})")
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
 
 
@@ -70,8 +71,10 @@ def _in_db(config: ServeConfig, work: Callable[[Any], Any]) -> Any:
 
 
 def _init(config: ServeConfig, args: argparse.Namespace) -> None:
+    from rlhfkit.feedback.db import display_url
+
     _in_db(config, lambda s: None)
-    print(f"database ready: {config.db_url}")
+    print(f"database ready: {display_url(config.db_url)}")
 
 
 def _user(config: ServeConfig, args: argparse.Namespace, owner: bool) -> None:
