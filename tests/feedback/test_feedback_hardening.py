@@ -295,3 +295,29 @@ def test_database_and_secret_files_are_private(tmp_path: Path, monkeypatch: pyte
         os.umask(umask)
     assert {"feedback.db", "feedback.db-wal", "feedback.db-shm", "feedback.secret"} <= set(modes), modes
     assert set(modes.values()) == {"0o600"}, modes
+
+
+def test_weak_passwords_are_refused(make_app: MakeApp) -> None:
+    app, world = make_app()
+    owner = key_client(app, world, "owner")
+    weak = [
+        ("newbie", "password", "at least 10 characters"),
+        ("newbie", "short-pw1", "at least 10 characters"),
+        ("newbie", "newbie-2024-xyz", "must not contain the username"),
+        ("charlotte", "Charlotte1!", "must not contain the username"),
+        ("newbie", "Password123!", "most commonly used"),
+        ("newbie", "qwertyuiop", "most commonly used"),
+        ("newbie", "1234567890", "most commonly used"),
+        ("newbie", "p@ssw0rd2024", "most commonly used"),
+        ("newbie", "aaaaaaaaaaaa", "most commonly used"),
+    ]
+    for username, password, fragment in weak:
+        r = owner.post("/api/users", json={"username": username, "password": password})
+        assert r.status_code == 422 and fragment in r.json()["error"] and "passphrase" in r.json()["error"], (
+            password,
+            r.text,
+        )
+    assert owner.post("/api/users", json={"username": "newbie", "password": "violet kettle 87"}).status_code == 201
+    page, csrf = browser(app, "owner")
+    r = page.post(f"/admin/users/{world.users['ann']}/password", data={"csrf_token": csrf, "password": "letmein123"})
+    assert r.status_code == 422 and "most commonly used" in r.text

@@ -7,7 +7,18 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+)
+
+from rlhfkit.feedback.security import password_problem
 
 MAX_COMMENT = 5_000
 MAX_RESPONSE = 50_000
@@ -66,8 +77,16 @@ class LoginIn(In):
 
 class UserIn(In):
     username: Username
-    password: text(1000, 8) | None = None  # None: an API-key-only user (a script)
+    password: text(1000, 1) | None = None  # None: an API-key-only user (a script)
     is_owner: StrictBool = False
+
+    @field_validator("password")
+    @classmethod
+    def _strong(cls, password: str | None, info: ValidationInfo) -> str | None:
+        problem = password_problem(password, info.data.get("username", "")) if password is not None else None
+        if problem:
+            raise ValueError(problem)
+        return password
 
 
 class ProjectIn(In):

@@ -62,6 +62,7 @@ from rlhfkit.feedback.security import (
     hash_password,
     new_api_key,
     new_token,
+    password_problem,
     sha256,
     verify_password,
 )
@@ -125,10 +126,10 @@ def get_user(s: Session, username: str) -> User:
 
 
 def set_password(s: Session, user: User, password: str) -> None:
-    try:
-        user.password_hash = hash_password(password)
-    except ValueError as e:
-        raise Invalid(f"password: {e}") from None
+    problem = password_problem(password, user.username)
+    if problem:
+        raise Invalid(f"password: {problem}")
+    user.password_hash = hash_password(password)
     s.execute(LoginSession.__table__.delete().where(LoginSession.user_id == user.id))  # log out everywhere
 
 
