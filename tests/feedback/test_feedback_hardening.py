@@ -11,10 +11,13 @@ import os
 import re
 import socket
 import stat
+import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +38,9 @@ from sqlalchemy import func, select
 
 from rlhfkit.feedback.app import ServeConfig, create_app
 from rlhfkit.feedback.db import Database
+from rlhfkit.feedback.live import LiveServer
 from rlhfkit.feedback.markdown_safe import render_markdown
-from rlhfkit.feedback.models import Item
+from rlhfkit.feedback.models import Item, User
 from rlhfkit.feedback.schemas import MAX_CANDIDATES
 from rlhfkit.feedback.security import SECRET_ENV
 
@@ -234,6 +238,97 @@ def test_odd_names_deep_json_and_huge_numbers_get_a_clean_4xx(make_app: MakeApp)
     assert r.status_code == 422 and "password" in r.json()["error"]
     r = ann.post("/api/keys", content=json.dumps({"name": "half \udc00"}), headers=as_json | {"X-CSRF-Token": ann_csrf})
     assert r.status_code == 422 and "name" in r.json()["error"]
+
+
+# ---------------------------------------------------------------- 5. login throttling
+
+
+def test_password_guessing_is_throttled_with_exponential_backoff(make_app: MakeApp) -> None:
+    app, world = make_app(login_max_failures=3, login_backoff_seconds=1.0)
+    client = TestClient(app, raise_server_exceptions=False)
+
+    def attempt(password: str, username: str = "ann") -> httpx.Response:
+        return client.post("/api/login", json={"username": username, "password": password})
+
+    for _ in range(3):
+        assert attempt("wrong-guess-1").status_code == 401
+    locked = attempt("wrong-guess-2")
+    assert locked.status_code == 429 and locked.headers["retry-after"] == "1"
+    assert "too many failed logins; try again in" in locked.json()["error"]
+    right = attempt(PASSWORD)
+    assert right.status_code == 429 and "retry-after" in right.headers  # even the right password
+    assert attempt(PASSWORD, "bob").status_code == 200  # another username, from the same address
+    time.sleep(1.1)
+    assert attempt("wrong-guess-3").status_code == 401  # checked again, and the next wait doubles
+    locked = attempt(PASSWORD)
+    assert locked.status_code == 429 and locked.headers["retry-after"] == "2"
+    time.sleep(2.1)
+    assert attempt(PASSWORD).status_code == 200
+    assert attempt("wrong-guess-4").status_code == 401  # a success starts the count afresh
+
+    page = TestClient(app, follow_redirects=False, raise_server_exceptions=False)  # the login form too
+    for _ in range(3):
+        assert form_login(page, "alice", "wrong-guess-5").status_code == 401
+    r = form_login(page, "alice", PASSWORD)
+    assert r.status_code == 429 and r.headers["retry-after"] == "1" and "too many failed logins" in r.text
+    assert "rlhfkit_session" not in r.cookies
+
+
+def test_one_address_guessing_many_usernames_is_throttled(make_app: MakeApp) -> None:
+    app, world = make_app(login_max_failures=3, login_max_failures_per_ip=4, login_backoff_seconds=30)
+    client = TestClient(app, raise_server_exceptions=False)
+    for name in ("ann", "bob", "nobody", "alice"):
+        assert client.post("/api/login", json={"username": name, "password": "wrong-guess-1"}).status_code == 401
+    r = client.post("/api/login", json={"username": "owner", "password": PASSWORD})
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 29
+
+
+def test_unknown_usernames_fail_as_slowly_as_known_ones(make_app: MakeApp) -> None:
+    """Before, a wrong password took 31 ms for a real user and 3 ms for an unknown name."""
+    app, world = make_app(login_max_failures=1000, login_max_failures_per_ip=1000)
+    client = TestClient(app)
+    with app.state.feedback.db.session(write=True) as s:  # a deactivated user gives nothing away either
+        s.get(User, world.users["bob"]).active = False
+    names = {"known": "ann", "unknown": "nobody-here", "api-only": "extra", "deactivated": "bob"}
+    times: dict[str, list[float]] = {kind: [] for kind in names}
+    client.post("/api/login", json={"username": "ann", "password": "warm-up-guess"})
+    for i in range(7):  # interleaved, so a busy moment of the machine hits every kind alike
+        for kind, name in names.items():
+            t = time.perf_counter()
+            r = client.post("/api/login", json={"username": name, "password": f"wrong-guess-{i}"})
+            times[kind].append(time.perf_counter() - t)
+            assert r.status_code == 401 and r.json()["error"] == "wrong username or password"
+    medians = {kind: statistics.median(ts) for kind, ts in times.items()}
+    assert max(medians.values()) < 3 * min(medians.values()), medians
+
+
+def test_password_checks_are_bounded_so_labelers_keep_working(config: ServeConfig) -> None:
+    """Unbounded, 40 parallel logins hashed at once: labelers waited seconds, memory stayed grown."""
+    cfg = ServeConfig(**(config.model_dump() | {"password_hash_concurrency": 1, "password_hash_wait_seconds": 0.05}))
+    db = Database(cfg.db_url)
+    db.migrate()
+    world = seed(db, items=4, overlap=2)
+    with LiveServer(cfg, db) as server, ThreadPoolExecutor(16) as pool:
+
+        def log_in(_: int) -> httpx.Response:
+            return httpx.post(f"{server.url}/api/login", json={"username": "ann", "password": PASSWORD}, timeout=60)
+
+        def label(_: int) -> int:
+            headers = {"Authorization": f"Bearer {world.keys['bob']}"}
+            return httpx.get(
+                f"{server.url}/api/projects/{world.project_a}/next", headers=headers, timeout=60
+            ).status_code
+
+        logins = [pool.submit(log_in, i) for i in range(12)]
+        labeling = [pool.submit(label, i) for i in range(4)]
+        answers = [f.result() for f in logins]
+        assert [f.result() for f in labeling] == [200] * 4
+    db.dispose()
+    statuses = Counter(r.status_code for r in answers)
+    assert set(statuses) == {200, 503}, statuses
+    for r in answers:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "1" and "busy with other logins" in r.json()["error"]
 
 
 # ---------------------------------------------------------------- 6. no secrets in the output

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from rlhfkit.feedback import service
 from rlhfkit.feedback.agreement import agreement_report
-from rlhfkit.feedback.app import COOKIE, Auth, api_auth, state
+from rlhfkit.feedback.app import COOKIE, Auth, api_auth, login_user, state
 from rlhfkit.feedback.models import Project, User
 from rlhfkit.feedback.schemas import (
     ApiKeyIn,
@@ -46,12 +46,15 @@ def require_owner(auth: Auth) -> None:
 
 
 @router.post("/login")
-def login(data: LoginIn, request: Request) -> Response:
+async def login(data: LoginIn, request: Request) -> Response:
     st = state(request)
-    with st.db.session() as s:
-        user = service.check_password(s, data.username, data.password)
-    with st.db.session(write=True) as s:
-        token = service.open_session(s, user.id, st.config.session_days)
+    user_id = await login_user(request, data.username, data.password)
+
+    def start() -> str:
+        with st.db.session(write=True) as s:
+            return service.open_session(s, user_id, st.config.session_days)
+
+    token = await run_in_threadpool(start)
     response = JSONResponse({"username": data.username, "csrf_token": csrf_token(st.secret, token)})
     set_session_cookie(response, token, st.config.session_days, st.config.secure_cookies)
     return response

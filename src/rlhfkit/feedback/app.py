@@ -34,7 +34,15 @@ from rlhfkit.config import StrictModel
 from rlhfkit.feedback import service
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.markdown_safe import render_markdown
-from rlhfkit.feedback.security import csrf_ok, csrf_token, load_secret
+from rlhfkit.feedback.security import (
+    HashingBusy,
+    HashingGate,
+    LoginThrottle,
+    csrf_ok,
+    csrf_token,
+    load_secret,
+    retry_after_header,
+)
 
 HERE = Path(__file__).parent
 COOKIE = "rlhfkit_session"
@@ -55,6 +63,12 @@ class ServeConfig(StrictModel):
     lease_minutes: int = Field(60, ge=1, description="how long a handed-out item is held for its labeler")
     session_days: int = Field(14, ge=1, description="browser login lifetime")
     secure_cookies: bool = Field(False, description="set true when served over HTTPS")
+    login_max_failures: int = Field(5, ge=1, description="failed logins per username before backoff")
+    login_max_failures_per_ip: int = Field(30, ge=1, description="failed logins per client address before backoff")
+    login_backoff_seconds: float = Field(1.0, gt=0, description="first wait after too many failures; doubles")
+    login_backoff_max_seconds: float = Field(900, gt=0, description="longest wait between login attempts")
+    password_hash_concurrency: int = Field(2, ge=1, description="password checks at once (argon2: CPU, 19 MiB)")
+    password_hash_wait_seconds: float = Field(3.0, gt=0, description="longest a login waits for a check, then 503")
     max_body_kb: int = Field(512, ge=16, description="largest request body, except imports")
     max_upload_mb: int = Field(50, ge=1, description="largest JSONL import")
     log_level: str = Field("warning", description="uvicorn log level")
@@ -68,6 +82,8 @@ class State:
     db: Database
     secret: bytes
     templates: Jinja2Templates
+    throttle: LoginThrottle
+    hashing: HashingGate
 
     @property
     def lease(self) -> timedelta:
@@ -140,6 +156,47 @@ def page_auth(request: Request) -> Auth:
     return auth
 
 
+def client_address(request: Request) -> str:
+    """The caller's IP address (what login throttling counts per client)."""
+    return request.client.host if request.client else "unknown"
+
+
+async def login_user(request: Request, username: str, password: str) -> int:
+    """The user id if the password is right, for the JSON and the form login alike.
+
+    Throttled (see LoginThrottle: 429 with Retry-After) and bounded (see HashingGate: 503);
+    the throttle is asked again once a hashing slot is free, since failures may have been
+    counted while this attempt waited.
+    """
+    st, address = state(request), client_address(request)
+
+    def refuse_if_throttled() -> None:
+        wait = st.throttle.retry_after(username, address)
+        if wait > 0:
+            headers = retry_after_header(wait)
+            raise service.TooManyAttempts(
+                f"too many failed logins; try again in {headers['Retry-After']} seconds", headers
+            )
+
+    def check() -> int:
+        refuse_if_throttled()
+        with st.db.session() as s:
+            return service.check_password(s, username, password).id
+
+    refuse_if_throttled()
+    try:
+        user_id = await st.hashing.run(check)
+    except HashingBusy:
+        raise service.Busy(
+            "the server is busy with other logins; try again in a moment", retry_after_header(1)
+        ) from None
+    except service.Unauthorized:
+        st.throttle.failed(username, address)
+        raise
+    st.throttle.succeeded(username)
+    return user_id
+
+
 @dataclass
 class Posted:
     auth: Auth
@@ -167,16 +224,18 @@ def render(
 # ---------------------------------------------------------------- errors
 
 
-def _error(request: Request, status: int, message: str) -> Response:
+def _error(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     if is_api(request):
-        return JSONResponse({"error": message}, status_code=status)
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
     auth = None
     if status not in (401, 403):
         try:
             auth = authenticate(request)
         except service.ServiceError:
             auth = None
-    return render(request, "error.html", {"status": status, "message": message}, auth, status=status)
+    response = render(request, "error.html", {"status": status, "message": message}, auth, status=status)
+    response.headers.update(headers or {})
+    return response
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -190,7 +249,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(service.ServiceError)
     async def _service(request: Request, exc: service.ServiceError) -> Response:
-        return await run_in_threadpool(_error, request, exc.status, exc.message)
+        return await run_in_threadpool(_error, request, exc.status, exc.message, exc.headers)
 
     @app.exception_handler(LoginRequired)
     async def _login(request: Request, exc: LoginRequired) -> Response:
@@ -294,7 +353,19 @@ def create_app(config: ServeConfig, db: Database | None = None) -> FastAPI:
         openapi_url="/api/openapi.json",
         lifespan=lifespan,
     )
-    app.state.feedback = State(config, db, load_secret(config.secret_key_file), _templates())
+    app.state.feedback = State(
+        config,
+        db,
+        load_secret(config.secret_key_file),
+        _templates(),
+        LoginThrottle(
+            config.login_max_failures,
+            config.login_max_failures_per_ip,
+            config.login_backoff_seconds,
+            config.login_backoff_max_seconds,
+        ),
+        HashingGate(config.password_hash_concurrency, config.password_hash_wait_seconds),
+    )
     _install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.include_router(api.router)

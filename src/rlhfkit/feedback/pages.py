@@ -18,7 +18,7 @@ from starlette.datastructures import UploadFile
 from rlhfkit.feedback import service
 from rlhfkit.feedback.agreement import agreement_report
 from rlhfkit.feedback.api import set_session_cookie
-from rlhfkit.feedback.app import COOKIE, LOGIN_COOKIE, Auth, Posted, page_auth, page_post, render, state
+from rlhfkit.feedback.app import COOKIE, LOGIN_COOKIE, Auth, Posted, login_user, page_auth, page_post, render, state
 from rlhfkit.feedback.models import TASKS, Project, User
 from rlhfkit.feedback.schemas import ApiKeyIn, JudgmentIn, LoginIn, MemberIn, ProjectIn, ProjectSettingsIn, UserIn
 from rlhfkit.feedback.security import csrf_ok, csrf_token, new_token
@@ -59,7 +59,14 @@ def validation_text(e: ValidationError) -> str:
 # ---------------------------------------------------------------- login
 
 
-def _login_page(request: Request, next_path: str, error: str = "", username: str = "", status: int = 200) -> Response:
+def _login_page(
+    request: Request,
+    next_path: str,
+    error: str = "",
+    username: str = "",
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+) -> Response:
     nonce = new_token()
     response = render(
         request,
@@ -81,6 +88,7 @@ def _login_page(request: Request, next_path: str, error: str = "", username: str
         samesite="lax",
         secure=state(request).config.secure_cookies,
     )
+    response.headers.update(headers or {})
     return response
 
 
@@ -101,17 +109,11 @@ async def login(request: Request) -> Response:
 
     try:
         data = LoginIn(username=str(form.get("username", "")), password=str(form.get("password", "")))
+        user_id = await login_user(request, data.username, data.password)
     except ValidationError as e:
         return _login_page(request, next_path, validation_text(e), "", status=422)
-
-    def check() -> int:
-        with st.db.session() as s:
-            return service.check_password(s, data.username, data.password).id
-
-    try:
-        user_id = await run_in_threadpool(check)
-    except service.Unauthorized as e:
-        return _login_page(request, next_path, e.message, username, status=401)
+    except (service.Unauthorized, service.TooManyAttempts, service.Busy) as e:
+        return _login_page(request, next_path, e.message, username, status=e.status, headers=e.headers)
 
     def start() -> str:
         with st.db.session(write=True) as s:

@@ -71,11 +71,14 @@ log = logging.getLogger("rlhfkit.feedback")
 
 
 class ServiceError(Exception):
+    """`headers` go out with the error response (e.g. Retry-After)."""
+
     status = 400
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
+        self.headers = headers or {}
 
 
 class Unauthorized(ServiceError):
@@ -96,6 +99,14 @@ class Conflict(ServiceError):
 
 class Invalid(ServiceError):
     status = 422
+
+
+class TooManyAttempts(ServiceError):
+    status = 429
+
+
+class Busy(ServiceError):
+    status = 503
 
 
 class Unshowable(Conflict):
@@ -135,9 +146,12 @@ def set_password(s: Session, user: User, password: str) -> None:
 
 def check_password(s: Session, username: str, password: str) -> User:
     """The user, if the password is right. Run in a read transaction: argon2 is slow on purpose,
-    and on SQLite a write transaction would hold up every other writer meanwhile."""
+    and on SQLite a write transaction would hold up every other writer meanwhile. The hash is
+    checked whoever asks (unknown and deactivated users included), so the time taken does not
+    tell which usernames exist."""
     user = s.scalar(select(User).where(User.username == username))
-    if user is None or not user.active or not verify_password(user.password_hash, password):
+    right = verify_password(user.password_hash if user else None, password)
+    if user is None or not right or not user.active:
         raise Unauthorized("wrong username or password")
     return user
 
