@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,12 @@ from feedback_helpers import (
 )
 from sqlalchemy import func, select
 
+from rlhfkit.feedback import service
 from rlhfkit.feedback.app import ServeConfig, create_app
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.live import LiveServer
 from rlhfkit.feedback.markdown_safe import render_markdown
-from rlhfkit.feedback.models import Item, User
+from rlhfkit.feedback.models import Item, LoginSession, User
 from rlhfkit.feedback.schemas import MAX_CANDIDATES
 from rlhfkit.feedback.security import SECRET_ENV
 
@@ -372,7 +374,7 @@ def test_serve_never_prints_the_database_password(db_url: str, tmp_path: Path) -
     assert "postgres:***@127.0.0.1" in init.stdout and "postgres:***@127.0.0.1" in output
 
 
-# ---------------------------------------------------------------- 7. files
+# ---------------------------------------------------------------- 7. files, cookies, sessions, passwords
 
 
 def test_database_and_secret_files_are_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -390,6 +392,70 @@ def test_database_and_secret_files_are_private(tmp_path: Path, monkeypatch: pyte
         os.umask(umask)
     assert {"feedback.db", "feedback.db-wal", "feedback.db-shm", "feedback.secret"} <= set(modes), modes
     assert set(modes.values()) == {"0o600"}, modes
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_secure_cookies_follow_the_request_scheme(config: ServeConfig) -> None:
+    db = Database(config.db_url)
+    db.migrate()
+    seed(db)
+    cases = [  # (settings, scheme, X-Forwarded-Proto, Secure expected)
+        ({}, "http", None, False),  # plain-http localhost keeps working
+        ({}, "https", None, True),
+        ({}, "http", "https", False),  # anyone may send the header: only a trusted proxy counts
+        ({"trusted_proxies": "testclient"}, "http", "https", True),
+        ({"trusted_proxies": "10.0.0.1"}, "http", "https", False),
+        ({"secure_cookies": True}, "http", None, True),
+        ({"secure_cookies": False}, "https", None, False),
+    ]
+    for settings, scheme, forwarded, secure in cases:
+        app = create_app(ServeConfig(**(config.model_dump() | settings)), db)
+        headers = {"X-Forwarded-Proto": forwarded} if forwarded else {}
+        client = TestClient(app, base_url=f"{scheme}://testserver", headers=headers, follow_redirects=False)
+        cookies = [
+            client.post("/api/login", json={"username": "ann", "password": PASSWORD}).headers["set-cookie"],
+            client.get("/login").headers["set-cookie"],
+        ]
+        for cookie in cookies:
+            assert ("; secure" in cookie.lower()) == secure, (settings, scheme, forwarded, cookie)
+    db.dispose()
+
+
+def test_sessions_end_when_idle_and_after_their_lifetime(make_app: MakeApp) -> None:
+    app, world = make_app(session_idle_hours=12, session_days=14)
+    db: Database = app.state.feedback.db
+    ann, _ = browser(app, "ann")
+
+    def session_times() -> tuple[Any, Any]:
+        with db.session() as s:
+            row = s.scalar(select(LoginSession).where(LoginSession.user_id == world.users["ann"]))
+            return row.created_at, row.expires_at
+
+    def age(last_use: bool = True, **delta: float) -> None:
+        """As if the logins (and their last use, unless not `last_use`) lay `delta` further back."""
+        with db.session(write=True) as s:
+            for row in s.scalars(select(LoginSession)):
+                row.created_at -= timedelta(**delta)
+                if last_use:
+                    row.expires_at -= timedelta(**delta)
+
+    created, expires = session_times()
+    assert timedelta(hours=11, minutes=59) < expires - created <= timedelta(hours=12)
+    age(hours=11)
+    assert ann.get("/api/me").status_code == 200  # used within 12 hours: the deadline moves on
+    created, expires = session_times()
+    assert expires - service.utcnow() > timedelta(hours=11, minutes=59)
+    assert ann.get("/api/me").status_code == 200
+    assert session_times()[1] == expires  # not a write per request
+    age(hours=12, minutes=1)
+    assert ann.get("/api/me").status_code == 401  # 12 hours without a request
+    assert ann.get("/", follow_redirects=False).status_code == 303
+
+    bob, _ = browser(app, "bob")
+    age(last_use=False, days=14, minutes=-1)  # logged in 14 days ago, in use all along
+    assert bob.get("/api/me").status_code == 200
+    age(last_use=False, minutes=2)
+    assert bob.get("/api/me").status_code == 401
 
 
 def test_weak_passwords_are_refused(make_app: MakeApp) -> None:

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from rlhfkit.feedback import service
 from rlhfkit.feedback.agreement import agreement_report
-from rlhfkit.feedback.app import COOKIE, Auth, api_auth, login_user, state
+from rlhfkit.feedback.app import COOKIE, Auth, api_auth, cookie_secure, login_user, state
 from rlhfkit.feedback.models import Project, User
 from rlhfkit.feedback.schemas import (
     ApiKeyIn,
@@ -49,19 +49,23 @@ def require_owner(auth: Auth) -> None:
 async def login(data: LoginIn, request: Request) -> Response:
     st = state(request)
     user_id = await login_user(request, data.username, data.password)
-
-    def start() -> str:
-        with st.db.session(write=True) as s:
-            return service.open_session(s, user_id, st.config.session_days)
-
-    token = await run_in_threadpool(start)
+    token = await run_in_threadpool(start_session, request, user_id)
     response = JSONResponse({"username": data.username, "csrf_token": csrf_token(st.secret, token)})
-    set_session_cookie(response, token, st.config.session_days, st.config.secure_cookies)
+    set_session_cookie(request, response, token)
     return response
 
 
-def set_session_cookie(response: Response, token: str, days: int, secure: bool) -> None:
-    response.set_cookie(COOKIE, token, max_age=days * 86400, httponly=True, samesite="lax", secure=secure, path="/")
+def start_session(request: Request, user_id: int) -> str:
+    st = state(request)
+    with st.db.session(write=True) as s:
+        return service.open_session(s, user_id, st.session_times)
+
+
+def set_session_cookie(request: Request, response: Response, token: str) -> None:
+    """The cookie lives as long as the session may (the server ends it sooner when idle)."""
+    max_age = int(state(request).session_times.lifetime.total_seconds())
+    secure = cookie_secure(request)
+    response.set_cookie(COOKIE, token, max_age=max_age, httponly=True, samesite="lax", secure=secure, path="/")
 
 
 @router.post("/logout", status_code=204)

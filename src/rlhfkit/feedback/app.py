@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from rlhfkit.config import StrictModel
 from rlhfkit.feedback import service
@@ -61,8 +62,14 @@ class ServeConfig(StrictModel):
     port: int = Field(8000, ge=1, le=65535)
     secret_key_file: str = Field("feedback.secret", description="made on first start; $RLHFKIT_SECRET_KEY overrides it")
     lease_minutes: int = Field(60, ge=1, description="how long a handed-out item is held for its labeler")
-    session_days: int = Field(14, ge=1, description="browser login lifetime")
-    secure_cookies: bool = Field(False, description="set true when served over HTTPS")
+    session_days: int = Field(14, ge=1, description="browser login lifetime, however active")
+    session_idle_hours: float = Field(12, gt=0, description="a browser login ends after this long without requests")
+    secure_cookies: Literal["auto"] | bool = Field(
+        "auto", description="auto: Secure cookies when the request came over HTTPS; true/false forces"
+    )
+    trusted_proxies: str = Field(
+        "", description="reverse proxies (IPs or networks, comma-separated) whose X-Forwarded-For/-Proto count"
+    )
     login_max_failures: int = Field(5, ge=1, description="failed logins per username before backoff")
     login_max_failures_per_ip: int = Field(30, ge=1, description="failed logins per client address before backoff")
     login_backoff_seconds: float = Field(1.0, gt=0, description="first wait after too many failures; doubles")
@@ -88,6 +95,12 @@ class State:
     @property
     def lease(self) -> timedelta:
         return timedelta(minutes=self.config.lease_minutes)
+
+    @property
+    def session_times(self) -> service.SessionTimes:
+        return service.SessionTimes(
+            idle=timedelta(hours=self.config.session_idle_hours), lifetime=timedelta(days=self.config.session_days)
+        )
 
 
 @dataclass
@@ -125,12 +138,17 @@ def authenticate(request: Request) -> Auth | None:
                 raise service.Unauthorized("invalid or revoked API key")
             return Auth(user.id, user.username, user.is_owner, None)
     token = request.cookies.get(COOKIE)
-    if token:
-        with st.db.session() as s:
-            user = service.session_user(s, token)
-            if user is not None:
-                return Auth(user.id, user.username, user.is_owner, token)
-    return None
+    if not token:
+        return None
+    with st.db.session() as s:
+        found = service.session_user(s, token, st.session_times)
+    if found is None:
+        return None
+    user, due = found
+    if due:  # a write, but only once per SessionTimes.step
+        with st.db.session(write=True) as s:
+            service.touch_session(s, token, st.session_times)
+    return Auth(user.id, user.username, user.is_owner, token)
 
 
 def check_csrf(request: Request, auth: Auth, token: str | None) -> None:
@@ -157,8 +175,15 @@ def page_auth(request: Request) -> Auth:
 
 
 def client_address(request: Request) -> str:
-    """The caller's IP address (what login throttling counts per client)."""
+    """The caller's IP address (as reported by a trusted proxy, if configured; see create_app)."""
     return request.client.host if request.client else "unknown"
+
+
+def cookie_secure(request: Request) -> bool:
+    """Whether cookies get the Secure flag: by default when the request came over HTTPS (directly,
+    or as a trusted proxy reports it), so a plain-http localhost setup still logs in."""
+    setting = state(request).config.secure_cookies
+    return request.url.scheme == "https" if setting == "auto" else setting
 
 
 async def login_user(request: Request, username: str, password: str) -> int:
@@ -375,4 +400,8 @@ def create_app(config: ServeConfig, db: Database | None = None) -> FastAPI:
         max_body=config.max_body_kb * 1024,
         max_upload=config.max_upload_mb * 1024 * 1024,
     )
+    if config.trusted_proxies:
+        # Outermost: the client address (login throttling) and the scheme (Secure cookies) are the
+        # ones the proxy reports, and only when the request really comes from that proxy.
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=config.trusted_proxies)  # type: ignore[arg-type]
     return app

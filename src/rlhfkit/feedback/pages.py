@@ -17,8 +17,19 @@ from starlette.datastructures import UploadFile
 
 from rlhfkit.feedback import service
 from rlhfkit.feedback.agreement import agreement_report
-from rlhfkit.feedback.api import set_session_cookie
-from rlhfkit.feedback.app import COOKIE, LOGIN_COOKIE, Auth, Posted, login_user, page_auth, page_post, render, state
+from rlhfkit.feedback.api import set_session_cookie, start_session
+from rlhfkit.feedback.app import (
+    COOKIE,
+    LOGIN_COOKIE,
+    Auth,
+    Posted,
+    cookie_secure,
+    login_user,
+    page_auth,
+    page_post,
+    render,
+    state,
+)
 from rlhfkit.feedback.models import TASKS, Project, User
 from rlhfkit.feedback.schemas import ApiKeyIn, JudgmentIn, LoginIn, MemberIn, ProjectIn, ProjectSettingsIn, UserIn
 from rlhfkit.feedback.security import csrf_ok, csrf_token, new_token
@@ -80,14 +91,7 @@ def _login_page(
         status=status,
     )
     # Login CSRF: the form's token must match this cookie, so another site cannot log you in.
-    response.set_cookie(
-        LOGIN_COOKIE,
-        nonce,
-        max_age=3600,
-        httponly=True,
-        samesite="lax",
-        secure=state(request).config.secure_cookies,
-    )
+    response.set_cookie(LOGIN_COOKIE, nonce, max_age=3600, httponly=True, samesite="lax", secure=cookie_secure(request))
     response.headers.update(headers or {})
     return response
 
@@ -106,7 +110,6 @@ async def login(request: Request) -> Response:
     nonce = request.cookies.get(LOGIN_COOKIE, "")
     if not nonce or not csrf_ok(st.secret, "login:" + nonce, str(form.get("csrf_token", ""))):
         return _login_page(request, next_path, "The login form expired; please try again.", username, status=403)
-
     try:
         data = LoginIn(username=str(form.get("username", "")), password=str(form.get("password", "")))
         user_id = await login_user(request, data.username, data.password)
@@ -114,14 +117,9 @@ async def login(request: Request) -> Response:
         return _login_page(request, next_path, validation_text(e), "", status=422)
     except (service.Unauthorized, service.TooManyAttempts, service.Busy) as e:
         return _login_page(request, next_path, e.message, username, status=e.status, headers=e.headers)
-
-    def start() -> str:
-        with st.db.session(write=True) as s:
-            return service.open_session(s, user_id, st.config.session_days)
-
-    token = await run_in_threadpool(start)
+    token = await run_in_threadpool(start_session, request, user_id)
     response = redirect(next_path)
-    set_session_cookie(response, token, st.config.session_days, st.config.secure_cookies)
+    set_session_cookie(request, response, token)
     response.delete_cookie(LOGIN_COOKIE, path="/")
     return response
 

@@ -15,6 +15,7 @@ import secrets
 import statistics
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -156,20 +157,57 @@ def check_password(s: Session, username: str, password: str) -> User:
     return user
 
 
-def open_session(s: Session, user_id: int, days: int) -> str:
+@dataclass(frozen=True)
+class SessionTimes:
+    """A browser session ends after `idle` without requests, and `lifetime` after login at the latest.
+
+    `LoginSession.expires_at` is the idle deadline, pushed forward as the session is used (at
+    most once per `step`, so a busy labeler does not cost a database write per request).
+    """
+
+    idle: timedelta
+    lifetime: timedelta
+
+    @property
+    def step(self) -> timedelta:
+        return min(self.idle / 10, timedelta(minutes=5))
+
+    def deadline(self, created_at: datetime, now: datetime) -> datetime:
+        return min(now + self.idle, created_at + self.lifetime)
+
+
+def open_session(s: Session, user_id: int, times: SessionTimes) -> str:
     """Start a browser session; returns the token for the cookie."""
-    token = new_token()
-    s.add(LoginSession(token_hash=sha256(token), user_id=user_id, expires_at=utcnow() + timedelta(days=days)))
+    token, now = new_token(), utcnow()
+    s.add(LoginSession(token_hash=sha256(token), user_id=user_id, created_at=now, expires_at=times.deadline(now, now)))
     return token
 
 
-def session_user(s: Session, token: str) -> User | None:
+def session_user(s: Session, token: str, times: SessionTimes) -> tuple[User, bool] | None:
+    """(the session's user, whether its idle deadline is due to be pushed forward with
+    `touch_session`), or None if there is no such session or it has ended."""
     row = s.execute(
-        select(LoginSession.expires_at, User).join(User).where(LoginSession.token_hash == sha256(token))
+        select(LoginSession.created_at, LoginSession.expires_at, User)
+        .join(User)
+        .where(LoginSession.token_hash == sha256(token))
     ).first()
-    if row is None or row.expires_at < utcnow() or not row.User.active:
+    now = utcnow()
+    if row is None or row.expires_at <= now or row.created_at + times.lifetime <= now or not row.User.active:
         return None
-    return row.User
+    # Due when a step has passed since it was last pushed, or when it lies further out than the
+    # idle time allows (a session from before the idle timeout existed, or a shortened setting);
+    # not when it already is the end of the session's lifetime.
+    left = row.expires_at - now
+    due = (left < times.idle - times.step or left > times.idle) and row.expires_at != times.deadline(
+        row.created_at, now
+    )
+    return row.User, due
+
+
+def touch_session(s: Session, token: str, times: SessionTimes) -> None:
+    session = s.scalar(select(LoginSession).where(LoginSession.token_hash == sha256(token)))
+    if session is not None:
+        session.expires_at = times.deadline(session.created_at, utcnow())
 
 
 def logout(s: Session, token: str) -> None:

@@ -52,7 +52,9 @@ def _run(config: ServeConfig, args: argparse.Namespace) -> None:
 
     app = create_app(config)
     print(f"rlhfkit feedback on http://{config.host}:{config.port}  (database: {display_url(config.db_url)})")
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+    # proxy_headers=False: uvicorn would otherwise believe X-Forwarded-* from 127.0.0.1; the app
+    # itself honours them, from `trusted_proxies` only.
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, proxy_headers=False)
 
 
 def _in_db(config: ServeConfig, work: Callable[[Any], Any]) -> Any:
