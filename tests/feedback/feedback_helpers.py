@@ -7,11 +7,40 @@ from dataclasses import dataclass, field
 
 from rlhfkit.feedback import service
 from rlhfkit.feedback.db import Database
+from rlhfkit.feedback.models import Candidate, Item
 from rlhfkit.feedback.schemas import MemberIn, ProjectIn, UserIn
 
 PASSWORD = "correct-horse-9"
 XSS = "<script>alert('xss')</script>"
 ALPHA, BRAVO = "ALPHA-ONLY-TEXT", "BRAVO-ONLY-TEXT"
+BROKEN = "half an emoji \ud83d"  # a lone UTF-16 surrogate, as JavaScript tools write it ("\\ud83d" in JSON)
+# Markdown links that must not keep a script target (known filter bypasses), and links that must stay.
+BYPASSES = [
+    "[x](javascript&#58;alert(1))",
+    "[x](javascript&#x3a;alert(1))",
+    "[x](javascript&#X3A;alert(1))",
+    "[x](javascript&colon;alert(1))",
+    "[x](javascript&#0000058;alert(1))",
+    "[x](&#106;avascript:alert(1))",
+    "[x](java\tscript:alert(1))",
+    "[x](<java\nscript:alert(1)>)",
+    "[x](\x01javascript:alert(1))",
+    "[x](JAVASCRIPT:alert(1))",
+    "[x](JaVaScRiPt:alert(1))",
+    "[x](data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==)",
+    "[x](vbscript:msgbox(1))",
+    "[x][ref]\n\n[ref]: javascript&#58;alert(1)",
+    "![x](javascript&#58;alert(1))",
+    "![x](data:image/svg+xml,<svg onload=alert(1)>)",
+]
+SAFE_LINKS = {
+    "[a](https://example.com/guide?x=1&y=2)": "https://example.com/guide?x=1&y=2",
+    "[b](http://example.com)": "http://example.com",
+    "[c](mailto:lead@example.com)": "mailto:lead@example.com",
+    "[d](/p/1/next)": "/p/1/next",
+    "[e](#ties)": "#ties",
+    "[f](notes.html)": "notes.html",
+}
 
 
 def completions_jsonl(n: int, k: int = 3, prefix: str = "p", marker: str = "") -> str:
@@ -71,3 +100,14 @@ def seed(db: Database, items: int = 4, overlap: int = 2, task: str = "ranking") 
             service.parse_upload("b.jsonl", completions_jsonl(2, prefix="b", marker=BRAVO).encode(), "ranking"),
         )
     return world
+
+
+def store_damaged_item(db: Database, project_id: int, key: str = "damaged") -> int:
+    """An item as an older version stored it from an unchecked import: a lone surrogate in its
+    text, first in the queue. No page or JSON answer can contain it (it is not valid UTF-8)."""
+    with db.session(write=True) as s:
+        item = Item(project_id=project_id, key=key, prompt=f"prompt with {BROKEN}", position=0)
+        item.candidates = [Candidate(idx=0, text="fine"), Candidate(idx=1, text=BROKEN)]
+        s.add(item)
+        s.flush()
+        return item.id

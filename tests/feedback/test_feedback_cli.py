@@ -102,7 +102,7 @@ def test_cli_errors_are_clean(
     db = f"db_url=sqlite:///{tmp_path}/fb.db"
     monkeypatch.setenv("RLHFKIT_PASSWORD", "short")
     code, _, err = cli(capsys, "serve", "create-owner", "root", db)
-    assert code == 2 and "password" in err and "at least 8" in err
+    assert code == 2 and "password" in err and "at least 10" in err
     code, _, err = cli(capsys, "serve", "import", "Nope", str(tmp_path / "missing.jsonl"), db)
     assert code == 2 and "missing.jsonl: file not found" in err
     (tmp_path / "c.jsonl").write_text('{"prompt_id": "a", "prompt": "x", "completions": ["y", "z"]}\n')

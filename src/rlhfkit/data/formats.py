@@ -288,6 +288,8 @@ def _iter_jsonl(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+            except RecursionError:
+                raise UserError(f"{path}:{lineno}: JSON nested too deeply (see the formats in README)") from None
             if not isinstance(obj, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj

@@ -10,7 +10,6 @@ Candidates come in this labeler's shuffled order; their ids are stable. Errors a
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from rlhfkit.feedback import service
 from rlhfkit.feedback.agreement import agreement_report
-from rlhfkit.feedback.app import COOKIE, Auth, api_auth, state
+from rlhfkit.feedback.app import COOKIE, Auth, api_auth, cookie_secure, login_user, state
 from rlhfkit.feedback.models import Project, User
 from rlhfkit.feedback.schemas import (
     ApiKeyIn,
@@ -47,19 +46,26 @@ def require_owner(auth: Auth) -> None:
 
 
 @router.post("/login")
-def login(data: LoginIn, request: Request) -> Response:
+async def login(data: LoginIn, request: Request) -> Response:
     st = state(request)
-    with st.db.session() as s:
-        user = service.check_password(s, data.username, data.password)
-    with st.db.session(write=True) as s:
-        token = service.open_session(s, user.id, st.config.session_days)
+    user_id = await login_user(request, data.username, data.password)
+    token = await run_in_threadpool(start_session, request, user_id)
     response = JSONResponse({"username": data.username, "csrf_token": csrf_token(st.secret, token)})
-    set_session_cookie(response, token, st.config.session_days, st.config.secure_cookies)
+    set_session_cookie(request, response, token)
     return response
 
 
-def set_session_cookie(response: Response, token: str, days: int, secure: bool) -> None:
-    response.set_cookie(COOKIE, token, max_age=days * 86400, httponly=True, samesite="lax", secure=secure, path="/")
+def start_session(request: Request, user_id: int) -> str:
+    st = state(request)
+    with st.db.session(write=True) as s:
+        return service.open_session(s, user_id, st.session_times)
+
+
+def set_session_cookie(request: Request, response: Response, token: str) -> None:
+    """The cookie lives as long as the session may (the server ends it sooner when idle)."""
+    max_age = int(state(request).session_times.lifetime.total_seconds())
+    secure = cookie_secure(request)
+    response.set_cookie(COOKIE, token, max_age=max_age, httponly=True, samesite="lax", secure=secure, path="/")
 
 
 @router.post("/logout", status_code=204)
@@ -201,8 +207,7 @@ def next_item(pid: int, request: Request, auth: Auth = Depends(api_auth)) -> dic
     def work(s: Any) -> dict[str, Any]:
         user = s.get(User, auth.user_id)
         project, _ = service.project_for(s, user, pid)
-        a = service.next_assignment(s, project, user, st.lease)
-        return {"item": service.item_view(a, project) if a else None}
+        return {"item": service.next_view(s, project, user, st.lease)}
 
     return st.db.transact(work)
 
@@ -264,7 +269,7 @@ def export(pid: int, kind: str, request: Request, margin: bool = False, auth: Au
 
     def lines() -> Iterator[str]:
         for row in rows:
-            yield json.dumps(row, ensure_ascii=False) + "\n"
+            yield service.jsonl_line(row)
 
     return StreamingResponse(
         lines(),

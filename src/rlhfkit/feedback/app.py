@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
@@ -29,12 +29,21 @@ from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from rlhfkit.config import StrictModel
 from rlhfkit.feedback import service
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.markdown_safe import render_markdown
-from rlhfkit.feedback.security import csrf_ok, csrf_token, load_secret
+from rlhfkit.feedback.security import (
+    HashingBusy,
+    HashingGate,
+    LoginThrottle,
+    csrf_ok,
+    csrf_token,
+    load_secret,
+    retry_after_header,
+)
 
 HERE = Path(__file__).parent
 COOKIE = "rlhfkit_session"
@@ -53,8 +62,20 @@ class ServeConfig(StrictModel):
     port: int = Field(8000, ge=1, le=65535)
     secret_key_file: str = Field("feedback.secret", description="made on first start; $RLHFKIT_SECRET_KEY overrides it")
     lease_minutes: int = Field(60, ge=1, description="how long a handed-out item is held for its labeler")
-    session_days: int = Field(14, ge=1, description="browser login lifetime")
-    secure_cookies: bool = Field(False, description="set true when served over HTTPS")
+    session_days: int = Field(14, ge=1, description="browser login lifetime, however active")
+    session_idle_hours: float = Field(12, gt=0, description="a browser login ends after this long without requests")
+    secure_cookies: Literal["auto"] | bool = Field(
+        "auto", description="auto: Secure cookies when the request came over HTTPS; true/false forces"
+    )
+    trusted_proxies: str = Field(
+        "", description="reverse proxies (IPs or networks, comma-separated) whose X-Forwarded-For/-Proto count"
+    )
+    login_max_failures: int = Field(5, ge=1, description="failed logins per username before backoff")
+    login_max_failures_per_ip: int = Field(30, ge=1, description="failed logins per client address before backoff")
+    login_backoff_seconds: float = Field(1.0, gt=0, description="first wait after too many failures; doubles")
+    login_backoff_max_seconds: float = Field(900, gt=0, description="longest wait between login attempts")
+    password_hash_concurrency: int = Field(2, ge=1, description="password checks at once (argon2: CPU, 19 MiB)")
+    password_hash_wait_seconds: float = Field(3.0, gt=0, description="longest a login waits for a check, then 503")
     max_body_kb: int = Field(512, ge=16, description="largest request body, except imports")
     max_upload_mb: int = Field(50, ge=1, description="largest JSONL import")
     log_level: str = Field("warning", description="uvicorn log level")
@@ -68,10 +89,18 @@ class State:
     db: Database
     secret: bytes
     templates: Jinja2Templates
+    throttle: LoginThrottle
+    hashing: HashingGate
 
     @property
     def lease(self) -> timedelta:
         return timedelta(minutes=self.config.lease_minutes)
+
+    @property
+    def session_times(self) -> service.SessionTimes:
+        return service.SessionTimes(
+            idle=timedelta(hours=self.config.session_idle_hours), lifetime=timedelta(days=self.config.session_days)
+        )
 
 
 @dataclass
@@ -109,12 +138,17 @@ def authenticate(request: Request) -> Auth | None:
                 raise service.Unauthorized("invalid or revoked API key")
             return Auth(user.id, user.username, user.is_owner, None)
     token = request.cookies.get(COOKIE)
-    if token:
-        with st.db.session() as s:
-            user = service.session_user(s, token)
-            if user is not None:
-                return Auth(user.id, user.username, user.is_owner, token)
-    return None
+    if not token:
+        return None
+    with st.db.session() as s:
+        found = service.session_user(s, token, st.session_times)
+    if found is None:
+        return None
+    user, due = found
+    if due:  # a write, but only once per SessionTimes.step
+        with st.db.session(write=True) as s:
+            service.touch_session(s, token, st.session_times)
+    return Auth(user.id, user.username, user.is_owner, token)
 
 
 def check_csrf(request: Request, auth: Auth, token: str | None) -> None:
@@ -138,6 +172,54 @@ def page_auth(request: Request) -> Auth:
     if auth is None:
         raise LoginRequired()
     return auth
+
+
+def client_address(request: Request) -> str:
+    """The caller's IP address (as reported by a trusted proxy, if configured; see create_app)."""
+    return request.client.host if request.client else "unknown"
+
+
+def cookie_secure(request: Request) -> bool:
+    """Whether cookies get the Secure flag: by default when the request came over HTTPS (directly,
+    or as a trusted proxy reports it), so a plain-http localhost setup still logs in."""
+    setting = state(request).config.secure_cookies
+    return request.url.scheme == "https" if setting == "auto" else setting
+
+
+async def login_user(request: Request, username: str, password: str) -> int:
+    """The user id if the password is right, for the JSON and the form login alike.
+
+    Throttled (see LoginThrottle: 429 with Retry-After) and bounded (see HashingGate: 503);
+    the throttle is asked again once a hashing slot is free, since failures may have been
+    counted while this attempt waited.
+    """
+    st, address = state(request), client_address(request)
+
+    def refuse_if_throttled() -> None:
+        wait = st.throttle.retry_after(username, address)
+        if wait > 0:
+            headers = retry_after_header(wait)
+            raise service.TooManyAttempts(
+                f"too many failed logins; try again in {headers['Retry-After']} seconds", headers
+            )
+
+    def check() -> int:
+        refuse_if_throttled()
+        with st.db.session() as s:
+            return service.check_password(s, username, password).id
+
+    refuse_if_throttled()
+    try:
+        user_id = await st.hashing.run(check)
+    except HashingBusy:
+        raise service.Busy(
+            "the server is busy with other logins; try again in a moment", retry_after_header(1)
+        ) from None
+    except service.Unauthorized:
+        st.throttle.failed(username, address)
+        raise
+    st.throttle.succeeded(username)
+    return user_id
 
 
 @dataclass
@@ -167,16 +249,18 @@ def render(
 # ---------------------------------------------------------------- errors
 
 
-def _error(request: Request, status: int, message: str) -> Response:
+def _error(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     if is_api(request):
-        return JSONResponse({"error": message}, status_code=status)
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
     auth = None
     if status not in (401, 403):
         try:
             auth = authenticate(request)
         except service.ServiceError:
             auth = None
-    return render(request, "error.html", {"status": status, "message": message}, auth, status=status)
+    response = render(request, "error.html", {"status": status, "message": message}, auth, status=status)
+    response.headers.update(headers or {})
+    return response
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -190,7 +274,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(service.ServiceError)
     async def _service(request: Request, exc: service.ServiceError) -> Response:
-        return await run_in_threadpool(_error, request, exc.status, exc.message)
+        return await run_in_threadpool(_error, request, exc.status, exc.message, exc.headers)
 
     @app.exception_handler(LoginRequired)
     async def _login(request: Request, exc: LoginRequired) -> Response:
@@ -294,7 +378,19 @@ def create_app(config: ServeConfig, db: Database | None = None) -> FastAPI:
         openapi_url="/api/openapi.json",
         lifespan=lifespan,
     )
-    app.state.feedback = State(config, db, load_secret(config.secret_key_file), _templates())
+    app.state.feedback = State(
+        config,
+        db,
+        load_secret(config.secret_key_file),
+        _templates(),
+        LoginThrottle(
+            config.login_max_failures,
+            config.login_max_failures_per_ip,
+            config.login_backoff_seconds,
+            config.login_backoff_max_seconds,
+        ),
+        HashingGate(config.password_hash_concurrency, config.password_hash_wait_seconds),
+    )
     _install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.include_router(api.router)
@@ -304,4 +400,8 @@ def create_app(config: ServeConfig, db: Database | None = None) -> FastAPI:
         max_body=config.max_body_kb * 1024,
         max_upload=config.max_upload_mb * 1024 * 1024,
     )
+    if config.trusted_proxies:
+        # Outermost: the client address (login throttling) and the scheme (Secure cookies) are the
+        # ones the proxy reports, and only when the request really comes from that proxy.
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=config.trusted_proxies)  # type: ignore[arg-type]
     return app

@@ -12,6 +12,7 @@ runs them programmatically, so no alembic.ini is needed anywhere.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -33,24 +34,41 @@ _MIGRATION_LOCK_ID = 7_401_337  # any constant: serialises two servers migrating
 
 
 def normalize_url(url: str) -> str:
-    """Accept the plain `postgresql://` spelling and use psycopg 3, the driver we ship."""
+    """Accept the plain `postgresql://` spelling and use psycopg 3, the driver we ship.
+
+    The result keeps the password (the engine needs it): show `display_url(...)` instead.
+    """
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise UserError(f"db_url {url!r} is not a database URL (e.g. sqlite:///feedback.db)") from None
+        # Not parsed, so the password could not be hidden: the URL is not repeated.
+        raise UserError(
+            "db_url is not a database URL (e.g. sqlite:///feedback.db, postgresql://user@host/db)"
+        ) from None
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
-        raise UserError(f"db_url {url!r}: only SQLite and PostgreSQL are supported")
+        raise UserError(f"db_url {display_url(url)!r}: only SQLite and PostgreSQL are supported")
     if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
         raise UserError("db_url: SQLite needs a file (sqlite:///feedback.db); in-memory data would be lost")
     return parsed.render_as_string(hide_password=False)
+
+
+def display_url(url: str) -> str:
+    """The URL with its password replaced by ***: what may be printed or logged."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<not a database URL>"
 
 
 def _sqlite_engine(url: str) -> Engine:
     database = make_url(url).database
     assert database is not None
     Path(database).parent.mkdir(parents=True, exist_ok=True)
+    # The file holds password hashes and every judgment: readable by its owner only. SQLite gives
+    # its -wal and -shm files the database file's mode, so creating it 0600 covers all three.
+    os.close(os.open(database, os.O_CREAT | os.O_RDWR, 0o600))
     engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")

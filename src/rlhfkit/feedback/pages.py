@@ -17,10 +17,21 @@ from starlette.datastructures import UploadFile
 
 from rlhfkit.feedback import service
 from rlhfkit.feedback.agreement import agreement_report
-from rlhfkit.feedback.api import set_session_cookie
-from rlhfkit.feedback.app import COOKIE, LOGIN_COOKIE, Auth, Posted, page_auth, page_post, render, state
+from rlhfkit.feedback.api import set_session_cookie, start_session
+from rlhfkit.feedback.app import (
+    COOKIE,
+    LOGIN_COOKIE,
+    Auth,
+    Posted,
+    cookie_secure,
+    login_user,
+    page_auth,
+    page_post,
+    render,
+    state,
+)
 from rlhfkit.feedback.models import TASKS, Project, User
-from rlhfkit.feedback.schemas import JudgmentIn, MemberIn, ProjectIn, ProjectSettingsIn, UserIn
+from rlhfkit.feedback.schemas import ApiKeyIn, JudgmentIn, LoginIn, MemberIn, ProjectIn, ProjectSettingsIn, UserIn
 from rlhfkit.feedback.security import csrf_ok, csrf_token, new_token
 
 router = APIRouter()
@@ -37,11 +48,19 @@ def safe_next(target: str | None) -> str:
     return target
 
 
+def small_int(raw: str) -> int | None:
+    """A form field's whole number, or None if it is not one. At most 9 digits: every number
+    a form here takes is small, and int() refuses 4,300 digits and more with an error."""
+    raw = raw.strip()
+    return int(raw) if raw.isdecimal() and len(raw) <= 9 else None
+
+
 def form_int(form: Any, name: str, default: int) -> int:
-    raw = str(form.get(name, default)).strip()
-    if not raw.isdecimal():
-        raise service.Invalid(f"{name}: {raw[:20]!r} is not a whole number")
-    return int(raw)
+    raw = str(form.get(name, default))
+    value = small_int(raw)
+    if value is None:
+        raise service.Invalid(f"{name}: {raw.strip()[:20]!r} is not a whole number (at most 9 digits)")
+    return value
 
 
 def validation_text(e: ValidationError) -> str:
@@ -51,7 +70,14 @@ def validation_text(e: ValidationError) -> str:
 # ---------------------------------------------------------------- login
 
 
-def _login_page(request: Request, next_path: str, error: str = "", username: str = "", status: int = 200) -> Response:
+def _login_page(
+    request: Request,
+    next_path: str,
+    error: str = "",
+    username: str = "",
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+) -> Response:
     nonce = new_token()
     response = render(
         request,
@@ -65,14 +91,8 @@ def _login_page(request: Request, next_path: str, error: str = "", username: str
         status=status,
     )
     # Login CSRF: the form's token must match this cookie, so another site cannot log you in.
-    response.set_cookie(
-        LOGIN_COOKIE,
-        nonce,
-        max_age=3600,
-        httponly=True,
-        samesite="lax",
-        secure=state(request).config.secure_cookies,
-    )
+    response.set_cookie(LOGIN_COOKIE, nonce, max_age=3600, httponly=True, samesite="lax", secure=cookie_secure(request))
+    response.headers.update(headers or {})
     return response
 
 
@@ -90,23 +110,16 @@ async def login(request: Request) -> Response:
     nonce = request.cookies.get(LOGIN_COOKIE, "")
     if not nonce or not csrf_ok(st.secret, "login:" + nonce, str(form.get("csrf_token", ""))):
         return _login_page(request, next_path, "The login form expired; please try again.", username, status=403)
-
-    def check() -> int:
-        with st.db.session() as s:
-            return service.check_password(s, username, str(form.get("password", ""))).id
-
     try:
-        user_id = await run_in_threadpool(check)
-    except service.Unauthorized as e:
-        return _login_page(request, next_path, e.message, username, status=401)
-
-    def start() -> str:
-        with st.db.session(write=True) as s:
-            return service.open_session(s, user_id, st.config.session_days)
-
-    token = await run_in_threadpool(start)
+        data = LoginIn(username=str(form.get("username", "")), password=str(form.get("password", "")))
+        user_id = await login_user(request, data.username, data.password)
+    except ValidationError as e:
+        return _login_page(request, next_path, validation_text(e), "", status=422)
+    except (service.Unauthorized, service.TooManyAttempts, service.Busy) as e:
+        return _login_page(request, next_path, e.message, username, status=e.status, headers=e.headers)
+    token = await run_in_threadpool(start_session, request, user_id)
     response = redirect(next_path)
-    set_session_cookie(response, token, st.config.session_days, st.config.secure_cookies)
+    set_session_cookie(request, response, token)
     response.delete_cookie(LOGIN_COOKIE, path="/")
     return response
 
@@ -155,8 +168,8 @@ def next_page(pid: int, request: Request, saved: int = 0, auth: Auth = Depends(p
     def work(s: Any) -> int | None:
         user = s.get(User, auth.user_id)
         project, _ = service.project_for(s, user, pid)
-        a = service.next_assignment(s, project, user, st.lease)
-        return a.item_id if a else None
+        view = service.next_view(s, project, user, st.lease)
+        return view["item_id"] if view else None
 
     item_id = st.db.transact(work)
     if item_id is not None:
@@ -221,8 +234,7 @@ def _draft_from_form(form: Any, display_order: list[int]) -> dict[str, Any]:
     """The posted form as a draft: what the page shows again if the submit is refused."""
     ranks: dict[int, int | None] = {}
     for cid in display_order:
-        raw = str(form.get(f"rank_{cid}", "")).strip()
-        ranks[cid] = int(raw) if raw.isdecimal() else None
+        ranks[cid] = small_int(str(form.get(f"rank_{cid}", "")))
     # Browsers send textarea line breaks as CRLF; training data wants plain newlines.
     return {
         "ranks": ranks,
@@ -433,9 +445,12 @@ def account_page(request: Request, auth: Auth = Depends(page_auth)) -> Response:
 
 @router.post("/account/keys")
 def create_key(request: Request, posted: Posted = Depends(page_post)) -> Response:
-    name = str(posted.form.get("name", "")).strip()[:100] or "script"
+    try:
+        data = ApiKeyIn(name=str(posted.form.get("name", "")).strip() or "script")
+    except ValidationError as e:
+        raise service.Invalid(validation_text(e)) from None
     with state(request).db.session(write=True) as s:
-        key = service.create_api_key(s, s.get(User, posted.auth.user_id), name)
+        key = service.create_api_key(s, s.get(User, posted.auth.user_id), data.name)
     with state(request).db.session() as s:  # shown once, on this response only
         return render(
             request,

@@ -1,25 +1,63 @@
-"""What clients may send. Every field has a size limit and no field may hold a NUL character
-(PostgreSQL text cannot store one), so bad input is a clear 422, never a half-done write."""
+"""What clients may send. Every field has a size limit and only holds text a database can store
+(see `text_problem`), so bad input is a clear 422, never a half-done write or a page that can
+never be shown again."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+)
+
+from rlhfkit.feedback.security import password_problem
 
 MAX_COMMENT = 5_000
 MAX_RESPONSE = 50_000
 MAX_GUIDELINES = 100_000
+# Candidates per item: the import refuses more, and a judgment ranks at most this many. One
+# number for both, so an item that was imported can always be judged.
+MAX_CANDIDATES = 100
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _no_nul(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
+def text_problem(value: str, allow_nul: bool = False) -> str | None:
+    """Why `value` is not text a database can store and a page can show, or None if it is.
+
+    A NUL character cannot be stored in PostgreSQL text; `allow_nul` is for text stored inside
+    JSON (imported prompts and completions), where it is kept as the escape \\u0000 on both
+    databases (model output can hold one: byte-level tokenizers decode it). A lone UTF-16
+    surrogate (what JavaScript tools write for half of an emoji, `\\ud800` in JSON) is stored,
+    but it is not Unicode: it cannot be encoded as UTF-8, so every page or export with it fails.
+    """
+    if "\x00" in value and not allow_nul:
+        return "contains a NUL character (\\u0000), which the database cannot store; remove it"
+    bad = _SURROGATE.search(value)
+    if bad:
+        return (
+            f"contains a lone UTF-16 surrogate (\\u{ord(bad.group()):04x} at character {bad.start()}), which is "
+            "not valid Unicode; fix the broken character (e.g. re-export the file as UTF-8)"
+        )
+    return None
+
+
+def _storable(value: str) -> str:
+    problem = text_problem(value)
+    if problem:
+        raise ValueError(problem)
     return value
 
 
 def text(max_length: int, min_length: int = 0) -> type[str]:
-    return Annotated[str, Field(min_length=min_length, max_length=max_length), AfterValidator(_no_nul)]  # type: ignore[return-value]
+    return Annotated[str, Field(min_length=min_length, max_length=max_length), AfterValidator(_storable)]  # type: ignore[return-value]
 
 
 Username = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")]
@@ -39,8 +77,16 @@ class LoginIn(In):
 
 class UserIn(In):
     username: Username
-    password: text(1000, 8) | None = None  # None: an API-key-only user (a script)
+    password: text(1000, 1) | None = None  # None: an API-key-only user (a script)
     is_owner: StrictBool = False
+
+    @field_validator("password")
+    @classmethod
+    def _strong(cls, password: str | None, info: ValidationInfo) -> str | None:
+        problem = password_problem(password, info.data.get("username", "")) if password is not None else None
+        if problem:
+            raise ValueError(problem)
+        return password
 
 
 class ProjectIn(In):
@@ -67,7 +113,7 @@ class ApiKeyIn(In):
 class DraftIn(In):
     """A labeler's unfinished work, saved as they go; partial and unchecked by design."""
 
-    ranks: dict[int, StrictInt | None] = Field(default_factory=dict, max_length=100)
+    ranks: dict[int, StrictInt | None] = Field(default_factory=dict, max_length=MAX_CANDIDATES)
     unusable: StrictBool = False
     comment: text(MAX_COMMENT) = ""
     response: text(MAX_RESPONSE) = ""
@@ -80,7 +126,7 @@ class JudgmentIn(In):
     click) and you get the stored judgment back instead of a second one.
     """
 
-    ranking: dict[int, StrictInt] | None = Field(None, max_length=100)
+    ranking: dict[int, StrictInt] | None = Field(None, max_length=MAX_CANDIDATES)
     unusable: StrictBool = False
     comment: text(MAX_COMMENT) | None = None
     response: text(MAX_RESPONSE) | None = None

@@ -9,10 +9,13 @@ transaction (see Database.transact), so a failure anywhere leaves nothing half-s
 from __future__ import annotations
 
 import json
+import logging
+import re
 import secrets
 import statistics
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -45,23 +48,38 @@ from rlhfkit.feedback.models import (
     User,
     utcnow,
 )
-from rlhfkit.feedback.schemas import DraftIn, JudgmentIn, MemberIn, ProjectIn, ProjectSettingsIn, UserIn
+from rlhfkit.feedback.schemas import (
+    MAX_CANDIDATES,
+    DraftIn,
+    JudgmentIn,
+    MemberIn,
+    ProjectIn,
+    ProjectSettingsIn,
+    UserIn,
+    text_problem,
+)
 from rlhfkit.feedback.security import (
     api_key_prefix,
     hash_password,
     new_api_key,
     new_token,
+    password_problem,
     sha256,
     verify_password,
 )
 
+log = logging.getLogger("rlhfkit.feedback")
+
 
 class ServiceError(Exception):
+    """`headers` go out with the error response (e.g. Retry-After)."""
+
     status = 400
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
+        self.headers = headers or {}
 
 
 class Unauthorized(ServiceError):
@@ -82,6 +100,18 @@ class Conflict(ServiceError):
 
 class Invalid(ServiceError):
     status = 422
+
+
+class TooManyAttempts(ServiceError):
+    status = 429
+
+
+class Busy(ServiceError):
+    status = 503
+
+
+class Unshowable(Conflict):
+    """A stored item holds text no page can show (imported before imports were checked)."""
 
 
 # ---------------------------------------------------------------- users, sessions, API keys
@@ -108,36 +138,76 @@ def get_user(s: Session, username: str) -> User:
 
 
 def set_password(s: Session, user: User, password: str) -> None:
-    try:
-        user.password_hash = hash_password(password)
-    except ValueError as e:
-        raise Invalid(f"password: {e}") from None
+    problem = password_problem(password, user.username)
+    if problem:
+        raise Invalid(f"password: {problem}")
+    user.password_hash = hash_password(password)
     s.execute(LoginSession.__table__.delete().where(LoginSession.user_id == user.id))  # log out everywhere
 
 
 def check_password(s: Session, username: str, password: str) -> User:
     """The user, if the password is right. Run in a read transaction: argon2 is slow on purpose,
-    and on SQLite a write transaction would hold up every other writer meanwhile."""
+    and on SQLite a write transaction would hold up every other writer meanwhile. The hash is
+    checked whoever asks (unknown and deactivated users included), so the time taken does not
+    tell which usernames exist."""
     user = s.scalar(select(User).where(User.username == username))
-    if user is None or not user.active or not verify_password(user.password_hash, password):
+    right = verify_password(user.password_hash if user else None, password)
+    if user is None or not right or not user.active:
         raise Unauthorized("wrong username or password")
     return user
 
 
-def open_session(s: Session, user_id: int, days: int) -> str:
+@dataclass(frozen=True)
+class SessionTimes:
+    """A browser session ends after `idle` without requests, and `lifetime` after login at the latest.
+
+    `LoginSession.expires_at` is the idle deadline, pushed forward as the session is used (at
+    most once per `step`, so a busy labeler does not cost a database write per request).
+    """
+
+    idle: timedelta
+    lifetime: timedelta
+
+    @property
+    def step(self) -> timedelta:
+        return min(self.idle / 10, timedelta(minutes=5))
+
+    def deadline(self, created_at: datetime, now: datetime) -> datetime:
+        return min(now + self.idle, created_at + self.lifetime)
+
+
+def open_session(s: Session, user_id: int, times: SessionTimes) -> str:
     """Start a browser session; returns the token for the cookie."""
-    token = new_token()
-    s.add(LoginSession(token_hash=sha256(token), user_id=user_id, expires_at=utcnow() + timedelta(days=days)))
+    token, now = new_token(), utcnow()
+    s.add(LoginSession(token_hash=sha256(token), user_id=user_id, created_at=now, expires_at=times.deadline(now, now)))
     return token
 
 
-def session_user(s: Session, token: str) -> User | None:
+def session_user(s: Session, token: str, times: SessionTimes) -> tuple[User, bool] | None:
+    """(the session's user, whether its idle deadline is due to be pushed forward with
+    `touch_session`), or None if there is no such session or it has ended."""
     row = s.execute(
-        select(LoginSession.expires_at, User).join(User).where(LoginSession.token_hash == sha256(token))
+        select(LoginSession.created_at, LoginSession.expires_at, User)
+        .join(User)
+        .where(LoginSession.token_hash == sha256(token))
     ).first()
-    if row is None or row.expires_at < utcnow() or not row.User.active:
+    now = utcnow()
+    if row is None or row.expires_at <= now or row.created_at + times.lifetime <= now or not row.User.active:
         return None
-    return row.User
+    # Due when a step has passed since it was last pushed, or when it lies further out than the
+    # idle time allows (a session from before the idle timeout existed, or a shortened setting);
+    # not when it already is the end of the session's lifetime.
+    left = row.expires_at - now
+    due = (left < times.idle - times.step or left > times.idle) and row.expires_at != times.deadline(
+        row.created_at, now
+    )
+    return row.User, due
+
+
+def touch_session(s: Session, token: str, times: SessionTimes) -> None:
+    session = s.scalar(select(LoginSession).where(LoginSession.token_hash == sha256(token)))
+    if session is not None:
+        session.expires_at = times.deadline(session.created_at, utcnow())
 
 
 def logout(s: Session, token: str) -> None:
@@ -258,18 +328,70 @@ def remove_member(s: Session, project: Project, user_id: int) -> None:
 
 
 def parse_upload(filename: str, data: bytes, task: str) -> list[Completions] | list[PromptRecord]:
-    """Validate an uploaded JSONL file with the project's reader; errors name the file and line."""
-    name = Path(filename or "upload.jsonl").name
+    """Validate an uploaded JSONL file with the project's reader, and what the reader accepts but
+    an item cannot hold (see `_record_problem`); errors name the file and line. The file is
+    parsed under a fixed name: the uploaded name only ever appears in messages."""
+    name = upload_name(filename)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
+        path = Path(tmp) / "upload.jsonl"
         path.write_bytes(data)
         try:
             kind = "completions"
             if task == "demonstration":
                 kind = _first_record_kind(path)
-            return read_records(path, kind)
+            records = read_records(path, kind)
         except UserError as e:
             raise Invalid(str(e).replace(str(path), name)) from None
+        for rec in records:
+            problem = _record_problem(rec, task)
+            if problem:
+                raise Invalid(f"{(rec._where or '').replace(str(path), name)}: {problem}")
+    return records
+
+
+def upload_name(filename: str) -> str:
+    """An upload's file name as shown in messages: its last path component, which must be a plain
+    printable name (".." or a NUL byte is a broken client, not a file to import)."""
+    name = re.split(r"[/\\]", filename)[-1] if filename else "upload.jsonl"
+    if name in ("", ".", "..") or len(name) > 200 or not name.isprintable() or text_problem(name):
+        raise Invalid(
+            f"filename: {filename[:40]!r} is not usable; send a plain file name such as batch.jsonl "
+            "(at most 200 printable characters, no folders)"
+        )
+    return name
+
+
+def _record_problem(rec: Completions | PromptRecord, task: str) -> str | None:
+    """`field: what is wrong` for a record the file reader accepts but an item cannot hold, or None:
+    more candidates than a judgment may rank, or text a database cannot store or a page cannot
+    show (one such item would fail every labeler it is handed to)."""
+    fields = rec.model_dump()
+    if isinstance(rec, Completions):
+        if task == "demonstration":
+            del fields["completions"]  # only the prompt is imported
+        elif len(rec.completions) > MAX_CANDIDATES:
+            return (
+                f"completions: {len(rec.completions)} candidates, but one item can have at most {MAX_CANDIDATES} "
+                "(a judgment ranks them all); keep fewer or split them over several prompt_ids"
+            )
+    key = "prompt_id" if isinstance(rec, Completions) else "id"
+    for where, value in _strings(fields, ""):
+        problem = text_problem(value, allow_nul=where != key)  # only the id goes into a text column
+        if problem:
+            return f"{where}: {problem}"
+    return None
+
+
+def _strings(value: Any, where: str) -> Iterator[tuple[str, str]]:
+    """Every string in a JSON-like value, with where it is (`prompt`, `completions[2][0].content`)."""
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _strings(v, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(v, f"{where}.{k}" if where else k)
 
 
 def _first_record_kind(path: Path) -> str:
@@ -278,7 +400,7 @@ def _first_record_kind(path: Path) -> str:
         if line.strip():
             try:
                 kind = detect_kind(json.loads(line))
-            except (ValueError, TypeError):
+            except (ValueError, TypeError, RecursionError):
                 return "prompts"  # let read_records report the precise problem
             return kind if kind in ("prompts", "completions") else "prompts"
     return "prompts"
@@ -410,9 +532,13 @@ def assignment_for(s: Session, project: Project, user: User, item_id: int) -> As
 
 
 def item_view(a: Assignment, project: Project) -> dict[str, Any]:
-    """What a labeler sees: candidates in *their* order, with stable ids and display letters."""
+    """What a labeler sees: candidates in *their* order, with stable ids and display letters.
+
+    Raises Unshowable if some text in it cannot be encoded as UTF-8 (a lone surrogate stored
+    before imports refused them): better a clear error than a page that fails half-way.
+    """
     by_id = {c.id: c for c in a.item.candidates}
-    return {
+    view = {
         "project_id": project.id,
         "item_id": a.item_id,
         "prompt_id": a.item.key,
@@ -425,6 +551,33 @@ def item_view(a: Assignment, project: Project) -> dict[str, Any]:
         "draft": a.draft,
         "submitted": a.done,
     }
+    for where, value in _strings(view, ""):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise Unshowable(
+                    f"item {a.item.key!r} cannot be shown: its {where} is not valid Unicode text; it is "
+                    "skipped (an admin can import it again, fixed, under a new prompt_id): take the next item"
+                ) from None
+    return view
+
+
+def next_view(s: Session, project: Project, user: User, lease: timedelta) -> dict[str, Any] | None:
+    """The view of the item this labeler should judge next (see next_assignment), or None.
+
+    An Unshowable item is logged and marked done for this labeler without a judgment (skipped),
+    and the next one is taken: their unfinished item always comes first, so otherwise it would
+    fail every request of theirs, for good.
+    """
+    while (a := next_assignment(s, project, user, lease)) is not None:
+        try:
+            return item_view(a, project)
+        except Unshowable as e:
+            log.error("project %s, labeler %s: %s", project.id, user.username, e.message)
+            a.done, a.draft, a.leased_until = True, None, utcnow()
+            s.flush()
+    return None
 
 
 def save_draft(s: Session, project: Project, user: User, item_id: int, draft: DraftIn, lease: timedelta) -> None:
@@ -691,6 +844,18 @@ EXPORTS = {
     "demonstrations": "written demonstrations {prompt, response} for SFT",
     "completions": "the items themselves (completions format), to pair with the raw judgments",
 }
+
+
+def jsonl_line(row: dict[str, Any]) -> str:
+    """One line of a JSONL export, non-ASCII text as is; but escaped (\\ud800) where the row holds
+    text that is not valid Unicode (stored before imports refused it), which keeps it exactly and
+    the export going instead of breaking off at that row."""
+    line = json.dumps(row, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(row)
+    return line + "\n"
 
 
 def export(s: Session, project: Project, kind: str, margin: bool = False) -> list[dict[str, Any]]:

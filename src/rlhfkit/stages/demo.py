@@ -144,7 +144,7 @@ def collect_feedback(out: Path, completions: Path, cfg: FeedbackConfig, seed: in
     utility = {(pid, c): s for (pid, _, c), s in zip(flat, scores, strict=True)}
 
     db_url = f"sqlite:///{out / 'feedback.db'}"
-    password = secrets.token_urlsafe(12)
+    password = secrets.token_hex(12)  # hex digits cannot spell any of the users' names (see password_problem)
     db = Database(db_url)
     db.migrate()
     with db.session(write=True) as s:

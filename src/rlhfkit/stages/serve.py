@@ -48,10 +48,13 @@ def _run(config: ServeConfig, args: argparse.Namespace) -> None:
     import uvicorn
 
     from rlhfkit.feedback.app import create_app
+    from rlhfkit.feedback.db import display_url
 
     app = create_app(config)
-    print(f"rlhfkit feedback on http://{config.host}:{config.port}  (database: {app.state.feedback.db.url})")
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+    print(f"rlhfkit feedback on http://{config.host}:{config.port}  (database: {display_url(config.db_url)})")
+    # proxy_headers=False: uvicorn would otherwise believe X-Forwarded-* from 127.0.0.1; the app
+    # itself honours them, from `trusted_proxies` only.
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, proxy_headers=False)
 
 
 def _in_db(config: ServeConfig, work: Callable[[Any], Any]) -> Any:
@@ -70,8 +73,10 @@ def _in_db(config: ServeConfig, work: Callable[[Any], Any]) -> Any:
 
 
 def _init(config: ServeConfig, args: argparse.Namespace) -> None:
+    from rlhfkit.feedback.db import display_url
+
     _in_db(config, lambda s: None)
-    print(f"database ready: {config.db_url}")
+    print(f"database ready: {display_url(config.db_url)}")
 
 
 def _user(config: ServeConfig, args: argparse.Namespace, owner: bool) -> None:
@@ -143,13 +148,11 @@ def _import(config: ServeConfig, args: argparse.Namespace) -> None:
 
 
 def _export(config: ServeConfig, args: argparse.Namespace) -> None:
-    import json
-
     from rlhfkit.config import atomic_write_text
     from rlhfkit.feedback import service
 
     rows = _in_db(config, lambda s: service.export(s, service.find_project(s, args.project), args.kind, args.margin))
-    atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(args.out, "".join(service.jsonl_line(r) for r in rows))
     print(f"wrote {len(rows)} records to {args.out}")
 
 
