@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from rlhfkit.feedback.client import FeedbackClient
 from rlhfkit.feedback.live import LiveServer
 
 PASSWORD = "labeler-pass-1"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -119,3 +123,29 @@ def test_cli_errors_are_clean(
     assert code == 2 and "rankings= and completions=" in err
     code, _, err = cli(capsys, "aggregate", db, "project=Tea", f"out_dir={tmp_path}/o")
     assert code == 2 and "no judgments" in err
+
+
+def test_the_serve_cli_does_not_load_the_ml_stack(tmp_path: Path) -> None:
+    """`rlhfkit serve --help` and the admin commands must be quick: torch, transformers and choix
+    (scipy) take seconds to import and none of them is needed to manage the site."""
+    code = """
+import sys
+from rlhfkit.cli import main
+import rlhfkit.stages.serve
+try:
+    main(["serve", "--help"])
+except SystemExit:
+    pass
+print("help:", sorted(m for m in ("torch", "transformers", "choix", "scipy", "fastapi") if m in sys.modules))
+main(["serve", "init", "db_url=sqlite:///" + sys.argv[1]])
+print("admin:", sorted(m for m in ("torch", "transformers", "choix", "scipy") if m in sys.modules))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code, f"{tmp_path}/fb.db"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=os.environ | {"PYTHONPATH": str(SRC), "RLHFKIT_HOME": str(tmp_path)},
+    ).stdout
+    assert "help: []" in out and "admin: []" in out, out
+

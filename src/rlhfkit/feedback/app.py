@@ -24,17 +24,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from pydantic import Field
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rlhfkit.config import StrictModel
 from rlhfkit.feedback import service
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.markdown_safe import render_markdown
 from rlhfkit.feedback.security import csrf_ok, csrf_token, load_secret
+from rlhfkit.feedback.settings import ServeConfig
 
 HERE = Path(__file__).parent
 COOKIE = "rlhfkit_session"
@@ -43,21 +42,6 @@ CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
-
-
-class ServeConfig(StrictModel):
-    """`rlhfkit serve` settings; each is also a KEY=VALUE flag (e.g. port=8080)."""
-
-    db_url: str = Field("sqlite:///feedback.db", description="SQLite file or postgresql://user@host/db")
-    host: str = Field("127.0.0.1", description="address to listen on")
-    port: int = Field(8000, ge=1, le=65535)
-    secret_key_file: str = Field("feedback.secret", description="made on first start; $RLHFKIT_SECRET_KEY overrides it")
-    lease_minutes: int = Field(60, ge=1, description="how long a handed-out item is held for its labeler")
-    session_days: int = Field(14, ge=1, description="browser login lifetime")
-    secure_cookies: bool = Field(False, description="set true when served over HTTPS")
-    max_body_kb: int = Field(512, ge=16, description="largest request body, except imports")
-    max_upload_mb: int = Field(50, ge=1, description="largest JSONL import")
-    log_level: str = Field("warning", description="uvicorn log level")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Any
 
 from rlhfkit.config import describe_fields, load_config
 from rlhfkit.errors import UserError
-from rlhfkit.feedback.app import ServeConfig
+from rlhfkit.feedback.settings import ServeConfig
 
 Config = ServeConfig
 PASSWORD_ENV = "RLHFKIT_PASSWORD"
