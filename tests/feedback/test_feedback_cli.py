@@ -149,3 +149,58 @@ print("admin:", sorted(m for m in ("torch", "transformers", "choix", "scipy") if
     ).stdout
     assert "help: []" in out and "admin: []" in out, out
 
+
+def test_one_default_database_whatever_the_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without db_url every command uses $RLHFKIT_HOME/feedback.db, from any folder, and says so."""
+    home, one, two = tmp_path / "home", tmp_path / "one", tmp_path / "two"
+    for folder in (one, two):
+        folder.mkdir()
+    monkeypatch.setenv("RLHFKIT_HOME", str(home))
+    monkeypatch.chdir(one)
+    code, _, err = cli(capsys, "serve", "create-project", "Tea")
+    assert code == 0 and f"database: sqlite:///{home}/feedback.db" in err
+    monkeypatch.chdir(two)
+    code, out, err = cli(capsys, "serve", "add-member", "nobody", "Tea")
+    assert code == 2 and "no user named 'nobody'" in err  # the project was found: same database
+    assert f"database: sqlite:///{home}/feedback.db" in err
+    assert not list(one.iterdir()) and not list(two.iterdir())
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert f"db_url = 'sqlite:///{home}/feedback.db'" in capsys.readouterr().out
+
+
+def test_an_old_database_in_the_current_folder_is_not_silently_replaced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RLHFKIT_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert cli(capsys, "serve", "create-project", "Tea", "db_url=sqlite:///feedback.db")[0] == 0
+    code, _, err = cli(capsys, "serve", "create-project", "Coffee")
+    assert code == 2 and "feedback.db exists, but the default database is" in err
+    assert "db_url=sqlite:///feedback.db" in err
+    assert not (tmp_path / "home" / "feedback.db").exists()
+
+
+def test_admin_commands_name_the_database_without_its_password(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = db_url.replace("postgres@", "postgres:hunter2-secret@")  # trust auth: the password is ignored
+    code, out, err = cli(capsys, "serve", "create-project", "Tea", f"db_url={url}")
+    assert code == 0
+    shown = url.replace(":hunter2-secret@", ":***@")
+    assert f"database: {shown}" in err
+    code, out, err = cli(capsys, "serve", "init", f"db_url={url}")
+    assert code == 0 and "hunter2" not in out + err
+
+
+def test_aggregate_reads_the_default_database_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RLHFKIT_HOME", str(tmp_path / "home"))
+    code, _, err = cli(capsys, "aggregate", "project=Tea", f"out_dir={tmp_path}/o")
+    assert code == 2 and f"sqlite:///{tmp_path}/home/feedback.db: no such database" in err
+    assert cli(capsys, "serve", "create-project", "Tea")[0] == 0
+    code, _, err = cli(capsys, "aggregate", "project=Tea", f"out_dir={tmp_path}/o")
+    assert code == 2 and "no judgments" in err  # found the project in $RLHFKIT_HOME/feedback.db

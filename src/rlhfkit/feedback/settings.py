@@ -1,23 +1,52 @@
-"""`rlhfkit serve` settings.
+"""`rlhfkit serve` settings and where the site's data lives by default.
 
 Kept apart from app.py (which imports FastAPI) so that `rlhfkit serve --help` and the admin
 commands can read the settings without loading the web framework.
+
+The database and the secret default to one fixed folder, $RLHFKIT_HOME, else
+$XDG_DATA_HOME/rlhfkit, else ~/.local/share/rlhfkit. A default relative to the current folder
+meant that running a command from another folder silently started a new, empty site.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 from pydantic import Field
 
 from rlhfkit.config import StrictModel
 
+HOME_ENV = "RLHFKIT_HOME"
+DB_FILE, SECRET_FILE = "feedback.db", "feedback.secret"
+
+
+def data_dir() -> Path:
+    """The folder for the default SQLite database and secret (an absolute path, for clear messages)."""
+    home = os.environ.get(HOME_ENV)
+    if home:
+        return Path(home).expanduser().absolute()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share").absolute() / "rlhfkit"
+
+
+def default_db_url() -> str:
+    return f"sqlite:///{data_dir() / DB_FILE}"
+
 
 class ServeConfig(StrictModel):
     """`rlhfkit serve` settings; each is also a KEY=VALUE flag (e.g. port=8080)."""
 
-    db_url: str = Field("sqlite:///feedback.db", description="SQLite file or postgresql://user@host/db")
+    db_url: str = Field(
+        default_factory=default_db_url,
+        description=f"SQLite file or postgresql://user@host/db (default: in ${HOME_ENV})",
+    )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=1, le=65535)
-    secret_key_file: str = Field("feedback.secret", description="made on first start; $RLHFKIT_SECRET_KEY overrides it")
+    secret_key_file: str = Field(
+        default_factory=lambda: str(data_dir() / SECRET_FILE),
+        description="made on first start; $RLHFKIT_SECRET_KEY overrides it",
+    )
     lease_minutes: int = Field(60, ge=1, description="how long a handed-out item is held for its labeler")
     session_days: int = Field(14, ge=1, description="browser login lifetime")
     secure_cookies: bool = Field(False, description="set true when served over HTTPS")

@@ -26,7 +26,7 @@ from typing import Any
 
 from rlhfkit.config import describe_fields, load_config
 from rlhfkit.errors import UserError
-from rlhfkit.feedback.settings import ServeConfig
+from rlhfkit.feedback.settings import DB_FILE, SECRET_FILE, ServeConfig, default_db_url
 
 Config = ServeConfig
 PASSWORD_ENV = "RLHFKIT_PASSWORD"
@@ -54,12 +54,24 @@ def _run(config: ServeConfig, args: argparse.Namespace) -> None:
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
 
 
+def shown_url(url: str) -> str:
+    """The database URL as printed: never with its password."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def _in_db(config: ServeConfig, work: Callable[[Any], Any]) -> Any:
-    """Run one admin command in one transaction; service errors become clean CLI errors."""
+    """Run one admin command in one transaction; service errors become clean CLI errors.
+
+    Which database it is goes to stderr first (stdout stays clean for scripts, e.g. `api-key`):
+    a command run against the wrong database should be obvious at once, not after a day's labels.
+    """
     from rlhfkit.feedback.db import Database
     from rlhfkit.feedback.service import ServiceError
 
     db = Database(config.db_url)
+    print(f"database: {shown_url(db.url)}", file=sys.stderr)
     try:
         db.migrate()
         return db.transact(work)
@@ -71,7 +83,7 @@ def _in_db(config: ServeConfig, work: Callable[[Any], Any]) -> Any:
 
 def _init(config: ServeConfig, args: argparse.Namespace) -> None:
     _in_db(config, lambda s: None)
-    print(f"database ready: {config.db_url}")
+    print(f"database ready: {shown_url(config.db_url)}")
 
 
 def _user(config: ServeConfig, args: argparse.Namespace, owner: bool) -> None:
@@ -211,11 +223,27 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[ServeConfig,
     return parser, actions
 
 
+def _refuse_stray_database(config: ServeConfig) -> None:
+    """Older versions kept feedback.db in the folder they ran from. Where such a file sits here
+    and the default database does not exist yet, starting a new, empty site in the default
+    place would look like the data had vanished: say what to do instead."""
+    here = Path(DB_FILE)
+    default = Path(default_db_url().removeprefix("sqlite:///"))
+    if "db_url" in config.model_fields_set or not here.is_file() or default.exists():
+        return
+    raise UserError(
+        f"{here.absolute()} exists, but the default database is {default} (see README: where the "
+        f"database lives). Use this one with db_url=sqlite:///{DB_FILE}, set $RLHFKIT_HOME to this "
+        f"folder, or move {DB_FILE} and {SECRET_FILE} to {default.parent}"
+    )
+
+
 def cli(argv: list[str]) -> int:
     parser, actions = _parser()
     flags = [a for a in argv if "=" not in a or a.startswith("-")]
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     args = parser.parse_args(flags)
     config = load_config(ServeConfig, args.config, overrides)
+    _refuse_stray_database(config)
     actions[args.command or "run"](config, args)
     return 0
