@@ -13,8 +13,10 @@ from feedback_helpers import XSS
 
 from rlhfkit.cli import main
 from rlhfkit.data.formats import Completions, read_records, write_records
+from rlhfkit.feedback import service
 from rlhfkit.feedback.app import ServeConfig
 from rlhfkit.feedback.client import FeedbackClient
+from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.live import LiveServer
 
 PASSWORD = "labeler-pass-1"
@@ -204,3 +206,21 @@ def test_aggregate_reads_the_default_database_too(
     assert cli(capsys, "serve", "create-project", "Tea")[0] == 0
     code, _, err = cli(capsys, "aggregate", "project=Tea", f"out_dir={tmp_path}/o")
     assert code == 2 and "no judgments" in err  # found the project in $RLHFKIT_HOME/feedback.db
+
+
+def test_cli_imports_and_guidelines_with_a_byte_order_mark(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], db_url: str
+) -> None:
+    db = f"db_url={db_url}"
+    guidelines = tmp_path / "guidelines.md"
+    guidelines.write_bytes(b"\xef\xbb\xbf# Be kind\n")
+    assert cli(capsys, "serve", "create-project", "Tea", "--guidelines", str(guidelines), db)[0] == 0
+    comp = tmp_path / "c.jsonl"
+    record = {"prompt_id": "a", "prompt": "x", "completions": ["y", "z"]}
+    comp.write_bytes(b"\xef\xbb\xbf" + json.dumps(record).encode())
+    code, out, err = cli(capsys, "serve", "import", "Tea", str(comp), db)
+    assert code == 0 and out == "imported 1 items into 'Tea' (0 already there)\n", err
+    database = Database(db_url)
+    with database.session() as s:
+        assert service.find_project(s, "Tea").guidelines == "# Be kind\n"  # the heading is still a heading
+    database.dispose()

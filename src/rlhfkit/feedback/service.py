@@ -274,7 +274,7 @@ def parse_upload(filename: str, data: bytes, task: str) -> list[Completions] | l
 
 def _first_record_kind(path: Path) -> str:
     """Demonstration projects take prompts or completions files (only the prompt is used)."""
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in path.read_text(encoding="utf-8-sig", errors="replace").splitlines():
         if line.strip():
             try:
                 kind = detect_kind(json.loads(line))

@@ -127,7 +127,7 @@ def _create_project(config: ServeConfig, args: argparse.Namespace) -> None:
     guidelines = ""
     if args.guidelines:
         try:
-            guidelines = Path(args.guidelines).read_text(encoding="utf-8")
+            guidelines = Path(args.guidelines).read_text(encoding="utf-8-sig")  # a BOM would hide the first heading
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"{args.guidelines}: cannot read the guidelines ({e})") from None
     try:
