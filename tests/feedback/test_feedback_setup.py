@@ -62,3 +62,39 @@ def test_files_starting_with_a_byte_order_mark_import(app_world: tuple[Any, Worl
         f"/api/projects/{demo.json()['id']}/import?filename=p.jsonl", content=prompts, headers={"X-CSRF-Token": csrf}
     )
     assert r.status_code == 200 and r.json() == {"added": 1, "skipped": 0}
+
+
+def test_a_pairwise_project_takes_four_candidates_as_their_six_pairs(app_world: tuple[Any, World]) -> None:
+    """`rlhfkit generate` makes 4 completions by default; a pairwise project gets every pair of them."""
+    app, _ = app_world
+    db: Database = app.state.feedback.db
+    owner, csrf = login(app, "owner")
+    pid = owner.post(
+        "/api/projects", json={"name": "Pairs", "task": "pairwise", "overlap": 1}, headers={"X-CSRF-Token": csrf}
+    ).json()["id"]
+    data = jsonl(
+        [
+            {"prompt_id": "q1", "prompt": "Greet me.", "completions": ["c0", "c1", "c2", "c3"]},
+            {"prompt_id": "q2", "prompt": "Thank me.", "completions": ["d0", "d1"]},
+        ]
+    )
+    url = f"/api/projects/{pid}/import?filename=c.jsonl"
+    r = owner.post(url, content=data, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 200 and r.json() == {"added": 7, "skipped": 0}, r.text
+    assert keys(db, pid) == ["q1#0-1", "q1#0-2", "q1#0-3", "q1#1-2", "q1#1-3", "q1#2-3", "q2"]
+    assert owner.post(url, content=data, headers={"X-CSRF-Token": csrf}).json() == {"added": 0, "skipped": 7}
+    # Each pair is an ordinary two-candidate item: judged, then exported with the pair's texts.
+    item = owner.get(f"/api/projects/{pid}/next").json()["item"]
+    assert item["prompt_id"] == "q1#0-1" and sorted(c["text"] for c in item["candidates"]) == ["c0", "c1"]
+    better = next(c["id"] for c in item["candidates"] if c["text"] == "c1")
+    ranking = {c["id"]: 1 if c["id"] == better else 2 for c in item["candidates"]}
+    r = owner.post(
+        f"/api/projects/{pid}/items/{item['item_id']}/judgments",
+        json={"ranking": ranking, "client_token": "pair-token-1"},
+        headers={"X-CSRF-Token": csrf},
+    )
+    assert r.status_code == 201, r.text
+    pairs = [json.loads(line) for line in owner.get(f"/api/projects/{pid}/export/pairs").text.splitlines()]
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("c1", "c0")]
+    completions = [json.loads(line) for line in owner.get(f"/api/projects/{pid}/export/completions").text.splitlines()]
+    assert completions[2] == {"prompt_id": "q1#0-3", "prompt": "Greet me.", "completions": ["c0", "c3"]}

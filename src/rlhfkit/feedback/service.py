@@ -14,6 +14,7 @@ import statistics
 import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -267,9 +268,26 @@ def parse_upload(filename: str, data: bytes, task: str) -> list[Completions] | l
             kind = "completions"
             if task == "demonstration":
                 kind = _first_record_kind(path)
-            return read_records(path, kind)
+            records = read_records(path, kind)
         except UserError as e:
             raise Invalid(str(e).replace(str(path), name)) from None
+    return split_into_pairs(records) if task == "pairwise" else records
+
+
+def split_into_pairs(records: list[Completions]) -> list[Completions]:
+    """A pairwise project shows two responses at a time, while `rlhfkit generate` makes 4 per prompt
+    by default: a record with K > 2 completions becomes its C(K, 2) pairs, item `{prompt_id}#{i}-{j}`
+    comparing completions i and j (0-based, in the file's order), so every pair is judged and the
+    item's key says which two it holds. Records of exactly 2 keep their prompt_id."""
+    out: list[Completions] = []
+    for rec in records:
+        if len(rec.completions) == 2:
+            out.append(rec)
+            continue
+        for i, j in combinations(range(len(rec.completions)), 2):
+            pair = [rec.completions[i], rec.completions[j]]
+            out.append(Completions(prompt_id=f"{rec.prompt_id}#{i}-{j}", prompt=rec.prompt, completions=pair))
+    return out
 
 
 def _first_record_kind(path: Path) -> str:

@@ -7,7 +7,8 @@
     rlhfkit serve add-member USERNAME PROJECT [--role labeler|admin]   an existing user joins a project
     rlhfkit serve create-project NAME [--task ranking|pairwise|demonstration] [--overlap N]
                                               [--guidelines FILE.md]
-    rlhfkit serve import PROJECT FILE.jsonl   completions from `rlhfkit generate` (or prompts)
+    rlhfkit serve import PROJECT FILE.jsonl   completions from `rlhfkit generate` (or prompts); in a pairwise
+                                              project K > 2 completions become their C(K,2) pairs
     rlhfkit serve export PROJECT KIND OUT.jsonl [--margin]
     rlhfkit serve api-key USERNAME [--name NAME]   prints a new API key for scripts
 
