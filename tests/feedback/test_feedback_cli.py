@@ -224,3 +224,76 @@ def test_cli_imports_and_guidelines_with_a_byte_order_mark(
     with database.session() as s:
         assert service.find_project(s, "Tea").guidelines == "# Be kind\n"  # the heading is still a heading
     database.dispose()
+
+
+def test_add_users_from_a_csv_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], db_url: str) -> None:
+    db = f"db_url={db_url}"
+    for name in ("Tea", "Coffee"):
+        assert cli(capsys, "serve", "create-project", name, db)[0] == 0
+    users = tmp_path / "users.csv"
+    users.write_bytes(
+        b"\xef\xbb\xbfusername,role,project,password\n"  # as a spreadsheet saves it: BOM and header
+        b"ann,labeler,Tea,ann-password-1\n"
+        b"bob, admin ,Tea\n"
+        b"bob,labeler,Coffee\n"
+        b"\n"
+        b"carl,,\n"
+    )
+    code, out, err = cli(capsys, "serve", "add-users", str(users), db)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[:2] == [
+        "created 3 users (3 project memberships)",
+        "generated passwords (shown only now; users can change theirs on their Account page):",
+    ]
+    generated = dict(line.split(",") for line in lines[2:])
+    assert sorted(generated) == ["bob", "carl"] and all(len(p) >= 16 for p in generated.values())
+    database = Database(db_url)
+    with database.session() as s:
+        for name, password in [("ann", "ann-password-1"), *generated.items()]:
+            service.check_password(s, name, password)
+        roles = {
+            (p.name, m.user.username, m.role)
+            for p in (service.find_project(s, "Tea"), service.find_project(s, "Coffee"))
+            for m in service.members(s, p)
+        }
+    assert roles == {("Tea", "ann", "labeler"), ("Tea", "bob", "admin"), ("Coffee", "bob", "labeler")}
+
+    # Every bad line is named at once, and nothing of the file is stored.
+    users.write_text(
+        "dave,labeler,Tea\n"
+        "erin,boss,Tea\n"
+        "ann,labeler,Tea\n"
+        "fay,labeler,Nope\n"
+        "gus,labeler\n"
+        "hal,labeler,Tea,short\n"
+        "bad name,labeler,Tea\n"
+    )
+    code, out, err = cli(capsys, "serve", "add-users", str(users), db)
+    assert code == 2 and out == ""
+    assert f"{users}:2: role: Input should be 'admin' or 'labeler'" in err
+    assert f"{users}:5: expected username,role,project[,password]; got 2 fields" in err
+    assert f"{users}:7: username: String should match pattern" in err
+    users.write_text("dave,labeler,Tea\nann,labeler,Tea\nfay,labeler,Nope\nhal,labeler,Tea,short\n")
+    code, out, err = cli(capsys, "serve", "add-users", str(users), db)
+    assert code == 2 and out == ""
+    assert f"{users}:2: a user named 'ann' already exists (`add-member` adds an existing user to a project)" in err
+    assert f"{users}:3: no project named 'Nope'" in err
+    assert f"{users}:4: password: password must have at least 8 characters" in err
+    with database.session() as s:
+        assert {u.username for u in service.all_users(s)} == {"ann", "bob", "carl"}  # no dave
+
+    # --passwords-out: a new file only its owner can read; never overwritten.
+    users.write_text("dave,labeler,Tea\nerin,admin,Coffee,erin-password-1\n")
+    secret = tmp_path / "passwords.csv"
+    code, out, err = cli(capsys, "serve", "add-users", str(users), f"--passwords-out={secret}", db)
+    assert code == 0 and out == f"created 2 users (2 project memberships)\n1 generated passwords are in {secret}\n"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    header, dave = secret.read_text().splitlines()
+    assert header == "username,password" and dave.startswith("dave,")
+    with database.session() as s:
+        service.check_password(s, "dave", dave.split(",", 1)[1])
+    database.dispose()
+    users.write_text("fay,labeler,Tea\n")
+    code, _, err = cli(capsys, "serve", "add-users", str(users), f"--passwords-out={secret}", db)
+    assert code == 2 and "never overwritten" in err and secret.read_text().startswith("username,password\ndave,")

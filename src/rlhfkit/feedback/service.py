@@ -8,16 +8,20 @@ transaction (see Database.transact), so a failure anywhere leaves nothing half-s
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import secrets
 import statistics
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import and_, exists, func, select, text, update
 from sqlalchemy.orm import Session, contains_eager, selectinload
 
@@ -731,3 +735,76 @@ def export(s: Session, project: Project, kind: str, margin: bool = False) -> lis
     if kind == "pairs":
         return [p.to_json() for p in aggregate.consensus_pairs(cons, completions, margin=margin)]
     return aggregate.kto_records(cons, completions)
+
+
+# ---------------------------------------------------------------- many users at once, own password
+
+
+@dataclass
+class UserLine:
+    """One line of a users file: `username,role,project[,password]`."""
+
+    where: str  # file:line, for errors
+    username: str
+    role: str
+    project: str
+    password: str | None
+
+
+def parse_users_csv(text: str, source: str) -> list[UserLine]:
+    """Read `username,role,project[,password]` lines (a header line and blank lines are skipped;
+    role defaults to labeler; an empty project adds the user to none). Every bad line is reported
+    at once, so a file is fixed in one go rather than one error per run."""
+    lines, errors = [], []
+    reader = csv.reader(io.StringIO(text))
+    for row in reader:
+        cells = [c.strip() for c in row]
+        where = f"{source}:{reader.line_num}"
+        if not any(cells) or cells[0].startswith("#") or (reader.line_num == 1 and cells[0].lower() == "username"):
+            continue
+        if not 3 <= len(cells) <= 4:
+            errors.append(f"{where}: expected username,role,project[,password]; got {len(cells)} fields")
+            continue
+        username, role, project = cells[0], cells[1] or "labeler", cells[2]
+        password = cells[3] if len(cells) == 4 and cells[3] else None
+        try:
+            MemberIn(username=username, role=role)  # type: ignore[arg-type]
+        except ValidationError as e:
+            errors.append(f"{where}: " + "; ".join(f"{x['loc'][0]}: {x['msg']}" for x in e.errors()))
+            continue
+        lines.append(UserLine(where, username, role, project, password))
+    if errors:
+        raise Invalid("\n".join(errors))
+    if not lines:
+        raise Invalid(f"{source}: no users (expected lines of username,role,project[,password])")
+    return lines
+
+
+def add_users(s: Session, lines: Sequence[UserLine]) -> dict[str, str]:
+    """Create the users of a users file and their memberships, all or nothing; returns the
+    passwords generated for users whose lines gave none (to be shown once). A user may appear on
+    several lines, one per project. Passwords go through set_password, the one place that
+    decides what a good password is."""
+    errors: list[str] = []
+    users: dict[str, User] = {}
+    generated: dict[str, str] = {}
+    for line in lines:
+        try:
+            user = users.get(line.username)
+            if user is None:
+                user = users[line.username] = create_user(s, UserIn(username=line.username))
+                password = line.password
+                if password is None:
+                    password = generated[line.username] = secrets.token_urlsafe(12)
+                set_password(s, user, password)
+            elif line.password is not None:
+                raise Invalid(f"a password for {line.username!r} was given on an earlier line")
+            if line.project:
+                set_member(s, find_project(s, line.project), MemberIn(username=line.username, role=line.role))
+        except Conflict as e:  # the user exists already
+            errors.append(f"{line.where}: {e.message} (`add-member` adds an existing user to a project)")
+        except ServiceError as e:
+            errors.append(f"{line.where}: {e.message}")
+    if errors:
+        raise Invalid("\n".join(errors))
+    return generated

@@ -4,6 +4,7 @@
     rlhfkit serve init                        create or upgrade the database
     rlhfkit serve create-owner USERNAME       the first user; password from $RLHFKIT_PASSWORD or asked
     rlhfkit serve add-user USERNAME [--project NAME] [--role labeler|admin] [--no-password]
+    rlhfkit serve add-users FILE.csv [--passwords-out FILE]   many at once: username,role,project[,password]
     rlhfkit serve add-member USERNAME PROJECT [--role labeler|admin]   an existing user joins a project
     rlhfkit serve create-project NAME [--task ranking|pairwise|demonstration] [--overlap N]
                                               [--guidelines FILE.md]
@@ -110,6 +111,46 @@ def _user(config: ServeConfig, args: argparse.Namespace, owner: bool) -> None:
     print(f"created {'owner' if owner else 'user'} {args.username}")
 
 
+def _add_users(config: ServeConfig, args: argparse.Namespace) -> None:
+    """Users from a CSV file in one transaction. Passwords generated for lines without one are
+    shown once: on stdout, or in --passwords-out, created 0600 and never overwritten (it would
+    hold the only copy)."""
+    from rlhfkit.feedback import service
+
+    path = Path(args.file)
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # spreadsheets save CSV with a BOM
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+    try:
+        lines = service.parse_users_csv(text, str(path))
+    except service.ServiceError as e:
+        raise UserError(e.message) from None
+    out = None
+    if args.passwords_out:
+        try:
+            out = os.open(args.passwords_out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            raise UserError(f"--passwords-out {args.passwords_out}: {e.strerror} (it is never overwritten)") from None
+    try:
+        generated = _in_db(config, lambda s: service.add_users(s, lines))
+    except BaseException:
+        if out is not None:
+            os.close(out)
+            os.unlink(args.passwords_out)
+        raise
+    listing = "".join(f"{name},{password}\n" for name, password in generated.items())
+    users = len({line.username for line in lines})
+    print(f"created {users} users ({sum(bool(line.project) for line in lines)} project memberships)")
+    if out is not None:
+        with os.fdopen(out, "w", encoding="utf-8") as f:
+            f.write("username,password\n" + listing)
+        print(f"{len(generated)} generated passwords are in {args.passwords_out}")
+    elif generated:
+        print("generated passwords (shown only now; users can change theirs on their Account page):")
+        print(listing, end="")
+
+
 def _add_member(config: ServeConfig, args: argparse.Namespace) -> None:
     from rlhfkit.feedback import service
     from rlhfkit.feedback.schemas import MemberIn
@@ -190,6 +231,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[ServeConfig,
     p.add_argument("--role", choices=["labeler", "admin"], default="labeler")
     p.add_argument("--no-password", action="store_true", help="a script user: API keys only")
     actions["add-user"] = lambda c, a: _user(c, a, owner=False)
+    p = sub.add_parser("add-users", help="create users from a CSV file: username,role,project[,password]")
+    p.add_argument("file", help="CSV; a user on several lines joins several projects; no password: one is made")
+    p.add_argument("--passwords-out", help="write generated passwords to this new file (mode 0600), not stdout")
+    actions["add-users"] = _add_users
     p = sub.add_parser("add-member", help="add an existing user to a project (or change their role)")
     p.add_argument("username")
     p.add_argument("project")
