@@ -195,6 +195,12 @@ def test_authorization_matrix(app_world: tuple[Any, World]) -> None:
         ),
         ("GET", "/account", None, _expect(303, 200, 200, 200, 200)),
         ("FORM", "/account/keys", {"name": "page"}, _expect(303, 200, 200, 200, 200)),
+        (  # reaches the checks (the two new passwords differ) for every logged-in user, changes nothing
+            "FORM",
+            "/account/password",
+            {"current_password": PASSWORD, "new_password": "new-pass-12", "new_password_again": "new-pass-13"},
+            _expect(303, 422, 422, 422, 422),
+        ),
         ("GET", "/static/app.js", None, _expect(200, 200, 200, 200, 200)),
     ]
     mismatches = []

@@ -98,3 +98,36 @@ def test_a_pairwise_project_takes_four_candidates_as_their_six_pairs(app_world: 
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("c1", "c0")]
     completions = [json.loads(line) for line in owner.get(f"/api/projects/{pid}/export/completions").text.splitlines()]
     assert completions[2] == {"prompt_id": "q1#0-3", "prompt": "Greet me.", "completions": ["c0", "c3"]}
+
+
+def test_a_labeler_changes_their_password(app_world: tuple[Any, World]) -> None:
+    app, _ = app_world
+    browser, csrf = login(app, "ann")
+    laptop, _ = login(app, "ann")  # another session of hers, e.g. on another computer
+    page = browser.get("/account")
+    assert page.status_code == 200 and 'action="/account/password"' in page.text
+    new = "a-much-better-pass-7"
+
+    def change(current: str, again: str = new, token: str = csrf) -> Any:
+        form = {"current_password": current, "new_password": new, "new_password_again": again}
+        return browser.post("/account/password", data=form | {"csrf_token": token})
+
+    assert change(PASSWORD, token="forged").status_code == 403
+    r = change("not-my-password")
+    assert r.status_code == 422 and "that is not your current password" in r.text and 'id="password-error"' in r.text
+    r = change(PASSWORD, again="a-much-better-pass-8")
+    assert r.status_code == 422 and "the two new passwords differ" in r.text
+    r = browser.post(
+        "/account/password",
+        data={"current_password": PASSWORD, "new_password": "short", "new_password_again": "short", "csrf_token": csrf},
+    )
+    assert r.status_code == 422 and "at least 8 characters" in r.text  # the shared password rules
+    assert laptop.get("/api/me").status_code == 200  # nothing changed so far
+
+    r = change(PASSWORD)
+    assert r.status_code == 303 and r.headers["location"] == "/account?password=changed"
+    assert laptop.get("/api/me").status_code == 401  # other sessions end
+    page = browser.get(r.headers["location"])  # this browser stays logged in, with a fresh session
+    assert page.status_code == 200 and "Password changed." in page.text
+    assert TestClient(app).post("/api/login", json={"username": "ann", "password": PASSWORD}).status_code == 401
+    login(app, "ann", new)

@@ -417,18 +417,56 @@ def set_user_password(user_id: int, request: Request, posted: Posted = Depends(p
     return redirect("/admin/users")
 
 
-# ---------------------------------------------------------------- own account: API keys
+# ---------------------------------------------------------------- own account: password, API keys
+
+
+def _account_page(
+    request: Request, auth: Auth, *, new_key: str | None = None, password_error: str = "", status: int = 200
+) -> Response:
+    with state(request).db.session() as s:
+        user = s.get(User, auth.user_id)
+        return render(
+            request,
+            "account.html",
+            {
+                "keys": service.api_keys(s, user),
+                "new_key": new_key,
+                "has_password": user.password_hash is not None,
+                "password_changed": request.query_params.get("password") == "changed",
+                "password_error": password_error,
+            },
+            auth,
+            status=status,
+        )
 
 
 @router.get("/account")
 def account_page(request: Request, auth: Auth = Depends(page_auth)) -> Response:
-    with state(request).db.session() as s:
-        return render(
-            request,
-            "account.html",
-            {"keys": service.api_keys(s, s.get(User, auth.user_id)), "new_key": None},
-            auth,
-        )
+    return _account_page(request, auth)
+
+
+@router.post("/account/password")
+def change_password(request: Request, posted: Posted = Depends(page_post)) -> Response:
+    """The current password, then the new one twice. Every other session of this user ends (as
+    with any password change); this browser gets a fresh session so the labeler stays logged in."""
+    st, form = state(request), posted.form
+    new = str(form.get("new_password", ""))
+    try:
+        if new != str(form.get("new_password_again", "")):
+            raise service.Invalid("the two new passwords differ")
+        with st.db.session() as s:  # argon2 is slow on purpose: not inside the write transaction
+            service.check_own_password(s.get(User, posted.auth.user_id), str(form.get("current_password", "")))
+
+        def work(s: Any) -> str:
+            service.set_password(s, s.get(User, posted.auth.user_id), new)
+            return service.open_session(s, posted.auth.user_id, st.config.session_days)
+
+        token = st.db.transact(work)
+    except service.Invalid as e:
+        return _account_page(request, posted.auth, password_error=e.message, status=e.status)
+    response = redirect("/account", password="changed")
+    set_session_cookie(response, token, st.config.session_days, st.config.secure_cookies)
+    return response
 
 
 @router.post("/account/keys")
@@ -436,13 +474,7 @@ def create_key(request: Request, posted: Posted = Depends(page_post)) -> Respons
     name = str(posted.form.get("name", "")).strip()[:100] or "script"
     with state(request).db.session(write=True) as s:
         key = service.create_api_key(s, s.get(User, posted.auth.user_id), name)
-    with state(request).db.session() as s:  # shown once, on this response only
-        return render(
-            request,
-            "account.html",
-            {"keys": service.api_keys(s, s.get(User, posted.auth.user_id)), "new_key": key},
-            posted.auth,
-        )
+    return _account_page(request, posted.auth, new_key=key)  # shown once, on this response only
 
 
 @router.post("/account/keys/{key_id}/revoke")

@@ -808,3 +808,10 @@ def add_users(s: Session, lines: Sequence[UserLine]) -> dict[str, str]:
     if errors:
         raise Invalid("\n".join(errors))
     return generated
+
+
+def check_own_password(user: User, current: str) -> None:
+    """Changing one's password asks for the current one: a session left open on a shared
+    computer must not be enough to take the account over."""
+    if not verify_password(user.password_hash, current):
+        raise Invalid("current password: that is not your current password")
