@@ -410,7 +410,9 @@ def test_form_errors_keep_what_was_entered(app_world: tuple[Any, World]) -> None
     }
     r = ann.client.post(f"/p/{A}/items/{item_id}", data=form)
     assert r.status_code == 422 and "ranks must be dense" in r.text
-    assert '<option value="3" selected>3</option>' in r.text and "first try</textarea>" in r.text
+    for cid, rank in zip(cids, ("1", "3", "3"), strict=True):  # each rank box keeps what was typed
+        assert f'name="rank_{cid}" data-cid="{cid}" value="{rank}"' in r.text
+    assert "first try</textarea>" in r.text
     r = ann.client.post(f"/p/{A}/items/{item_id}", data=form | {f"rank_{cids[1]}": "2", f"rank_{cids[2]}": "2"})
     assert r.status_code == 303 and r.headers["location"] == f"/p/{A}/next?saved=1"
     r = ann.client.post(f"/p/{A}/items/{item_id}", data=form | {"client_token": "a-new-token-123"})

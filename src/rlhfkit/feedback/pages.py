@@ -1,7 +1,7 @@
 """Server-rendered pages: log in, label, administer. They call the same service as the API.
 
-The task page works without JavaScript (every candidate has a rank <select>, the form posts);
-app.js adds drag-to-rank, keyboard shortcuts and draft autosave on top.
+The task page works without JavaScript (every candidate has a rank box, the form posts); app.js
+adds rank buttons on each card, keyboard shortcuts, folding of long answers and draft autosave.
 """
 
 from __future__ import annotations
