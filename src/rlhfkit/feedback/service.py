@@ -744,48 +744,49 @@ def export(s: Session, project: Project, kind: str, margin: bool = False) -> lis
 class UserLine:
     """One line of a users file: `username,role,project[,password]`."""
 
-    where: str  # file:line, for errors
+    line: int
     username: str
     role: str
     project: str
     password: str | None
 
 
-def parse_users_csv(text: str, source: str) -> list[UserLine]:
-    """Read `username,role,project[,password]` lines (a header line and blank lines are skipped;
-    role defaults to labeler; an empty project adds the user to none). Every bad line is reported
-    at once, so a file is fixed in one go rather than one error per run."""
+@dataclass
+class UsersAdded:
+    users: int
+    memberships: int
+    passwords: dict[str, str]  # generated ones only: username -> password, to be shown once
+
+
+def parse_users_csv(text: str) -> tuple[list[UserLine], list[tuple[int, str]]]:
+    """(good lines, (line number, problem) for the bad ones) of `username,role,project[,password]`
+    lines. A header line, blank lines and #comments are skipped; role defaults to labeler; an
+    empty project adds the user to none."""
     lines, errors = [], []
     reader = csv.reader(io.StringIO(text))
     for row in reader:
-        cells = [c.strip() for c in row]
-        where = f"{source}:{reader.line_num}"
-        if not any(cells) or cells[0].startswith("#") or (reader.line_num == 1 and cells[0].lower() == "username"):
+        cells, n = [c.strip() for c in row], reader.line_num
+        if not any(cells) or cells[0].startswith("#") or (n == 1 and cells[0].lower() == "username"):
             continue
         if not 3 <= len(cells) <= 4:
-            errors.append(f"{where}: expected username,role,project[,password]; got {len(cells)} fields")
+            errors.append((n, f"expected username,role,project[,password]; got {len(cells)} fields"))
             continue
         username, role, project = cells[0], cells[1] or "labeler", cells[2]
-        password = cells[3] if len(cells) == 4 and cells[3] else None
         try:
             MemberIn(username=username, role=role)  # type: ignore[arg-type]
         except ValidationError as e:
-            errors.append(f"{where}: " + "; ".join(f"{x['loc'][0]}: {x['msg']}" for x in e.errors()))
+            errors.append((n, "; ".join(f"{x['loc'][0]}: {x['msg']}" for x in e.errors())))
             continue
-        lines.append(UserLine(where, username, role, project, password))
-    if errors:
-        raise Invalid("\n".join(errors))
-    if not lines:
-        raise Invalid(f"{source}: no users (expected lines of username,role,project[,password])")
-    return lines
+        lines.append(UserLine(n, username, role, project, cells[3] if len(cells) == 4 and cells[3] else None))
+    return lines, errors
 
 
-def add_users(s: Session, lines: Sequence[UserLine]) -> dict[str, str]:
-    """Create the users of a users file and their memberships, all or nothing; returns the
-    passwords generated for users whose lines gave none (to be shown once). A user may appear on
-    several lines, one per project. Passwords go through set_password, the one place that
-    decides what a good password is."""
-    errors: list[str] = []
+def add_users(s: Session, text: str, source: str) -> UsersAdded:
+    """Create the users of a users file and their memberships, all or nothing. Every bad line is
+    reported, at once and in order (a file is fixed in one go, not one error per run). A user may
+    appear on several lines, one per project; those without a password get a generated one.
+    Passwords go through set_password, the one place that decides what a good password is."""
+    lines, errors = parse_users_csv(text)
     users: dict[str, User] = {}
     generated: dict[str, str] = {}
     for line in lines:
@@ -802,12 +803,14 @@ def add_users(s: Session, lines: Sequence[UserLine]) -> dict[str, str]:
             if line.project:
                 set_member(s, find_project(s, line.project), MemberIn(username=line.username, role=line.role))
         except Conflict as e:  # the user exists already
-            errors.append(f"{line.where}: {e.message} (`add-member` adds an existing user to a project)")
+            errors.append((line.line, f"{e.message} (`add-member` adds an existing user to a project)"))
         except ServiceError as e:
-            errors.append(f"{line.where}: {e.message}")
+            errors.append((line.line, e.message))
     if errors:
-        raise Invalid("\n".join(errors))
-    return generated
+        raise Invalid("\n".join(f"{source}:{n}: {message}" for n, message in sorted(errors)))
+    if not lines:
+        raise Invalid(f"{source}: no users (expected lines of username,role,project[,password])")
+    return UsersAdded(len(users), sum(bool(line.project) for line in lines), generated)
 
 
 def check_own_password(user: User, current: str) -> None:

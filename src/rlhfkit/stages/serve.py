@@ -14,6 +14,8 @@
     rlhfkit serve api-key USERNAME [--name NAME]   prints a new API key for scripts
 
 Every command also takes `--config FILE.yaml` and KEY=VALUE settings (db_url=... above all).
+Without db_url the database is feedback.db in $RLHFKIT_HOME (default ~/.local/share/rlhfkit),
+whatever folder you run from; each admin command names it on stderr.
 """
 
 from __future__ import annotations
@@ -122,10 +124,6 @@ def _add_users(config: ServeConfig, args: argparse.Namespace) -> None:
         text = path.read_text(encoding="utf-8-sig")  # spreadsheets save CSV with a BOM
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read ({e})") from None
-    try:
-        lines = service.parse_users_csv(text, str(path))
-    except service.ServiceError as e:
-        raise UserError(e.message) from None
     out = None
     if args.passwords_out:
         try:
@@ -133,20 +131,19 @@ def _add_users(config: ServeConfig, args: argparse.Namespace) -> None:
         except OSError as e:
             raise UserError(f"--passwords-out {args.passwords_out}: {e.strerror} (it is never overwritten)") from None
     try:
-        generated = _in_db(config, lambda s: service.add_users(s, lines))
+        added = _in_db(config, lambda s: service.add_users(s, text, str(path)))
     except BaseException:
         if out is not None:
             os.close(out)
             os.unlink(args.passwords_out)
         raise
-    listing = "".join(f"{name},{password}\n" for name, password in generated.items())
-    users = len({line.username for line in lines})
-    print(f"created {users} users ({sum(bool(line.project) for line in lines)} project memberships)")
+    listing = "".join(f"{name},{password}\n" for name, password in added.passwords.items())
+    print(f"created {added.users} users ({added.memberships} project memberships)")
     if out is not None:
         with os.fdopen(out, "w", encoding="utf-8") as f:
             f.write("username,password\n" + listing)
-        print(f"{len(generated)} generated passwords are in {args.passwords_out}")
-    elif generated:
+        print(f"{len(added.passwords)} generated passwords are in {args.passwords_out}")
+    elif added.passwords:
         print("generated passwords (shown only now; users can change theirs on their Account page):")
         print(listing, end="")
 
