@@ -30,8 +30,19 @@ def data_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share").absolute() / "rlhfkit"
 
 
+def default_db_path() -> Path:
+    return data_dir() / DB_FILE
+
+
 def default_db_url() -> str:
-    return f"sqlite:///{data_dir() / DB_FILE}"
+    return f"sqlite:///{default_db_path()}"
+
+
+def shown_url(url: str) -> str:
+    """A database URL as printed: never with its password."""
+    from sqlalchemy.engine import make_url  # not at the top: --help needs no SQLAlchemy
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 class ServeConfig(StrictModel):

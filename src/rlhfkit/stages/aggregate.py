@@ -56,14 +56,15 @@ def load(config: Config) -> tuple[list[Ranking], list[Completions]]:
         return rankings, completions
     from rlhfkit.feedback import service
     from rlhfkit.feedback.db import Database, normalize_url
-    from rlhfkit.feedback.settings import default_db_url
+    from rlhfkit.feedback.settings import default_db_url, shown_url
 
-    url = make_url(normalize_url(config.db_url or default_db_url()))  # the same default as `rlhfkit serve`
-    shown = url.render_as_string(hide_password=True)
+    url = normalize_url(config.db_url or default_db_url())  # the same default as `rlhfkit serve`
+    shown = shown_url(url)
     print(f"database: {shown}", file=sys.stderr)
-    if url.get_backend_name() == "sqlite" and not Path(str(url.database)).is_file():
+    database = make_url(url).database
+    if url.startswith("sqlite") and not Path(str(database)).is_file():  # not a new, empty file
         raise UserError(f"{shown}: no such database (set db_url=, or $RLHFKIT_HOME as for `rlhfkit serve`)")
-    db = Database(url.render_as_string(hide_password=False))
+    db = Database(url)
     try:
         with db.session() as s:
             project = service.find_project(s, str(config.project))

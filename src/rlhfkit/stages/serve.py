@@ -30,7 +30,7 @@ from typing import Any
 
 from rlhfkit.config import describe_fields, load_config
 from rlhfkit.errors import UserError
-from rlhfkit.feedback.settings import DB_FILE, SECRET_FILE, ServeConfig, default_db_url
+from rlhfkit.feedback.settings import DB_FILE, SECRET_FILE, ServeConfig, default_db_path, shown_url
 
 Config = ServeConfig
 PASSWORD_ENV = "RLHFKIT_PASSWORD"
@@ -56,13 +56,6 @@ def _run(config: ServeConfig, args: argparse.Namespace) -> None:
     app = create_app(config)
     print(f"rlhfkit feedback on http://{config.host}:{config.port}  (database: {app.state.feedback.db.url})")
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
-
-
-def shown_url(url: str) -> str:
-    """The database URL as printed: never with its password."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def _in_db(config: ServeConfig, work: Callable[[Any], Any]) -> Any:
@@ -271,7 +264,7 @@ def _refuse_stray_database(config: ServeConfig) -> None:
     and the default database does not exist yet, starting a new, empty site in the default
     place would look like the data had vanished: say what to do instead."""
     here = Path(DB_FILE)
-    default = Path(default_db_url().removeprefix("sqlite:///"))
+    default = default_db_path()
     if "db_url" in config.model_fields_set or not here.is_file() or default.exists():
         return
     raise UserError(
