@@ -9,6 +9,7 @@ import json
 import datasets
 import pytest
 
+from rlhfkit.cli import main
 from rlhfkit.data.chat import encode_example, render_prompt, render_response, truncate_at_stop
 from rlhfkit.data.formats import (
     FORMATS,
@@ -474,3 +475,14 @@ def test_truncate_at_stop():
     assert truncate_at_stop("Sure.\nUser: more") == ("Sure.", True)
     assert truncate_at_stop("Sure.") == ("Sure.", False)
     assert truncate_at_stop("a STOP b END", ["END", "STOP"]) == ("a ", True)
+
+
+def test_a_utf8_byte_order_mark_is_ignored(tmp_path, capsys):
+    """Windows editors and Excel's "CSV UTF-8" start files with a BOM; it is not part of the first record."""
+    path = tmp_path / "c.jsonl"
+    line = {"prompt_id": "p1", "prompt": "café?", "completions": ["a", "b"]}
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(line, ensure_ascii=False) + "\n").encode())
+    (record,) = read_records(path, "completions")
+    assert record.prompt_id == "p1" and record.prompt == "café?"
+    assert main(["data", "validate", str(path)]) == 0
+    assert capsys.readouterr().out.strip() == "OK: 1 records of completions"

@@ -79,16 +79,19 @@ def run_stage(name: str, argv: list[str]) -> int:
 
 
 def _quiet_libraries() -> None:
-    """Keep the console for our own progress: library warnings/bars only on errors."""
+    """Keep the console for our own progress: library warnings/bars only on errors.
+
+    Environment variables rather than `transformers.utils.logging.disable_progress_bar()`:
+    importing transformers takes seconds, and stages such as `serve` never need it (transformers
+    and huggingface_hub read these when they are first imported).
+    """
     import logging
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("accelerate", "transformers", "peft", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

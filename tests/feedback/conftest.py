@@ -30,6 +30,12 @@ def _url(name: str) -> str:
     return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
 
 
+@pytest.fixture(autouse=True)
+def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command that falls back to the default database ($RLHFKIT_HOME) never touches the real one."""
+    monkeypatch.setenv("RLHFKIT_HOME", str(tmp_path / "rlhfkit-home"))
+
+
 @pytest.fixture(scope="session")
 def pg_template() -> Iterator[str]:
     """A migrated database to copy: CREATE DATABASE ... TEMPLATE is faster than migrating anew."""

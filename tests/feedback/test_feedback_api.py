@@ -195,6 +195,12 @@ def test_authorization_matrix(app_world: tuple[Any, World]) -> None:
         ),
         ("GET", "/account", None, _expect(303, 200, 200, 200, 200)),
         ("FORM", "/account/keys", {"name": "page"}, _expect(303, 200, 200, 200, 200)),
+        (  # reaches the checks (the two new passwords differ) for every logged-in user, changes nothing
+            "FORM",
+            "/account/password",
+            {"current_password": PASSWORD, "new_password": "new-pass-12", "new_password_again": "new-pass-13"},
+            _expect(303, 422, 422, 422, 422),
+        ),
         ("GET", "/static/app.js", None, _expect(200, 200, 200, 200, 200)),
     ]
     mismatches = []
@@ -404,7 +410,9 @@ def test_form_errors_keep_what_was_entered(app_world: tuple[Any, World]) -> None
     }
     r = ann.client.post(f"/p/{A}/items/{item_id}", data=form)
     assert r.status_code == 422 and "ranks must be dense" in r.text
-    assert '<option value="3" selected>3</option>' in r.text and "first try</textarea>" in r.text
+    for cid, rank in zip(cids, ("1", "3", "3"), strict=True):  # each rank box keeps what was typed
+        assert f'name="rank_{cid}" data-cid="{cid}" value="{rank}"' in r.text
+    assert "first try</textarea>" in r.text
     r = ann.client.post(f"/p/{A}/items/{item_id}", data=form | {f"rank_{cids[1]}": "2", f"rank_{cids[2]}": "2"})
     assert r.status_code == 303 and r.headers["location"] == f"/p/{A}/next?saved=1"
     r = ann.client.post(f"/p/{A}/items/{item_id}", data=form | {"client_token": "a-new-token-123"})

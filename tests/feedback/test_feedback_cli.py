@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,11 +13,14 @@ from feedback_helpers import XSS
 
 from rlhfkit.cli import main
 from rlhfkit.data.formats import Completions, read_records, write_records
+from rlhfkit.feedback import service
 from rlhfkit.feedback.app import ServeConfig
 from rlhfkit.feedback.client import FeedbackClient
+from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.live import LiveServer
 
 PASSWORD = "labeler-pass-1"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -119,3 +125,175 @@ def test_cli_errors_are_clean(
     assert code == 2 and "rankings= and completions=" in err
     code, _, err = cli(capsys, "aggregate", db, "project=Tea", f"out_dir={tmp_path}/o")
     assert code == 2 and "no judgments" in err
+
+
+def test_the_serve_cli_does_not_load_the_ml_stack(tmp_path: Path) -> None:
+    """`rlhfkit serve --help` and the admin commands must be quick: torch, transformers and choix
+    (scipy) take seconds to import and none of them is needed to manage the site."""
+    code = """
+import sys
+from rlhfkit.cli import main
+import rlhfkit.stages.serve
+try:
+    main(["serve", "--help"])
+except SystemExit:
+    pass
+print("help:", sorted(m for m in ("torch", "transformers", "choix", "scipy", "fastapi") if m in sys.modules))
+main(["serve", "init", "db_url=sqlite:///" + sys.argv[1]])
+print("admin:", sorted(m for m in ("torch", "transformers", "choix", "scipy") if m in sys.modules))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code, f"{tmp_path}/fb.db"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=os.environ | {"PYTHONPATH": str(SRC), "RLHFKIT_HOME": str(tmp_path)},
+    ).stdout
+    assert "help: []" in out and "admin: []" in out, out
+
+
+def test_one_default_database_whatever_the_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without db_url every command uses $RLHFKIT_HOME/feedback.db, from any folder, and says so."""
+    home, one, two = tmp_path / "home", tmp_path / "one", tmp_path / "two"
+    for folder in (one, two):
+        folder.mkdir()
+    monkeypatch.setenv("RLHFKIT_HOME", str(home))
+    monkeypatch.chdir(one)
+    code, _, err = cli(capsys, "serve", "create-project", "Tea")
+    assert code == 0 and f"database: sqlite:///{home}/feedback.db" in err
+    monkeypatch.chdir(two)
+    code, out, err = cli(capsys, "serve", "add-member", "nobody", "Tea")
+    assert code == 2 and "no user named 'nobody'" in err  # the project was found: same database
+    assert f"database: sqlite:///{home}/feedback.db" in err
+    assert not list(one.iterdir()) and not list(two.iterdir())
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert f"db_url = 'sqlite:///{home}/feedback.db'" in capsys.readouterr().out
+
+
+def test_an_old_database_in_the_current_folder_is_not_silently_replaced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RLHFKIT_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert cli(capsys, "serve", "create-project", "Tea", "db_url=sqlite:///feedback.db")[0] == 0
+    code, _, err = cli(capsys, "serve", "create-project", "Coffee")
+    assert code == 2 and "feedback.db exists, but the default database is" in err
+    assert "db_url=sqlite:///feedback.db" in err
+    assert not (tmp_path / "home" / "feedback.db").exists()
+
+
+def test_admin_commands_name_the_database_without_its_password(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = db_url.replace("postgres@", "postgres:hunter2-secret@")  # trust auth: the password is ignored
+    code, out, err = cli(capsys, "serve", "create-project", "Tea", f"db_url={url}")
+    assert code == 0
+    shown = url.replace(":hunter2-secret@", ":***@")
+    assert f"database: {shown}" in err
+    code, out, err = cli(capsys, "serve", "init", f"db_url={url}")
+    assert code == 0 and "hunter2" not in out + err
+
+
+def test_aggregate_reads_the_default_database_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RLHFKIT_HOME", str(tmp_path / "home"))
+    code, _, err = cli(capsys, "aggregate", "project=Tea", f"out_dir={tmp_path}/o")
+    assert code == 2 and f"sqlite:///{tmp_path}/home/feedback.db: no such database" in err
+    assert cli(capsys, "serve", "create-project", "Tea")[0] == 0
+    code, _, err = cli(capsys, "aggregate", "project=Tea", f"out_dir={tmp_path}/o")
+    assert code == 2 and "no judgments" in err  # found the project in $RLHFKIT_HOME/feedback.db
+
+
+def test_cli_imports_and_guidelines_with_a_byte_order_mark(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], db_url: str
+) -> None:
+    db = f"db_url={db_url}"
+    guidelines = tmp_path / "guidelines.md"
+    guidelines.write_bytes(b"\xef\xbb\xbf# Be kind\n")
+    assert cli(capsys, "serve", "create-project", "Tea", "--guidelines", str(guidelines), db)[0] == 0
+    comp = tmp_path / "c.jsonl"
+    record = {"prompt_id": "a", "prompt": "x", "completions": ["y", "z"]}
+    comp.write_bytes(b"\xef\xbb\xbf" + json.dumps(record).encode())
+    code, out, err = cli(capsys, "serve", "import", "Tea", str(comp), db)
+    assert code == 0 and out == "imported 1 items into 'Tea' (0 already there)\n", err
+    database = Database(db_url)
+    with database.session() as s:
+        assert service.find_project(s, "Tea").guidelines == "# Be kind\n"  # the heading is still a heading
+    database.dispose()
+
+
+def test_add_users_from_a_csv_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], db_url: str) -> None:
+    db = f"db_url={db_url}"
+    for name in ("Tea", "Coffee"):
+        assert cli(capsys, "serve", "create-project", name, db)[0] == 0
+    users = tmp_path / "users.csv"
+    users.write_bytes(
+        b"\xef\xbb\xbfusername,role,project,password\n"  # as a spreadsheet saves it: BOM and header
+        b"ann,labeler,Tea,tulip-harbor-quartz-9\n"
+        b"bob, admin ,Tea\n"
+        b"bob,labeler,Coffee\n"
+        b"\n"
+        b"carl,,\n"
+    )
+    code, out, err = cli(capsys, "serve", "add-users", str(users), db)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[:2] == [
+        "created 3 users (3 project memberships)",
+        "generated passwords (shown only now; users can change theirs on their Account page):",
+    ]
+    generated = dict(line.split(",") for line in lines[2:])
+    assert sorted(generated) == ["bob", "carl"] and all(len(p) >= 16 for p in generated.values())
+    database = Database(db_url)
+    with database.session() as s:
+        for name, password in [("ann", "tulip-harbor-quartz-9"), *generated.items()]:
+            service.check_password(s, name, password)
+        roles = {
+            (p.name, m.user.username, m.role)
+            for p in (service.find_project(s, "Tea"), service.find_project(s, "Coffee"))
+            for m in service.members(s, p)
+        }
+    assert roles == {("Tea", "ann", "labeler"), ("Tea", "bob", "admin"), ("Coffee", "bob", "labeler")}
+
+    # Every bad line is named, all in one run and in order, and nothing of the file is stored.
+    users.write_text(
+        "dave,labeler,Tea\n"
+        "erin,boss,Tea\n"
+        "ann,labeler,Tea\n"
+        "fay,labeler,Nope\n"
+        "gus,labeler\n"
+        "hal,labeler,Tea,short\n"
+        "bad name,labeler,Tea\n"
+    )
+    code, out, err = cli(capsys, "serve", "add-users", str(users), db)
+    assert code == 2 and out == ""
+    assert err.split("error: ", 1)[1].splitlines() == [
+        f"{users}:2: role: Input should be 'admin' or 'labeler'",
+        f"{users}:3: a user named 'ann' already exists (`add-member` adds an existing user to a project)",
+        f"{users}:4: no project named 'Nope'",
+        f"{users}:5: expected username,role,project[,password]; got 2 fields",
+        f"{users}:6: password: must have at least 10 characters; choose a longer passphrase, e.g. three or four "
+        "random words",
+        f"{users}:7: username: String should match pattern '^[A-Za-z0-9_.@-]{{1,64}}$'",
+    ]
+    with database.session() as s:
+        assert {u.username for u in service.all_users(s)} == {"ann", "bob", "carl"}  # no dave
+
+    # --passwords-out: a new file only its owner can read; never overwritten.
+    users.write_text("dave,labeler,Tea\nerin,admin,Coffee,velvet-compass-lantern\n")
+    secret = tmp_path / "passwords.csv"
+    code, out, err = cli(capsys, "serve", "add-users", str(users), f"--passwords-out={secret}", db)
+    assert code == 0 and out == f"created 2 users (2 project memberships)\n1 generated passwords are in {secret}\n"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    header, dave = secret.read_text().splitlines()
+    assert header == "username,password" and dave.startswith("dave,")
+    with database.session() as s:
+        service.check_password(s, "dave", dave.split(",", 1)[1])
+    database.dispose()
+    users.write_text("fay,labeler,Tea\n")
+    code, _, err = cli(capsys, "serve", "add-users", str(users), f"--passwords-out={secret}", db)
+    assert code == 2 and "never overwritten" in err and secret.read_text().startswith("username,password\ndave,")

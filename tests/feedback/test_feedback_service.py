@@ -12,7 +12,7 @@ from alembic.migration import MigrationContext
 from feedback_helpers import XSS, completions_jsonl, seed
 from sqlalchemy import func, select, text, update
 
-from rlhfkit.data.formats import Demonstration, Ranking, rankings_to_pairs, read_records
+from rlhfkit.data.formats import Completions, Demonstration, Ranking, rankings_to_pairs, read_records
 from rlhfkit.feedback import service
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.models import Assignment, Base, Item, Judgment, Project, User
@@ -75,12 +75,11 @@ def test_import_is_all_or_nothing_and_idempotent(db: Database) -> None:
             "c.jsonl", (completions_jsonl(2, prefix="z") + json.dumps(changed)).encode(), "ranking"
         )
         service.import_items(s, p, records)
+    # parse_upload splits K > 2 completions into pairs for a pairwise project; records that skip it
+    # are still refused.
+    three = Completions(prompt_id="x", prompt="p", completions=["a", "b", "c"])
     with pytest.raises(service.Invalid, match="exactly 2 completions"), db.session(write=True) as s:
-        service.import_items(
-            s,
-            s.get(Project, pairwise.id),
-            service.parse_upload("c.jsonl", completions_jsonl(1).encode(), "pairwise"),
-        )
+        service.import_items(s, s.get(Project, pairwise.id), [three])
     with db.session() as s:  # the failed imports left nothing behind
         assert s.scalar(select(func.count()).select_from(Item)) == 3
 

@@ -32,6 +32,7 @@ from rlhfkit.config import atomic_write_text
 from rlhfkit.errors import UserError
 
 MAX_LINE_BYTES = 1_000_000  # a "huge line" is almost always a broken file, not a real record
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class Message(BaseModel):
@@ -273,6 +274,8 @@ def _iter_jsonl(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
         raise UserError(f"{path}: file not found") from None
     with f:
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1:
+                raw = raw.removeprefix(UTF8_BOM)  # Windows editors and Excel start UTF-8 files with one
             if len(raw) > MAX_LINE_BYTES:
                 raise UserError(
                     f"{path}:{lineno}: line is {len(raw):,} bytes, over the {MAX_LINE_BYTES:,}-byte limit "

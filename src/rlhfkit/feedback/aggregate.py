@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
-import choix
 import numpy as np
 
 from rlhfkit.data.formats import Completions, Pair, Ranking, text_key, text_to_json
@@ -45,6 +44,10 @@ def bradley_terry(n: int, rankings: Sequence[Sequence[int]], alpha: float = DEFA
     data = pairwise_outcomes(rankings)
     if not data:
         return np.zeros(n)
+    # Imported here: choix pulls in scipy.stats (~1.5 s), which the server's admin commands,
+    # importing this module through the service, never need.
+    import choix
+
     # choix's penalty is alpha * ||s||^2 on the doubled likelihood: alpha/2 per real comparison.
     scores = choix.opt_pairwise(n, data, alpha=alpha)
     return scores - scores.mean()

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
@@ -24,14 +24,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from pydantic import Field
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from rlhfkit.config import StrictModel
 from rlhfkit.feedback import service
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.markdown_safe import render_markdown
@@ -44,6 +42,7 @@ from rlhfkit.feedback.security import (
     load_secret,
     retry_after_header,
 )
+from rlhfkit.feedback.settings import ServeConfig
 
 HERE = Path(__file__).parent
 COOKIE = "rlhfkit_session"
@@ -52,33 +51,6 @@ CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
-
-
-class ServeConfig(StrictModel):
-    """`rlhfkit serve` settings; each is also a KEY=VALUE flag (e.g. port=8080)."""
-
-    db_url: str = Field("sqlite:///feedback.db", description="SQLite file or postgresql://user@host/db")
-    host: str = Field("127.0.0.1", description="address to listen on")
-    port: int = Field(8000, ge=1, le=65535)
-    secret_key_file: str = Field("feedback.secret", description="made on first start; $RLHFKIT_SECRET_KEY overrides it")
-    lease_minutes: int = Field(60, ge=1, description="how long a handed-out item is held for its labeler")
-    session_days: int = Field(14, ge=1, description="browser login lifetime, however active")
-    session_idle_hours: float = Field(12, gt=0, description="a browser login ends after this long without requests")
-    secure_cookies: Literal["auto"] | bool = Field(
-        "auto", description="auto: Secure cookies when the request came over HTTPS; true/false forces"
-    )
-    trusted_proxies: str = Field(
-        "", description="reverse proxies (IPs or networks, comma-separated) whose X-Forwarded-For/-Proto count"
-    )
-    login_max_failures: int = Field(5, ge=1, description="failed logins per username before backoff")
-    login_max_failures_per_ip: int = Field(30, ge=1, description="failed logins per client address before backoff")
-    login_backoff_seconds: float = Field(1.0, gt=0, description="first wait after too many failures; doubles")
-    login_backoff_max_seconds: float = Field(900, gt=0, description="longest wait between login attempts")
-    password_hash_concurrency: int = Field(2, ge=1, description="password checks at once (argon2: CPU, 19 MiB)")
-    password_hash_wait_seconds: float = Field(3.0, gt=0, description="longest a login waits for a check, then 503")
-    max_body_kb: int = Field(512, ge=16, description="largest request body, except imports")
-    max_upload_mb: int = Field(50, ge=1, description="largest JSONL import")
-    log_level: str = Field("warning", description="uvicorn log level")
 
 
 @dataclass

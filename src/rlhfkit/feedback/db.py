@@ -27,6 +27,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from rlhfkit.errors import UserError
+from rlhfkit.feedback.settings import display_url
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 T = TypeVar("T")
@@ -52,14 +53,6 @@ def normalize_url(url: str) -> str:
     if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
         raise UserError("db_url: SQLite needs a file (sqlite:///feedback.db); in-memory data would be lost")
     return parsed.render_as_string(hide_password=False)
-
-
-def display_url(url: str) -> str:
-    """The URL with its password replaced by ***: what may be printed or logged."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<not a database URL>"
 
 
 def _sqlite_engine(url: str) -> Engine:

@@ -1,7 +1,7 @@
 """Server-rendered pages: log in, label, administer. They call the same service as the API.
 
-The task page works without JavaScript (every candidate has a rank <select>, the form posts);
-app.js adds drag-to-rank, keyboard shortcuts and draft autosave on top.
+The task page works without JavaScript (every candidate has a rank box, the form posts); app.js
+adds rank buttons on each card, keyboard shortcuts, folding of long answers and draft autosave.
 """
 
 from __future__ import annotations
@@ -429,18 +429,66 @@ def set_user_password(user_id: int, request: Request, posted: Posted = Depends(p
     return redirect("/admin/users")
 
 
-# ---------------------------------------------------------------- own account: API keys
+# ---------------------------------------------------------------- own account: password, API keys
+
+
+def _account_page(
+    request: Request, auth: Auth, *, new_key: str | None = None, password_error: str = "", status: int = 200
+) -> Response:
+    with state(request).db.session() as s:
+        user = s.get(User, auth.user_id)
+        return render(
+            request,
+            "account.html",
+            {
+                "keys": service.api_keys(s, user),
+                "new_key": new_key,
+                "has_password": user.password_hash is not None,
+                "password_changed": request.query_params.get("password") == "changed",
+                "password_error": password_error,
+            },
+            auth,
+            status=status,
+        )
 
 
 @router.get("/account")
 def account_page(request: Request, auth: Auth = Depends(page_auth)) -> Response:
-    with state(request).db.session() as s:
-        return render(
-            request,
-            "account.html",
-            {"keys": service.api_keys(s, s.get(User, auth.user_id)), "new_key": None},
-            auth,
+    return _account_page(request, auth)
+
+
+@router.post("/account/password")
+async def change_password(request: Request, posted: Posted = Depends(page_post)) -> Response:
+    """The current password, then the new one twice. The current one is checked like a login
+    (throttled, hashing bounded), so an open session cannot be used to guess it. Every other
+    session of this user ends (as with any password change); this browser gets a fresh session so
+    the labeler stays logged in."""
+    st, form = state(request), posted.form
+    new = str(form.get("new_password", ""))
+    try:
+        if new != str(form.get("new_password_again", "")):
+            raise service.Invalid("the two new passwords differ")
+        with st.db.session() as s:
+            username = s.get(User, posted.auth.user_id).username
+        try:
+            await login_user(request, username, str(form.get("current_password", "")))
+        except service.Unauthorized:
+            raise service.Invalid("current password: that is not your current password") from None
+
+        def work(s: Any) -> str:
+            service.set_password(s, s.get(User, posted.auth.user_id), new)
+            return service.open_session(s, posted.auth.user_id, st.session_times)
+
+        token = await run_in_threadpool(st.db.transact, work)
+    except (service.Invalid, service.TooManyAttempts, service.Busy) as e:
+        response = await run_in_threadpool(
+            _account_page, request, posted.auth, password_error=e.message, status=e.status
         )
+        response.headers.update(getattr(e, "headers", None) or {})
+        return response
+    response = redirect("/account", password="changed")
+    set_session_cookie(request, response, token)
+    return response
 
 
 @router.post("/account/keys")
@@ -451,13 +499,7 @@ def create_key(request: Request, posted: Posted = Depends(page_post)) -> Respons
         raise service.Invalid(validation_text(e)) from None
     with state(request).db.session(write=True) as s:
         key = service.create_api_key(s, s.get(User, posted.auth.user_id), data.name)
-    with state(request).db.session() as s:  # shown once, on this response only
-        return render(
-            request,
-            "account.html",
-            {"keys": service.api_keys(s, s.get(User, posted.auth.user_id)), "new_key": key},
-            posted.auth,
-        )
+    return _account_page(request, posted.auth, new_key=key)  # shown once, on this response only
 
 
 @router.post("/account/keys/{key_id}/revoke")

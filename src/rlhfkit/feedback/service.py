@@ -8,6 +8,8 @@ transaction (see Database.transact), so a failure anywhere leaves nothing half-s
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import re
@@ -17,9 +19,11 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import and_, exists, func, select, text, update
 from sqlalchemy.orm import Session, contains_eager, selectinload
 
@@ -346,7 +350,7 @@ def parse_upload(filename: str, data: bytes, task: str) -> list[Completions] | l
             problem = _record_problem(rec, task)
             if problem:
                 raise Invalid(f"{(rec._where or '').replace(str(path), name)}: {problem}")
-    return records
+    return split_into_pairs(records) if task == "pairwise" else records
 
 
 def upload_name(filename: str) -> str:
@@ -394,9 +398,25 @@ def _strings(value: Any, where: str) -> Iterator[tuple[str, str]]:
             yield from _strings(v, f"{where}.{k}" if where else k)
 
 
+def split_into_pairs(records: list[Completions]) -> list[Completions]:
+    """A pairwise project shows two responses at a time, while `rlhfkit generate` makes 4 per prompt
+    by default: a record with K > 2 completions becomes its C(K, 2) pairs, item `{prompt_id}#{i}-{j}`
+    comparing completions i and j (0-based, in the file's order), so every pair is judged and the
+    item's key says which two it holds. Records of exactly 2 keep their prompt_id."""
+    out: list[Completions] = []
+    for rec in records:
+        if len(rec.completions) == 2:
+            out.append(rec)
+            continue
+        for i, j in combinations(range(len(rec.completions)), 2):
+            pair = [rec.completions[i], rec.completions[j]]
+            out.append(Completions(prompt_id=f"{rec.prompt_id}#{i}-{j}", prompt=rec.prompt, completions=pair))
+    return out
+
+
 def _first_record_kind(path: Path) -> str:
     """Demonstration projects take prompts or completions files (only the prompt is used)."""
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in path.read_text(encoding="utf-8-sig", errors="replace").splitlines():
         if line.strip():
             try:
                 kind = detect_kind(json.loads(line))
@@ -878,3 +898,79 @@ def export(s: Session, project: Project, kind: str, margin: bool = False) -> lis
     if kind == "pairs":
         return [p.to_json() for p in aggregate.consensus_pairs(cons, completions, margin=margin)]
     return aggregate.kto_records(cons, completions)
+
+
+# ---------------------------------------------------------------- many users at once, own password
+
+
+@dataclass
+class UserLine:
+    """One line of a users file: `username,role,project[,password]`."""
+
+    line: int
+    username: str
+    role: str
+    project: str
+    password: str | None
+
+
+@dataclass
+class UsersAdded:
+    users: int
+    memberships: int
+    passwords: dict[str, str]  # generated ones only: username -> password, to be shown once
+
+
+def parse_users_csv(text: str) -> tuple[list[UserLine], list[tuple[int, str]]]:
+    """(good lines, (line number, problem) for the bad ones) of `username,role,project[,password]`
+    lines. A header line, blank lines and #comments are skipped; role defaults to labeler; an
+    empty project adds the user to none."""
+    lines, errors = [], []
+    reader = csv.reader(io.StringIO(text))
+    for row in reader:
+        cells, n = [c.strip() for c in row], reader.line_num
+        if not any(cells) or cells[0].startswith("#") or (n == 1 and cells[0].lower() == "username"):
+            continue
+        if not 3 <= len(cells) <= 4:
+            errors.append((n, f"expected username,role,project[,password]; got {len(cells)} fields"))
+            continue
+        username, role, project = cells[0], cells[1] or "labeler", cells[2]
+        try:
+            MemberIn(username=username, role=role)  # type: ignore[arg-type]
+        except ValidationError as e:
+            errors.append((n, "; ".join(f"{x['loc'][0]}: {x['msg']}" for x in e.errors())))
+            continue
+        lines.append(UserLine(n, username, role, project, cells[3] if len(cells) == 4 and cells[3] else None))
+    return lines, errors
+
+
+def add_users(s: Session, text: str, source: str) -> UsersAdded:
+    """Create the users of a users file and their memberships, all or nothing. Every bad line is
+    reported, at once and in order (a file is fixed in one go, not one error per run). A user may
+    appear on several lines, one per project; those without a password get a generated one.
+    Passwords go through set_password, the one place that decides what a good password is."""
+    lines, errors = parse_users_csv(text)
+    users: dict[str, User] = {}
+    generated: dict[str, str] = {}
+    for line in lines:
+        try:
+            user = users.get(line.username)
+            if user is None:
+                user = users[line.username] = create_user(s, UserIn(username=line.username))
+                password = line.password
+                if password is None:
+                    password = generated[line.username] = secrets.token_urlsafe(12)
+                set_password(s, user, password)
+            elif line.password is not None:
+                raise Invalid(f"a password for {line.username!r} was given on an earlier line")
+            if line.project:
+                set_member(s, find_project(s, line.project), MemberIn(username=line.username, role=line.role))
+        except Conflict as e:  # the user exists already
+            errors.append((line.line, f"{e.message} (`add-member` adds an existing user to a project)"))
+        except ServiceError as e:
+            errors.append((line.line, e.message))
+    if errors:
+        raise Invalid("\n".join(f"{source}:{n}: {message}" for n, message in sorted(errors)))
+    if not lines:
+        raise Invalid(f"{source}: no users (expected lines of username,role,project[,password])")
+    return UsersAdded(len(users), sum(bool(line.project) for line in lines), generated)

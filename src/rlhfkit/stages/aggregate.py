@@ -12,10 +12,12 @@ writes to `out_dir`:
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
+from sqlalchemy.engine import make_url
 
 from rlhfkit.config import StrictModel, atomic_write_text, save_config
 from rlhfkit.data.formats import Completions, Ranking, check_rankings, read_records, write_records
@@ -27,7 +29,7 @@ from rlhfkit.feedback.agreement import agreement_report
 class Config(StrictModel):
     rankings: str | None = Field(None, description="rankings JSONL (raw judgments)")
     completions: str | None = Field(None, description="completions JSONL the rankings refer to")
-    db_url: str | None = Field(None, description="or read from the feedback database ...")
+    db_url: str | None = Field(None, description="or read from the feedback database (default: rlhfkit serve's) ...")
     project: str | None = Field(None, description="... this project (by name)")
     out_dir: str = Field("runs/aggregate", description="where the outputs go")
     margin: bool = Field(True, description="give each pair its consensus margin")
@@ -41,8 +43,8 @@ class Config(StrictModel):
             raise ValueError("give either rankings= and completions= (files) or db_url= and project= (database)")
         if files and (self.rankings is None or self.completions is None):
             raise ValueError("rankings= and completions= go together")
-        if database and (self.db_url is None or self.project is None):
-            raise ValueError("db_url= and project= go together")
+        if database and self.project is None:
+            raise ValueError("db_url= needs project= (the project to aggregate)")
         return self
 
 
@@ -53,15 +55,22 @@ def load(config: Config) -> tuple[list[Ranking], list[Completions]]:
         check_rankings(rankings, completions, source=config.rankings)
         return rankings, completions
     from rlhfkit.feedback import service
-    from rlhfkit.feedback.db import Database
+    from rlhfkit.feedback.db import Database, normalize_url
+    from rlhfkit.feedback.settings import default_db_url, display_url
 
-    db = Database(str(config.db_url))
+    url = normalize_url(config.db_url or default_db_url())  # the same default as `rlhfkit serve`
+    shown = display_url(url)
+    print(f"database: {shown}", file=sys.stderr)
+    database = make_url(url).database
+    if url.startswith("sqlite") and not Path(str(database)).is_file():  # not a new, empty file
+        raise UserError(f"{shown}: no such database (set db_url=, or $RLHFKIT_HOME as for `rlhfkit serve`)")
+    db = Database(url)
     try:
         with db.session() as s:
             project = service.find_project(s, str(config.project))
             return service.rankings_of(s, project), service.completions_of(s, project)
     except service.ServiceError as e:
-        raise UserError(f"{config.db_url}: {e.message}") from None
+        raise UserError(f"{shown}: {e.message}") from None
     finally:
         db.dispose()
 

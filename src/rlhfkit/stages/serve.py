@@ -4,14 +4,18 @@
     rlhfkit serve init                        create or upgrade the database
     rlhfkit serve create-owner USERNAME       the first user; password from $RLHFKIT_PASSWORD or asked
     rlhfkit serve add-user USERNAME [--project NAME] [--role labeler|admin] [--no-password]
+    rlhfkit serve add-users FILE.csv [--passwords-out FILE]   many at once: username,role,project[,password]
     rlhfkit serve add-member USERNAME PROJECT [--role labeler|admin]   an existing user joins a project
     rlhfkit serve create-project NAME [--task ranking|pairwise|demonstration] [--overlap N]
                                               [--guidelines FILE.md]
-    rlhfkit serve import PROJECT FILE.jsonl   completions from `rlhfkit generate` (or prompts)
+    rlhfkit serve import PROJECT FILE.jsonl   completions from `rlhfkit generate` (or prompts); in a pairwise
+                                              project K > 2 completions become their C(K,2) pairs
     rlhfkit serve export PROJECT KIND OUT.jsonl [--margin]
     rlhfkit serve api-key USERNAME [--name NAME]   prints a new API key for scripts
 
 Every command also takes `--config FILE.yaml` and KEY=VALUE settings (db_url=... above all).
+Without db_url the database is feedback.db in $RLHFKIT_HOME (default ~/.local/share/rlhfkit),
+whatever folder you run from; each admin command names it on stderr.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 
 from rlhfkit.config import describe_fields, load_config
 from rlhfkit.errors import UserError
-from rlhfkit.feedback.app import ServeConfig
+from rlhfkit.feedback.settings import DB_FILE, SECRET_FILE, ServeConfig, default_db_path, display_url
 
 Config = ServeConfig
 PASSWORD_ENV = "RLHFKIT_PASSWORD"
@@ -48,7 +52,6 @@ def _run(config: ServeConfig, args: argparse.Namespace) -> None:
     import uvicorn
 
     from rlhfkit.feedback.app import create_app
-    from rlhfkit.feedback.db import display_url
 
     app = create_app(config)
     print(f"rlhfkit feedback on http://{config.host}:{config.port}  (database: {display_url(config.db_url)})")
@@ -58,11 +61,16 @@ def _run(config: ServeConfig, args: argparse.Namespace) -> None:
 
 
 def _in_db(config: ServeConfig, work: Callable[[Any], Any]) -> Any:
-    """Run one admin command in one transaction; service errors become clean CLI errors."""
+    """Run one admin command in one transaction; service errors become clean CLI errors.
+
+    Which database it is goes to stderr first (stdout stays clean for scripts, e.g. `api-key`):
+    a command run against the wrong database should be obvious at once, not after a day's labels.
+    """
     from rlhfkit.feedback.db import Database
     from rlhfkit.feedback.service import ServiceError
 
     db = Database(config.db_url)
+    print(f"database: {display_url(db.url)}", file=sys.stderr)
     try:
         db.migrate()
         return db.transact(work)
@@ -73,7 +81,6 @@ def _in_db(config: ServeConfig, work: Callable[[Any], Any]) -> Any:
 
 
 def _init(config: ServeConfig, args: argparse.Namespace) -> None:
-    from rlhfkit.feedback.db import display_url
 
     _in_db(config, lambda s: None)
     print(f"database ready: {display_url(config.db_url)}")
@@ -102,6 +109,41 @@ def _user(config: ServeConfig, args: argparse.Namespace, owner: bool) -> None:
     print(f"created {'owner' if owner else 'user'} {args.username}")
 
 
+def _add_users(config: ServeConfig, args: argparse.Namespace) -> None:
+    """Users from a CSV file in one transaction. Passwords generated for lines without one are
+    shown once: on stdout, or in --passwords-out, created 0600 and never overwritten (it would
+    hold the only copy)."""
+    from rlhfkit.feedback import service
+
+    path = Path(args.file)
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # spreadsheets save CSV with a BOM
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+    out = None
+    if args.passwords_out:
+        try:
+            out = os.open(args.passwords_out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            raise UserError(f"--passwords-out {args.passwords_out}: {e.strerror} (it is never overwritten)") from None
+    try:
+        added = _in_db(config, lambda s: service.add_users(s, text, str(path)))
+    except BaseException:
+        if out is not None:
+            os.close(out)
+            os.unlink(args.passwords_out)
+        raise
+    listing = "".join(f"{name},{password}\n" for name, password in added.passwords.items())
+    print(f"created {added.users} users ({added.memberships} project memberships)")
+    if out is not None:
+        with os.fdopen(out, "w", encoding="utf-8") as f:
+            f.write("username,password\n" + listing)
+        print(f"{len(added.passwords)} generated passwords are in {args.passwords_out}")
+    elif added.passwords:
+        print("generated passwords (shown only now; users can change theirs on their Account page):")
+        print(listing, end="")
+
+
 def _add_member(config: ServeConfig, args: argparse.Namespace) -> None:
     from rlhfkit.feedback import service
     from rlhfkit.feedback.schemas import MemberIn
@@ -120,7 +162,7 @@ def _create_project(config: ServeConfig, args: argparse.Namespace) -> None:
     guidelines = ""
     if args.guidelines:
         try:
-            guidelines = Path(args.guidelines).read_text(encoding="utf-8")
+            guidelines = Path(args.guidelines).read_text(encoding="utf-8-sig")  # a BOM would hide the first heading
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"{args.guidelines}: cannot read the guidelines ({e})") from None
     try:
@@ -180,6 +222,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[ServeConfig,
     p.add_argument("--role", choices=["labeler", "admin"], default="labeler")
     p.add_argument("--no-password", action="store_true", help="a script user: API keys only")
     actions["add-user"] = lambda c, a: _user(c, a, owner=False)
+    p = sub.add_parser("add-users", help="create users from a CSV file: username,role,project[,password]")
+    p.add_argument("file", help="CSV; a user on several lines joins several projects; no password: one is made")
+    p.add_argument("--passwords-out", help="write generated passwords to this new file (mode 0600), not stdout")
+    actions["add-users"] = _add_users
     p = sub.add_parser("add-member", help="add an existing user to a project (or change their role)")
     p.add_argument("username")
     p.add_argument("project")
@@ -214,11 +260,27 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[ServeConfig,
     return parser, actions
 
 
+def _refuse_stray_database(config: ServeConfig) -> None:
+    """Older versions kept feedback.db in the folder they ran from. Where such a file sits here
+    and the default database does not exist yet, starting a new, empty site in the default
+    place would look like the data had vanished: say what to do instead."""
+    here = Path(DB_FILE)
+    default = default_db_path()
+    if "db_url" in config.model_fields_set or not here.is_file() or default.exists():
+        return
+    raise UserError(
+        f"{here.absolute()} exists, but the default database is {default} (see README: where the "
+        f"database lives). Use this one with db_url=sqlite:///{DB_FILE}, set $RLHFKIT_HOME to this "
+        f"folder, or move {DB_FILE} and {SECRET_FILE} to {default.parent}"
+    )
+
+
 def cli(argv: list[str]) -> int:
     parser, actions = _parser()
     flags = [a for a in argv if "=" not in a or a.startswith("-")]
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     args = parser.parse_args(flags)
     config = load_config(ServeConfig, args.config, overrides)
+    _refuse_stray_database(config)
     actions[args.command or "run"](config, args)
     return 0

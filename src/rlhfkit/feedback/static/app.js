@@ -1,20 +1,43 @@
-// rlhfkit feedback: drag-to-rank, keyboard ranking, pairwise shortcuts and draft autosave.
+// rlhfkit feedback: rank buttons and keyboard ranking, long responses folded, plain-text view,
+// pairwise shortcuts and draft autosave.
 // Progressive enhancement: without this file every task page still works as a plain form.
 (function () {
   "use strict";
   const form = document.getElementById("task-form");
   if (!form) return;
   const task = form.dataset.task;
+  const k = Number(form.dataset.k);
   const csrf = document.querySelector('meta[name="csrf-token"]').content;
   const draftStatus = document.getElementById("draft-status");
-  const selects = Array.from(form.querySelectorAll("select[data-cid]"));
+  const formError = document.getElementById("form-error");
+  const topbar = document.querySelector(".topbar");
+  const actionbar = document.getElementById("actionbar");
+  const cards = Array.from(document.querySelectorAll(".candidate"));
+  const rankFields = Array.from(form.querySelectorAll("input[data-cid]"));
   const field = (name) => form.elements.namedItem(name);
+  const rankField = (card) => card.querySelector("input[data-cid]");
+
+  // On a narrow screen the guidelines sit above the task: start them folded.
+  const guidelines = document.getElementById("guidelines");
+  if (guidelines && window.matchMedia("(max-width: 900px)").matches) guidelines.open = false;
+
+  // Bring an element's top into the part of the window that the sticky bars leave free.
+  function reveal(el) {
+    const box = el.getBoundingClientRect();
+    const top = topbar ? Math.max(0, topbar.getBoundingClientRect().bottom) : 0;
+    const bottom = actionbar ? actionbar.getBoundingClientRect().top : window.innerHeight;
+    if (box.top < top || box.top > bottom - 48) el.scrollIntoView({ block: "start" });
+  }
+  function focusCard(card) {
+    card.focus({ preventScroll: true });
+    reveal(card);
+  }
 
   // ---------------------------------------------------------------- draft autosave
   let timer = null;
   function collectDraft() {
     const ranks = {};
-    selects.forEach((s) => { ranks[s.dataset.cid] = s.value ? Number(s.value) : null; });
+    rankFields.forEach((f) => { ranks[f.dataset.cid] = /^\d+$/.test(f.value.trim()) ? Number(f.value) : null; });
     return {
       ranks: ranks,
       unusable: !!(field("unusable") && field("unusable").checked),
@@ -40,55 +63,112 @@
   form.addEventListener("input", scheduleSave);
   form.addEventListener("change", scheduleSave);
 
+  // ---------------------------------------------------------------- errors, beside the submit button
+  function showError(text) {
+    formError.textContent = text;
+    formError.hidden = false;
+  }
+  function clearError() {
+    formError.hidden = true;
+    cards.forEach((c) => c.classList.remove("needs-rank"));
+  }
+
   // ---------------------------------------------------------------- submit
-  // Ranks are relative: rows left empty in between are closed up (1, 3 -> 1, 2) before sending.
+  // Ranks are relative: numbers left out in between are closed up (1, 3 -> 1, 2) before sending.
   function compactRanks() {
-    const used = Array.from(new Set(selects.filter((s) => s.value).map((s) => Number(s.value))))
+    const used = Array.from(new Set(rankFields.filter((f) => f.value).map((f) => Number(f.value))))
       .sort((a, b) => a - b);
-    selects.forEach((s) => { if (s.value) s.value = String(used.indexOf(Number(s.value)) + 1); });
+    rankFields.forEach((f) => { if (f.value) f.value = String(used.indexOf(Number(f.value)) + 1); });
   }
   let submitting = false;
   form.addEventListener("submit", (e) => {
-    const unusable = field("unusable") && field("unusable").checked;
-    if (task === "ranking" && !unusable && selects.some((s) => !s.value)) {
-      e.preventDefault();
-      showSummary("Give every response a rank first (or tick “Not rankable / all bad”).", true);
-      return;
-    }
     if (submitting) { e.preventDefault(); return; }  // a double click sends once (the server is idempotent too)
+    const unusable = field("unusable") && field("unusable").checked;
+    if (task === "ranking" && !unusable) {
+      const missing = cards.filter((c) => !/^[1-9]\d*$/.test(rankField(c).value.trim()));
+      if (missing.length) {
+        e.preventDefault();
+        clearError();
+        missing.forEach((c) => c.classList.add("needs-rank"));
+        const names = missing.map((c) => c.dataset.label);
+        showError("Give every response a rank first (" + (names.length > 5 ? names.length + " responses" :
+          names.join(", ")) + " still without one), or tick “Not rankable / all bad”.");
+        focusCard(missing[0]);
+        return;
+      }
+    }
     submitting = true;
     clearTimeout(timer);
     if (task === "ranking") compactRanks();
   });
 
-  const summary = document.getElementById("summary");
-  function showSummary(text, warn) {
-    if (!summary) return;
-    summary.textContent = text;
-    summary.classList.toggle("warn", !!warn);
+  // ---------------------------------------------------------------- long responses: fold and unfold
+  const toggles = new Map();  // card -> its "Show all" button
+  function setExpanded(card, expanded) {
+    card.classList.toggle("expanded", expanded);
+    const button = toggles.get(card);
+    button.setAttribute("aria-expanded", String(expanded));
+    button.textContent = expanded ? "Show less" : "Show all";
+  }
+  function toggleExpanded(card) {
+    if (!toggles.has(card)) return;
+    setExpanded(card, !card.classList.contains("expanded"));
+    if (!card.classList.contains("expanded")) reveal(card);  // folding up can leave the window far below
+  }
+  function measureFolds() {  // a button only where the text is longer than the folded height
+    cards.forEach((card) => {
+      const body = card.querySelector(".card-body");
+      const folded = !card.classList.contains("expanded");
+      const long = folded ? body.scrollHeight > body.clientHeight + 4 : toggles.has(card);
+      if (long && !toggles.has(card)) {
+        const button = document.createElement("button");
+        button.type = "button";
+        button.className = "small expand";
+        button.setAttribute("aria-controls", body.id);
+        button.addEventListener("click", () => toggleExpanded(card));
+        body.after(button);
+        toggles.set(card, button);
+        setExpanded(card, false);
+      } else if (!long && toggles.has(card)) {
+        toggles.get(card).remove();
+        toggles.delete(card);
+      }
+      card.classList.toggle("foldable", toggles.has(card));
+    });
+  }
+  document.documentElement.classList.add("js");  // folds long bodies (without JS they scroll)
+  measureFolds();
+  window.addEventListener("resize", () => { clearTimeout(measureFolds.t); measureFolds.t = setTimeout(measureFolds, 150); });
+
+  // ---------------------------------------------------------------- plain text or formatted Markdown
+  const plainToggle = document.getElementById("plain-toggle");
+  function setPlain(on) {
+    document.body.classList.toggle("show-raw", on);
+    plainToggle.setAttribute("aria-pressed", String(on));
+    try { localStorage.setItem("rlhfkit.plain", on ? "1" : ""); } catch (err) { /* private mode */ }
+    measureFolds();
+  }
+  if (plainToggle) {
+    plainToggle.hidden = false;
+    plainToggle.addEventListener("click", () => setPlain(!document.body.classList.contains("show-raw")));
+    let saved = "";
+    try { saved = localStorage.getItem("rlhfkit.plain") || ""; } catch (err) { /* private mode */ }
+    if (saved) setPlain(true);
   }
 
-  // ---------------------------------------------------------------- ranking board
+  // ---------------------------------------------------------------- ranking in place
   if (task === "ranking") {
-    const board = document.getElementById("board");
-    const holder = document.getElementById("cards");
-    const cards = Array.from(holder.querySelectorAll(".candidate"));
-    const lanes = Array.from(board.querySelectorAll(".lane"));
-    const k = Number(form.dataset.k);
-    cards.forEach((c, i) => { c.dataset.index = String(i); });
-    const selectOf = (card) => card.querySelector("select");
-    const laneCards = (rank) => board.querySelector('.lane[data-rank="' + (rank || "") + '"] .lane-cards');
+    const summary = document.getElementById("summary");
+    const quick = k <= 9;  // number buttons and digit keys; more candidates type into the box
+    const buttons = new Map();  // card -> its rank buttons
 
-    function place(card) {
-      const target = laneCards(selectOf(card).value);
-      const after = Array.from(target.children).find((c) => Number(c.dataset.index) > Number(card.dataset.index));
-      target.insertBefore(card, after || null);
-    }
     function refresh() {
       const groups = new Map();
       let unranked = 0;
       cards.forEach((c) => {
-        const r = selectOf(c).value;
+        const r = rankField(c).value.trim();
+        c.classList.toggle("ranked", !!r);
+        if (buttons.has(c)) buttons.get(c).forEach((b) => b.setAttribute("aria-pressed", String(b.dataset.rank === r)));
         if (!r) { unranked += 1; return; }
         if (!groups.has(r)) groups.set(r, []);
         groups.get(r).push(c.dataset.label);
@@ -96,71 +176,82 @@
       const order = Array.from(groups.keys()).sort((a, b) => a - b).map((r) => groups.get(r).join(" = "));
       let text = order.length ? "Your ranking: " + order.join("  ›  ") : "Nothing ranked yet.";
       if (unranked) text += " · " + unranked + " unranked";
-      showSummary(text, false);
-      lanes.forEach((l) => l.classList.toggle("filled", l.querySelector(".candidate") !== null));
+      summary.textContent = text;
     }
     function setRank(card, rank) {
-      selectOf(card).value = rank ? String(rank) : "";
-      place(card);
+      rankField(card).value = rank ? String(rank) : "";
+      card.classList.remove("needs-rank");
+      if (!cards.some((c) => c.classList.contains("needs-rank"))) clearError();
       refresh();
       scheduleSave();
-      card.focus();
     }
 
-    cards.forEach(place);
-    holder.remove();
-    board.hidden = false;
+    if (quick) {
+      cards.forEach((card) => {
+        const group = document.createElement("div");
+        group.className = "rank-buttons";
+        group.setAttribute("role", "group");
+        group.setAttribute("aria-label", "Rank of response " + card.dataset.label + " (1 = best)");
+        const caption = document.createElement("span");
+        caption.className = "muted";
+        caption.textContent = "Rank";
+        caption.setAttribute("aria-hidden", "true");
+        group.appendChild(caption);
+        const list = [];
+        for (let r = 1; r <= k; r += 1) {
+          const b = document.createElement("button");
+          b.type = "button";
+          b.textContent = String(r);
+          b.dataset.rank = String(r);
+          b.title = "Rank " + r + (r === 1 ? " (best)" : "") + " · key " + r;
+          b.addEventListener("click", () => setRank(card, r));
+          group.appendChild(b);
+          list.push(b);
+        }
+        const clear = document.createElement("button");
+        clear.type = "button";
+        clear.className = "clear";
+        clear.textContent = "×";
+        clear.title = "No rank · key 0";
+        clear.setAttribute("aria-label", "Clear the rank of response " + card.dataset.label);
+        clear.addEventListener("click", () => setRank(card, ""));
+        group.appendChild(clear);
+        const label = rankField(card).closest("label");
+        label.hidden = true;  // the buttons show and set the same field
+        label.after(group);
+        buttons.set(card, list);
+      });
+    }
+    rankFields.forEach((f) => f.addEventListener("input", refresh));
     refresh();
 
-    // Mouse: drag a card onto a row; dropping onto a row that has cards makes a tie.
-    let dragged = null;
-    cards.forEach((card) => {
-      card.addEventListener("dragstart", (e) => {
-        dragged = card;
-        card.classList.add("dragging");
-        e.dataTransfer.effectAllowed = "move";
-        e.dataTransfer.setData("text/plain", card.dataset.cid);
-      });
-      card.addEventListener("dragend", () => {
-        card.classList.remove("dragging");
-        dragged = null;
-        lanes.forEach((l) => l.classList.remove("over"));
-      });
-      selectOf(card).addEventListener("change", () => { place(card); refresh(); card.focus(); });
-    });
-    lanes.forEach((lane) => {
-      lane.addEventListener("dragover", (e) => { e.preventDefault(); lane.classList.add("over"); });
-      lane.addEventListener("dragleave", () => lane.classList.remove("over"));
-      lane.addEventListener("drop", (e) => {
-        e.preventDefault();
-        lane.classList.remove("over");
-        const cid = e.dataTransfer.getData("text/plain");
-        const card = cards.find((c) => c.dataset.cid === cid) || dragged;
-        if (card) setRank(card, lane.dataset.rank);
-      });
-    });
-
-    // Keyboard: arrows move between cards, a digit ranks the focused card, 0 unranks it.
     document.addEventListener("keydown", (e) => {
-      if (e.ctrlKey || e.metaKey || e.altKey || e.target.closest("textarea, input, select, button, a")) return;
-      const visual = Array.from(board.querySelectorAll(".candidate"));
-      const current = e.target.closest ? e.target.closest(".candidate") : null;
+      if (e.ctrlKey || e.metaKey || e.altKey || e.target.closest("textarea, input, select")) return;
+      const current = e.target.closest(".candidate");
       if (e.key === "ArrowDown" || e.key === "ArrowUp" || e.key === "j" || e.key === "k") {
         e.preventDefault();
         const step = (e.key === "ArrowDown" || e.key === "j") ? 1 : -1;
-        const i = current ? visual.indexOf(current) : -1;
-        visual[Math.min(visual.length - 1, Math.max(0, i + step))].focus();
+        const i = current ? cards.indexOf(current) : -1;
+        focusCard(cards[Math.min(cards.length - 1, Math.max(0, i + step))]);
       } else if (/^[0-9]$/.test(e.key)) {
+        const card = current || cards[0];
+        if (!quick) {  // the digit goes into the card's rank box and the labeler types on
+          rankField(card).focus();
+          rankField(card).select();
+          return;
+        }
         const rank = Number(e.key);
-        const card = current || visual[0];
         if (rank > k) return;
         e.preventDefault();
         setRank(card, rank || "");
         if (rank) {  // move on to the next response still without a rank, in display order
-          const next = cards.find((c) => !selectOf(c).value);
-          if (next) next.focus();
+          const next = cards.find((c) => !rankField(c).value);
+          if (next) focusCard(next);
         }
-      } else if (e.key === "Enter") {
+      } else if (e.key === "e" && current) {
+        e.preventDefault();
+        toggleExpanded(current);
+      } else if (e.key === "Enter" && !e.target.closest("button, a, summary")) {
         e.preventDefault();
         form.requestSubmit();
       }
@@ -172,6 +263,12 @@
     const keys = { "1": "a", "a": "a", "2": "b", "b": "b", "3": "tie", "t": "tie", "4": "both_bad", "x": "both_bad" };
     document.addEventListener("keydown", (e) => {
       if (e.ctrlKey || e.metaKey || e.altKey || e.target.closest("textarea, input, select")) return;
+      const current = e.target.closest(".candidate");
+      if (e.key === "e" && current) {
+        e.preventDefault();
+        toggleExpanded(current);
+        return;
+      }
       const choice = keys[e.key.toLowerCase()];
       if (!choice) return;
       e.preventDefault();
