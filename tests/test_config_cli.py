@@ -279,10 +279,9 @@ def test_data_usage_errors_exit_2(capsys):
 def test_generate_with_malformed_prompts_writes_nothing(capsys, tmp_path, tiny_model_dir):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"id": "a", "prompt": "Hi"}\n{"id": "b", "prompt": "Yo"\n', encoding="utf-8")
-    out_dir = tmp_path / "gen"
-    code, _, err = run_cli(
-        capsys, "generate", f"prompts={prompts}", f"output_dir={out_dir}", f"model.path={tiny_model_dir('gpt2')}"
-    )
+    out_dir, model = tmp_path / "gen", tiny_model_dir("gpt2")
+    capsys.readouterr()  # what building the model printed
+    code, _, err = run_cli(capsys, "generate", f"prompts={prompts}", f"output_dir={out_dir}", f"model.path={model}")
     assert code == 2
     assert err.startswith(f"error: {prompts}:2: invalid JSON: ")
     assert not out_dir.exists()

@@ -17,11 +17,11 @@ from rlhfkit.data.formats import (
     Ranking,
     check_ranks,
     detect_kind,
-    rankings_to_pairs,
     read_records,
     write_records,
 )
 from rlhfkit.errors import UserError
+from rlhfkit.labels.pairs import rankings_to_pairs
 from rlhfkit.models.loading import load_tokenizer
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Café? ☕"}]

@@ -15,10 +15,10 @@ from rlhfkit.cli import main
 from rlhfkit.data.batching import group_by_prompt, make_pair_group, pair_collate
 from rlhfkit.data.formats import Completions, Ranking
 from rlhfkit.engine.metrics import read_metrics
+from rlhfkit.labels.pairs import pairs_with_counts
 from rlhfkit.models.tiny import make_test_model
 from rlhfkit.rewards.model import RewardMeta, RewardModel, init_reward_head, load_backbone
 from rlhfkit.stages.ppo import PPOSamplingConfig
-from rlhfkit.stages.rm import pairs_from_rankings
 
 POSITIVE = ["good", "great", "helpful", "kind", "clear", "lovely"]
 NEGATIVE = ["bad", "awful", "rude", "wrong", "useless", "nasty"]
@@ -198,7 +198,7 @@ def rankings_fixture() -> tuple[list[Completions], list[Ranking]]:
 
 def test_rankings_give_all_pairs_of_a_prompt_in_one_batch_with_ties_counted(root):
     completions, rankings = rankings_fixture()
-    pairs, counts = pairs_from_rankings(rankings, completions)
+    pairs, counts = pairs_with_counts(rankings, completions)
     assert counts == {
         "rankings": 3,
         "rankings_unusable_skipped": 1,

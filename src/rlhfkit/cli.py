@@ -92,6 +92,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("accelerate", "transformers", "peft", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if "transformers" in sys.modules:  # imported before (e.g. `main` called in-process): too late for the env
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

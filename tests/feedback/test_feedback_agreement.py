@@ -9,20 +9,20 @@ import numpy as np
 import pytest
 
 from rlhfkit.data.formats import Completions, Ranking
-from rlhfkit.feedback.aggregate import (
+from rlhfkit.labels.agreement import (
+    agreement_report,
+    kendalls_w,
+    krippendorff_alpha,
+    labeler_agreement,
+    pairwise_agreement,
+)
+from rlhfkit.labels.consensus import (
     bradley_terry,
     consensus,
     consensus_pairs,
     dense_ranks,
     kto_records,
     pairwise_outcomes,
-)
-from rlhfkit.feedback.agreement import (
-    agreement_report,
-    kendalls_w,
-    krippendorff_alpha,
-    labeler_agreement,
-    pairwise_agreement,
 )
 
 # Krippendorff (2011), "Computing Krippendorff's Alpha-Reliability", section C: 4 coders, 12 units,

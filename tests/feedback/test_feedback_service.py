@@ -12,11 +12,12 @@ from alembic.migration import MigrationContext
 from feedback_helpers import XSS, completions_jsonl, seed
 from sqlalchemy import func, select, text, update
 
-from rlhfkit.data.formats import Completions, Demonstration, Ranking, rankings_to_pairs, read_records
+from rlhfkit.data.formats import Completions, Demonstration, Ranking, read_records
 from rlhfkit.feedback import service
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.models import Assignment, Base, Item, Judgment, Project, User
 from rlhfkit.feedback.schemas import JudgmentIn, MemberIn, ProjectIn, UserIn
+from rlhfkit.labels.pairs import rankings_to_pairs
 
 LEASE = timedelta(minutes=60)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
-from itertools import combinations
 from pathlib import Path
 from typing import Any, Literal
 
@@ -383,27 +382,3 @@ def check_rankings(rankings: Sequence[Ranking], completions: Sequence[Completion
                 f"{where}: ranking: ranks {len(r.ranking)} candidates but prompt "
                 f"{r.prompt_id!r} has {len(c.completions)}; every candidate needs a rank"
             )
-
-
-def rankings_to_pairs(rankings: Sequence[Ranking], completions: Sequence[Completions]) -> list[Pair]:
-    """Every candidate pair with different ranks, preferred first; ties and unusable dropped.
-
-    Each labeler's ranking yields its own pairs (aggregating labelers is a separate step), so a
-    pair two labelers agree on appears twice: that is the evidence, weighted as such. Identical
-    candidate texts at different ranks are skipped (the pair carries no learnable preference).
-    """
-    check_rankings(rankings, completions)
-    by_id = {c.prompt_id: c for c in completions}
-    pairs: list[Pair] = []
-    for r in rankings:
-        if r.unusable:
-            continue
-        c = by_id[r.prompt_id]
-        for i, j in combinations(range(len(r.ranking)), 2):
-            if r.ranking[i] == r.ranking[j]:
-                continue
-            win, lose = (i, j) if r.ranking[i] < r.ranking[j] else (j, i)
-            if text_key(c.completions[win]) == text_key(c.completions[lose]):
-                continue
-            pairs.append(Pair(prompt=c.prompt, chosen=c.completions[win], rejected=c.completions[lose]))
-    return pairs

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-from rlhfkit.feedback.aggregate import dense_ranks
 from rlhfkit.feedback.client import FeedbackClient
+from rlhfkit.labels.consensus import dense_ranks
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from rlhfkit.feedback import service
-from rlhfkit.feedback.agreement import agreement_report
 from rlhfkit.feedback.app import COOKIE, Auth, api_auth, cookie_secure, login_user, state
 from rlhfkit.feedback.models import Project, User
 from rlhfkit.feedback.schemas import (
@@ -32,6 +31,7 @@ from rlhfkit.feedback.schemas import (
     UserIn,
 )
 from rlhfkit.feedback.security import csrf_token
+from rlhfkit.labels.agreement import agreement_report
 
 router = APIRouter(prefix="/api")
 

@@ -16,7 +16,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from rlhfkit.feedback import service
-from rlhfkit.feedback.agreement import agreement_report
 from rlhfkit.feedback.api import set_session_cookie, start_session
 from rlhfkit.feedback.app import (
     COOKIE,
@@ -33,6 +32,7 @@ from rlhfkit.feedback.app import (
 from rlhfkit.feedback.models import TASKS, Project, User
 from rlhfkit.feedback.schemas import ApiKeyIn, JudgmentIn, LoginIn, MemberIn, ProjectIn, ProjectSettingsIn, UserIn
 from rlhfkit.feedback.security import csrf_ok, csrf_token, new_token
+from rlhfkit.labels.agreement import agreement_report
 
 router = APIRouter()
 

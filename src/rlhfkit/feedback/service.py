@@ -34,12 +34,10 @@ from rlhfkit.data.formats import (
     Ranking,
     check_ranks,
     detect_kind,
-    rankings_to_pairs,
     read_records,
     text_to_json,
 )
 from rlhfkit.errors import UserError
-from rlhfkit.feedback import aggregate
 from rlhfkit.feedback.models import (
     ApiKey,
     Assignment,
@@ -71,6 +69,8 @@ from rlhfkit.feedback.security import (
     sha256,
     verify_password,
 )
+from rlhfkit.labels import consensus
+from rlhfkit.labels.pairs import rankings_to_pairs
 
 log = logging.getLogger("rlhfkit.feedback")
 
@@ -892,12 +892,12 @@ def export(s: Session, project: Project, kind: str, margin: bool = False) -> lis
     completions = completions_of(s, project)
     if kind == "labeler_pairs":
         return [p.to_json() for p in rankings_to_pairs(rankings, completions)]
-    cons = aggregate.consensus(rankings)
+    cons = consensus.consensus(rankings)
     if kind == "consensus":
-        return aggregate.consensus_rows(cons)
+        return consensus.consensus_rows(cons)
     if kind == "pairs":
-        return [p.to_json() for p in aggregate.consensus_pairs(cons, completions, margin=margin)]
-    return aggregate.kto_records(cons, completions)
+        return [p.to_json() for p in consensus.consensus_pairs(cons, completions, margin=margin)]
+    return consensus.kto_records(cons, completions)
 
 
 # ---------------------------------------------------------------- many users at once, own password

@@ -22,8 +22,8 @@ from sqlalchemy.engine import make_url
 from rlhfkit.config import StrictModel, atomic_write_text, save_config
 from rlhfkit.data.formats import Completions, Ranking, check_rankings, read_records, write_records
 from rlhfkit.errors import UserError
-from rlhfkit.feedback.aggregate import DEFAULT_ALPHA, consensus, consensus_pairs, consensus_rows, kto_records
-from rlhfkit.feedback.agreement import agreement_report
+from rlhfkit.labels.agreement import agreement_report
+from rlhfkit.labels.consensus import DEFAULT_ALPHA, consensus, consensus_pairs, consensus_rows, kto_records
 
 
 class Config(StrictModel):

@@ -11,10 +11,10 @@ differently ranked candidates, preferred first; ties and rankings marked unusabl
 from __future__ import annotations
 
 import argparse
-from itertools import combinations
 
-from rlhfkit.data.formats import FORMATS, detect_kind, first_record, rankings_to_pairs, read_records, write_records
+from rlhfkit.data.formats import FORMATS, detect_kind, first_record, read_records, write_records
 from rlhfkit.errors import UserError
+from rlhfkit.labels.pairs import pairs_with_counts
 
 
 def validate(source: str, kind: str | None = None) -> str:
@@ -33,18 +33,14 @@ def pairs(rankings: str, completions: str, output: str) -> str:
 
     Everything is checked before the output is written, so a bad input leaves no file behind.
     """
-    ranked = read_records(rankings, "rankings")
-    result = rankings_to_pairs(ranked, read_records(completions, "completions"))
+    result, counts = pairs_with_counts(read_records(rankings, "rankings"), read_records(completions, "completions"))
     if not result:
         raise UserError(f"{rankings}: no pairs: every ranking is all ties or marked unusable")
     write_records(output, result)
-    usable = [r for r in ranked if not r.unusable]
-    ties = sum(a == b for r in usable for a, b in combinations(r.ranking, 2))
-    compared = sum(len(r.ranking) * (len(r.ranking) - 1) // 2 for r in usable) - ties
-    same_text = compared - len(result)
+    same_text = counts["identical_text_pairs_skipped"]
     return (
-        f"wrote {len(result)} pairs to {output}: {ties} tied pairs dropped, "
-        f"{len(ranked) - len(usable)} unusable rankings skipped"
+        f"wrote {len(result)} pairs to {output}: {counts['tied_pairs_dropped']} tied pairs dropped, "
+        f"{counts['rankings_unusable_skipped']} unusable rankings skipped"
         + (f", {same_text} pairs of identical texts skipped" if same_text else "")
     )
 

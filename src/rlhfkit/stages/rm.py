@@ -24,7 +24,6 @@ metadata says so). Output: `OUTPUT_DIR/model` (load with `rlhfkit.rewards.model.
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections import Counter
 from functools import partial
@@ -39,18 +38,15 @@ from rlhfkit.config import StrictModel, atomic_write_text, save_config
 from rlhfkit.data.batching import group_by_prompt, make_pair_group, pair_collate, rating_collate, split_by_prompt
 from rlhfkit.data.chat import PROMPT_TEMPLATE, render_prompt
 from rlhfkit.data.formats import (
-    Completions,
     Pair,
-    Ranking,
     Rating,
     Text,
-    check_rankings,
-    rankings_to_pairs,
     read_records,
     text_key,
 )
 from rlhfkit.engine.trainer import Engine, TrainConfig
 from rlhfkit.errors import UserError
+from rlhfkit.labels.pairs import pairs_with_counts
 from rlhfkit.models.loading import ModelConfig, fit_to_positions, load_causal_lm
 from rlhfkit.models.sampling import (
     ROLLOUT_TEMPERATURE,
@@ -125,30 +121,10 @@ class Config(StrictModel):
 
 
 # ---- data -----------------------------------------------------------------------------------
-def pairs_from_rankings(rankings: list[Ranking], completions: list[Completions]) -> tuple[list[Pair], Counter]:
-    """All preference pairs of every usable ranking, with counts of what was left out and why."""
-    check_rankings(rankings, completions)
-    by_id = {c.prompt_id: c for c in completions}
-    pairs: list[Pair] = []
-    counts: Counter = Counter(rankings=len(rankings))
-    for r in rankings:
-        if r.unusable:
-            counts["rankings_unusable_skipped"] += 1
-            continue
-        got = rankings_to_pairs([r], [by_id[r.prompt_id]])
-        n_pairs = math.comb(len(r.ranking), 2)
-        ties = sum(r.ranking[i] == r.ranking[j] for i, j in combinations(range(len(r.ranking)), 2))
-        counts["tied_pairs_dropped"] += ties
-        counts["identical_text_pairs_skipped"] += n_pairs - ties - len(got)
-        pairs += got
-    counts["pairs"] = len(pairs)
-    return pairs, counts
-
-
 def load_pairs(source: str, cfg: DataConfig) -> tuple[list[Pair], Counter]:
     if cfg.rankings:
         rankings = read_records(source, "rankings")
-        return pairs_from_rankings(rankings, read_records(cfg.completions, "completions"))
+        return pairs_with_counts(rankings, read_records(cfg.completions, "completions"))
     pairs = read_records(source, "pairs")
     return pairs, Counter(pairs=len(pairs))
 

@@ -27,7 +27,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from rlhfkit.data.formats import Ranking
-from rlhfkit.feedback.aggregate import DEFAULT_ALPHA, bradley_terry, dense_ranks, group_by_item
+from rlhfkit.labels.consensus import DEFAULT_ALPHA, bradley_terry, dense_ranks, group_by_item
 
 
 def relation(ranks: Sequence[int], i: int, j: int) -> int:
