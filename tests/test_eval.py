@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from rlhfkit.eval.panel import SimulatedLabeler, judge
 from rlhfkit.eval.report import Report, hacking_check, plot_overoptimisation, table
 from rlhfkit.models.loading import ModelConfig, load_causal_lm
 from rlhfkit.models.sampling import SamplingConfig, sample
+from rlhfkit.sim.panel import SimulatedLabeler, judge
 from rlhfkit.stages.eval import distinct_n, paired_comparison, sequence_kl
 
 

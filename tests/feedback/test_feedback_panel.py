@@ -6,13 +6,13 @@ from pathlib import Path
 
 from feedback_helpers import PASSWORD, completions_jsonl
 
-from rlhfkit.eval.panel import SimulatedLabeler, label_over_http
 from rlhfkit.feedback import service
 from rlhfkit.feedback.app import ServeConfig
 from rlhfkit.feedback.client import FeedbackClient
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.live import LiveServer
 from rlhfkit.feedback.schemas import UserIn
+from rlhfkit.sim.panel import SimulatedLabeler, label_over_http
 
 PANEL = [
     SimulatedLabeler("careful", noise=0.05, tie_margin=0.0),

@@ -24,6 +24,7 @@ from rlhfkit.data.formats import read_records
 from rlhfkit.models.sampling import SamplingConfig
 from rlhfkit.models.tiny import TinyModelConfig
 from rlhfkit.rewards.build import RewardConfig, RewardSpec
+from rlhfkit.sim.run_folder import RunFolder
 from rlhfkit.stages import aggregate as aggregate_stage
 from rlhfkit.stages import eval as eval_stage
 from rlhfkit.stages import generate as generate_stage
@@ -108,13 +109,14 @@ class Config(StrictModel):
 class Runner:
     """Runs stages in order, skipping finished ones, and times each."""
 
-    def __init__(self, out: Path, resume: bool):
-        self.out, self.resume = out, resume
+    def __init__(self, run: RunFolder, resume: bool):
+        self.run, self.resume = run, resume
         self.timings: dict[str, float] = {}
 
-    def stage(self, name: str, marker: str, fn: Callable[[], Any]) -> Path:
-        folder = self.out / name
-        if self.resume and (folder / marker).exists():
+    def stage(self, name: str, done: Path, fn: Callable[[], Any]) -> Path:
+        """Run stage `name` unless resuming and `done` (the file it writes last) exists."""
+        folder = self.run.stage(name)
+        if self.resume and done.exists():
             print(f"[demo] {name}: reusing {folder}")
             return folder
         print(f"\n[demo] ===== {name} =====")
@@ -127,13 +129,13 @@ class Runner:
 def collect_feedback(out: Path, completions: Path, cfg: FeedbackConfig, seed: int) -> dict[str, Any]:
     """Start the real feedback server (SQLite), set up a project, and let the panel rank over HTTP."""
     from rlhfkit.eval.gold import GoldJudge
-    from rlhfkit.eval.panel import default_panel, label_over_http
     from rlhfkit.feedback import service
     from rlhfkit.feedback.app import ServeConfig
     from rlhfkit.feedback.client import FeedbackClient
     from rlhfkit.feedback.db import Database
     from rlhfkit.feedback.live import LiveServer
     from rlhfkit.feedback.schemas import UserIn
+    from rlhfkit.sim.panel import default_panel, label_over_http
 
     out.mkdir(parents=True, exist_ok=True)
     records = read_records(completions, "completions")
@@ -171,85 +173,85 @@ def collect_feedback(out: Path, completions: Path, cfg: FeedbackConfig, seed: in
 
 def run(cfg: Config) -> Path:
     out = Path(cfg.output_dir)
+    run = RunFolder(out)
     save_config(cfg, out)
-    runner = Runner(out, cfg.resume)
+    runner = Runner(run, cfg.resume)
     from rlhfkit.data.corpus import build_default_data
 
-    data = build_default_data(out / "data", seed=cfg.seed)
+    data = build_default_data(run.stage("data"), seed=cfg.seed)
 
     def pretrain() -> None:
         d = cfg.pretrain.data.model_copy(
             update={"train_files": [str(data["pretrain_train"])], "valid_files": [str(data["pretrain_valid"])]}
         )
         c = cfg.pretrain.model_copy(deep=True)
-        c.output_dir, c.data = str(out / "pretrain"), d
-        c.resume = cfg.resume and (out / "pretrain" / "checkpoints").exists()
+        c.output_dir, c.data = str(run.stage("pretrain")), d
+        c.resume = cfg.resume and (run.stage("pretrain") / "checkpoints").exists()
         pretrain_stage.run(c)
 
-    runner.stage("pretrain", "results.json", pretrain)
-    base = out / "pretrain" / "model"
+    runner.stage("pretrain", run.results("pretrain"), pretrain)
 
     def sft() -> None:
         c = cfg.sft.model_copy(deep=True)
-        c.output_dir, c.model.path, c.data.train = str(out / "sft"), str(base), str(data["sft"])
+        c.output_dir, c.model.path, c.data.train = str(run.stage("sft")), str(run.model("pretrain")), str(data["sft"])
         sft_stage.run(c)
 
-    runner.stage("sft", "model/config.json", sft)
-    sft_model = out / "sft" / "model"
+    runner.stage("sft", run.model("sft") / "config.json", sft)
+    sft_model = run.model("sft")
 
     # Label prompts: a subset, written as a prompts file for `generate`.
     def generate() -> None:
         c = cfg.generate.model_copy(deep=True)
-        c.output_dir, c.prompts, c.seed = str(out / "generate"), str(data["prompts_label"]), cfg.seed
+        c.output_dir, c.prompts, c.seed = str(run.stage("generate")), str(data["prompts_label"]), cfg.seed
         c.limit, c.model.path = cfg.feedback.label_prompts, str(sft_model)
         generate_stage.run(c)
 
-    runner.stage("generate", "completions.jsonl", generate)
+    runner.stage("generate", run.completions, generate)
 
     def feedback() -> None:
-        info = collect_feedback(out / "feedback", out / "generate" / "completions.jsonl", cfg.feedback, cfg.seed)
-        atomic_write_text(out / "feedback" / "summary.json", json.dumps(info, indent=2))
+        info = collect_feedback(run.stage("feedback"), run.completions, cfg.feedback, cfg.seed)
+        atomic_write_text(run.feedback_summary, json.dumps(info, indent=2))
 
-    runner.stage("feedback", "summary.json", feedback)
-    feedback_info = json.loads((out / "feedback" / "summary.json").read_text())
+    runner.stage("feedback", run.feedback_summary, feedback)
+    feedback_info = json.loads(run.feedback_summary.read_text())
 
     def aggregate() -> None:
         aggregate_stage.run(
-            aggregate_stage.Config(db_url=feedback_info["db_url"], project="demo", out_dir=str(out / "aggregate"))
+            aggregate_stage.Config(db_url=feedback_info["db_url"], project="demo", out_dir=str(run.stage("aggregate")))
         )
 
-    runner.stage("aggregate", "agreement.json", aggregate)
+    runner.stage("aggregate", run.agreement, aggregate)
 
     def rm() -> None:
         c = cfg.rm.model_copy(deep=True)
-        c.output_dir, c.model.path = str(out / "rm"), str(sft_model)
-        c.data.pairs = str(out / "aggregate" / "pairs.jsonl")
+        c.output_dir, c.model.path = str(run.stage("rm")), str(sft_model)
+        c.data.pairs = str(run.pairs)
         c.normalize.policy, c.normalize.prompts = str(sft_model), str(data["prompts_ppo"])
         rm_stage.run(c)
 
-    runner.stage("rm", "model/config.json", rm)
-    rm_model = out / "rm" / "model"
+    runner.stage("rm", run.model("rm") / "config.json", rm)
+    reward = RewardConfig(sources=[RewardSpec(model=str(run.model("rm")))])
 
     def ppo() -> None:
         c = cfg.ppo.model_copy(deep=True)
-        c.output_dir, c.prompts, c.model.path = str(out / "ppo"), str(data["prompts_ppo"]), str(sft_model)
-        c.reward = RewardConfig(sources=[RewardSpec(model=str(rm_model))])
-        c.resume = cfg.resume and (out / "ppo" / "checkpoints").exists()
+        c.output_dir, c.prompts, c.model.path = str(run.stage("ppo")), str(data["prompts_ppo"]), str(sft_model)
+        c.reward = reward
+        c.resume = cfg.resume and (run.stage("ppo") / "checkpoints").exists()
         ppo_stage.run(c)
 
-    runner.stage("ppo", "results.json", ppo)
+    runner.stage("ppo", run.results("ppo"), ppo)
 
     def evaluate() -> None:
         c = cfg.eval.model_copy(deep=True)
-        c.output_dir, c.prompts, c.seed = str(out / "eval"), str(data["prompts_heldout"]), cfg.seed
-        c.models = {"sft": str(sft_model), "ppo": str(out / "ppo" / "model")}
+        c.output_dir, c.prompts, c.seed = str(run.stage("eval")), str(data["prompts_heldout"]), cfg.seed
+        c.models = {"sft": str(sft_model), "ppo": str(run.model("ppo"))}
         c.reference = str(sft_model)
-        c.reward = RewardConfig(sources=[RewardSpec(model=str(rm_model))])
+        c.reward = reward
         eval_stage.run(c)
 
-    runner.stage("eval", "results.json", evaluate)
+    runner.stage("eval", run.results("eval"), evaluate)
 
-    from rlhfkit.eval.demo_report import write_demo_report
+    from rlhfkit.sim.report import write_demo_report
 
     report = write_demo_report(out, runner.timings)
     print(f"\n[demo] report: {report}")

@@ -15,6 +15,7 @@ from typing import Any
 from rlhfkit.config import atomic_write_text
 from rlhfkit.engine.metrics import read_metrics
 from rlhfkit.eval.report import Report, hacking_check, plot_bars, plot_curves, plot_overoptimisation, table
+from rlhfkit.sim.run_folder import RunFolder
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -37,13 +38,13 @@ def gold_along_ppo(samples_path: Path) -> dict[int, float]:
 
 
 def write_demo_report(run_dir: Path, timings: dict[str, float] | None = None) -> Path:
-    run_dir = Path(run_dir)
+    run = RunFolder(Path(run_dir))
     report = Report("rlhfkit demo: RLHF end to end on the embedded default")
-    ev = _json(run_dir / "eval" / "results.json")
-    agreement = _json(run_dir / "aggregate" / "agreement.json")
-    rm = _json(run_dir / "rm" / "results.json")
-    ppo = _json(run_dir / "ppo" / "results.json")
-    pre = _json(run_dir / "pretrain" / "results.json")
+    ev = _json(run.results("eval"))
+    agreement = _json(run.agreement)
+    rm = _json(run.results("rm"))
+    ppo = _json(run.results("ppo"))
+    pre = _json(run.results("pretrain"))
 
     # ---- headline numbers
     rows = []
@@ -62,9 +63,10 @@ def write_demo_report(run_dir: Path, timings: dict[str, float] | None = None) ->
         report.add(f"Baseline (SFT) vs aligned (PPO) on {ev['n_prompts']} held-out prompts{each}", body)
 
     # ---- over-optimisation picture
-    metrics = read_metrics(run_dir / "ppo" / "metrics.jsonl") if (run_dir / "ppo" / "metrics.jsonl").exists() else []
+    metrics_file = run.stage("ppo") / "metrics.jsonl"
+    metrics = read_metrics(metrics_file) if metrics_file.exists() else []
     metrics = [m for m in metrics if "reward" in m]
-    samples = run_dir / "ppo" / "samples.jsonl"
+    samples = run.stage("ppo") / "samples.jsonl"
     if metrics and samples.exists():
         gold = gold_along_ppo(samples)
         steps = [s for s in gold if any(m["step"] == s for m in metrics)]
@@ -127,7 +129,7 @@ def write_demo_report(run_dir: Path, timings: dict[str, float] | None = None) ->
             "Toxicity before and after",
             plot_bars({n: m.get("toxicity", 0.0) for n, m in ev["models"].items()}, "toxicity", "P(offensive)"),
         )
-        first = [json.loads(line) for line in (run_dir / "eval" / "samples.jsonl").read_text().splitlines()]
+        first = [json.loads(line) for line in (run.stage("eval") / "samples.jsonl").read_text().splitlines()]
         names = list(ev["models"])
         rows = []
         for r in [r for r in first if r.get("sample", 0) == 0][:12]:
@@ -145,6 +147,6 @@ def write_demo_report(run_dir: Path, timings: dict[str, float] | None = None) ->
         info.append([f"time: {k}", f"{v:.0f} s"])
     if info:
         report.add("Run", table(["", ""], info))
-    path = run_dir / "report.html"
+    path = run.report
     atomic_write_text(path, report.html())
     return path

@@ -1,0 +1,48 @@
+"""Where `rlhfkit demo` keeps each stage's output inside one run folder.
+
+One place that spells the layout out: the demo writes there, the report and the tests read there.
+Each stage writes into its own folder (`rlhfkit STAGE output_dir=...`), with its `results.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+STAGES = ("pretrain", "sft", "generate", "feedback", "aggregate", "rm", "ppo", "eval")
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    root: Path
+
+    def stage(self, name: str) -> Path:
+        """The output_dir of stage `name` (one of STAGES), or `data` for the generated corpus."""
+        return self.root / name
+
+    def results(self, name: str) -> Path:
+        return self.stage(name) / "results.json"
+
+    def model(self, name: str) -> Path:
+        """The model a training stage (pretrain, sft, rm, ppo) saved."""
+        return self.stage(name) / "model"
+
+    @property
+    def completions(self) -> Path:
+        return self.stage("generate") / "completions.jsonl"
+
+    @property
+    def feedback_summary(self) -> Path:
+        return self.stage("feedback") / "summary.json"
+
+    @property
+    def pairs(self) -> Path:
+        return self.stage("aggregate") / "pairs.jsonl"
+
+    @property
+    def agreement(self) -> Path:
+        return self.stage("aggregate") / "agreement.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
