@@ -10,7 +10,7 @@ import datasets
 import pytest
 
 from rlhfkit.cli import main
-from rlhfkit.data.chat import encode_example, render_prompt, render_response, truncate_at_stop
+from rlhfkit.data.chat import encode_example, render_prompt, render_response
 from rlhfkit.data.formats import (
     FORMATS,
     Completions,
@@ -469,12 +469,6 @@ def test_encode_example_splits_the_budget_with_a_minimum_prompt_share(
     assert truncated is cut
     assert ids[:start] == p_full[len(p_full) - start :]  # the prompt's end
     assert ids[start:] == r_full[: len(ids) - start - 1] + [plain_tok.eos_token_id]  # the response's start, EOS
-
-
-def test_truncate_at_stop():
-    assert truncate_at_stop("Sure.\nUser: more") == ("Sure.", True)
-    assert truncate_at_stop("Sure.") == ("Sure.", False)
-    assert truncate_at_stop("a STOP b END", ["END", "STOP"]) == ("a ", True)
 
 
 def test_a_utf8_byte_order_mark_is_ignored(tmp_path, capsys):

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from rlhfkit.errors import UserError
+from rlhfkit.errors import UserError, validation_problems
 
 C = TypeVar("C", bound="StrictModel")
 
@@ -65,10 +65,8 @@ def format_validation_error(err: ValidationError, source: str, cls: type[BaseMod
     with the same or a similar name (`train.batch_size` in PPO: did you mean `ppo.batch_size`?)."""
     lines = [f"{source}: invalid config"]
     known = [row[0] for row in describe_fields(cls)] if cls is not None else []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden" and known:
+    for loc, msg, kind in validation_problems(err):
+        if kind == "extra_forbidden" and known:
             leaf = loc.rsplit(".", 1)[-1]
             near = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
             near = near or difflib.get_close_matches(loc, known, n=2, cutoff=0.8)

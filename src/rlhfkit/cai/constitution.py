@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from rlhfkit.config import StrictModel, read_yaml
-from rlhfkit.errors import UserError
+from rlhfkit.errors import UserError, validation_problems
 
 DEFAULT_CONSTITUTION = Path(__file__).with_name("default_constitution.yaml")
 
@@ -78,9 +78,5 @@ def load_constitution(path: str | Path = "") -> Constitution:
     try:
         return Constitution.model_validate(data)
     except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "<file>"
-            msg = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{loc}: {'missing required key' if err['type'] == 'missing' else msg}")
+        problems = [f"{loc}: {msg}" for loc, msg, _ in validation_problems(e, root="<file>")]
         raise UserError(f"{source}: invalid constitution\n  " + "\n  ".join(problems)) from None

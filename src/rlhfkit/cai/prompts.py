@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from rlhfkit.cai.constitution import Constitution, Example, Principle
-from rlhfkit.data.chat import RESPONSE_SEPARATOR, has_chat_template, render_prompt
+from rlhfkit.data.chat import RESPONSE_SEPARATOR, has_chat_template, plain_text, render_prompt
 from rlhfkit.data.formats import Text
 
 Messages = list[dict[str, str]]
@@ -45,13 +45,6 @@ def prompt_messages(prompt: Text) -> Messages:
     if isinstance(prompt, str):
         return [user(prompt)]
     return [m.model_dump() for m in prompt]
-
-
-def as_text(prompt: Text) -> str:
-    """A prompt inlined into another prompt (the judge's request): a conversation as `Role: text` lines."""
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(f"{m.role.capitalize()}: {m.content}" for m in prompt)
 
 
 def example_messages(example: Example, constitution: Constitution) -> Messages:
@@ -88,6 +81,6 @@ def revision_messages(prompt: Text, response: str, principle: Principle, critiqu
 
 def judge_prompt(tokenizer: Any, prompt: Text, a: str, b: str, principle: Principle) -> str:
     """The judge's question with reply `a` as (A) and `b` as (B), ending right before the letter."""
-    question = JUDGE_TEMPLATE.format(request=as_text(prompt), question=principle.comparison, a=a, b=b)
+    question = JUDGE_TEMPLATE.format(request=plain_text(prompt), question=principle.comparison, a=a, b=b)
     separator = "" if has_chat_template(tokenizer) else RESPONSE_SEPARATOR
     return render(tokenizer, [user(question)]) + separator + ANSWER_PREFIX

@@ -31,9 +31,13 @@ def _messages(value: Text) -> list[dict[str, Any]]:
     return [m.model_dump() if isinstance(m, Message) else dict(m) for m in value]  # type: ignore[union-attr]
 
 
-def _plain_conversation(messages: list[dict[str, Any]], generation_prompt: bool) -> str:
-    text = "\n".join(f"{_ROLE_PREFIX[m['role']]}: {m['content']}" for m in messages)
-    return text + ("\nAssistant:" if generation_prompt else "")
+def plain_text(value: Text | list[dict[str, Any]]) -> str:
+    """A prompt or response as plain text: a string as it is, a conversation as `Role: content` lines
+    (the dialogue shape of the embedded corpus). Used where a model has no chat template, and to
+    quote a conversation inside another prompt (the AI judge's)."""
+    if isinstance(value, str):
+        return value
+    return "\n".join(f"{_ROLE_PREFIX[m['role']]}: {m['content']}" for m in _messages(value))
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -51,7 +55,7 @@ def render_prompt(tokenizer: Any, prompt: Text, template: str = PROMPT_TEMPLATE)
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if template == "chat":
         raise UserError("prompt_template is 'chat' but the tokenizer has no chat template")
-    return _plain_conversation(messages, generation_prompt=True)
+    return plain_text(messages) + "\nAssistant:"
 
 
 def render_response(tokenizer: Any, prompt: Text, response: Text, template: str = PROMPT_TEMPLATE) -> str:
@@ -68,12 +72,6 @@ def render_response(tokenizer: Any, prompt: Text, response: Text, template: str 
     if isinstance(response, str):
         return RESPONSE_SEPARATOR + response.strip()
     return RESPONSE_SEPARATOR + "\n".join(m["content"] for m in _messages(response))
-
-
-def truncate_at_stop(text: str, stops: tuple[str, ...] | list[str] = STOP_STRINGS) -> tuple[str, bool]:
-    """Cut a generated response at the first stop string; returns (text, whether one was found)."""
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
 
 
 class EncodedExample(NamedTuple):

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, ValidationInfo, field_validator
 
 from rlhfkit.config import atomic_write_text
-from rlhfkit.errors import UserError
+from rlhfkit.errors import UserError, validation_problems
 
 MAX_LINE_BYTES = 1_000_000  # a "huge line" is almost always a broken file, not a real record
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -242,17 +242,12 @@ _UNIQUE_KEY = {"prompts": ("id",), "completions": ("prompt_id",), "rankings": ("
 
 def _explain(err: ValidationError) -> str:
     by_loc: dict[str, list[str]] = {}
-    for e in err.errors():
-        # Union branches (str | conversation) show up as extra loc parts; drop them.
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("str", "list[")))
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "missing":
-            msg = "missing required key"
-        elif e["type"] == "extra_forbidden":
+    for loc, msg, kind in validation_problems(err, root="<record>"):
+        if kind == "extra_forbidden":
             msg = "unknown key (check the spelling; see the formats in README)"
-        elif e["type"] in ("string_type", "list_type"):
+        elif kind in ("string_type", "list_type"):
             msg = "must be text or a list of {role, content} messages"
-        by_loc.setdefault(loc or "<record>", []).append(msg)
+        by_loc.setdefault(loc, []).append(msg)
     return "; ".join(f"{loc}: {' / '.join(dict.fromkeys(msgs))}" for loc, msgs in by_loc.items())
 
 

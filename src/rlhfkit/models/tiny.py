@@ -14,9 +14,9 @@ from typing import Any, Literal
 from pydantic import Field
 
 from rlhfkit.config import StrictModel
+from rlhfkit.models.loading import PAD_TOKEN
 
 EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
 Arch = Literal["gpt2", "llama", "qwen2", "mistral"]
 
 
