@@ -37,7 +37,7 @@ from typing import Any
 def make_assets(root: Path, args: argparse.Namespace) -> None:
     """Demonstrations and pairs of pseudo-words (a lexicon rich enough for an 8k BPE vocabulary, so
     the LM head costs what it costs in a real small model), and a fresh GPT-2 of the given size."""
-    from rlhfkit.models.tiny import make_test_model
+    from rlhfkit.models.tiny import TinyModelConfig, build_tiny_model, train_tokenizer
 
     rng = random.Random(0)
     lexicon = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(6000)]
@@ -50,9 +50,10 @@ def make_assets(root: Path, args: argparse.Namespace) -> None:
     pairs = [{"prompt": text(12), "chosen": text(rng.randint(20, 40)), "rejected": text(30)} for _ in range(n)]
     (root / "data.json").write_text(json.dumps({"demos": demos, "pairs": pairs}))
     corpus = [text(50) for _ in range(4000)]
-    make_test_model(
-        "gpt2", root / "model", texts=corpus, vocab_size=8192, n_layer=args.layers, d_model=args.d_model, n_head=4
-    )
+    tokenizer = train_tokenizer(corpus, vocab_size=8192)
+    size = TinyModelConfig(arch="gpt2", n_layer=args.layers, d_model=args.d_model, n_head=4)
+    build_tiny_model(size, tokenizer).save_pretrained(root / "model", safe_serialization=True)
+    tokenizer.save_pretrained(root / "model")
 
 
 def encoded(root: Path, max_length: int) -> tuple[Any, list[tuple[list[int], int]], list[tuple[list[int], list[int]]]]:

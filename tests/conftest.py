@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhfkit.models.tiny import make_test_model
+from testutil import make_test_model
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -85,8 +85,8 @@ def test_sequence_kl_is_zero_against_itself_and_positive_against_another_model(t
 def test_eval_over_a_models_positions_is_a_clear_error_before_sampling(tmp_path, tiny_model_dir):
     """Issue 11: a model with too few positions crashed mid-sampling (GPT-2) or ran past them."""
     from rlhfkit.errors import UserError
-    from rlhfkit.models.tiny import make_test_model
     from rlhfkit.stages.eval import Config, run
+    from testutil import make_test_model
 
     short = make_test_model("llama", tmp_path / "short", max_positions=32)
     prompts = tmp_path / "prompts.jsonl"

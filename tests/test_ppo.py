@@ -17,8 +17,7 @@ from rlhfkit.config import load_config
 from rlhfkit.engine.metrics import read_metrics
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import LoraConfig, ModelConfig, apply_lora, load_causal_lm
-from rlhfkit.models.sampling import SamplingConfig, _encode_prompts, sample
-from rlhfkit.models.tiny import make_test_model
+from rlhfkit.models.sampling import SamplingConfig, encode_prompts, sample
 from rlhfkit.models.value import PolicyAndValue, load_critic, response_logits
 from rlhfkit.rewards.base import FunctionReward
 from rlhfkit.rl.core import logprobs_from_logits
@@ -32,47 +31,7 @@ from rlhfkit.stages.ppo import (
     shape_scores,
     train_ppo,
 )
-
-# ----------------------------------------------------------------------------- helpers (shared)
-
-
-def e_frequency(prompt: Any, completion: str) -> float:
-    """A reward a random model can learn: 10 x the share of the letter 'e' in the response."""
-    return 10 * completion.count("e") / max(1, len(completion))
-
-
-def write_prompts(path: Path, n: int = 16) -> Path:
-    with path.open("w") as f:
-        for i in range(n):
-            f.write(json.dumps({"id": f"p{i}", "prompt": f"Tell me about thing number {i}"}) + "\n")
-    return path
-
-
-def ppo_config(out: Path, model_dir: Path, prompts: Path, **sections: Any) -> Config:
-    """A small, fast PPO config; `sections` override whole keys (dicts are merged one level deep)."""
-    data: dict[str, Any] = {
-        "output_dir": str(out),
-        "prompts": str(prompts),
-        "model": {"path": str(model_dir)},
-        "sampling": {"max_new_tokens": 8, "temperature": 1.0, "batch_size": 8},
-        "ppo": {"batch_size": 8, "mini_batch_size": 4, "missing_eos_penalty": None},
-        "stop": {"max_steps": 2},
-        "train": {"lr": 1e-3, "scheduler": "constant"},
-        "log_samples_every": 1,
-    }
-    for key, value in sections.items():
-        data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
-    return Config.model_validate(data)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread per test process: under pytest-xdist the workers share the cores, and more
-    threads than cores make torch's thread pool spin (the learning test took 160 s instead of 25)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from testutil import e_frequency, make_test_model, ppo_config, write_prompts
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +116,7 @@ def test_policy_logits_match_generation_and_values_start_at_zero(models, arch):
     """The training forward must see the sampled tokens exactly as generation did: same left padding,
     same position ids. Checked against the logits `generate` itself used."""
     model, tok = load_causal_lm(ModelConfig(path=str(models[arch])))
-    ids, mask, _ = _encode_prompts(tok, ["Hello there, how", "a", "The quick brown fox jumps"], 100)
+    ids, mask, _ = encode_prompts(tok, ["Hello there, how", "a", "The quick brown fox jumps"], 100)
     torch.manual_seed(0)
     out = model.generate(
         input_ids=ids,

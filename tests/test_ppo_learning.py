@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 
 from rlhfkit.engine.metrics import read_metrics
-from rlhfkit.models.tiny import make_test_model
 from rlhfkit.rewards.base import FunctionReward
 from rlhfkit.stages.ppo import train_ppo
-from test_ppo import e_frequency, one_thread, ppo_config, write_prompts  # noqa: F401  (one_thread: autouse fixture)
+from testutil import e_frequency, make_test_model, ppo_config, write_prompts
 
 STEPS = 30
 

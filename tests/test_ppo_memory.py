@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhfkit.models.tiny import make_test_model
-from test_ppo import one_thread, ppo_config, write_prompts  # noqa: F401  (one_thread: autouse fixture)
+from testutil import make_test_model, ppo_config, write_prompts
 
 CHILD = """
 import json, sys

@@ -21,8 +21,7 @@ from safetensors.torch import load_file
 
 from rlhfkit.cli import main
 from rlhfkit.engine.metrics import read_metrics
-from rlhfkit.models.tiny import make_test_model
-from test_ppo import one_thread, ppo_config, write_prompts  # noqa: F401  (one_thread: autouse fixture)
+from testutil import make_test_model, ppo_config, write_prompts
 
 REWARD_MODULE = """
 import os, time

@@ -10,11 +10,11 @@ import torch
 
 from rlhfkit.data.chat import encode_example
 from rlhfkit.errors import UserError
-from rlhfkit.models.tiny import make_test_model
 from rlhfkit.rewards.base import RewardSource
 from rlhfkit.rewards.build import RewardConfig, RewardSpec, build_reward
 from rlhfkit.rewards.classifier import ClassifierReward
 from rlhfkit.rewards.model import RewardMeta, RewardModel, init_reward_head, load_backbone
+from testutil import make_test_model
 
 PROMPTS = ["Say something nice.", "Say something nice.", "Describe the river."]
 COMPLETIONS = ["you are lovely", "you are awful and rude", "it is long and very wide"]

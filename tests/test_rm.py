@@ -16,9 +16,9 @@ from rlhfkit.data.batching import group_by_prompt, make_pair_group, pair_collate
 from rlhfkit.data.formats import Completions, Ranking
 from rlhfkit.engine.metrics import read_metrics
 from rlhfkit.labels.pairs import pairs_with_counts
-from rlhfkit.models.tiny import make_test_model
 from rlhfkit.rewards.model import RewardMeta, RewardModel, init_reward_head, load_backbone
 from rlhfkit.stages.ppo import PPOSamplingConfig
+from testutil import make_test_model
 
 POSITIVE = ["good", "great", "helpful", "kind", "clear", "lovely"]
 NEGATIVE = ["bad", "awful", "rude", "wrong", "useless", "nasty"]

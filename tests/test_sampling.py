@@ -15,9 +15,8 @@ from rlhfkit.data.formats import read_records
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import ModelConfig, load_causal_lm
 from rlhfkit.models.sampling import SamplingConfig, check_length_budget, filter_logits, sample
-from rlhfkit.models.tiny import make_test_model
 from rlhfkit.models.value import response_logits
-from testutil import ARCHS
+from testutil import ARCHS, make_test_model
 
 PROMPTS = ["User: How do I make tea?\nAssistant:", "The quick brown fox", "User: Hi\nAssistant:"]
 SAY_HI, SAY_MORE = "User: Say hi\nAssistant:", "User: Say more\nAssistant:"

@@ -19,8 +19,8 @@ from rlhfkit.data.chat import encode_example, render_prompt
 from rlhfkit.data.formats import Message
 from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.models.sampling import SamplingConfig, sample
-from rlhfkit.models.tiny import make_test_model
 from rlhfkit.stages import sft
+from testutil import make_test_model
 
 NAMES = ["Ann", "Bob", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lea", "Max", "Ned", "Ola"]
 ANSWERS = {"Greet": "Hello there, friend.", "Thank": "You are very welcome.", "Warn": "Please be careful now."}

@@ -3,9 +3,14 @@ name: tests/ and tests/feedback/ each have one)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+from rlhfkit.models.tiny import TinyModelConfig, build_tiny_model, train_tokenizer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 ARCHS = ("gpt2", "llama", "qwen2")
@@ -18,3 +23,59 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 CLI = [sys.executable, "-m", "rlhfkit.cli"]
+
+
+# ---- PPO runs (test_ppo*.py)
+
+
+def e_frequency(prompt: Any, completion: str) -> float:
+    """A reward a random model can learn: 10 x the share of the letter 'e' in the response."""
+    return 10 * completion.count("e") / max(1, len(completion))
+
+
+def write_prompts(path: Path, n: int = 16) -> Path:
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"p{i}", "prompt": f"Tell me about thing number {i}"}) + "\n")
+    return path
+
+
+def ppo_config(out: Path, model_dir: Path, prompts: Path, **sections: Any) -> Any:
+    """A small, fast PPO config (`rlhfkit.stages.ppo.Config`); `sections` override whole keys (dicts
+    are merged one level deep)."""
+    from rlhfkit.stages.ppo import Config
+    data: dict[str, Any] = {
+        "output_dir": str(out),
+        "prompts": str(prompts),
+        "model": {"path": str(model_dir)},
+        "sampling": {"max_new_tokens": 8, "temperature": 1.0, "batch_size": 8},
+        "ppo": {"batch_size": 8, "mini_batch_size": 4, "missing_eos_penalty": None},
+        "stop": {"max_steps": 2},
+        "train": {"lr": 1e-3, "scheduler": "constant"},
+        "log_samples_every": 1,
+    }
+    for key, value in sections.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
+    return Config.model_validate(data)
+
+
+# ---- tiny models
+
+
+def make_test_model(arch: str, out_dir: str | Path, texts: Iterable[str] | None = None, **size: Any) -> Path:
+    """Save a tiny untrained model + tokenizer folder, built from a config (no download)."""
+    texts = (
+        list(texts)
+        if texts is not None
+        else [
+            "User: How do I make tea?\nAssistant: Boil water and steep the leaves for three minutes.",
+            "The quick brown fox jumps over the lazy dog. Good answers are kind and clear.",
+        ]
+        * 4
+    )
+    tokenizer = train_tokenizer(texts, vocab_size=size.pop("vocab_size", 300))
+    cfg = TinyModelConfig(arch=arch, **{"n_layer": 2, "d_model": 32, "n_head": 4, **size})
+    model = build_tiny_model(cfg, tokenizer)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return Path(out_dir)

@@ -105,7 +105,7 @@ def truncation_warning(n: int, total: int, cfg: SamplingConfig, where: str = "sa
     )
 
 
-def _encode_prompts(tokenizer: Any, prompts: list[str], max_tokens: int) -> tuple[Tensor, Tensor, int]:
+def encode_prompts(tokenizer: Any, prompts: list[str], max_tokens: int) -> tuple[Tensor, Tensor, int]:
     """Left-padded ids and mask of the prompts, each cut to its last `max_tokens` tokens, and how many were cut."""
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     rows = [ids[-max_tokens:] for ids in encoded]
@@ -219,7 +219,7 @@ def sample(
     per_batch = max(1, cfg.batch_size // num_samples)
     truncated = 0
     for start in range(0, len(prompts), per_batch):
-        p_ids, p_mask, cut = _encode_prompts(tokenizer, prompts[start : start + per_batch], cfg.max_prompt_tokens)
+        p_ids, p_mask, cut = encode_prompts(tokenizer, prompts[start : start + per_batch], cfg.max_prompt_tokens)
         truncated += cut
         p_ids, p_mask = p_ids.repeat_interleave(num_samples, 0), p_mask.repeat_interleave(num_samples, 0)
         new, hidden = _decode(model, p_ids.to(device), p_mask.to(device), cfg, eos, pad, keep_hidden)

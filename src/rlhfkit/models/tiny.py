@@ -8,7 +8,6 @@ attention biases).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
@@ -100,22 +99,3 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Any:
         pad_token=PAD_TOKEN,
         clean_up_tokenization_spaces=False,
     )
-
-
-def make_test_model(arch: Arch, out_dir: str | Path, texts: Iterable[str] | None = None, **size: Any) -> Path:
-    """Save a tiny untrained model + tokenizer folder (for tests and quick experiments)."""
-    texts = (
-        list(texts)
-        if texts is not None
-        else [
-            "User: How do I make tea?\nAssistant: Boil water and steep the leaves for three minutes.",
-            "The quick brown fox jumps over the lazy dog. Good answers are kind and clear.",
-        ]
-        * 4
-    )
-    tokenizer = train_tokenizer(texts, vocab_size=size.pop("vocab_size", 300))
-    cfg = TinyModelConfig(arch=arch, **{"n_layer": 2, "d_model": 32, "n_head": 4, **size})
-    model = build_tiny_model(cfg, tokenizer)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    return Path(out_dir)
