@@ -65,7 +65,7 @@ def test_an_unknown_setting_names_the_one_meant(capsys):
 
 def test_unknown_stage(capsys):
     code, _, err = run_cli(capsys, "pretrian")
-    assert code == 2 and "unknown stage 'pretrian'; one of: pretrain, " in err
+    assert code == 2 and "unknown command 'pretrian'; one of: pretrain, " in err
 
 
 # ----------------------------------------------------------------------------- config errors
@@ -97,7 +97,7 @@ def test_bad_override_in_a_real_process_exits_2_without_traceback(tmp_path):
         ("train.lr.x=5", "override 'train.lr.x=5': 'lr' is not a section"),
         ("trainlr", "override 'trainlr': expected KEY=VALUE, e.g. train.lr=1e-4"),
         ("train..lr=1", "override 'train..lr=1': empty key"),
-        ("--max-steps=5", "unknown flag(s) --max-steps=5; settings are KEY=VALUE overrides"),
+        ("--max-steps=5", "unknown flag --max-steps=5; settings are KEY=VALUE, e.g. train.max_steps=5"),
     ],
 )
 def test_bad_overrides_name_the_field(capsys, tmp_path, override, message):
@@ -183,7 +183,7 @@ def test_data_validate_detects_the_kind(capsys, tmp_path):
     completions = jsonl(tmp_path / "c.jsonl", COMPLETIONS)
     assert run_cli(capsys, "data", "validate", completions) == (0, "OK: 2 records of completions\n", "")
     rankings = jsonl(tmp_path / "r.jsonl", RANKINGS)
-    assert run_cli(capsys, "data", "validate", rankings, "--kind", "rankings")[1] == "OK: 3 records of rankings\n"
+    assert run_cli(capsys, "data", "validate", rankings, "kind=rankings")[1] == "OK: 3 records of rankings\n"
 
 
 def test_data_validate_a_datasets_folder(capsys, tmp_path):
@@ -202,7 +202,7 @@ def test_data_validate_reports_the_first_error(capsys, tmp_path):
     weird = jsonl(tmp_path / "w.jsonl", [{"question": "?"}])
     assert run_cli(capsys, "data", "validate", weird)[2] == (
         f"error: {weird}: first record: keys ['question'] match no known format "
-        "(prompts, demonstrations, completions, rankings, pairs, ratings); pass --kind\n"
+        "(prompts, demonstrations, completions, rankings, pairs, ratings); set kind=...\n"
     )
 
 
@@ -212,12 +212,9 @@ def test_data_pairs_writes_pairs_and_counts(capsys, tmp_path):
         capsys,
         "data",
         "pairs",
-        "--rankings",
-        jsonl(tmp_path / "r.jsonl", RANKINGS),
-        "--completions",
-        jsonl(tmp_path / "c.jsonl", COMPLETIONS),
-        "--output",
-        str(out_path),
+        f"rankings={jsonl(tmp_path / 'r.jsonl', RANKINGS)}",
+        f"completions={jsonl(tmp_path / 'c.jsonl', COMPLETIONS)}",
+        f"output={out_path}",
     )
     assert (code, err) == (0, "")
     # ann: 2 pairs + 1 tie; bob: 3 pairs; p2 unusable.
@@ -247,8 +244,8 @@ def test_data_pairs_with_bad_rankings_writes_nothing(capsys, tmp_path, bad_ranki
     rankings = tmp_path / "r.jsonl"
     rankings.write_text("".join(json.dumps(r) + "\n" for r in RANKINGS) + "\n" + json.dumps(bad_ranking) + "\n")
     out_path = tmp_path / "pairs.jsonl"
-    argv = ["--rankings", str(rankings), "--completions", jsonl(tmp_path / "c.jsonl", COMPLETIONS)]
-    code, out, err = run_cli(capsys, "data", "pairs", *argv, "--output", str(out_path))
+    argv = [f"rankings={rankings}", f"completions={jsonl(tmp_path / 'c.jsonl', COMPLETIONS)}"]
+    code, out, err = run_cli(capsys, "data", "pairs", *argv, f"output={out_path}")
     assert (code, out) == (2, "")
     assert err.startswith(f"error: {rankings}:5: {message}")  # line 4 is blank
     assert not out_path.exists()
@@ -257,23 +254,16 @@ def test_data_pairs_with_bad_rankings_writes_nothing(capsys, tmp_path, bad_ranki
 def test_data_pairs_with_only_ties_is_an_error(capsys, tmp_path):
     rankings = jsonl(tmp_path / "r.jsonl", [{"prompt_id": "p2", "labeler": "ann", "ranking": [1, 1]}])
     out_path = tmp_path / "pairs.jsonl"
-    argv = [
-        "--rankings",
-        rankings,
-        "--completions",
-        jsonl(tmp_path / "c.jsonl", COMPLETIONS),
-        "--output",
-        str(out_path),
-    ]
+    argv = [f"rankings={rankings}", f"completions={jsonl(tmp_path / 'c.jsonl', COMPLETIONS)}", f"output={out_path}"]
     assert run_cli(capsys, "data", "pairs", *argv)[0] == 2
     assert not out_path.exists()
 
 
 def test_data_usage_errors_exit_2(capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["data", "pairs", "--rankings", "r.jsonl"])
-    assert info.value.code == 2
-    assert "the following arguments are required: --completions, --output" in capsys.readouterr().err
+    code, _, err = run_cli(capsys, "data", "pairs", "rankings=r.jsonl")
+    assert code == 2 and "completions: missing required key" in err and "output: missing required key" in err
+    code, _, err = run_cli(capsys, "data", "pairs", "--rankings", "r.jsonl")  # one dialect: KEY=VALUE
+    assert code == 2 and "unknown flag --rankings; settings are KEY=VALUE, e.g. rankings=VALUE" in err
 
 
 def test_generate_with_malformed_prompts_writes_nothing(capsys, tmp_path, tiny_model_dir):

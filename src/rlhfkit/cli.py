@@ -1,11 +1,13 @@
-"""`rlhfkit STAGE [--config FILE.yaml] [--resume] [section.key=value ...]`
+"""`rlhfkit COMMAND [ARG ...] [--config FILE.yaml] [--resume] [KEY=VALUE ...]`
 
-Every stage is a module with a pydantic `Config` and a `run(config)`; the CLI only loads the
-config (YAML, then dotted overrides), saves the resolved copy next to the outputs and calls `run`.
-So every flag is a config field, and `rlhfkit STAGE --help` lists them all.
+One dialect for every command: a command is a stage (`ppo`) or a sub-command (`cai label`,
+`data pairs`), each with one pydantic config and a run function; the CLI loads the config (the
+YAML file, then the KEY=VALUE overrides), and the run function does the rest. So every setting is
+a config field, `rlhfkit COMMAND --help` lists them all (types, choices, defaults), and a few
+commands take their main arguments without a key (`rlhfkit data validate FILE`).
 
-A module that needs its own sub-commands (e.g. the feedback server's admin tasks) may define
-`cli(argv: list[str]) -> int` instead; it is then handed the remaining arguments untouched.
+A module that still parses its own sub-commands (the feedback server's admin tasks) defines
+`cli(argv: list[str]) -> int` and is handed the remaining arguments untouched.
 """
 
 from __future__ import annotations
@@ -14,67 +16,118 @@ import argparse
 import importlib
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from rlhfkit import __version__
 from rlhfkit.errors import UserError
 
-# name -> (module, one-line help). Adding a stage is adding a line here.
-STAGES: dict[str, tuple[str, str]] = {
-    "pretrain": ("rlhfkit.stages.pretrain", "train a tokenizer and a causal LM from scratch on text"),
-    "sft": ("rlhfkit.stages.sft", "supervised fine-tuning on demonstrations (loss on responses only)"),
-    "generate": ("rlhfkit.stages.generate", "sample K completions per prompt"),
-    "serve": ("rlhfkit.stages.serve", "the human-feedback web app (and its admin commands)"),
-    "aggregate": ("rlhfkit.stages.aggregate", "consensus, agreement and pairs from human rankings"),
-    "rm": ("rlhfkit.stages.rm", "train a reward model on pairs, rankings or ratings"),
-    "ppo": ("rlhfkit.stages.ppo", "PPO against a reward, with a KL penalty to the starting model"),
-    "eval": ("rlhfkit.stages.eval", "compare models on held-out prompts: reward, gold utility, toxicity, KL"),
-    "cai": ("rlhfkit.stages.cai", "Constitutional AI: critique-and-revise data, AI preference labels (RLAIF)"),
-    "demo": ("rlhfkit.stages.demo", "run the whole loop on the embedded default data"),
-    "data": ("rlhfkit.stages.data", "validate data files and convert rankings to pairs"),
+
+@dataclass(frozen=True)
+class Command:
+    """Where a command lives: `module.<config>` is its config class, `module.<run>(config)` runs it.
+    `positional`: config fields that leading arguments without `KEY=` fill, in order."""
+
+    module: str
+    help: str
+    config: str = "Config"
+    run: str = "run"
+    positional: tuple[str, ...] = ()
+
+
+# The registry: adding a command is adding a line here.
+COMMANDS: dict[str, Command] = {
+    "pretrain": Command("rlhfkit.stages.pretrain", "train a tokenizer and a causal LM from scratch on text"),
+    "sft": Command("rlhfkit.stages.sft", "supervised fine-tuning on demonstrations (loss on responses only)"),
+    "generate": Command("rlhfkit.stages.generate", "sample K completions per prompt"),
+    "serve": Command("rlhfkit.stages.serve", "the human-feedback web app (and its admin commands)"),
+    "aggregate": Command("rlhfkit.stages.aggregate", "consensus, agreement and pairs from human rankings"),
+    "rm": Command("rlhfkit.stages.rm", "train a reward model on pairs, rankings or ratings"),
+    "ppo": Command("rlhfkit.stages.ppo", "PPO against a reward, with a KL penalty to the starting model"),
+    "eval": Command("rlhfkit.stages.eval", "compare models on held-out prompts: reward, gold utility, toxicity, KL"),
+    "cai revise": Command(
+        "rlhfkit.stages.cai", "Constitutional AI: critique-and-revise -> SFT data + pairs", "ReviseConfig", "run_revise"
+    ),
+    "cai label": Command(
+        "rlhfkit.stages.cai", "RLAIF: a judge compares completions under principles -> pairs", "LabelConfig",
+        "run_label",
+    ),  # fmt: skip
+    "cai mix": Command("rlhfkit.stages.cai", "human + AI preference pairs, AI pairs weighted", "MixConfig", "run_mix"),
+    "demo": Command("rlhfkit.stages.demo", "run the whole loop on the embedded default data"),
+    "data validate": Command(
+        "rlhfkit.stages.data", "check a data file: the record count or the first error", "ValidateConfig",
+        "run_validate", positional=("file",),
+    ),  # fmt: skip
+    "data pairs": Command("rlhfkit.stages.data", "rankings of K completions -> preference pairs", "PairsConfig",
+                          "run_pairs"),  # fmt: skip
 }
 
 
-def _stage_help(name: str, module: Any) -> str:
+def _groups() -> dict[str, list[str]]:
+    """Command groups (`cai`, `data`) -> their sub-commands."""
+    groups: dict[str, list[str]] = {}
+    for name in COMMANDS:
+        if " " in name:
+            group, sub = name.split(" ", 1)
+            groups.setdefault(group, []).append(sub)
+    return groups
+
+
+def _command_help(name: str, command: Command, module: Any) -> str:
     from rlhfkit.config import describe_fields
 
-    lines = [
-        f"usage: rlhfkit {name} [--config FILE.yaml] [--resume] [KEY=VALUE ...]",
-        "",
-        (module.__doc__ or "").strip(),
-        "",
-        "Config fields (set in the YAML file or as KEY=VALUE overrides, e.g. train.lr=1e-4):",
-    ]
-    rows = describe_fields(module.Config)
+    cls = getattr(module, command.config)
+    args = "".join(f" [{p.upper()}]" for p in command.positional)
+    lines = [f"usage: rlhfkit {name}{args} [--config FILE.yaml] [--resume] [KEY=VALUE ...]", ""]
+    doc = (cls.__doc__ if command.config != "Config" else module.__doc__) or command.help
+    lines += [doc.strip(), "", "Config fields (set in the YAML file or as KEY=VALUE overrides, e.g. train.lr=1e-4):"]
+    rows = describe_fields(cls)
     width = max(len(r[0]) for r in rows) if rows else 10
     for dotted, type_name, default, desc in rows:
         lines.append(f"  {dotted:<{width}}  {type_name} = {default}" + (f"  ({desc})" if desc else ""))
     return "\n".join(lines)
 
 
-def run_stage(name: str, argv: list[str]) -> int:
-    module = importlib.import_module(STAGES[name][0])
+def _overrides(name: str, command: Command, cls: Any, rest: list[str]) -> list[str]:
+    """KEY=VALUE overrides from the arguments after the options: leading bare values fill
+    `command.positional`; a `--flag` is refused with the KEY=VALUE spelling it meant."""
+    overrides, positional = [], list(command.positional)
+    for arg in rest:
+        if arg.startswith("-"):
+            from rlhfkit.config import describe_fields
+
+            key, _, value = arg.lstrip("-").partition("=")
+            key = key.replace("-", "_")
+            key = next((row[0] for row in describe_fields(cls) if row[0].rsplit(".", 1)[-1] == key), key)
+            hint = f"{key}={value or 'VALUE'}"
+            raise UserError(f"unknown flag {arg}; settings are KEY=VALUE, e.g. {hint} (see `rlhfkit {name} --help`)")
+        if "=" not in arg and positional:
+            overrides.append(f"{positional.pop(0)}={arg}")
+        else:
+            overrides.append(arg)
+    return overrides
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    command = COMMANDS[name]
+    module = importlib.import_module(command.module)
     if hasattr(module, "cli"):
         return int(module.cli(argv) or 0)
     if any(a in ("-h", "--help") for a in argv):
-        print(_stage_help(name, module))
+        print(_command_help(name, command, module))
         return 0
     parser = argparse.ArgumentParser(prog=f"rlhfkit {name}", add_help=False)
     parser.add_argument("--config", "-c", default=None)
     parser.add_argument("--resume", action="store_true")
     args, rest = parser.parse_known_args(argv)
-    unknown_flags = [a for a in rest if a.startswith("-")]
-    if unknown_flags:
-        raise UserError(
-            f"unknown flag(s) {' '.join(unknown_flags)}; settings are KEY=VALUE overrides (see `rlhfkit {name} --help`)"
-        )
-    overrides = list(rest)
+    cls = getattr(module, command.config)
+    overrides = _overrides(name, command, cls, rest)
     if args.resume:
         overrides.append("resume=true")
     from rlhfkit.config import load_config
 
-    config = load_config(module.Config, args.config, overrides)
-    module.run(config)
+    config = load_config(cls, args.config, overrides)
+    getattr(module, command.run)(config)
     return 0
 
 
@@ -98,24 +151,37 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    groups = _groups()
     if not argv or argv[0] in ("-h", "--help"):
         print(f"rlhfkit {__version__}: RLHF, the whole loop in one tool.\n")
-        print("usage: rlhfkit STAGE [--config FILE.yaml] [--resume] [KEY=VALUE ...]\n")
-        print("stages:")
-        for name, (_, help_text) in STAGES.items():
-            print(f"  {name:<10} {help_text}")
-        print("\n`rlhfkit STAGE --help` lists every config field of that stage.")
+        print("usage: rlhfkit COMMAND [ARG ...] [--config FILE.yaml] [--resume] [KEY=VALUE ...]\n")
+        print("commands:")
+        for name, command in COMMANDS.items():
+            print(f"  {name:<14} {command.help}")
+        print("\n`rlhfkit COMMAND --help` lists every config field of that command.")
         return 0
     if argv[0] == "--version":
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]
-    if name not in STAGES:
-        print(f"rlhfkit: unknown stage {name!r}; one of: {', '.join(STAGES)}", file=sys.stderr)
+    if name in groups:
+        sub = rest[0] if rest else ""
+        if f"{name} {sub}" not in COMMANDS:
+            if sub in ("", "-h", "--help"):
+                print(f"usage: rlhfkit {name} COMMAND ...\n\ncommands:")
+                for s in groups[name]:
+                    print(f"  {s:<10} {COMMANDS[f'{name} {s}'].help}")
+                return 0
+            print(f"rlhfkit: unknown command `{name} {sub}`; one of: {', '.join(groups[name])}", file=sys.stderr)
+            return 2
+        name, rest = f"{name} {sub}", rest[1:]
+    if name not in COMMANDS:
+        known = dict.fromkeys(n.split(" ")[0] for n in COMMANDS)
+        print(f"rlhfkit: unknown command {name!r}; one of: {', '.join(known)}", file=sys.stderr)
         return 2
     _quiet_libraries()
     try:
-        return run_stage(name, rest)
+        return run_command(name, rest)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

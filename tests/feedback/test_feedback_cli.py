@@ -84,9 +84,9 @@ def test_admin_commands_labeling_and_aggregate(
     }
 
     from_db, from_files = tmp_path / "agg-db", tmp_path / "agg-files"
-    code, out, _ = cli(capsys, "aggregate", db, "project=Tea", f"out_dir={from_db}")
+    code, out, _ = cli(capsys, "aggregate", db, "project=Tea", f"output_dir={from_db}")
     assert code == 0 and "9 judgments on 3 items" in out
-    code, _, _ = cli(capsys, "aggregate", f"rankings={export}", f"completions={comp_file}", f"out_dir={from_files}")
+    code, _, _ = cli(capsys, "aggregate", f"rankings={export}", f"completions={comp_file}", f"output_dir={from_files}")
     assert code == 0
     for name in ("consensus.jsonl", "pairs.jsonl", "kto.jsonl", "agreement.json"):
         assert (from_db / name).read_text() == (from_files / name).read_text()
@@ -121,9 +121,9 @@ def test_cli_errors_are_clean(
     assert code == 2 and "only SQLite and PostgreSQL" in err
     code, _, err = cli(capsys, "serve", "init", "prot=80")
     assert code == 2 and "prot" in err
-    code, _, err = cli(capsys, "aggregate", f"out_dir={tmp_path}")
+    code, _, err = cli(capsys, "aggregate", f"output_dir={tmp_path}")
     assert code == 2 and "rankings= and completions=" in err
-    code, _, err = cli(capsys, "aggregate", db, "project=Tea", f"out_dir={tmp_path}/o")
+    code, _, err = cli(capsys, "aggregate", db, "project=Tea", f"output_dir={tmp_path}/o")
     assert code == 2 and "no judgments" in err
 
 
@@ -201,10 +201,10 @@ def test_aggregate_reads_the_default_database_too(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("RLHFKIT_HOME", str(tmp_path / "home"))
-    code, _, err = cli(capsys, "aggregate", "project=Tea", f"out_dir={tmp_path}/o")
+    code, _, err = cli(capsys, "aggregate", "project=Tea", f"output_dir={tmp_path}/o")
     assert code == 2 and f"sqlite:///{tmp_path}/home/feedback.db: no such database" in err
     assert cli(capsys, "serve", "create-project", "Tea")[0] == 0
-    code, _, err = cli(capsys, "aggregate", "project=Tea", f"out_dir={tmp_path}/o")
+    code, _, err = cli(capsys, "aggregate", "project=Tea", f"output_dir={tmp_path}/o")
     assert code == 2 and "no judgments" in err  # found the project in $RLHFKIT_HOME/feedback.db
 
 

@@ -2,7 +2,7 @@
 
 Reads the raw judgments either from files (`rankings` JSONL, e.g. a `judgments` export, plus the
 `completions` they rank) or straight from the feedback database (`db_url` and `project`), and
-writes to `out_dir`:
+writes to `output_dir`:
     consensus.jsonl   per-item consensus ranking (Bradley-Terry), with scores
     pairs.jsonl       TRL preference pairs from the consensus, preferred first (with margins)
     kto.jsonl         KTO-style {prompt, completion, label}
@@ -31,7 +31,7 @@ class Config(StrictModel):
     completions: str | None = Field(None, description="completions JSONL the rankings refer to")
     db_url: str | None = Field(None, description="or read from the feedback database (default: rlhfkit serve's) ...")
     project: str | None = Field(None, description="... this project (by name)")
-    out_dir: str = Field("runs/aggregate", description="where the outputs go")
+    output_dir: str = Field("runs/aggregate", description="where the outputs go")
     margin: bool = Field(True, description="give each pair its consensus margin")
     alpha: float = Field(DEFAULT_ALPHA, gt=0, description="Bradley-Terry prior strength")
 
@@ -83,7 +83,7 @@ def run(config: Config) -> dict[str, Any]:
     rankings, completions = load(config)
     if not rankings:
         raise UserError("no judgments to aggregate yet")
-    out = Path(config.out_dir)
+    out = Path(config.output_dir)
     cons = consensus(rankings, config.alpha)
     report = agreement_report(rankings, config.alpha)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in consensus_rows(cons))

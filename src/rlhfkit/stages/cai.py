@@ -4,6 +4,7 @@
     rlhfkit cai label  [--config FILE.yaml] [KEY=VALUE ...]   a judge labels completions -> pairs
     rlhfkit cai mix    [--config FILE.yaml] [KEY=VALUE ...]   human + AI pairs, AI pairs weighted
     rlhfkit cai COMMAND --help                                every config field of COMMAND
+(the commands are in the CLI's registry, `rlhfkit.cli.COMMANDS`)
 
 `revise` writes OUTPUT_DIR/demonstrations.jsonl (train `rlhfkit sft` on it), pairs.jsonl (revised
 chosen over original) and traces.jsonl (every critique and revision, to read). `label` writes
@@ -16,10 +17,8 @@ See docs/cai.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
@@ -28,7 +27,7 @@ from pydantic import Field
 from rlhfkit.cai.constitution import load_constitution
 from rlhfkit.cai.judge import Judge, ModelJudge, RewardJudge, label, mix_pairs
 from rlhfkit.cai.revise import critique_and_revise, to_records
-from rlhfkit.config import StrictModel, atomic_write_text, load_config, save_config
+from rlhfkit.config import StrictModel, atomic_write_text, save_config
 from rlhfkit.data.formats import read_records, write_records
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import ModelConfig, fit_to_positions, load_causal_lm
@@ -172,33 +171,3 @@ def run_mix(cfg: MixConfig) -> Path:
         f"wrote {len(mixed)} pairs to {path}: {len(human)} human, {len(mixed) - len(human)} AI (weight {cfg.ai_weight})"
     )
     return path
-
-
-COMMANDS: dict[str, tuple[type[StrictModel], Any]] = {
-    "revise": (ReviseConfig, run_revise),
-    "label": (LabelConfig, run_label),
-    "mix": (MixConfig, run_mix),
-}
-
-
-def cli(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        raise UserError(f"unknown command `cai {name}`; one of: {', '.join(COMMANDS)}")
-    cls, run = COMMANDS[name]
-    if any(a in ("-h", "--help") for a in rest):
-        from rlhfkit.cli import _stage_help
-
-        print(_stage_help(f"cai {name}", SimpleNamespace(__doc__=cls.__doc__, Config=cls)))
-        return 0
-    parser = argparse.ArgumentParser(prog=f"rlhfkit cai {name}", add_help=False)
-    parser.add_argument("--config", "-c", default=None)
-    args, overrides = parser.parse_known_args(rest)
-    flags = [a for a in overrides if a.startswith("-")]
-    if flags:
-        raise UserError(f"unknown flag(s) {' '.join(flags)}; settings are KEY=VALUE (see `rlhfkit cai {name} --help`)")
-    run(load_config(cls, args.config, overrides))
-    return 0

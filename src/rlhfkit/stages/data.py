@@ -1,17 +1,20 @@
 """Data tools: check a file before a long run, and turn rankings into preference pairs.
 
-    rlhfkit data validate FILE [--kind KIND]
-    rlhfkit data pairs --rankings R.jsonl --completions C.jsonl --output PAIRS.jsonl
+    rlhfkit data validate FILE [kind=KIND]
+    rlhfkit data pairs rankings=R.jsonl completions=C.jsonl output=PAIRS.jsonl
 
 `validate` reads the whole file (JSONL or a `datasets` folder) with the same checks every stage
-uses; without --kind the format is guessed from the first record. `pairs` writes every pair of
+uses; without `kind` the format is guessed from the first record. `pairs` writes every pair of
 differently ranked candidates, preferred first; ties and rankings marked unusable give no pairs.
 """
 
 from __future__ import annotations
 
-import argparse
+from typing import Literal
 
+from pydantic import Field
+
+from rlhfkit.config import StrictModel
 from rlhfkit.data.formats import FORMATS, detect_kind, first_record, read_records, write_records
 from rlhfkit.errors import UserError
 from rlhfkit.labels.pairs import pairs_with_counts
@@ -23,7 +26,7 @@ def validate(source: str, kind: str | None = None) -> str:
         try:
             kind = detect_kind(first_record(source))
         except ValueError as e:
-            raise UserError(f"{source}: first record: {e}; pass --kind") from None
+            raise UserError(f"{source}: first record: {e}; set kind=...") from None
     records = read_records(source, kind)
     return f"OK: {len(records)} records of {kind}"
 
@@ -45,19 +48,26 @@ def pairs(rankings: str, completions: str, output: str) -> str:
     )
 
 
-def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="rlhfkit data", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    v = sub.add_parser("validate", help="check a data file: prints the record count or the first error")
-    v.add_argument("file", help="JSONL file or datasets folder")
-    v.add_argument("--kind", choices=list(FORMATS), help="the format (default: guessed from the first record)")
-    p = sub.add_parser("pairs", help="turn rankings of K completions into preference pairs")
-    p.add_argument("--rankings", required=True, help="rankings JSONL (or datasets folder)")
-    p.add_argument("--completions", required=True, help="the completions that were ranked")
-    p.add_argument("--output", required=True, help="pairs JSONL to write")
-    args = parser.parse_args(argv)
-    if args.command == "validate":
-        print(validate(args.file, args.kind))
-    else:
-        print(pairs(args.rankings, args.completions, args.output))
-    return 0
+class ValidateConfig(StrictModel):
+    """`rlhfkit data validate FILE`: read and check a whole data file before a long run."""
+
+    file: str = Field(description="JSONL file or datasets folder")
+    kind: Literal[tuple(FORMATS)] | None = Field(  # type: ignore[valid-type]  (the format names)
+        None, description="the format; empty = guessed from the first record"
+    )
+
+
+class PairsConfig(StrictModel):
+    """`rlhfkit data pairs`: rankings of K completions -> preference pairs, preferred first."""
+
+    rankings: str = Field(description="rankings JSONL (or datasets folder)")
+    completions: str = Field(description="the completions that were ranked")
+    output: str = Field(description="pairs JSONL to write")
+
+
+def run_validate(cfg: ValidateConfig) -> None:
+    print(validate(cfg.file, cfg.kind))
+
+
+def run_pairs(cfg: PairsConfig) -> None:
+    print(pairs(cfg.rankings, cfg.completions, cfg.output))

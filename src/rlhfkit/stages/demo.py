@@ -216,9 +216,9 @@ def run(cfg: Config) -> Path:
     feedback_info = json.loads(run.feedback_summary.read_text())
 
     def aggregate() -> None:
-        aggregate_stage.run(
-            aggregate_stage.Config(db_url=feedback_info["db_url"], project="demo", out_dir=str(run.stage("aggregate")))
-        )
+        c = aggregate_stage.Config(db_url=feedback_info["db_url"], project="demo")
+        c.output_dir = str(run.stage("aggregate"))
+        aggregate_stage.run(c)
 
     runner.stage("aggregate", run.agreement, aggregate)
 
