@@ -5,13 +5,16 @@ One record type per format (JSONL, one object per line, or a Hugging Face `datas
     prompts          {"id": "p1", "prompt": "How do I brew coffee?"}
     demonstrations   {"prompt": "...", "response": "..."}
     completions      {"prompt_id": "p1", "prompt": "...", "completions": ["...", "..."]}
-    rankings         {"prompt_id": "p1", "labeler": "ann", "ranking": [2, 1, 1], "unusable": false}
+    rankings         {"prompt_id": "p1", "labeler": "ann", "ranking": [2, 1, 1], "unusable": false,
+                      "strength": 3}
     pairs            {"prompt": "...", "chosen": "...", "rejected": "...", "margin": 0.5}
     ratings          {"prompt": "...", "completion": "...", "score": 0.7}
 
 A ranking gives candidate i the rank `ranking[i]` (1 = best); equal ranks are ties; ranks are dense
-(1, 2, 2, 3 but never 1, 3). Wherever a prompt or response is allowed, a conversation (a list of
-`{"role", "content"}` messages) is allowed too; it is rendered with the tokenizer's chat template.
+(1, 2, 2, 3 but never 1, 3). The optional `strength` says how much better each rank is than the
+next one (STRENGTHS: 1 slightly, 2 better, 3 much better; absent = 2). Wherever a prompt or
+response is allowed, a conversation (a list of `{"role", "content"}` messages) is allowed too; it
+is rendered with the tokenizer's chat template.
 
 Errors read `path:line: field: what is wrong` and are raised before anything is written, so a bad
 file never leaves a half-written output behind.
@@ -139,12 +142,21 @@ class Completions(Record):
         return v
 
 
+# Strength of preference: how much better each rank is than the next. The margin is the log-odds
+# that a labeler prefers the better one (60%, 75%, 90%): the units of a reward model's margin loss
+# and of the consensus margins. A ranking that does not say is taken as "better".
+STRENGTHS = {1: "slightly better", 2: "better", 3: "much better"}
+STRENGTH_MARGINS = {1: 0.4, 2: 1.1, 3: 2.2}
+DEFAULT_STRENGTH = 2
+
+
 class Ranking(Record):
     prompt_id: str
     labeler: str
     ranking: list[int]
     unusable: bool = False
     comment: str | None = None
+    strength: Literal[1, 2, 3] | None = None
 
     @field_validator("prompt_id", "labeler")
     @classmethod

@@ -20,6 +20,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 ROLES = ("admin", "labeler")
 NullableJSON = JSON(none_as_null=True)  # Python None is SQL NULL (not JSON 'null'), so IS NULL works
 TASKS = ("ranking", "pairwise", "demonstration")
+HISTORY_REASONS = ("edited", "sent_back")
 
 
 def utcnow() -> datetime:
@@ -75,6 +76,8 @@ class Project(Base):
     task: Mapped[str] = mapped_column(String(16))  # one of TASKS
     guidelines: Mapped[str] = mapped_column(Text, default="")
     overlap: Mapped[int]  # N: each item goes to N distinct labelers
+    # Locked: the data is final (e.g. exported for training): no submits, skips, edits or send-backs.
+    locked: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -101,7 +104,9 @@ class Item(Base):
     key: Mapped[str] = mapped_column(String(200))
     prompt: Mapped[Any]  # text, or a list of {role, content} messages
     position: Mapped[int]  # import order: the dispatcher hands items out in this order
-    n_judgments: Mapped[int] = mapped_column(default=0)
+    n_judgments: Mapped[int] = mapped_column(default=0)  # current judgments that count (not excluded)
+    # When an admin last sent it back for relabeling (its judgments then went to the history).
+    sent_back_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     candidates: Mapped[list[Candidate]] = relationship(order_by="Candidate.idx")
 
@@ -137,14 +142,22 @@ class Assignment(Base):
     draft: Mapped[dict[str, Any] | None] = mapped_column(NullableJSON)
     leased_until: Mapped[datetime]
     done: Mapped[bool] = mapped_column(default=False)
+    # Done without a judgment because the labeler skipped it (its place is free for others).
+    skipped: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     item: Mapped[Item] = relationship()
 
 
 class Judgment(Base):
-    """A submitted judgment. `ranking[i]` is the rank of the candidate with idx i (1 = best,
-    equal = tie, dense): exactly the `rankings` file format, so exports round-trip."""
+    """A labeler's current judgment. `ranking[i]` is the rank of the candidate with idx i (1 = best,
+    equal = tie, dense): exactly the `rankings` file format, so exports round-trip.
+
+    `strength`: how much better each rank is than the next (formats.STRENGTHS), None where not given.
+    `excluded`: an admin deactivated this labeler's judgments in the project; kept, reversible,
+    but left out of exports, agreement and progress. An edited or sent-back judgment's earlier
+    version is copied to JudgmentHistory first, so nothing a labeler submitted is ever lost.
+    """
 
     __tablename__ = "judgments"
     __table_args__ = (UniqueConstraint("item_id", "user_id"),)
@@ -157,6 +170,29 @@ class Judgment(Base):
     response: Mapped[Any | None] = mapped_column(NullableJSON)  # the written demonstration
     client_token: Mapped[str] = mapped_column(String(64))
     seconds: Mapped[float | None]  # from first display to submit: labelers' pace on the admin page
+    strength: Mapped[int | None]
+    excluded: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    edited_at: Mapped[datetime | None]
     item: Mapped[Item] = relationship()
     user: Mapped[User] = relationship()
+
+
+class JudgmentHistory(Base):
+    """An earlier version of a judgment: replaced by its labeler's edit (`reason` "edited") or
+    moved here when an admin sent the item back for relabeling ("sent_back")."""
+
+    __tablename__ = "judgment_history"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    ranking: Mapped[list[int] | None] = mapped_column(NullableJSON)
+    unusable: Mapped[bool]
+    comment: Mapped[str | None] = mapped_column(Text)
+    response: Mapped[Any | None] = mapped_column(NullableJSON)
+    strength: Mapped[int | None]
+    excluded: Mapped[bool]
+    client_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]  # when that version was submitted
+    superseded_at: Mapped[datetime] = mapped_column(default=utcnow)
+    reason: Mapped[str] = mapped_column(String(16))  # one of HISTORY_REASONS

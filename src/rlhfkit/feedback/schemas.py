@@ -99,6 +99,7 @@ class ProjectIn(In):
 class ProjectSettingsIn(In):
     guidelines: text(MAX_GUIDELINES) | None = None
     overlap: StrictInt | None = Field(None, ge=1, le=100)
+    locked: StrictBool | None = None  # True: no more submits, skips, edits or send-backs
 
 
 class MemberIn(In):
@@ -130,4 +131,26 @@ class JudgmentIn(In):
     unusable: StrictBool = False
     comment: text(MAX_COMMENT) | None = None
     response: text(MAX_RESPONSE) | None = None
+    # How much better each rank is than the next: 1 slightly, 2 better, 3 much (formats.STRENGTHS).
+    strength: Literal[1, 2, 3] | None = None
     client_token: ClientToken
+
+
+class ExcludedIn(In):
+    """Whether a labeler's judgments in a project are left out (reversible)."""
+
+    excluded: StrictBool
+
+
+REVIEW_STATUSES = ("unlabeled", "partial", "complete", "sent_back")
+ReviewStatus = Literal["unlabeled", "partial", "complete", "sent_back"]
+
+
+class ReviewFilterIn(In):
+    """The admin review list's filters; every one optional."""
+
+    status: ReviewStatus | None = None
+    min_disagreement: float | None = Field(None, ge=0, le=1)
+    has_comment: StrictBool | None = None
+    labeler: Username | None = None
+    page: StrictInt = Field(1, ge=1, le=1_000_000)

@@ -28,6 +28,7 @@ from sqlalchemy import and_, exists, func, select, text, update
 from sqlalchemy.orm import Session, contains_eager, selectinload
 
 from rlhfkit.data.formats import (
+    STRENGTHS,
     Completions,
     Demonstration,
     PromptRecord,
@@ -44,6 +45,7 @@ from rlhfkit.feedback.models import (
     Candidate,
     Item,
     Judgment,
+    JudgmentHistory,
     LoginSession,
     Member,
     Project,
@@ -57,6 +59,7 @@ from rlhfkit.feedback.schemas import (
     MemberIn,
     ProjectIn,
     ProjectSettingsIn,
+    ReviewFilterIn,
     UserIn,
     text_problem,
 )
@@ -304,6 +307,14 @@ def update_project(s: Session, project: Project, data: ProjectSettingsIn) -> Non
         project.guidelines = data.guidelines
     if data.overlap is not None:
         project.overlap = data.overlap
+    if data.locked is not None:
+        project.locked = data.locked
+
+
+def require_unlocked(project: Project, action: str) -> None:
+    """A locked project's judgments are final: refuse `action` with a message that says why."""
+    if project.locked:
+        raise Conflict(f"project {project.name!r} is locked: {action} is no longer possible (ask its admin)")
 
 
 def set_member(s: Session, project: Project, data: MemberIn) -> Member:
@@ -569,7 +580,8 @@ def item_view(a: Assignment, project: Project) -> dict[str, Any]:
             for i, cid in enumerate(a.display_order)
         ],
         "draft": a.draft,
-        "submitted": a.done,
+        "submitted": a.done and not a.skipped,
+        "skipped": a.skipped,
     }
     for where, value in _strings(view, ""):
         if not value.isascii():
@@ -588,8 +600,10 @@ def next_view(s: Session, project: Project, user: User, lease: timedelta) -> dic
 
     An Unshowable item is logged and marked done for this labeler without a judgment (skipped),
     and the next one is taken: their unfinished item always comes first, so otherwise it would
-    fail every request of theirs, for good.
+    fail every request of theirs, for good. A locked project hands out nothing.
     """
+    if project.locked:
+        return None
     while (a := next_assignment(s, project, user, lease)) is not None:
         try:
             return item_view(a, project)
@@ -602,6 +616,7 @@ def next_view(s: Session, project: Project, user: User, lease: timedelta) -> dic
 
 def save_draft(s: Session, project: Project, user: User, item_id: int, draft: DraftIn, lease: timedelta) -> None:
     a = assignment_for(s, project, user, item_id)
+    require_unlocked(project, "labeling")
     if a.done:
         raise Conflict("this item is already submitted")
     now = utcnow()
@@ -647,6 +662,30 @@ def _check_ranking(item: Item, data: JudgmentIn) -> list[int]:
     return ranks
 
 
+def _content(project: Project, item: Item, data: JudgmentIn) -> dict[str, Any]:
+    """The checked fields of a judgment as stored (submitted anew or edited)."""
+    ranking, response = None, None
+    if project.task == "demonstration":
+        if data.ranking is not None:
+            raise Invalid("ranking: a demonstration task takes a written response, not a ranking")
+        if data.strength is not None:
+            raise Invalid("strength: a demonstration task has no strength of preference")
+        if not (data.response or "").strip() and not data.unusable:
+            raise Invalid("response: write the ideal response (or flag the prompt as unusable)")
+        response = data.response if (data.response or "").strip() else None
+    else:
+        ranking = _check_ranking(item, data)
+        if data.strength is not None and (data.unusable or len(set(ranking)) == 1):
+            raise Invalid("strength: a tie or a flagged item prefers nothing, so it has no strength; leave it out")
+    return {
+        "ranking": ranking,
+        "unusable": data.unusable,
+        "comment": (data.comment or "").strip() or None,
+        "response": response,
+        "strength": data.strength,
+    }
+
+
 def _existing(s: Session, item_id: int, user: User, data: JudgmentIn) -> Judgment | None:
     """This labeler's stored judgment of the item if `data` repeats it; another one is a conflict."""
     existing = s.scalar(select(Judgment).where(Judgment.item_id == item_id, Judgment.user_id == user.id))
@@ -667,15 +706,8 @@ def submit(s: Session, project: Project, user: User, item_id: int, data: Judgmen
     existing = _existing(s, item_id, user, data)
     if existing is not None:
         return existing, False
-    ranking, response = None, None
-    if project.task == "demonstration":
-        if data.ranking is not None:
-            raise Invalid("ranking: a demonstration task takes a written response, not a ranking")
-        if not (data.response or "").strip() and not data.unusable:
-            raise Invalid("response: write the ideal response (or flag the prompt as unusable)")
-        response = data.response if (data.response or "").strip() else None
-    else:
-        ranking = _check_ranking(a.item, data)
+    require_unlocked(project, "submitting")
+    content = _content(project, a.item, data)
     claimed = s.execute(
         update(Item.__table__)
         .where(and_(Item.id == item_id, Item.n_judgments < project.overlap))
@@ -692,10 +724,7 @@ def submit(s: Session, project: Project, user: User, item_id: int, data: Judgmen
     judgment = Judgment(
         item_id=item_id,
         user_id=user.id,
-        ranking=ranking,
-        unusable=data.unusable,
-        comment=(data.comment or "").strip() or None,
-        response=response,
+        **content,
         client_token=data.client_token,
         seconds=round((now - a.created_at).total_seconds(), 3),
         created_at=now,
@@ -716,33 +745,481 @@ def judgment_view(j: Judgment) -> dict[str, Any]:
         "unusable": j.unusable,
         "comment": j.comment,
         "response": j.response,
+        "strength": j.strength,
+        "excluded": j.excluded,
         "client_token": j.client_token,
-        "created_at": j.created_at.isoformat() + "Z",
+        "created_at": iso(j.created_at),
+        "edited_at": iso(j.edited_at),
     }
+
+
+def iso(at: datetime | None) -> str | None:
+    """A stored (naive UTC) time as the API writes it."""
+    return at.isoformat() + "Z" if at else None
+
+
+# ---------------------------------------------------------------- skip, edit, history (a labeler's own)
+
+
+def skip(s: Session, project: Project, user: User, item_id: int) -> None:
+    """Set an item aside: it is not offered to this labeler again (until they put it back with
+    `unskip`), and its place is freed at once for someone else. Skipping twice is harmless."""
+    a = assignment_for(s, project, user, item_id)
+    require_unlocked(project, "skipping")
+    if a.skipped:
+        return
+    if a.done:
+        raise Conflict("this item is already submitted; open it from your history to change your judgment")
+    now = utcnow()
+    a.done, a.skipped, a.draft, a.leased_until, a.updated_at = True, True, None, now, now
+
+
+def unskip(s: Session, project: Project, user: User, item_id: int) -> None:
+    """Put a skipped item back: the dispatcher may hand it to this labeler again, in import order
+    (if it still has a free place by then), as if they had never seen it."""
+    a = assignment_for(s, project, user, item_id)
+    require_unlocked(project, "labeling")
+    if not a.skipped:
+        raise Conflict("this item is not among the ones you skipped")
+    s.delete(a)
+
+
+def _archive(s: Session, j: Judgment, reason: str) -> None:
+    """Keep the judgment as it is now in the history, before it is changed or removed."""
+    s.add(
+        JudgmentHistory(
+            item_id=j.item_id,
+            user_id=j.user_id,
+            ranking=j.ranking,
+            unusable=j.unusable,
+            comment=j.comment,
+            response=j.response,
+            strength=j.strength,
+            excluded=j.excluded,
+            client_token=j.client_token,
+            created_at=j.edited_at or j.created_at,
+            reason=reason,
+        )
+    )
+
+
+def own_judgment(s: Session, project: Project, user: User, item_id: int) -> Judgment:
+    """This labeler's current judgment of the item, if they may still change it."""
+    j = s.scalar(
+        select(Judgment)
+        .join(Item)
+        .where(Judgment.item_id == item_id, Judgment.user_id == user.id, Item.project_id == project.id)
+    )
+    if j is None:
+        sent_back = s.scalar(
+            select(JudgmentHistory.id)
+            .join(Item)
+            .where(
+                JudgmentHistory.item_id == item_id,
+                JudgmentHistory.user_id == user.id,
+                JudgmentHistory.reason == "sent_back",
+                Item.project_id == project.id,
+            )
+            .limit(1)
+        )
+        if sent_back is not None:
+            raise Conflict(
+                "this item was sent back for relabeling: your judgment is kept in its history but can no "
+                "longer be changed"
+            )
+        raise NotFound("you have no judgment of this item to change")
+    require_unlocked(project, "changing a judgment")
+    return j
+
+
+def edit_judgment(s: Session, project: Project, user: User, item_id: int, data: JudgmentIn) -> tuple[Judgment, bool]:
+    """Replace this labeler's judgment of the item; returns (judgment, changed). The version it
+    replaces goes to the history (nothing submitted is lost); exports see only the current one.
+    Idempotent like submit: the same client_token again returns the stored judgment unchanged."""
+    j = own_judgment(s, project, user, item_id)
+    if j.client_token == data.client_token:
+        return j, False
+    content = _content(project, assignment_for(s, project, user, item_id).item, data)
+    _archive(s, j, "edited")
+    for name, value in content.items():
+        setattr(j, name, value)
+    j.client_token, j.edited_at = data.client_token, utcnow()
+    s.flush()
+    return j, True
+
+
+def last_judgment(s: Session, project: Project, user: User) -> int | None:
+    """The item this labeler judged (or re-judged) last: where "Undo" takes them."""
+    return s.scalar(
+        select(Judgment.item_id)
+        .join(Item)
+        .where(Item.project_id == project.id, Judgment.user_id == user.id)
+        .order_by(func.coalesce(Judgment.edited_at, Judgment.created_at).desc(), Judgment.id.desc())
+        .limit(1)
+    )
+
+
+def plain_snippet(value: Any, length: int = 140) -> str:
+    """A one-line preview of a prompt or response (a conversation: its last message)."""
+    if isinstance(value, list):
+        value = value[-1].get("content", "") if value else ""
+    line = " ".join(str(value or "").split())
+    return line if len(line) <= length else line[: length - 1] + "…"
+
+
+def decision_text(task: str, ranking: list[int] | None, order: Sequence[int], strength: int | None) -> str:
+    """A judgment in the letters its labeler saw: "B › A = C (much better)". `order`: the
+    candidates' import indexes in display order (A first)."""
+    if ranking is None:
+        return "written response"
+    labels = {idx: chr(ord("A") + n) if n < 26 else str(n + 1) for n, idx in enumerate(order)}
+    groups: dict[int, list[str]] = {}
+    for idx in order:
+        groups.setdefault(ranking[idx], []).append(labels[idx])
+    text = "  ›  ".join(" = ".join(groups[r]) for r in sorted(groups))
+    if len(groups) == 1:
+        return "tie" if task == "pairwise" else text
+    return f"{text} ({STRENGTHS[strength]})" if strength else text
+
+
+def _display_indexes(a: Assignment | None, item: Item) -> list[int]:
+    """The item's candidate indexes in the order this labeler saw them (import order if unknown)."""
+    idx_of = {c.id: c.idx for c in item.candidates}
+    if a is None or set(a.display_order) != set(idx_of):
+        return sorted(idx_of.values())
+    return [idx_of[cid] for cid in a.display_order]
+
+
+HISTORY_PAGE = 20
+
+
+def history(s: Session, project: Project, user: User, page: int = 1) -> dict[str, Any]:
+    """A labeler's judgments in the project, newest first and paginated, and every item they set
+    aside (skipped), to open, change or put back."""
+    total = s.scalar(
+        select(func.count())
+        .select_from(Judgment)
+        .join(Item)
+        .where(Item.project_id == project.id, Judgment.user_id == user.id)
+    )
+    rows = s.execute(
+        select(Judgment, Assignment)
+        .join(Item, Item.id == Judgment.item_id)
+        .outerjoin(Assignment, and_(Assignment.item_id == Judgment.item_id, Assignment.user_id == Judgment.user_id))
+        .options(contains_eager(Judgment.item).selectinload(Item.candidates))
+        .where(Item.project_id == project.id, Judgment.user_id == user.id)
+        .order_by(Judgment.created_at.desc(), Judgment.id.desc())
+        .offset((page - 1) * HISTORY_PAGE)
+        .limit(HISTORY_PAGE)
+    ).all()
+    skipped = s.scalars(
+        select(Assignment)
+        .join(Item)
+        .options(contains_eager(Assignment.item))
+        .where(Item.project_id == project.id, Assignment.user_id == user.id, Assignment.skipped.is_(True))
+        .order_by(Assignment.updated_at.desc(), Assignment.id.desc())
+    ).all()
+    return {
+        "page": page,
+        "pages": max(1, -(-(total or 0) // HISTORY_PAGE)),
+        "total": total or 0,
+        "judgments": [
+            judgment_view(j)
+            | {
+                "prompt_id": j.item.key,
+                "prompt": plain_snippet(j.item.prompt),
+                "decision": decision_text(project.task, j.ranking, _display_indexes(a, j.item), j.strength)
+                if not j.unusable
+                else "flagged: not rankable / unusable",
+            }
+            for j, a in rows
+        ],
+        "skipped": [
+            {
+                "item_id": a.item_id,
+                "prompt_id": a.item.key,
+                "prompt": plain_snippet(a.item.prompt),
+                "skipped_at": iso(a.updated_at),
+            }
+            for a in skipped
+        ],
+    }
+
+
+# ---------------------------------------------------------------- admin review
+
+
+def _recount(s: Session, project: Project, item_ids: Any) -> None:
+    """Set n_judgments of the items `item_ids` (a list or a subquery) to their current judgments
+    that count (not excluded): the dispatcher then offers any free places again."""
+    counted = (
+        select(func.count())
+        .where(Judgment.item_id == Item.id, Judgment.excluded.is_(False))
+        .correlate(Item)
+        .scalar_subquery()
+    )
+    s.execute(
+        update(Item)
+        .where(Item.project_id == project.id, Item.id.in_(item_ids))
+        .values(n_judgments=counted)
+        .execution_options(synchronize_session=False)
+    )
+    s.expire_all()
+
+
+def item_status(item: Item, overlap: int) -> str:
+    """One of REVIEW_STATUSES: sent back (and not complete again), else by its judgments."""
+    if item.n_judgments >= overlap:
+        return "complete"
+    if item.sent_back_at is not None:
+        return "sent_back"
+    return "partial" if item.n_judgments else "unlabeled"
+
+
+def _status_filter(status: str, overlap: int) -> Any:
+    return {
+        "complete": Item.n_judgments >= overlap,
+        "sent_back": and_(Item.n_judgments < overlap, Item.sent_back_at.is_not(None)),
+        "partial": and_(Item.n_judgments > 0, Item.n_judgments < overlap, Item.sent_back_at.is_(None)),
+        "unlabeled": and_(Item.n_judgments == 0, Item.sent_back_at.is_(None)),
+    }[status]
+
+
+def disagreements(s: Session, project: Project, item_ids: Sequence[int] | None = None) -> dict[int, float]:
+    """Per item with two or more usable rankings that count: the share of (labeler pair x
+    candidate pair) comparisons where the two labelers differ (better / tie / worse), i.e. one
+    minus `labels.agreement`'s pairwise agreement. All the project's items, or `item_ids`'."""
+    # Imported here: the agreement module pulls in scipy, which the server needs only for this.
+    from rlhfkit.labels.agreement import pairwise_agreement
+
+    query = (
+        select(Judgment.item_id, Judgment.ranking)
+        .join(Item)
+        .where(
+            Item.project_id == project.id,
+            Judgment.excluded.is_(False),
+            Judgment.unusable.is_(False),
+            Judgment.ranking.is_not(None),
+        )
+    )
+    if item_ids is not None:
+        query = query.where(Judgment.item_id.in_(item_ids))
+    groups: dict[int, list[list[int]]] = {}
+    for item_id, ranking in s.execute(query):
+        groups.setdefault(item_id, []).append(ranking)
+    out = {}
+    for item_id, rankings in groups.items():
+        agree = pairwise_agreement([rankings])["with_ties"]
+        if len(rankings) >= 2 and agree is not None:
+            out[item_id] = round(1 - agree, 4)
+    return out
+
+
+REVIEW_PAGE = 25
+
+
+def review_items(s: Session, project: Project, f: ReviewFilterIn) -> dict[str, Any]:
+    """The project's items for an admin, in import order, filtered and paginated."""
+    query = select(Item).where(Item.project_id == project.id)
+    if f.status is not None:
+        query = query.where(_status_filter(f.status, project.overlap))
+    if f.has_comment is not None:
+        commented = exists().where(Judgment.item_id == Item.id, Judgment.comment.is_not(None))
+        query = query.where(commented if f.has_comment else ~commented)
+    if f.labeler is not None:
+        query = query.where(
+            exists().where(Judgment.item_id == Item.id, Judgment.user_id == User.id, User.username == f.labeler)
+        )
+    query = query.order_by(Item.position)
+    if f.min_disagreement is not None:  # a figure computed per item: filtered here, not in SQL
+        figures = disagreements(s, project)
+        ids = [i for i in s.scalars(query.with_only_columns(Item.id)) if figures.get(i, -1.0) >= f.min_disagreement]
+        total, page_ids = len(ids), ids[(f.page - 1) * REVIEW_PAGE : f.page * REVIEW_PAGE]
+        items = sorted(s.scalars(select(Item).where(Item.id.in_(page_ids))), key=lambda i: i.position)
+    else:
+        total = s.scalar(query.with_only_columns(func.count()).order_by(None)) or 0
+        items = list(s.scalars(query.offset((f.page - 1) * REVIEW_PAGE).limit(REVIEW_PAGE)))
+        figures = disagreements(s, project, [i.id for i in items])
+    comments = dict(
+        s.execute(
+            select(Judgment.item_id, func.count())
+            .where(Judgment.item_id.in_([i.id for i in items]), Judgment.comment.is_not(None))
+            .group_by(Judgment.item_id)
+        ).all()
+    )
+    return {
+        "page": f.page,
+        "pages": max(1, -(-total // REVIEW_PAGE)),
+        "total": total,
+        "items": [
+            {
+                "item_id": i.id,
+                "prompt_id": i.key,
+                "prompt": plain_snippet(i.prompt),
+                "status": item_status(i, project.overlap),
+                "n_judgments": i.n_judgments,
+                "comments": comments.get(i.id, 0),
+                "disagreement": figures.get(i.id),
+            }
+            for i in items
+        ],
+    }
+
+
+def _project_item(s: Session, project: Project, item_id: int, lock: bool = False) -> Item:
+    query = select(Item).options(selectinload(Item.candidates)).where(Item.id == item_id, Item.project_id == project.id)
+    item = s.scalar(query.with_for_update() if lock else query)
+    if item is None:
+        raise NotFound(f"no item {item_id} in this project")
+    return item
+
+
+def review_item(s: Session, project: Project, item_id: int) -> dict[str, Any]:
+    """One item for an admin: every labeler's current judgment side by side (candidates in
+    import order, A first), the earlier versions, and the item's disagreement."""
+    item = _project_item(s, project, item_id)
+    current = s.execute(
+        select(Judgment, User.username)
+        .join(User, User.id == Judgment.user_id)
+        .where(Judgment.item_id == item.id)
+        .order_by(Judgment.created_at, Judgment.id)
+    ).all()
+    earlier = s.execute(
+        select(JudgmentHistory, User.username)
+        .join(User, User.id == JudgmentHistory.user_id)
+        .where(JudgmentHistory.item_id == item.id)
+        .order_by(JudgmentHistory.superseded_at.desc(), JudgmentHistory.id.desc())
+    ).all()
+    order = [c.idx for c in item.candidates]
+
+    def row(j: Judgment | JudgmentHistory, username: str) -> dict[str, Any]:
+        return {
+            "username": username,
+            "user_id": j.user_id,
+            "ranking": j.ranking,
+            "decision": decision_text(project.task, j.ranking, order, j.strength)
+            if not j.unusable
+            else "flagged: not rankable / unusable",
+            "strength": j.strength,
+            "unusable": j.unusable,
+            "comment": j.comment,
+            "response": j.response,
+            "excluded": j.excluded,
+        }
+
+    return {
+        "item_id": item.id,
+        "prompt_id": item.key,
+        "prompt": item.prompt,
+        "status": item_status(item, project.overlap),
+        "n_judgments": item.n_judgments,
+        "overlap": project.overlap,
+        "sent_back_at": iso(item.sent_back_at),
+        "candidates": [
+            {"idx": c.idx, "label": chr(ord("A") + n) if n < 26 else str(n + 1), "text": c.text}
+            for n, c in enumerate(item.candidates)
+        ],
+        "disagreement": disagreements(s, project, [item.id]).get(item.id),
+        "judgments": [
+            row(j, name) | {"created_at": iso(j.created_at), "edited_at": iso(j.edited_at)} for j, name in current
+        ],
+        "history": [
+            row(h, name) | {"created_at": iso(h.created_at), "superseded_at": iso(h.superseded_at), "reason": h.reason}
+            for h, name in earlier
+        ],
+    }
+
+
+def send_back(s: Session, project: Project, item_id: int) -> int:
+    """Send an item back for relabeling; returns how many judgments were set aside. They move to
+    the history (kept, out of exports), the labelers who finished or skipped it may be handed it
+    again, and it counts from zero; anyone labeling it right now keeps their place."""
+    require_unlocked(project, "sending items back")
+    item = _project_item(s, project, item_id, lock=True)
+    judgments = s.scalars(select(Judgment).where(Judgment.item_id == item.id)).all()
+    for j in judgments:
+        _archive(s, j, "sent_back")
+        s.delete(j)
+    s.execute(Assignment.__table__.delete().where(Assignment.item_id == item.id, Assignment.done.is_(True)))
+    item.sent_back_at = utcnow()
+    s.flush()
+    _recount(s, project, [item.id])
+    return len(judgments)
+
+
+def set_excluded(s: Session, project: Project, user_id: int, excluded: bool) -> int:
+    """Leave a labeler's judgments in the project out of exports, agreement and progress (or
+    take them back in); returns how many changed. Their items count their judgments anew, so
+    the places freed are offered to others; taking them back in may leave an item with more
+    than N judgments (all of them count). Judgments they submit later are not excluded: remove
+    them from the project to stop new work."""
+    if s.get(User, user_id) is None:
+        raise NotFound(f"no user {user_id}")
+    theirs = select(Judgment.item_id).join(Item).where(Item.project_id == project.id, Judgment.user_id == user_id)
+    changed = s.execute(
+        update(Judgment)
+        .where(Judgment.item_id.in_(theirs), Judgment.user_id == user_id, Judgment.excluded.is_not(excluded))
+        .values(excluded=excluded)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    _recount(s, project, theirs)
+    return changed
 
 
 # ---------------------------------------------------------------- progress
 
 
+def remaining(s: Session, project: Project, user: User) -> int:
+    """How many items /next would still hand this labeler, one after the other, if nobody else
+    labeled meanwhile: their unfinished items, then each item they have not seen (nor skipped)
+    with a place free now (judgments + others' live leases < N). Exactly next_assignment's rule."""
+    if project.locked:
+        return 0
+    now = utcnow()
+    seen = exists().where(Assignment.item_id == Item.id, Assignment.user_id == user.id)
+    unfinished = exists().where(
+        Assignment.item_id == Item.id, Assignment.user_id == user.id, Assignment.done.is_(False)
+    )
+    return (
+        s.scalar(
+            select(func.count())
+            .select_from(Item)
+            .where(
+                Item.project_id == project.id,
+                Item.n_judgments < project.overlap,
+                unfinished | (~seen & (Item.n_judgments + _held(now) < project.overlap)),
+            )
+        )
+        or 0
+    )
+
+
 def my_progress(s: Session, project: Project, user: User) -> dict[str, int]:
-    """done: judged; to_go: still open for this labeler (their unfinished items plus the ones the
-    dispatcher could still hand them); plus the project's totals."""
+    """done: judged; skipped: set aside; to_go: what /next would still hand them (`remaining`);
+    plus the project's totals."""
     done = s.scalar(
         select(func.count())
         .select_from(Judgment)
         .join(Item)
         .where(Item.project_id == project.id, Judgment.user_id == user.id)
     )
-    seen = exists().where(Assignment.item_id == Item.id, Assignment.user_id == user.id)
-    unfinished = exists().where(
-        Assignment.item_id == Item.id, Assignment.user_id == user.id, Assignment.done.is_(False)
+    return {
+        "done": done or 0,
+        "skipped": _skipped_counts(s, project).get(user.id, 0),
+        "to_go": remaining(s, project, user),
+        **project_totals(s, project),
+    }
+
+
+def _skipped_counts(s: Session, project: Project) -> dict[int, int]:
+    return dict(
+        s.execute(
+            select(Assignment.user_id, func.count())
+            .join(Item)
+            .where(Item.project_id == project.id, Assignment.skipped.is_(True))
+            .group_by(Assignment.user_id)
+        ).all()
     )
-    to_go = s.scalar(
-        select(func.count())
-        .select_from(Item)
-        .where(Item.project_id == project.id, ~seen | unfinished, Item.n_judgments < project.overlap)
-    )
-    return {"done": done or 0, "to_go": to_go or 0, **project_totals(s, project)}
 
 
 def project_totals(s: Session, project: Project) -> dict[str, int]:
@@ -762,39 +1239,52 @@ def project_totals(s: Session, project: Project) -> dict[str, int]:
 
 
 def progress(s: Session, project: Project) -> dict[str, Any]:
-    """Project totals and one row per labeler (members and anyone who ever judged here)."""
+    """Project totals and one row per labeler (members and anyone who ever judged here): submitted
+    (judgments that count), excluded, skipped, open (leased now), and remaining (what /next would
+    still hand them, see `remaining`)."""
     now = utcnow()
     people: dict[int, dict[str, Any]] = {
         m.user_id: {
             "username": m.user.username,
+            "user_id": m.user_id,
             "role": m.role,
             "submitted": 0,
             "unusable": 0,
+            "excluded": 0,
             "open": 0,
+            "skipped": 0,
+            "remaining": remaining(s, project, m.user),
             "seconds": [],
             "last": None,
         }
         for m in members(s, project)
     }
     rows = s.execute(
-        select(User.id, User.username, Judgment.unusable, Judgment.seconds, Judgment.created_at)
+        select(User.id, User.username, Judgment.unusable, Judgment.seconds, Judgment.created_at, Judgment.excluded)
         .join(Judgment, Judgment.user_id == User.id)
         .join(Item, Item.id == Judgment.item_id)
         .where(Item.project_id == project.id)
     )
-    for uid, name, unusable, seconds, at in rows:
+    for uid, name, unusable, seconds, at, excluded in rows:
         p = people.setdefault(
             uid,
             {
                 "username": name,
+                "user_id": uid,
                 "role": "former member",
                 "submitted": 0,
                 "unusable": 0,
+                "excluded": 0,
                 "open": 0,
+                "skipped": 0,
+                "remaining": 0,
                 "seconds": [],
                 "last": None,
             },
         )
+        if excluded:  # kept, but out of the figures until taken back in
+            p["excluded"] += 1
+            continue
         p["submitted"] += 1
         p["unusable"] += unusable
         if seconds is not None:
@@ -809,6 +1299,9 @@ def progress(s: Session, project: Project) -> dict[str, Any]:
     for uid, n in open_rows:
         if uid in people:
             people[uid]["open"] = n
+    for uid, n in _skipped_counts(s, project).items():
+        if uid in people:
+            people[uid]["skipped"] = n
     labelers = []
     for p in sorted(people.values(), key=lambda p: p["username"]):
         secs = p.pop("seconds")
@@ -831,16 +1324,24 @@ def completions_of(s: Session, project: Project) -> list[Completions]:
 
 
 def rankings_of(s: Session, project: Project) -> list[Ranking]:
-    """Every judgment of a ranking/pairwise project as a `rankings` record (the raw export)."""
+    """Every judgment that counts (current, not excluded) of a ranking/pairwise project as a
+    `rankings` record (the raw export)."""
     rows = s.execute(
         select(Judgment, Item.key, User.username)
         .join(Item, Item.id == Judgment.item_id)
         .join(User, User.id == Judgment.user_id)
-        .where(Item.project_id == project.id, Judgment.ranking.is_not(None))
+        .where(Item.project_id == project.id, Judgment.ranking.is_not(None), Judgment.excluded.is_(False))
         .order_by(Item.position, Judgment.id)
     )
     return [
-        Ranking(prompt_id=key, labeler=name, ranking=j.ranking, unusable=j.unusable, comment=j.comment)
+        Ranking(
+            prompt_id=key,
+            labeler=name,
+            ranking=j.ranking,
+            unusable=j.unusable,
+            comment=j.comment,
+            strength=j.strength,  # type: ignore[arg-type]  # 1-3, checked on the way in
+        )
         for j, key, name in rows
     ]
 
@@ -849,7 +1350,7 @@ def demonstrations_of(s: Session, project: Project) -> list[Demonstration]:
     rows = s.execute(
         select(Item.prompt, Judgment.response)
         .join(Judgment, Judgment.item_id == Item.id)
-        .where(Item.project_id == project.id, Judgment.response.is_not(None))
+        .where(Item.project_id == project.id, Judgment.response.is_not(None), Judgment.excluded.is_(False))
         .order_by(Item.position, Judgment.id)
     )
     return [Demonstration(prompt=prompt, response=response) for prompt, response in rows]
@@ -858,7 +1359,7 @@ def demonstrations_of(s: Session, project: Project) -> list[Demonstration]:
 EXPORTS = {
     "judgments": "raw rankings, one per labeler and item: ranks, ties, flags and comments exactly",
     "pairs": "TRL preference pairs from the per-item consensus, preferred first (?margin=true adds margins)",
-    "labeler_pairs": "TRL preference pairs from each labeler's own ranking (no aggregation)",
+    "labeler_pairs": "TRL preference pairs from each labeler's own ranking (?margin=true: their stated strength)",
     "consensus": "the per-item consensus ranking (Bradley-Terry over all labelers)",
     "kto": "KTO-style {prompt, completion, label} from the consensus",
     "demonstrations": "written demonstrations {prompt, response} for SFT",
@@ -891,7 +1392,7 @@ def export(s: Session, project: Project, kind: str, margin: bool = False) -> lis
         return [r.to_json() for r in rankings]
     completions = completions_of(s, project)
     if kind == "labeler_pairs":
-        return [p.to_json() for p in rankings_to_pairs(rankings, completions)]
+        return [p.to_json() for p in rankings_to_pairs(rankings, completions, margin=margin)]
     cons = consensus.consensus(rankings)
     if kind == "consensus":
         return consensus.consensus_rows(cons)

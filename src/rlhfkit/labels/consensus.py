@@ -8,6 +8,8 @@ unanimous (the MLE would be infinite) and centres the scores at 0.
 
 Consensus strengths are log-odds: a margin of 1.1 means the consensus expects 75% of labelers to
 prefer the first candidate. That is what the optional `margin` of an exported pair carries.
+A ranking's stated strength of preference (`Ranking.strength`) weighs its comparisons: "slightly
+better" counts half, "much better" twice as much as a plain "better" (see `pairwise_outcomes`).
 """
 
 from __future__ import annotations
@@ -20,30 +22,52 @@ from typing import Any
 
 import numpy as np
 
-from rlhfkit.data.formats import Completions, Pair, Ranking, text_key, text_to_json
+from rlhfkit.data.formats import DEFAULT_STRENGTH, Completions, Pair, Ranking, text_key, text_to_json
 
 DEFAULT_ALPHA = 0.1
 TIE_TOL = 1e-6
 
 
-def pairwise_outcomes(rankings: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-    """(winner, loser) tuples for choix: strict wins twice, ties once each way (= half a win)."""
+# Copies of one strict win per stated strength, when strengths are given (ties: 2 each way, and
+# the prior doubled): "better" is then exactly the unweighted fit, on twice the data.
+_WIN_COPIES = {1: 2, 2: 4, 3: 8}
+
+
+def pairwise_outcomes(
+    rankings: Sequence[Sequence[int]], strengths: Sequence[int | None] | None = None
+) -> list[tuple[int, int]]:
+    """(winner, loser) tuples for choix: strict wins twice, ties once each way (= half a win).
+
+    With `strengths` (one per ranking) every outcome is doubled and a strict win is repeated by
+    its ranking's strength instead: slightly better 2, better (or not given) 4, much better 8
+    copies. choix takes no weights; repeating outcomes is the same likelihood."""
+    weighted = strengths is not None and any(x is not None for x in strengths)
     data: list[tuple[int, int]] = []
-    for ranks in rankings:
+    for n, ranks in enumerate(rankings):
+        win_copies = _WIN_COPIES[(strengths[n] if strengths else None) or DEFAULT_STRENGTH] if weighted else 2
+        tie_copies = 2 if weighted else 1
         for i, j in combinations(range(len(ranks)), 2):
             if ranks[i] == ranks[j]:
-                data += [(i, j), (j, i)]
+                data += [(i, j), (j, i)] * tie_copies
             else:
                 win, lose = (i, j) if ranks[i] < ranks[j] else (j, i)
-                data += [(win, lose), (win, lose)]
+                data += [(win, lose)] * win_copies
     return data
 
 
-def bradley_terry(n: int, rankings: Sequence[Sequence[int]], alpha: float = DEFAULT_ALPHA) -> np.ndarray:
-    """Centred Bradley-Terry log-strengths of n candidates (higher = better)."""
-    data = pairwise_outcomes(rankings)
+def bradley_terry(
+    n: int,
+    rankings: Sequence[Sequence[int]],
+    alpha: float = DEFAULT_ALPHA,
+    strengths: Sequence[int | None] | None = None,
+) -> np.ndarray:
+    """Centred Bradley-Terry log-strengths of n candidates (higher = better); `strengths` weigh
+    each ranking (see pairwise_outcomes)."""
+    data = pairwise_outcomes(rankings, strengths)
     if not data:
         return np.zeros(n)
+    if strengths is not None and any(x is not None for x in strengths):
+        alpha *= 2  # the data was doubled: the same prior per real comparison
     # Imported here: choix pulls in scipy.stats (~1.5 s), which the server's admin commands,
     # importing this module through the service, never need.
     import choix
@@ -94,9 +118,9 @@ def consensus(rankings: Sequence[Ranking], alpha: float = DEFAULT_ALPHA) -> dict
     """Per item: a Bradley-Terry fit over the usable rankings (flagged ones carry no order)."""
     out: dict[str, Consensus] = {}
     for prompt_id, group in group_by_item(rankings).items():
-        usable = [r.ranking for r in group if not r.unusable]
+        usable = [r for r in group if not r.unusable]
         n = len(group[0].ranking)
-        scores = bradley_terry(n, usable, alpha)
+        scores = bradley_terry(n, [r.ranking for r in usable], alpha, [r.strength for r in usable])
         ranking = dense_ranks(scores.tolist()) if usable else [1] * n
         out[prompt_id] = Consensus(
             prompt_id=prompt_id,

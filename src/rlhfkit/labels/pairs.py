@@ -12,15 +12,27 @@ from collections import Counter
 from collections.abc import Sequence
 from itertools import combinations
 
-from rlhfkit.data.formats import Completions, Pair, Ranking, check_rankings, text_key
+from rlhfkit.data.formats import (
+    DEFAULT_STRENGTH,
+    STRENGTH_MARGINS,
+    Completions,
+    Pair,
+    Ranking,
+    check_rankings,
+    text_key,
+)
 
 
-def rankings_to_pairs(rankings: Sequence[Ranking], completions: Sequence[Completions]) -> list[Pair]:
+def rankings_to_pairs(
+    rankings: Sequence[Ranking], completions: Sequence[Completions], margin: bool = False
+) -> list[Pair]:
     """Every candidate pair with different ranks, preferred first; ties and unusable dropped.
 
     Each labeler's ranking yields its own pairs (aggregating labelers is a separate step), so a
     pair two labelers agree on appears twice: that is the evidence, weighted as such. Identical
     candidate texts at different ranks are skipped (the pair carries no learnable preference).
+    `margin` gives every pair the labeler's stated strength as log-odds per rank between them
+    (STRENGTH_MARGINS; a ranking without a strength counts as "better").
     """
     check_rankings(rankings, completions)
     by_id = {c.prompt_id: c for c in completions}
@@ -35,7 +47,9 @@ def rankings_to_pairs(rankings: Sequence[Ranking], completions: Sequence[Complet
             win, lose = (i, j) if r.ranking[i] < r.ranking[j] else (j, i)
             if text_key(c.completions[win]) == text_key(c.completions[lose]):
                 continue
-            pairs.append(Pair(prompt=c.prompt, chosen=c.completions[win], rejected=c.completions[lose]))
+            gap = abs(r.ranking[i] - r.ranking[j])
+            m = round(STRENGTH_MARGINS[r.strength or DEFAULT_STRENGTH] * gap, 4) if margin else None
+            pairs.append(Pair(prompt=c.prompt, chosen=c.completions[win], rejected=c.completions[lose], margin=m))
     return pairs
 
 

@@ -1,0 +1,64 @@
+"""The annotator's day: skips, edits with a history, strength of preference, admin review.
+
+assignments.skipped, judgments.strength/excluded/edited_at, items.sent_back_at, projects.locked,
+and the judgment_history table (earlier versions of edited or sent-back judgments).
+
+Revision ID: 0003
+Revises: 0001
+Create Date: 2026-12-04
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0003"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+FALSE = sa.false()
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("projects") as t:
+        t.add_column(sa.Column("locked", sa.Boolean(), nullable=False, server_default=FALSE))
+    with op.batch_alter_table("items") as t:
+        t.add_column(sa.Column("sent_back_at", sa.DateTime(), nullable=True))
+    with op.batch_alter_table("assignments") as t:
+        t.add_column(sa.Column("skipped", sa.Boolean(), nullable=False, server_default=FALSE))
+    with op.batch_alter_table("judgments") as t:
+        t.add_column(sa.Column("strength", sa.Integer(), nullable=True))
+        t.add_column(sa.Column("excluded", sa.Boolean(), nullable=False, server_default=FALSE))
+        t.add_column(sa.Column("edited_at", sa.DateTime(), nullable=True))
+    op.create_table(
+        "judgment_history",
+        sa.Column("id", sa.Integer(), primary_key=True),
+        sa.Column("item_id", sa.Integer(), sa.ForeignKey("items.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("user_id", sa.Integer(), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("ranking", sa.JSON(), nullable=True),
+        sa.Column("unusable", sa.Boolean(), nullable=False),
+        sa.Column("comment", sa.Text(), nullable=True),
+        sa.Column("response", sa.JSON(), nullable=True),
+        sa.Column("strength", sa.Integer(), nullable=True),
+        sa.Column("excluded", sa.Boolean(), nullable=False),
+        sa.Column("client_token", sa.String(64), nullable=False),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("superseded_at", sa.DateTime(), nullable=False),
+        sa.Column("reason", sa.String(16), nullable=False),
+    )
+    op.create_index("ix_judgment_history_item_id", "judgment_history", ["item_id"])
+    op.create_index("ix_judgment_history_user_id", "judgment_history", ["user_id"])
+
+
+def downgrade() -> None:
+    op.drop_table("judgment_history")
+    with op.batch_alter_table("judgments") as t:
+        t.drop_column("edited_at")
+        t.drop_column("excluded")
+        t.drop_column("strength")
+    with op.batch_alter_table("assignments") as t:
+        t.drop_column("skipped")
+    with op.batch_alter_table("items") as t:
+        t.drop_column("sent_back_at")
+    with op.batch_alter_table("projects") as t:
+        t.drop_column("locked")
