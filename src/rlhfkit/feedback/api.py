@@ -11,9 +11,9 @@ Candidates come in this labeler's shuffled order; their ids are stable. Errors a
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -23,11 +23,13 @@ from rlhfkit.feedback.models import Project, User
 from rlhfkit.feedback.schemas import (
     ApiKeyIn,
     DraftIn,
+    ExcludedIn,
     JudgmentIn,
     LoginIn,
     MemberIn,
     ProjectIn,
     ProjectSettingsIn,
+    ReviewFilterIn,
     UserIn,
 )
 from rlhfkit.feedback.security import csrf_token
@@ -242,6 +244,85 @@ def submit(pid: int, item_id: int, data: JudgmentIn, request: Request, auth: Aut
 
     view, created = state(request).db.transact(work)
     return JSONResponse(view, status_code=201 if created else 200)
+
+
+@router.put("/projects/{pid}/items/{item_id}/judgment")
+def edit_judgment(
+    pid: int, item_id: int, data: JudgmentIn, request: Request, auth: Auth = Depends(api_auth)
+) -> dict[str, Any]:
+    """Replace your own judgment of an item (the old one is kept in the item's history)."""
+
+    def work(s: Any) -> dict[str, Any]:
+        user = s.get(User, auth.user_id)
+        project, _ = service.project_for(s, user, pid)
+        return service.judgment_view(service.edit_judgment(s, project, user, item_id, data)[0])
+
+    return state(request).db.transact(work)
+
+
+@router.post("/projects/{pid}/items/{item_id}/skip", status_code=204)
+def skip(pid: int, item_id: int, request: Request, auth: Auth = Depends(api_auth)) -> Response:
+    with state(request).db.session(write=True) as s:
+        user = s.get(User, auth.user_id)
+        service.skip(s, service.project_for(s, user, pid)[0], user, item_id)
+    return Response(status_code=204)
+
+
+@router.delete("/projects/{pid}/items/{item_id}/skip", status_code=204)
+def unskip(pid: int, item_id: int, request: Request, auth: Auth = Depends(api_auth)) -> Response:
+    with state(request).db.session(write=True) as s:
+        user = s.get(User, auth.user_id)
+        service.unskip(s, service.project_for(s, user, pid)[0], user, item_id)
+    return Response(status_code=204)
+
+
+@router.get("/projects/{pid}/history")
+def history(pid: int, request: Request, page: int = 1, auth: Auth = Depends(api_auth)) -> dict[str, Any]:
+    """Your judgments in the project, newest first (20 a page), and the items you skipped."""
+    with state(request).db.session() as s:
+        user = s.get(User, auth.user_id)
+        project, _ = service.project_for(s, user, pid)
+        return service.history(s, project, user, max(1, page))
+
+
+@router.get("/projects/{pid}/review/items")
+def review_items(
+    pid: int, request: Request, f: Annotated[ReviewFilterIn, Query()], auth: Auth = Depends(api_auth)
+) -> dict[str, Any]:
+    """Filters: status (unlabeled, partial, complete, sent_back), min_disagreement (0-1),
+    has_comment, labeler (a username), page (25 items a page, in import order)."""
+    with state(request).db.session() as s:
+        project, _ = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+        return service.review_items(s, project, f)
+
+
+@router.get("/projects/{pid}/review/items/{item_id}")
+def review_item(pid: int, item_id: int, request: Request, auth: Auth = Depends(api_auth)) -> dict[str, Any]:
+    with state(request).db.session() as s:
+        project, _ = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+        return service.review_item(s, project, item_id)
+
+
+@router.post("/projects/{pid}/review/items/{item_id}/send-back")
+def send_back(pid: int, item_id: int, request: Request, auth: Auth = Depends(api_auth)) -> dict[str, int]:
+    def work(s: Any) -> dict[str, int]:
+        project, _ = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+        return {"judgments_set_aside": service.send_back(s, project, item_id)}
+
+    return state(request).db.transact(work)
+
+
+@router.put("/projects/{pid}/labelers/{user_id}/excluded")
+def set_excluded(
+    pid: int, user_id: int, data: ExcludedIn, request: Request, auth: Auth = Depends(api_auth)
+) -> dict[str, int | bool]:
+    """Leave a labeler's judgments in the project out of exports, agreement and progress (or not)."""
+
+    def work(s: Any) -> dict[str, int | bool]:
+        project, _ = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+        return {"excluded": data.excluded, "changed": service.set_excluded(s, project, user_id, data.excluded)}
+
+    return state(request).db.transact(work)
 
 
 @router.get("/projects/{pid}/progress")

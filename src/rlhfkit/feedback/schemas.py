@@ -147,10 +147,11 @@ ReviewStatus = Literal["unlabeled", "partial", "complete", "sent_back"]
 
 
 class ReviewFilterIn(In):
-    """The admin review list's filters; every one optional."""
+    """The admin review list's filters, every one optional; from a query string, so numbers and
+    booleans are parsed from text (not strict)."""
 
     status: ReviewStatus | None = None
     min_disagreement: float | None = Field(None, ge=0, le=1)
-    has_comment: StrictBool | None = None
+    has_comment: bool | None = None
     labeler: Username | None = None
-    page: StrictInt = Field(1, ge=1, le=1_000_000)
+    page: int = Field(1, ge=1, le=1_000_000)
