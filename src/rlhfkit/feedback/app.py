@@ -333,7 +333,7 @@ def _templates() -> Jinja2Templates:
 
 def create_app(config: ServeConfig, db: Database | None = None) -> FastAPI:
     """The ASGI app. Migrates the database first, so a fresh file or database just works."""
-    from rlhfkit.feedback import api, pages
+    from rlhfkit.feedback import api, pages, review_pages
 
     db = db or Database(config.db_url)
     db.migrate()
@@ -367,6 +367,7 @@ def create_app(config: ServeConfig, db: Database | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.include_router(api.router)
     app.include_router(pages.router)
+    app.include_router(review_pages.router)
     app.add_middleware(
         Guard,  # type: ignore[arg-type]
         max_body=config.max_body_kb * 1024,

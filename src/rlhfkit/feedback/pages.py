@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from rlhfkit.data.formats import STRENGTHS
 from rlhfkit.feedback import service
 from rlhfkit.feedback.api import set_session_cookie, start_session
 from rlhfkit.feedback.app import (
@@ -184,6 +185,7 @@ def next_page(pid: int, request: Request, saved: int = 0, auth: Auth = Depends(p
                 "project": project,
                 "role": role,
                 "saved": saved,
+                "undo": service.last_judgment(s, project, user) if saved else None,
                 "progress": service.my_progress(s, project, user),
             },
             auth,
@@ -204,8 +206,10 @@ def _task_page(
     with state(request).db.session() as s:
         user = s.get(User, auth.user_id)
         project, role = service.project_for(s, user, pid)
-        view = service.item_view(service.assignment_for(s, project, user, item_id), project)
-        draft = posted_draft if posted_draft is not None else (view["draft"] or {})
+        a = service.assignment_for(s, project, user, item_id)
+        view = service.item_view(a, project)
+        editing = service.editing_view(s, project, user, a) if view["submitted"] else None
+        draft = posted_draft if posted_draft is not None else (editing or {}).get("draft", view["draft"] or {})
         return render(
             request,
             "task.html",
@@ -213,8 +217,11 @@ def _task_page(
                 "project": project,
                 "role": role,
                 "item": view,
+                "editing": editing,
+                "strengths": STRENGTHS,
                 "error": error,
                 "saved": saved,
+                "undo": service.last_judgment(s, project, user) if saved else None,
                 "ranks": {int(k): v for k, v in (draft.get("ranks") or {}).items()},
                 "draft": draft,
                 "client_token": new_token()[:32],
@@ -241,6 +248,7 @@ def _draft_from_form(form: Any, display_order: list[int]) -> dict[str, Any]:
         "unusable": form.get("unusable") in ("1", "on", "true"),
         "comment": str(form.get("comment", "")).replace("\r\n", "\n"),
         "response": str(form.get("response", "")).replace("\r\n", "\n"),
+        "strength": small_int(str(form.get("strength", ""))),
     }
 
 
@@ -252,6 +260,7 @@ def _judgment(draft: dict[str, Any], form: Any) -> JudgmentIn:
             unusable=draft["unusable"],
             comment=draft["comment"] or None,
             response=draft["response"] if "response" in form else None,
+            strength=draft["strength"],
             client_token=str(form.get("client_token", "")),
         )
     except ValidationError as e:
@@ -273,7 +282,12 @@ def submit_page(pid: int, item_id: int, request: Request, posted: Posted = Depen
         if project.task == "pairwise" and choice:  # quick mode: one click is the whole judgment
             draft["ranks"] = service.pairwise_choice(a, str(choice))
             draft["unusable"] = draft["unusable"] or choice == "both_bad"
-        service.submit(s, project, user, item_id, _judgment(draft, form))
+            if choice in ("tie", "both_bad"):  # the strength row is for A or B; a tie has none
+                draft["strength"] = None
+        if form.get("mode") == "edit":
+            service.edit_judgment(s, project, user, item_id, _judgment(draft, form))
+        else:
+            service.submit(s, project, user, item_id, _judgment(draft, form))
 
     try:
         st.db.transact(work)
@@ -317,7 +331,11 @@ def _admin_project(s: Any, auth: Auth, pid: int) -> Project:
 def admin_settings(pid: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
     form = posted.form
     try:
-        data = ProjectSettingsIn(guidelines=str(form.get("guidelines", "")), overlap=form_int(form, "overlap", 3))
+        data = ProjectSettingsIn(
+            guidelines=str(form.get("guidelines", "")),
+            overlap=form_int(form, "overlap", 3),
+            locked=form.get("locked") in ("1", "on"),
+        )
     except ValidationError as e:
         raise service.Invalid(validation_text(e)) from None
     with state(request).db.session(write=True) as s:

@@ -118,6 +118,7 @@ class DraftIn(In):
     unusable: StrictBool = False
     comment: text(MAX_COMMENT) = ""
     response: text(MAX_RESPONSE) = ""
+    strength: Literal[1, 2, 3] | None = None
 
 
 class JudgmentIn(In):

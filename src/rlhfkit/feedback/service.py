@@ -730,7 +730,7 @@ def submit(s: Session, project: Project, user: User, item_id: int, data: Judgmen
         created_at=now,
     )
     s.add(judgment)
-    a.done = True
+    a.done, a.skipped = True, False  # skipped, then judged after all (its page stays open)
     a.draft = None
     a.updated_at = now
     s.flush()
@@ -846,6 +846,28 @@ def edit_judgment(s: Session, project: Project, user: User, item_id: int, data: 
     j.client_token, j.edited_at = data.client_token, utcnow()
     s.flush()
     return j, True
+
+
+def editing_view(s: Session, project: Project, user: User, a: Assignment) -> dict[str, Any] | None:
+    """For the task page of an item this labeler already judged: their current judgment as the
+    form's draft (ranks by candidate id), when and what they decided; None if there is none."""
+    j = s.scalar(select(Judgment).where(Judgment.item_id == a.item_id, Judgment.user_id == user.id))
+    if j is None:
+        return None
+    id_of = {c.idx: c.id for c in a.item.candidates}
+    ranks = {id_of[idx]: rank for idx, rank in enumerate(j.ranking)} if j.ranking and not j.unusable else {}
+    decision = decision_text(project.task, j.ranking, _display_indexes(a, a.item), j.strength)
+    return {
+        "draft": {
+            "ranks": ranks,
+            "unusable": j.unusable,
+            "comment": j.comment or "",
+            "response": j.response or "",
+            "strength": j.strength,
+        },
+        "created_at": iso(j.created_at),
+        "decision": "both bad / not rankable" if j.unusable else decision,
+    }
 
 
 def last_judgment(s: Session, project: Project, user: User) -> int | None:

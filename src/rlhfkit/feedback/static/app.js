@@ -1,5 +1,5 @@
 // rlhfkit feedback: rank buttons and keyboard ranking, long responses folded, plain-text view,
-// pairwise shortcuts and draft autosave.
+// pairwise shortcuts (with strength of preference), skip, and draft autosave.
 // Progressive enhancement: without this file every task page still works as a plain form.
 (function () {
   "use strict";
@@ -16,6 +16,8 @@
   const rankFields = Array.from(form.querySelectorAll("input[data-cid]"));
   const field = (name) => form.elements.namedItem(name);
   const rankField = (card) => card.querySelector("input[data-cid]");
+  // Keys are shortcuts except while typing (a checked radio button keeps the focus: not typing).
+  const typing = "textarea, select, input:not([type=radio]):not([type=checkbox])";
 
   // On a narrow screen the guidelines sit above the task: start them folded.
   const guidelines = document.getElementById("guidelines");
@@ -35,6 +37,10 @@
 
   // ---------------------------------------------------------------- draft autosave
   let timer = null;
+  const strengthChosen = () => {
+    const checked = form.querySelector('input[name="strength"]:checked');
+    return checked && checked.value ? Number(checked.value) : null;
+  };
   function collectDraft() {
     const ranks = {};
     rankFields.forEach((f) => { ranks[f.dataset.cid] = /^\d+$/.test(f.value.trim()) ? Number(f.value) : null; });
@@ -43,9 +49,11 @@
       unusable: !!(field("unusable") && field("unusable").checked),
       comment: field("comment") ? field("comment").value : "",
       response: field("response") ? field("response").value : "",
+      strength: strengthChosen(),
     };
   }
   function saveDraft() {
+    if (!form.dataset.draftUrl) return;  // editing a submitted judgment: nothing to autosave
     fetch(form.dataset.draftUrl, {
       method: "PUT",
       credentials: "same-origin",
@@ -56,6 +64,7 @@
     }).catch(() => { draftStatus.textContent = "Offline: draft not saved yet"; });
   }
   function scheduleSave() {
+    if (!form.dataset.draftUrl) return;
     draftStatus.textContent = "Saving draft…";
     clearTimeout(timer);
     timer = setTimeout(saveDraft, 400);
@@ -81,8 +90,13 @@
     rankFields.forEach((f) => { if (f.value) f.value = String(used.indexOf(Number(f.value)) + 1); });
   }
   let submitting = false;
+  const skipButton = document.getElementById("skip");
+  function skip() {  // the s key: the same as the Skip button
+    if (skipButton) form.requestSubmit(skipButton);
+  }
   form.addEventListener("submit", (e) => {
     if (submitting) { e.preventDefault(); return; }  // a double click sends once (the server is idempotent too)
+    if (skipButton && e.submitter === skipButton) { submitting = true; clearTimeout(timer); return; }
     const unusable = field("unusable") && field("unusable").checked;
     if (task === "ranking" && !unusable) {
       const missing = cards.filter((c) => !/^[1-9]\d*$/.test(rankField(c).value.trim()));
@@ -226,7 +240,7 @@
     refresh();
 
     document.addEventListener("keydown", (e) => {
-      if (e.ctrlKey || e.metaKey || e.altKey || e.target.closest("textarea, input, select")) return;
+      if (e.ctrlKey || e.metaKey || e.altKey || e.target.closest(typing)) return;
       const current = e.target.closest(".candidate");
       if (e.key === "ArrowDown" || e.key === "ArrowUp" || e.key === "j" || e.key === "k") {
         e.preventDefault();
@@ -251,6 +265,9 @@
       } else if (e.key === "e" && current) {
         e.preventDefault();
         toggleExpanded(current);
+      } else if (e.key === "s") {
+        e.preventDefault();
+        skip();
       } else if (e.key === "Enter" && !e.target.closest("button, a, summary")) {
         e.preventDefault();
         form.requestSubmit();
@@ -262,11 +279,23 @@
   if (task === "pairwise") {
     const keys = { "1": "a", "a": "a", "2": "b", "b": "b", "3": "tie", "t": "tie", "4": "both_bad", "x": "both_bad" };
     document.addEventListener("keydown", (e) => {
-      if (e.ctrlKey || e.metaKey || e.altKey || e.target.closest("textarea, input, select")) return;
+      if (e.ctrlKey || e.metaKey || e.altKey || e.target.closest(typing)) return;
       const current = e.target.closest(".candidate");
       if (e.key === "e" && current) {
         e.preventDefault();
         toggleExpanded(current);
+        return;
+      }
+      if (e.key === "s") {
+        e.preventDefault();
+        skip();
+        return;
+      }
+      const strength = form.querySelector('input[name="strength"][value="' + (Number(e.key) - 4) + '"]');
+      if (/^[5-7]$/.test(e.key) && strength) {  // how much better: chosen before A or B
+        e.preventDefault();
+        strength.checked = true;
+        strength.dispatchEvent(new Event("change", { bubbles: true }));
         return;
       }
       const choice = keys[e.key.toLowerCase()];

@@ -1,0 +1,116 @@
+"""Pages for the annotator's day beyond the task page: a labeler's own judgments (to reopen and
+change) and skipped items (to put back), the skip itself; and an admin's review: items filtered
+and paginated, one item's judgments side by side, send back, exclude a labeler. Each calls the
+one service function its JSON twin in api.py calls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from pydantic import ValidationError
+
+from rlhfkit.feedback import service
+from rlhfkit.feedback.app import Auth, Posted, page_auth, page_post, render, state
+from rlhfkit.feedback.models import User
+from rlhfkit.feedback.pages import redirect, small_int, validation_text
+from rlhfkit.feedback.schemas import REVIEW_STATUSES, ReviewFilterIn
+
+router = APIRouter()
+
+
+# ---------------------------------------------------------------- a labeler's own
+
+
+@router.post("/p/{pid}/items/{item_id}/skip")
+def skip(pid: int, item_id: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
+    with state(request).db.session(write=True) as s:
+        user = s.get(User, posted.auth.user_id)
+        service.skip(s, service.project_for(s, user, pid)[0], user, item_id)
+    return redirect(f"/p/{pid}/next")
+
+
+@router.post("/p/{pid}/items/{item_id}/unskip")
+def unskip(pid: int, item_id: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
+    with state(request).db.session(write=True) as s:
+        user = s.get(User, posted.auth.user_id)
+        service.unskip(s, service.project_for(s, user, pid)[0], user, item_id)
+    return redirect(f"/p/{pid}/history", put_back=1)
+
+
+@router.get("/p/{pid}/history")
+def history_page(
+    pid: int, request: Request, page: int = 1, put_back: int = 0, auth: Auth = Depends(page_auth)
+) -> Response:
+    with state(request).db.session() as s:
+        user = s.get(User, auth.user_id)
+        project, role = service.project_for(s, user, pid)
+        history = service.history(s, project, user, max(1, page))
+        context = {"project": project, "role": role, "history": history, "put_back": put_back}
+        return render(request, "history.html", context, auth)
+
+
+# ---------------------------------------------------------------- an admin's review
+
+
+def _filters(request: Request) -> ReviewFilterIn:
+    """The review filters from the query string; the filter form leaves unused ones empty."""
+    given = {k: v for k, v in request.query_params.items() if v.strip()}
+    try:
+        return ReviewFilterIn(**given)
+    except ValidationError as e:
+        raise service.Invalid(validation_text(e)) from None
+
+
+@router.get("/p/{pid}/review")
+def review_page(pid: int, request: Request, auth: Auth = Depends(page_auth)) -> Response:
+    f = _filters(request)
+    with state(request).db.session() as s:
+        project, role = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+        listing = service.review_items(s, project, f)
+        query = f.model_dump(exclude={"page"}, exclude_none=True)
+        context = {
+            "project": project,
+            "role": role,
+            "listing": listing,
+            "f": f,
+            "query": query,
+            "statuses": REVIEW_STATUSES,
+            "members": service.members(s, project),
+        }
+        return render(request, "review.html", context, auth)
+
+
+@router.get("/p/{pid}/review/{item_id}")
+def review_item_page(
+    pid: int, item_id: int, request: Request, sent: int = -1, auth: Auth = Depends(page_auth)
+) -> Response:
+    with state(request).db.session() as s:
+        project, role = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+        item = service.review_item(s, project, item_id)
+        context = {"project": project, "role": role, "item": item, "sent": sent}
+        return render(request, "review_item.html", context, auth)
+
+
+@router.post("/p/{pid}/review/{item_id}/send-back")
+def send_back(pid: int, item_id: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
+    def work(s: Any) -> int:
+        project, _ = service.project_for(s, s.get(User, posted.auth.user_id), pid, admin=True)
+        return service.send_back(s, project, item_id)
+
+    return redirect(f"/p/{pid}/review/{item_id}", sent=state(request).db.transact(work))
+
+
+@router.post("/p/{pid}/admin/labelers/{user_id}/excluded")
+def set_excluded(pid: int, user_id: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
+    excluded = small_int(str(posted.form.get("excluded", "")))
+    if excluded not in (0, 1):
+        raise service.Invalid("excluded: 1 to leave the labeler's judgments out, 0 to take them back in")
+
+    def work(s: Any) -> int:
+        project, _ = service.project_for(s, s.get(User, posted.auth.user_id), pid, admin=True)
+        return service.set_excluded(s, project, user_id, bool(excluded))
+
+    state(request).db.transact(work)
+    return redirect(f"/p/{pid}/admin")
