@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
 
 from rlhfkit.feedback import service
 from rlhfkit.feedback.db import Database
@@ -111,3 +115,47 @@ def store_damaged_item(db: Database, project_id: int, key: str = "damaged") -> i
         s.add(item)
         s.flush()
         return item.id
+
+
+# ---------------------------------------------------------------- a real browser
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "feedback"
+DESKTOP, PHONE = {"width": 1360, "height": 900}, {"width": 390, "height": 844}
+
+
+def require_chromium() -> None:
+    """Browser tests need Debian's chromium: skipped without it, but a failure on CI."""
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{CHROMIUM} is missing (make chromium installs Debian's package)")
+        pytest.skip(f"{CHROMIUM} is missing; `apt-get install -y chromium`")
+
+
+def launch(p):  # type: ignore[no-untyped-def]
+    """Debian's headless Chromium, without its background traffic (nothing outside is reachable)."""
+    return p.chromium.launch(
+        executable_path=CHROMIUM,
+        args=[
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+        ],
+    )
+
+
+def watch(page, problems: list[str]) -> None:  # type: ignore[no-untyped-def]
+    """Record what must never happen: dialogs (an injected alert), console errors, 404s."""
+    page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status == 404 else None)
+
+
+def shot(page, name: str, full: bool = True) -> None:  # type: ignore[no-untyped-def]
+    """A screenshot for people to look at, test-artifacts/feedback/NAME.png (the whole page unless `full`)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=full)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from feedback_helpers import XSS
+from feedback_helpers import DESKTOP, PHONE, XSS, launch, require_chromium, shot, watch
 from sqlalchemy import select
 
 from rlhfkit.cli import main
@@ -28,11 +28,8 @@ from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.models import Item, Judgment
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-CHROMIUM = "/usr/bin/chromium"
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS, SRC = ROOT / "test-artifacts" / "feedback", ROOT / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 PASSWORD = "browser-pass-1"
-DESKTOP, PHONE = {"width": 1360, "height": 900}, {"width": 390, "height": 844}
 # Four long Markdown answers, as a chat model writes them: a heading, a long paragraph, a list, code,
 # and raw HTML that must stay text.
 LONG = [
@@ -48,10 +45,7 @@ LONG = [
 @pytest.fixture
 def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
     """A seeded database and `rlhfkit serve` running in a subprocess on a free loopback port."""
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{CHROMIUM} is missing (make chromium installs Debian's package)")
-        pytest.skip(f"{CHROMIUM} is missing; `apt-get install -y chromium`")
+    require_chromium()
     db_url = f"sqlite:///{tmp_path}/feedback.db"
     db = f"db_url={db_url}"
     monkeypatch.setenv("RLHFKIT_PASSWORD", PASSWORD)
@@ -129,11 +123,6 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[st
         proc.wait(timeout=10)
 
 
-def shot(page, name: str, full: bool = True) -> None:  # type: ignore[no-untyped-def]
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=full)
-
-
 def labels(page) -> tuple[int, dict[str, int]]:  # type: ignore[no-untyped-def]
     """(item id, display label -> candidate id) of the task page shown."""
     item_id = int(page.url.split("/items/")[1].split("?")[0])
@@ -142,28 +131,6 @@ def labels(page) -> tuple[int, dict[str, int]]:  # type: ignore[no-untyped-def]
         cards.nth(i).get_attribute("data-label"): int(cards.nth(i).get_attribute("data-cid"))
         for i in range(cards.count())
     }
-
-
-def launch(p):  # type: ignore[no-untyped-def]
-    return p.chromium.launch(
-        executable_path=CHROMIUM,
-        args=[
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-        ],
-    )
-
-
-def watch(page, problems: list[str]) -> None:  # type: ignore[no-untyped-def]
-    """Record what must never happen: dialogs (an injected alert), console errors, 404s."""
-    page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
-    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status == 404 else None)
 
 
 def rank_button(page, label: str, rank: int):  # type: ignore[no-untyped-def]

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from feedback_helpers import World, seed
+from feedback_helpers import PASSWORD, XSS, World, seed
 
 from rlhfkit.feedback.app import ServeConfig, create_app
 from rlhfkit.feedback.db import Database
@@ -363,3 +363,103 @@ def test_remaining_is_exactly_what_next_hands_out(make_day: MakeDay) -> None:
         assert labeler_row(alice, A, name)["remaining"] == 0
     alice_row = labeler_row(alice, A, "alice")
     assert alice_row["open"] == 1 and alice_row["remaining"] >= 1
+
+
+# ---------------------------------------------------------------- the same through the pages (no JavaScript)
+
+
+def browser_login(c: TestClient, username: str) -> tuple[TestClient, str]:
+    """A cookie-logged-in client for `username` on the same app, and its CSRF token."""
+    client = TestClient(c.app, follow_redirects=False, raise_server_exceptions=False)
+    r = client.post("/api/login", json={"username": username, "password": PASSWORD})
+    assert r.status_code == 200, r.text
+    return client, r.json()["csrf_token"]
+
+
+def field(html: str, name: str) -> str:
+    return html.split(f'name="{name}" value="')[1].split('"')[0]
+
+
+def test_skip_undo_and_edit_in_the_pages(make_day: MakeDay) -> None:
+    world, c = make_day(items=3, overlap=1)
+    A = world.project_a
+    ann, csrf = browser_login(c["ann"], "ann")
+    page = ann.get(f"/p/{A}/next", follow_redirects=True)
+    first = int(str(page.url).split("/items/")[1])
+    assert f'formaction="/p/{A}/items/{first}/skip"' in page.text and 'id="strength"' in page.text
+    assert ann.post(f"/p/{A}/items/{first}/skip", data={}).status_code == 403  # no CSRF token
+    r = ann.post(f"/p/{A}/items/{first}/skip", data={"csrf_token": csrf})
+    assert r.status_code == 303 and r.headers["location"] == f"/p/{A}/next"
+
+    page = ann.get(f"/p/{A}/next", follow_redirects=True)
+    item_id = int(str(page.url).split("/items/")[1])
+    assert item_id != first
+    cids = [int(x.split('"')[0]) for x in page.text.split('name="rank_')[1:]]
+    form = {"csrf_token": csrf, "client_token": field(page.text, "client_token"), "comment": "ok <b>bold</b>"}
+    ranks = dict(zip(cids, ("1", "2", "2"), strict=True))
+    r = ann.post(f"/p/{A}/items/{item_id}", data=form | {f"rank_{cid}": rank for cid, rank in ranks.items()})
+    assert r.status_code == 303 and r.headers["location"] == f"/p/{A}/next?saved=1"
+
+    # "Saved" offers Undo: the judged item, in edit mode, filled in with what was submitted.
+    page = ann.get(r.headers["location"], follow_redirects=True)
+    assert f'<a href="/p/{A}/items/{item_id}" id="undo-link">Undo</a>' in page.text
+    edit = ann.get(f"/p/{A}/items/{item_id}")
+    assert 'name="mode" value="edit"' in edit.text and "data-draft-url" not in edit.text
+    for cid, rank in ranks.items():
+        assert f'name="rank_{cid}" data-cid="{cid}" value="{rank}"' in edit.text
+    assert "ok &lt;b&gt;bold&lt;/b&gt;</textarea>" in edit.text and 'id="skip"' not in edit.text
+    form = {"csrf_token": csrf, "client_token": field(edit.text, "client_token"), "mode": "edit", "strength": "3"}
+    bad = ann.post(f"/p/{A}/items/{item_id}", data=form | {f"rank_{cids[0]}": "1"})
+    assert bad.status_code == 422 and "no rank for candidate" in bad.text.split('id="actionbar"')[1]
+    new_ranks = {f"rank_{cid}": rank for cid, rank in zip(cids, ("2", "1", "3"), strict=True)}
+    r = ann.post(f"/p/{A}/items/{item_id}", data=form | new_ranks)
+    assert r.status_code == 303, r.text
+    (row,) = export(c["owner"], A, "judgments")
+    assert row["strength"] == 3 and sorted(row["ranking"]) == [1, 2, 3] and "comment" not in row
+
+    # Her history lists it as changed; the skipped item waits there to be put back.
+    history = ann.get(f"/p/{A}/history").text
+    assert f'href="/p/{A}/items/{item_id}"' in history and '<span class="tag">changed</span>' in history
+    assert f'action="/p/{A}/items/{first}/unskip"' in history
+    r = ann.post(f"/p/{A}/items/{first}/unskip", data={"csrf_token": csrf})
+    assert r.status_code == 303 and r.headers["location"] == f"/p/{A}/history?put_back=1"
+    assert f"/items/{first}/unskip" not in ann.get(f"/p/{A}/history").text
+
+
+def test_review_pages_for_admins_only(make_day: MakeDay) -> None:
+    world, c = make_day(items=2, overlap=2)
+    A = world.project_a
+    for name, comment in (("ann", f"ann says {XSS}"), ("bob", None)):
+        item = next_item(c[name], A)
+        assert submit(c[name], A, item, **({"comment": comment} if comment else {})).status_code == 201
+    alice, csrf = browser_login(c["alice"], "alice")
+    listing = alice.get(f"/p/{A}/review", params={"status": "", "min_disagreement": "", "labeler": ""})
+    assert listing.status_code == 200 and listing.text.count(f'href="/p/{A}/review/') == 2
+    only = alice.get(f"/p/{A}/review", params={"has_comment": "true", "labeler": "ann"})
+    assert only.text.count(f'href="/p/{A}/review/') == 1
+    bad = alice.get(f"/p/{A}/review", params={"status": "finished"})
+    assert bad.status_code == 422 and "status" in bad.text
+    item_id = item["item_id"]
+    detail = alice.get(f"/p/{A}/review/{item_id}")
+    assert detail.status_code == 200 and "ann says &lt;script&gt;" in detail.text and XSS not in detail.text
+    assert 'id="disagreement"' in detail.text
+    assert alice.post(f"/p/{A}/review/{item_id}/send-back", data={}).status_code == 403  # no CSRF token
+    r = alice.post(f"/p/{A}/review/{item_id}/send-back", data={"csrf_token": csrf})
+    assert r.status_code == 303 and r.headers["location"] == f"/p/{A}/review/{item_id}?sent=2"
+    assert "2 judgments moved to its history" in alice.get(r.headers["location"]).text
+
+    bob_id = world.users["bob"]
+    assert submit(c["bob"], A, next_item(c["bob"], A)).status_code == 201
+    r = alice.post(f"/p/{A}/admin/labelers/{bob_id}/excluded", data={"csrf_token": csrf, "excluded": "1"})
+    assert r.status_code == 303
+    assert "take back in" in alice.get(f"/p/{A}/admin").text and export(c["owner"], A, "judgments") == []
+    r = alice.post(f"/p/{A}/admin/labelers/{bob_id}/excluded", data={"csrf_token": csrf, "excluded": "maybe"})
+    assert r.status_code == 422 and "excluded" in r.text
+
+    # Locking the project in its settings: labelers are told, and nothing more is handed out.
+    settings = {"csrf_token": csrf, "guidelines": "", "overlap": "2", "locked": "1"}
+    assert alice.post(f"/p/{A}/admin/settings", data=settings).status_code == 303
+    ann, _ = browser_login(c["ann"], "ann")
+    assert "This project is locked" in ann.get(f"/p/{A}/next").text
+    for page in (f"/p/{A}/review", f"/p/{A}/review/{item_id}"):
+        assert ann.get(page).status_code == 403
