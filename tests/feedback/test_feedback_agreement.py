@@ -147,3 +147,21 @@ def test_agreement_report_skips_flagged_rankings() -> None:
     empty = agreement_report([])
     assert empty["pairwise_agreement"] is None and empty["krippendorff_alpha_ordinal"] is None
     assert not any(isinstance(v, float) and math.isnan(v) for v in empty.values())
+
+
+def test_a_stated_strength_weighs_the_consensus() -> None:
+    """"Better" (or no strength) is exactly the unweighted fit; "much better" counts double and
+    "slightly better" half, so the consensus margin grows with the strength labelers state."""
+    plain = [[1, 2], [2, 1], [1, 2]]
+    assert pairwise_outcomes(plain, [None, None, None]) == pairwise_outcomes(plain)
+    assert sorted(pairwise_outcomes([[1, 1], [1, 2]], [None, 3])) == [(0, 1)] * 10 + [(1, 0)] * 2
+    unweighted = bradley_terry(2, plain)
+    np.testing.assert_allclose(bradley_terry(2, plain, strengths=[2, 2, 2]), unweighted, atol=1e-4)
+    margins = {}
+    for strength in (1, 2, 3):
+        rankings = [Ranking(prompt_id="q", labeler=name, ranking=[1, 2], strength=strength) for name in "ab"]
+        scores = consensus(rankings)["q"].scores
+        margins[strength] = scores[0] - scores[1]
+    assert 0 < margins[1] < margins[2] < margins[3]
+    with pytest.raises(ValueError, match="strength"):
+        Ranking(prompt_id="q", labeler="a", ranking=[1, 2], strength=4)

@@ -447,6 +447,9 @@ def test_review_pages_for_admins_only(make_day: MakeDay) -> None:
     r = alice.post(f"/p/{A}/review/{item_id}/send-back", data={"csrf_token": csrf})
     assert r.status_code == 303 and r.headers["location"] == f"/p/{A}/review/{item_id}?sent=2"
     assert "2 judgments moved to its history" in alice.get(r.headers["location"]).text
+    ann, _ = browser_login(c["ann"], "ann")
+    r = ann.get(f"/p/{A}/items/{item_id}")  # e.g. her Undo link, followed too late
+    assert r.status_code == 409 and "sent back for relabeling" in r.text
 
     bob_id = world.users["bob"]
     assert submit(c["bob"], A, next_item(c["bob"], A)).status_code == 201
@@ -459,7 +462,6 @@ def test_review_pages_for_admins_only(make_day: MakeDay) -> None:
     # Locking the project in its settings: labelers are told, and nothing more is handed out.
     settings = {"csrf_token": csrf, "guidelines": "", "overlap": "2", "locked": "1"}
     assert alice.post(f"/p/{A}/admin/settings", data=settings).status_code == 303
-    ann, _ = browser_login(c["ann"], "ann")
     assert "This project is locked" in ann.get(f"/p/{A}/next").text
     for page in (f"/p/{A}/review", f"/p/{A}/review/{item_id}"):
         assert ann.get(page).status_code == 403

@@ -206,7 +206,11 @@ def _task_page(
     with state(request).db.session() as s:
         user = s.get(User, auth.user_id)
         project, role = service.project_for(s, user, pid)
-        a = service.assignment_for(s, project, user, item_id)
+        try:
+            a = service.assignment_for(s, project, user, item_id)
+        except service.NotFound:
+            service.own_judgment(s, project, user, item_id)  # says so if it was sent back for relabeling
+            raise
         view = service.item_view(a, project)
         editing = service.editing_view(s, project, user, a) if view["submitted"] else None
         draft = posted_draft if posted_draft is not None else (editing or {}).get("draft", view["draft"] or {})
