@@ -13,9 +13,10 @@ from feedback_helpers import ALPHA, BRAVO, PASSWORD, XSS, World, completions_jso
 from sqlalchemy import func, select
 
 from rlhfkit.feedback import service
-from rlhfkit.feedback.app import ServeConfig, create_app
+from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.models import Assignment, Item, Judgment, Member, Project, User
+from rlhfkit.feedback.settings import ServeConfig
 
 ROLES = ("anon", "eve", "ann", "alice", "owner")  # eve: labeler of the *other* project only
 LABELING = ("ann", "alice", "owner")
