@@ -127,6 +127,37 @@ def test_cli_errors_are_clean(
     assert code == 2 and "no judgments" in err
 
 
+def test_serve_sub_commands_speak_the_cli_dialect(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The admin commands are registry commands: main arguments by position, settings as KEY=VALUE,
+    a `--flag` refused with the spelling it meant, choices from the one list of tasks and roles."""
+    monkeypatch.setenv("RLHFKIT_HOME", str(tmp_path))
+    monkeypatch.setenv("RLHFKIT_PASSWORD", PASSWORD)
+    code, _, err = cli(capsys, "serve", "add-user", "bot", "--no-password")
+    assert code == 2 and "unknown flag --no-password; settings are KEY=VALUE, e.g. no_password=true" in err
+    code, _, err = cli(capsys, "serve", "create-project", "Tea", "--overlap=2")
+    assert code == 2 and "e.g. overlap=2" in err
+    code, _, err = cli(capsys, "serve", "create-prjoect", "Tea")
+    assert code == 2 and "unknown command `serve create-prjoect`; one of: run, init, create-owner" in err
+    code, _, err = cli(capsys, "serve", "create-project", "Tea", "task=ranked")
+    assert code == 2 and "task: Input should be 'ranking', 'pairwise' or 'demonstration'" in err
+    code, _, err = cli(capsys, "serve", "create-owner", "root", "password=typed-on-the-command-line")
+    assert code == 2 and "password" in err  # passwords never go where `ps` shows them
+    assert cli(capsys, "serve", "create-project", "Tea", "overlap=2", "task=pairwise")[0] == 0
+    code, _, err = cli(capsys, "serve", "add-member", "nobody", "Tea", "role=boss")
+    assert code == 2 and "role: Input should be 'admin' or 'labeler'" in err
+    assert cli(capsys, "serve", "add-user", "ann", "project=Tea", "role=admin")[1] == "created user ann\n"
+    code, out, _ = cli(capsys, "serve", "add-member", "ann", "Tea")
+    assert code == 0 and out == "ann is now labeler of 'Tea'\n"
+    assert main(["serve", "add-user", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: rlhfkit serve add-user [USERNAME]")
+    assert "{admin|labeler} = 'labeler'" in out and "no_password" in out
+    assert main(["serve", "--help"]) == 0
+    assert "add-member" in capsys.readouterr().out  # the sub-commands are listed under the server's settings
+
+
 def test_the_serve_cli_does_not_load_the_ml_stack(tmp_path: Path) -> None:
     """`rlhfkit serve --help` and the admin commands must be quick: torch, transformers and choix
     (scipy) take seconds to import and none of them is needed to manage the site."""
@@ -140,7 +171,8 @@ except SystemExit:
     pass
 print("help:", sorted(m for m in ("torch", "transformers", "choix", "scipy", "fastapi") if m in sys.modules))
 main(["serve", "init", "db_url=sqlite:///" + sys.argv[1]])
-print("admin:", sorted(m for m in ("torch", "transformers", "choix", "scipy") if m in sys.modules))
+print("admin:", sorted(m for m in ("torch", "transformers", "choix", "scipy", "fastapi", "rlhfkit.feedback.app")
+                      if m in sys.modules))
 """
     out = subprocess.run(
         [sys.executable, "-c", code, f"{tmp_path}/fb.db"],
@@ -184,9 +216,7 @@ def test_an_old_database_in_the_current_folder_is_not_silently_replaced(
     assert not (tmp_path / "home" / "feedback.db").exists()
 
 
-def test_admin_commands_name_the_database_without_its_password(
-    db_url: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_admin_commands_name_the_database_without_its_password(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     url = db_url.replace("postgres@", "postgres:hunter2-secret@")  # trust auth: the password is ignored
     code, out, err = cli(capsys, "serve", "create-project", "Tea", f"db_url={url}")
     assert code == 0
