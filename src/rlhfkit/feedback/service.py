@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy import and_, exists, func, select, text, update
 from sqlalchemy.orm import Session, contains_eager, selectinload
 
@@ -75,6 +75,7 @@ from rlhfkit.labels import consensus
 from rlhfkit.labels.pairs import rankings_to_pairs
 
 log = logging.getLogger("rlhfkit.feedback")
+M = TypeVar("M", bound=BaseModel)
 
 
 class ServiceError(Exception):
@@ -141,6 +142,15 @@ def get_user(s: Session, username: str) -> User:
     if user is None:
         raise NotFound(f"no user named {username!r}")
     return user
+
+
+def checked(model: type[M], **fields: Any) -> M:
+    """A request schema built from a form's or a command line's values: its errors become a 422
+    (a CLI error, via the admin commands) that names each field, as the JSON API's do."""
+    try:
+        return model(**fields)
+    except ValidationError as e:
+        raise Invalid(problems_text(e)) from None
 
 
 def user_by_id(s: Session, user_id: int) -> User:

@@ -174,18 +174,6 @@ def _in_db(config: ServeConfig, work: Callable[[Any], Any]) -> Any:
         db.dispose()
 
 
-def _checked(model: type[Any], **fields: Any) -> Any:
-    """A feedback schema built from CLI values; its errors name the field, as the server's do."""
-    from pydantic import ValidationError
-
-    from rlhfkit.feedback.schemas import problems_text
-
-    try:
-        return model(**fields)
-    except ValidationError as e:
-        raise UserError(problems_text(e, "<root>")) from None
-
-
 def run_init(config: InitConfig) -> None:
     _in_db(config, lambda s: None)
     print(f"database ready: {display_url(config.db_url)}")
@@ -204,10 +192,10 @@ def _create_user(
     from rlhfkit.feedback.schemas import MemberIn, UserIn
 
     _refuse_stray_database(config)  # before asking for a password that would not be used
-    data = _checked(UserIn, username=username, password=None if no_password else _password(username), is_owner=owner)
+    password = None if no_password else _password(username)
 
     def work(s: Any) -> None:
-        service.create_user(s, data)
+        service.create_user(s, service.checked(UserIn, username=username, password=password, is_owner=owner))
         if project:
             service.set_member(s, service.find_project(s, project), MemberIn(username=username, role=role))
 
@@ -241,9 +229,7 @@ def run_add_users(config: AddUsersConfig) -> None:
         try:
             out = os.open(config.passwords_out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as e:
-            raise UserError(
-                f"passwords_out={config.passwords_out}: {e.strerror} (it is never overwritten)"
-            ) from None
+            raise UserError(f"passwords_out={config.passwords_out}: {e.strerror} (it is never overwritten)") from None
     try:
         added = _in_db(config, lambda s: service.add_users(s, text, str(path)))
     except BaseException:
@@ -266,8 +252,11 @@ def run_add_member(config: AddMemberConfig) -> None:
     from rlhfkit.feedback import service
     from rlhfkit.feedback.schemas import MemberIn
 
-    data = _checked(MemberIn, username=config.username, role=config.role)
-    _in_db(config, lambda s: service.set_member(s, service.find_project(s, config.project), data))
+    def work(s: Any) -> None:
+        data = service.checked(MemberIn, username=config.username, role=config.role)
+        service.set_member(s, service.find_project(s, config.project), data)
+
+    _in_db(config, work)
     print(f"{config.username} is now {config.role} of {config.project!r}")
 
 
@@ -282,8 +271,12 @@ def run_create_project(config: CreateProjectConfig) -> None:
             guidelines = Path(config.guidelines).read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"{config.guidelines}: cannot read the guidelines ({e})") from None
-    data = _checked(ProjectIn, name=config.name, task=config.task, overlap=config.overlap, guidelines=guidelines)
-    project_id = _in_db(config, lambda s: service.create_project(s, data).id)
+
+    def work(s: Any) -> int:
+        fields = {"name": config.name, "task": config.task, "overlap": config.overlap, "guidelines": guidelines}
+        return service.create_project(s, service.checked(ProjectIn, **fields)).id
+
+    project_id = _in_db(config, work)
     print(f"created project {config.name!r} (id {project_id})")
 
 

@@ -250,16 +250,14 @@ def _draft_from_form(form: Any, display_order: list[int]) -> dict[str, Any]:
 
 def _judgment(draft: dict[str, Any], form: Any) -> JudgmentIn:
     chosen = {cid: r for cid, r in draft["ranks"].items() if r is not None}
-    try:
-        return JudgmentIn(
-            ranking=chosen or None,
-            unusable=draft["unusable"],
-            comment=draft["comment"] or None,
-            response=draft["response"] if "response" in form else None,
-            client_token=str(form.get("client_token", "")),
-        )
-    except ValidationError as e:
-        raise service.Invalid(problems_text(e)) from None
+    return service.checked(
+        JudgmentIn,
+        ranking=chosen or None,
+        unusable=draft["unusable"],
+        comment=draft["comment"] or None,
+        response=draft["response"] if "response" in form else None,
+        client_token=str(form.get("client_token", "")),
+    )
 
 
 @router.post("/p/{pid}/items/{item_id}")
@@ -290,9 +288,7 @@ def submit_page(pid: int, item_id: int, request: Request, posted: PagePost) -> R
 
 
 @router.get("/p/{pid}/admin")
-def admin_page(
-    pid: int, request: Request, auth: PageAuth, added: int = -1, skipped: int = 0
-) -> Response:
+def admin_page(pid: int, request: Request, auth: PageAuth, added: int = -1, skipped: int = 0) -> Response:
     with state(request).db.session() as s:
         project, role = service.project_for(s, auth.user(s), pid, admin=True)
         report = agreement_report(service.rankings_of(s, project)) if project.task != "demonstration" else None
@@ -322,10 +318,8 @@ def _admin_project(s: Session, auth: Auth, pid: int) -> Project:
 @router.post("/p/{pid}/admin/settings")
 def admin_settings(pid: int, request: Request, posted: PagePost) -> Response:
     form = posted.form
-    try:
-        data = ProjectSettingsIn(guidelines=str(form.get("guidelines", "")), overlap=form_int(form, "overlap", 3))
-    except ValidationError as e:
-        raise service.Invalid(problems_text(e)) from None
+    guidelines, overlap = str(form.get("guidelines", "")), form_int(form, "overlap", 3)
+    data = service.checked(ProjectSettingsIn, guidelines=guidelines, overlap=overlap)
     with state(request).db.session(write=True) as s:
         service.update_project(s, _admin_project(s, posted.auth, pid), data)
     return redirect(f"/p/{pid}/admin")
@@ -348,11 +342,8 @@ def admin_import(pid: int, request: Request, posted: PagePost) -> Response:
 
 @router.post("/p/{pid}/admin/members")
 def admin_add_member(pid: int, request: Request, posted: PagePost) -> Response:
-    try:
-        username = str(posted.form.get("username", "")).strip()
-        data = MemberIn(username=username, role=posted.form.get("role", DEFAULT_ROLE))
-    except ValidationError as e:
-        raise service.Invalid(problems_text(e)) from None
+    username = str(posted.form.get("username", "")).strip()
+    data = service.checked(MemberIn, username=username, role=posted.form.get("role", DEFAULT_ROLE))
     state(request).db.transact(lambda s: service.set_member(s, _admin_project(s, posted.auth, pid), data))
     return redirect(f"/p/{pid}/admin")
 
@@ -370,15 +361,13 @@ def admin_remove_member(pid: int, user_id: int, request: Request, posted: PagePo
 @router.post("/projects")
 def create_project(request: Request, posted: OwnerPost) -> Response:
     form = posted.form
-    try:
-        data = ProjectIn(
-            name=str(form.get("name", "")).strip(),
-            task=form.get("task", DEFAULT_TASK),
-            guidelines=str(form.get("guidelines", "")),
-            overlap=form_int(form, "overlap", 3),
-        )
-    except ValidationError as e:
-        raise service.Invalid(problems_text(e)) from None
+    data = service.checked(
+        ProjectIn,
+        name=str(form.get("name", "")).strip(),
+        task=form.get("task", DEFAULT_TASK),
+        guidelines=str(form.get("guidelines", "")),
+        overlap=form_int(form, "overlap", 3),
+    )
     project_id = state(request).db.transact(lambda s: service.create_project(s, data).id)
     return redirect(f"/p/{project_id}/admin")
 
@@ -392,14 +381,12 @@ def users_page(request: Request, auth: PageOwner) -> Response:
 @router.post("/admin/users")
 def create_user(request: Request, posted: OwnerPost) -> Response:
     form = posted.form
-    try:
-        data = UserIn(
-            username=str(form.get("username", "")).strip(),
-            password=str(form.get("password", "")) or None,
-            is_owner=form.get("is_owner") in ("1", "on"),
-        )
-    except ValidationError as e:
-        raise service.Invalid(problems_text(e)) from None
+    data = service.checked(
+        UserIn,
+        username=str(form.get("username", "")).strip(),
+        password=str(form.get("password", "")) or None,
+        is_owner=form.get("is_owner") in ("1", "on"),
+    )
     state(request).db.transact(lambda s: service.create_user(s, data))
     return redirect("/admin/users")
 
@@ -483,10 +470,7 @@ async def change_password(request: Request, posted: PagePost) -> Response:
 
 @router.post("/account/keys")
 def create_key(request: Request, posted: PagePost) -> Response:
-    try:
-        data = ApiKeyIn(name=str(posted.form.get("name", "")).strip() or "script")
-    except ValidationError as e:
-        raise service.Invalid(problems_text(e)) from None
+    data = service.checked(ApiKeyIn, name=str(posted.form.get("name", "")).strip() or "script")
     with state(request).db.session(write=True) as s:
         key = service.create_api_key(s, posted.auth.user(s), data.name)
     return _account_page(request, posted.auth, new_key=key)  # shown once, on this response only
