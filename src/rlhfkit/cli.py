@@ -108,7 +108,9 @@ def _groups() -> dict[str, list[str]]:
 
 
 def _group_listing(group: str) -> list[str]:
-    return [f"  {sub:<16} {COMMANDS[f'{group} {sub}'].help}" for sub in _groups().get(group, [])]
+    subs = _groups().get(group, [])
+    width = max(map(len, subs), default=0) + 1
+    return [f"  {sub:<{width}} {COMMANDS[f'{group} {sub}'].help}" for sub in subs]
 
 
 def _command_help(name: str, command: Command, module: Any) -> str:
@@ -198,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhfkit {__version__}: RLHF, the whole loop in one tool.\n")
         print("usage: rlhfkit COMMAND [ARG ...] [--config FILE.yaml] [--resume] [KEY=VALUE ...]\n")
         print("commands:")
+        width = max(map(len, COMMANDS)) + 1
         for name, command in COMMANDS.items():
-            print(f"  {name:<14} {command.help}")
+            print(f"  {name:<{width}} {command.help}")
         print("\n`rlhfkit COMMAND --help` lists every config field of that command.")
         return 0
     if argv[0] == "--version":
