@@ -23,7 +23,8 @@ def validation_problems(err: Any, root: str = "<root>") -> list[tuple[str, str, 
     """
     problems = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("str", "list[", "function-")))
+        # A branch name is `str` itself, not a field that starts so (`strength`, `strict`).
+        where = ".".join(str(p) for p in e["loc"] if str(p) != "str" and not str(p).startswith(("list[", "function-")))
         msg = "missing required key" if e["type"] == "missing" else e["msg"].removeprefix("Value error, ")
         problems.append((where or root, msg, e["type"]))
     return problems

@@ -5,17 +5,15 @@ one service function its JSON twin in api.py calls."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import ValidationError
+from sqlalchemy.orm import Session
 
 from rlhfkit.feedback import service
-from rlhfkit.feedback.app import Auth, Posted, page_auth, page_post, render, state
-from rlhfkit.feedback.models import User
-from rlhfkit.feedback.pages import redirect, small_int, validation_text
-from rlhfkit.feedback.schemas import REVIEW_STATUSES, ReviewFilterIn
+from rlhfkit.feedback.choices import REVIEW_STATUSES
+from rlhfkit.feedback.deps import PageAuth, PagePost, render, state
+from rlhfkit.feedback.routes.pages import redirect, small_int
+from rlhfkit.feedback.schemas import ReviewFilterIn
 
 router = APIRouter()
 
@@ -24,27 +22,25 @@ router = APIRouter()
 
 
 @router.post("/p/{pid}/items/{item_id}/skip")
-def skip(pid: int, item_id: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
+def skip(pid: int, item_id: int, request: Request, posted: PagePost) -> Response:
     with state(request).db.session(write=True) as s:
-        user = s.get(User, posted.auth.user_id)
+        user = posted.auth.user(s)
         service.skip(s, service.project_for(s, user, pid)[0], user, item_id)
     return redirect(f"/p/{pid}/next")
 
 
 @router.post("/p/{pid}/items/{item_id}/unskip")
-def unskip(pid: int, item_id: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
+def unskip(pid: int, item_id: int, request: Request, posted: PagePost) -> Response:
     with state(request).db.session(write=True) as s:
-        user = s.get(User, posted.auth.user_id)
+        user = posted.auth.user(s)
         service.unskip(s, service.project_for(s, user, pid)[0], user, item_id)
     return redirect(f"/p/{pid}/history", put_back=1)
 
 
 @router.get("/p/{pid}/history")
-def history_page(
-    pid: int, request: Request, page: int = 1, put_back: int = 0, auth: Auth = Depends(page_auth)
-) -> Response:
+def history_page(pid: int, request: Request, auth: PageAuth, page: int = 1, put_back: int = 0) -> Response:
     with state(request).db.session() as s:
-        user = s.get(User, auth.user_id)
+        user = auth.user(s)
         project, role = service.project_for(s, user, pid)
         history = service.history(s, project, user, max(1, page))
         context = {"project": project, "role": role, "history": history, "put_back": put_back}
@@ -54,28 +50,18 @@ def history_page(
 # ---------------------------------------------------------------- an admin's review
 
 
-def _filters(request: Request) -> ReviewFilterIn:
-    """The review filters from the query string; the filter form leaves unused ones empty."""
-    given = {k: v for k, v in request.query_params.items() if v.strip()}
-    try:
-        return ReviewFilterIn(**given)
-    except ValidationError as e:
-        raise service.Invalid(validation_text(e)) from None
-
-
 @router.get("/p/{pid}/review")
-def review_page(pid: int, request: Request, auth: Auth = Depends(page_auth)) -> Response:
-    f = _filters(request)
+def review_page(pid: int, request: Request, auth: PageAuth) -> Response:
+    # The filter form sends the filters it leaves unused as empty fields: those filter nothing.
+    f = service.checked(ReviewFilterIn, **{k: v for k, v in request.query_params.items() if v.strip()})
     with state(request).db.session() as s:
-        project, role = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
-        listing = service.review_items(s, project, f)
-        query = f.model_dump(exclude={"page"}, exclude_none=True)
+        project, role = service.project_for(s, auth.user(s), pid, admin=True)
         context = {
             "project": project,
             "role": role,
-            "listing": listing,
+            "listing": service.review_items(s, project, f),
             "f": f,
-            "query": query,
+            "query": f.model_dump(exclude={"page"}, exclude_none=True),
             "statuses": REVIEW_STATUSES,
             "members": service.members(s, project),
         }
@@ -83,33 +69,30 @@ def review_page(pid: int, request: Request, auth: Auth = Depends(page_auth)) -> 
 
 
 @router.get("/p/{pid}/review/{item_id}")
-def review_item_page(
-    pid: int, item_id: int, request: Request, sent: int = -1, auth: Auth = Depends(page_auth)
-) -> Response:
+def review_item_page(pid: int, item_id: int, request: Request, auth: PageAuth, sent: int = -1) -> Response:
     with state(request).db.session() as s:
-        project, role = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
-        item = service.review_item(s, project, item_id)
-        context = {"project": project, "role": role, "item": item, "sent": sent}
+        project, role = service.project_for(s, auth.user(s), pid, admin=True)
+        context = {"project": project, "role": role, "item": service.review_item(s, project, item_id), "sent": sent}
         return render(request, "review_item.html", context, auth)
 
 
 @router.post("/p/{pid}/review/{item_id}/send-back")
-def send_back(pid: int, item_id: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
-    def work(s: Any) -> int:
-        project, _ = service.project_for(s, s.get(User, posted.auth.user_id), pid, admin=True)
+def send_back(pid: int, item_id: int, request: Request, posted: PagePost) -> Response:
+    def work(s: Session) -> int:
+        project, _ = service.project_for(s, posted.auth.user(s), pid, admin=True)
         return service.send_back(s, project, item_id)
 
     return redirect(f"/p/{pid}/review/{item_id}", sent=state(request).db.transact(work))
 
 
 @router.post("/p/{pid}/admin/labelers/{user_id}/excluded")
-def set_excluded(pid: int, user_id: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
+def set_excluded(pid: int, user_id: int, request: Request, posted: PagePost) -> Response:
     excluded = small_int(str(posted.form.get("excluded", "")))
     if excluded not in (0, 1):
         raise service.Invalid("excluded: 1 to leave the labeler's judgments out, 0 to take them back in")
 
-    def work(s: Any) -> int:
-        project, _ = service.project_for(s, s.get(User, posted.auth.user_id), pid, admin=True)
+    def work(s: Session) -> int:
+        project, _ = service.project_for(s, posted.auth.user(s), pid, admin=True)
         return service.set_excluded(s, project, user_id, bool(excluded))
 
     state(request).db.transact(work)

@@ -13,8 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 from feedback_helpers import PASSWORD, XSS, World, seed
 
-from rlhfkit.feedback.app import ServeConfig, create_app
+from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import Database
+from rlhfkit.feedback.settings import ServeConfig
 
 Clients = dict[str, TestClient]
 MakeDay = Callable[..., tuple[World, Clients]]

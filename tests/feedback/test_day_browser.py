@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,14 @@ from feedback_helpers import DESKTOP, PASSWORD, PHONE, XSS, World, launch, requi
 from sqlalchemy import select
 
 from rlhfkit.feedback import service
-from rlhfkit.feedback.app import ServeConfig
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.live import LiveServer
-from rlhfkit.feedback.models import Item, Judgment, JudgmentHistory
-from rlhfkit.feedback.schemas import MemberIn, ProjectIn
+from rlhfkit.feedback.models import Item, Judgment, JudgmentHistory, Project
+from rlhfkit.feedback.schemas import JudgmentIn, MemberIn, ProjectIn
+from rlhfkit.feedback.settings import ServeConfig
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
+LEASE = timedelta(hours=1)
 PAIRS = [
     {"prompt_id": f"pair{i}", "prompt": f"Greet me politely, #{i}.", "completions": ["Hello there!", "Go away."]}
     for i in range(3)
@@ -164,14 +166,14 @@ def test_an_admin_reviews_sends_back_and_excludes(served: tuple[str, Database, W
     url, db, world, _ = served
     A = world.project_a
     with db.session(write=True) as s:  # ann and bob judge p0 in opposite orders; ann comments (with a <script>)
-        project = s.get(service.Project, A)
+        project = s.get(Project, A)
         for name, reverse in (("ann", False), ("bob", True)):
             user = service.get_user(s, name)
-            a = service.next_assignment(s, project, user, service.timedelta(hours=1))
+            a = service.next_assignment(s, project, user, LEASE)
             ranks = [3, 2, 1] if reverse else [1, 2, 3]
             ranking = {c.id: ranks[c.idx] for c in a.item.candidates}
             comment = f"B is off-topic {XSS}" if name == "ann" else None
-            data = service.JudgmentIn(ranking=ranking, comment=comment, client_token=f"seed-{name}-0001")
+            data = JudgmentIn(ranking=ranking, comment=comment, client_token=f"seed-{name}-0001")
             service.submit(s, project, user, a.item_id, data)
         p0 = a.item_id
     problems: list[str] = []
@@ -208,10 +210,10 @@ def test_an_admin_reviews_sends_back_and_excludes(served: tuple[str, Database, W
 
         # Exclude bob's judgments, then take them back in, from the admin page.
         with db.session(write=True) as s:
-            project, bob = s.get(service.Project, A), service.get_user(s, "bob")
-            a = service.next_assignment(s, project, bob, service.timedelta(hours=1))
+            project, bob = s.get(Project, A), service.get_user(s, "bob")
+            a = service.next_assignment(s, project, bob, LEASE)
             ranking = {c.id: 1 + c.idx for c in a.item.candidates}
-            service.submit(s, project, bob, a.item_id, service.JudgmentIn(ranking=ranking, client_token="bob-0002"))
+            service.submit(s, project, bob, a.item_id, JudgmentIn(ranking=ranking, client_token="bob-0002"))
         page.goto(f"{url}/p/{A}/admin")
         row = page.locator("#labelers tr", has_text="bob")
         row.get_by_role("button", name="exclude judgments").click()
