@@ -656,9 +656,13 @@ def pairwise_choice(a: Assignment, choice: str) -> dict[int, int]:
     return {first: ranks[0], second: ranks[1]}
 
 
-def _check_ranking(item: Item, data: JudgmentIn) -> list[int]:
+def _candidate_indexes(s: Session, item_id: int) -> dict[int, int]:
+    """candidate id -> idx (its place in the imported list) of one item."""
+    return dict(s.execute(select(Candidate.id, Candidate.idx).where(Candidate.item_id == item_id)).all())
+
+
+def _check_ranking(idx_of: dict[int, int], data: JudgmentIn) -> list[int]:
     """candidate id -> rank  =>  rank per candidate idx (the stored and exported form)."""
-    idx_of = {c.id: c.idx for c in item.candidates}
     if data.response is not None:
         raise Invalid("response: only demonstration tasks take a written response")
     if data.ranking is None:
@@ -681,8 +685,9 @@ def _check_ranking(item: Item, data: JudgmentIn) -> list[int]:
     return ranks
 
 
-def _content(project: Project, item: Item, data: JudgmentIn) -> dict[str, Any]:
-    """The checked fields of a judgment as stored (submitted anew or edited)."""
+def _judgment_fields(project: Project, idx_of: dict[int, int], data: JudgmentIn) -> dict[str, Any]:
+    """The checked fields of a judgment as stored (submitted anew or edited); `idx_of`: the
+    item's candidate id -> idx."""
     ranking, response = None, None
     if project.task == "demonstration":
         if data.ranking is not None:
@@ -693,7 +698,7 @@ def _content(project: Project, item: Item, data: JudgmentIn) -> dict[str, Any]:
             raise Invalid("response: write the ideal response (or flag the prompt as unusable)")
         response = data.response if (data.response or "").strip() else None
     else:
-        ranking = _check_ranking(item, data)
+        ranking = _check_ranking(idx_of, data)
         if data.strength is not None and (data.unusable or len(set(ranking)) == 1):
             raise Invalid("strength: a tie or a flagged item prefers nothing, so it has no strength; leave it out")
     return {
@@ -726,7 +731,7 @@ def submit(s: Session, project: Project, user: User, item_id: int, data: Judgmen
     if existing is not None:
         return existing, False
     require_unlocked(project, "submitting")
-    content = _content(project, a.item, data)
+    content = _judgment_fields(project, _candidate_indexes(s, item_id), data)
     claimed = s.execute(
         update(Item.__table__)
         .where(and_(Item.id == item_id, Item.n_judgments < project.overlap))
@@ -783,24 +788,40 @@ def iso(at: datetime | None) -> str | None:
 def skip(s: Session, project: Project, user: User, item_id: int) -> None:
     """Set an item aside: it is not offered to this labeler again (until they put it back with
     `unskip`), and its place is freed at once for someone else. Skipping twice is harmless."""
-    a = assignment_for(s, project, user, item_id)
+    a = _assignment_state(s, project, user, item_id)
     require_unlocked(project, "skipping")
     if a.skipped:
         return
     if a.done:
         raise Conflict("this item is already submitted; open it from your history to change your judgment")
     now = utcnow()
-    a.done, a.skipped, a.draft, a.leased_until, a.updated_at = True, True, None, now, now
+    s.execute(
+        update(Assignment.__table__)
+        .where(Assignment.id == a.id)
+        .values(done=True, skipped=True, draft=None, leased_until=now, updated_at=now)
+    )
 
 
 def unskip(s: Session, project: Project, user: User, item_id: int) -> None:
     """Put a skipped item back: the dispatcher may hand it to this labeler again, in import order
     (if it still has a free place by then), as if they had never seen it."""
-    a = assignment_for(s, project, user, item_id)
+    a = _assignment_state(s, project, user, item_id)
     require_unlocked(project, "labeling")
     if not a.skipped:
         raise Conflict("this item is not among the ones you skipped")
-    s.delete(a)
+    s.execute(Assignment.__table__.delete().where(Assignment.id == a.id))
+
+
+def _assignment_state(s: Session, project: Project, user: User, item_id: int) -> Any:
+    """(id, done, skipped) of this labeler's assignment of the item; NotFound as assignment_for."""
+    row = s.execute(
+        select(Assignment.id, Assignment.done, Assignment.skipped)
+        .join(Item)
+        .where(Assignment.item_id == item_id, Assignment.user_id == user.id, Item.project_id == project.id)
+    ).first()
+    if row is None:
+        raise NotFound("no such item among those assigned to you (ask for the next item)")
+    return row
 
 
 def _archive(s: Session, j: Judgment, reason: str) -> None:
@@ -858,7 +879,7 @@ def edit_judgment(s: Session, project: Project, user: User, item_id: int, data: 
     j = own_judgment(s, project, user, item_id)
     if j.client_token == data.client_token:
         return j, False
-    content = _content(project, assignment_for(s, project, user, item_id).item, data)
+    content = _judgment_fields(project, _candidate_indexes(s, item_id), data)
     _archive(s, j, "edited")
     for name, value in content.items():
         setattr(j, name, value)
@@ -867,15 +888,18 @@ def edit_judgment(s: Session, project: Project, user: User, item_id: int, data: 
     return j, True
 
 
-def editing_view(s: Session, project: Project, user: User, a: Assignment) -> dict[str, Any] | None:
+def editing_view(
+    s: Session, project: Project, user: User, item_id: int, display_order: list[int]
+) -> dict[str, Any] | None:
     """For the task page of an item this labeler already judged: their current judgment as the
     form's draft (ranks by candidate id), when and what they decided; None if there is none."""
-    j = s.scalar(select(Judgment).where(Judgment.item_id == a.item_id, Judgment.user_id == user.id))
+    j = s.scalar(select(Judgment).where(Judgment.item_id == item_id, Judgment.user_id == user.id))
     if j is None:
         return None
-    id_of = {c.idx: c.id for c in a.item.candidates}
+    idx_of = _candidate_indexes(s, item_id)
+    id_of = {idx: cid for cid, idx in idx_of.items()}
     ranks = {id_of[idx]: rank for idx, rank in enumerate(j.ranking)} if j.ranking and not j.unusable else {}
-    decision = decision_text(project.task, j.ranking, _display_indexes(a, a.item), j.strength)
+    decision = decision_text(project.task, j.ranking, _display_indexes(display_order, idx_of), j.strength)
     return {
         "draft": {
             "ranks": ranks,
@@ -923,12 +947,12 @@ def decision_text(task: str, ranking: list[int] | None, order: Sequence[int], st
     return f"{text} ({STRENGTHS[strength]})" if strength else text
 
 
-def _display_indexes(a: Assignment | None, item: Item) -> list[int]:
-    """The item's candidate indexes in the order this labeler saw them (import order if unknown)."""
-    idx_of = {c.id: c.idx for c in item.candidates}
-    if a is None or set(a.display_order) != set(idx_of):
+def _display_indexes(display_order: list[int] | None, idx_of: dict[int, int]) -> list[int]:
+    """The item's candidate indexes in the order a labeler saw them (import order if unknown);
+    `idx_of`: candidate id -> idx."""
+    if display_order is None or set(display_order) != set(idx_of):
         return sorted(idx_of.values())
-    return [idx_of[cid] for cid in a.display_order]
+    return [idx_of[cid] for cid in display_order]
 
 
 HISTORY_PAGE = 20
@@ -969,7 +993,12 @@ def history(s: Session, project: Project, user: User, page: int = 1) -> dict[str
             | {
                 "prompt_id": j.item.key,
                 "prompt": plain_snippet(j.item.prompt),
-                "decision": decision_text(project.task, j.ranking, _display_indexes(a, j.item), j.strength)
+                "decision": decision_text(
+                    project.task,
+                    j.ranking,
+                    _display_indexes(a.display_order if a else None, {c.id: c.idx for c in j.item.candidates}),
+                    j.strength,
+                )
                 if not j.unusable
                 else "flagged: not rankable / unusable",
             }
@@ -990,7 +1019,7 @@ def history(s: Session, project: Project, user: User, page: int = 1) -> dict[str
 # ---------------------------------------------------------------- admin review
 
 
-def _recount(s: Session, project: Project, item_ids: Any) -> None:
+def _count_judgments(s: Session, project: Project, item_ids: Any) -> None:
     """Set n_judgments of the items `item_ids` (a list or a subquery) to their current judgments
     that count (not excluded): the dispatcher then offers any free places again."""
     counted = (
@@ -1184,7 +1213,7 @@ def send_back(s: Session, project: Project, item_id: int) -> int:
     s.execute(Assignment.__table__.delete().where(Assignment.item_id == item.id, Assignment.done.is_(True)))
     item.sent_back_at = utcnow()
     s.flush()
-    _recount(s, project, [item.id])
+    _count_judgments(s, project, [item.id])
     return len(judgments)
 
 
@@ -1203,7 +1232,7 @@ def set_excluded(s: Session, project: Project, user_id: int, excluded: bool) -> 
         .values(excluded=excluded)
         .execution_options(synchronize_session=False)
     ).rowcount
-    _recount(s, project, theirs)
+    _count_judgments(s, project, theirs)
     return changed
 
 

@@ -216,7 +216,7 @@ def _task_page(
             service.own_judgment(s, project, user, item_id)  # says so if it was sent back for relabeling
             raise
         view = service.item_view(a, project)
-        editing = service.editing_view(s, project, user, a) if view["submitted"] else None
+        editing = service.editing_view(s, project, user, item_id, a.display_order) if view["submitted"] else None
         draft = posted_draft if posted_draft is not None else (editing or {}).get("draft", view["draft"] or {})
         return render(
             request,
