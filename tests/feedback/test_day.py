@@ -14,7 +14,9 @@ from fastapi.testclient import TestClient
 from feedback_helpers import PASSWORD, XSS, World, seed
 
 from rlhfkit.feedback.app import create_app
+from rlhfkit.feedback.client import FeedbackClient, FeedbackError
 from rlhfkit.feedback.db import Database
+from rlhfkit.feedback.live import LiveServer
 from rlhfkit.feedback.settings import ServeConfig
 
 Clients = dict[str, TestClient]
@@ -466,3 +468,35 @@ def test_review_pages_for_admins_only(make_day: MakeDay) -> None:
     assert "This project is locked" in ann.get(f"/p/{A}/next").text
     for page in (f"/p/{A}/review", f"/p/{A}/review/{item_id}"):
         assert ann.get(page).status_code == 403
+
+
+def test_the_python_client_speaks_the_day_api(config: ServeConfig) -> None:
+    db = Database(config.db_url)
+    db.migrate()
+    world = seed(db, items=2, overlap=1)
+    with LiveServer(config, db) as server:
+        ann = FeedbackClient(server.url, api_key=world.keys["ann"])
+        alice = FeedbackClient.login(server.url, "alice", PASSWORD)  # a browser-style session (CSRF)
+        A = world.project_a
+        first = ann.next_item(A)
+        ann.skip(A, first["item_id"])
+        second = ann.next_item(A)
+        assert second["item_id"] != first["item_id"]
+        cids = [cand["id"] for cand in second["candidates"]]
+        ann.submit(A, second["item_id"], {cid: n + 1 for n, cid in enumerate(cids)}, strength=1)
+        edited = ann.edit(A, second["item_id"], {cid: 3 - n for n, cid in enumerate(cids)}, strength=3)
+        assert edited["strength"] == 3 and edited["edited_at"]
+        assert [j["item_id"] for j in ann.history(A)["judgments"]] == [second["item_id"]]
+        ann.unskip(A, first["item_id"])
+        assert ann.history(A)["skipped"] == []
+        assert alice.review_items(A, status="complete")["total"] == 1
+        assert len(alice.review_item(A, second["item_id"])["history"]) == 1
+        assert alice.set_excluded(A, world.users["ann"]) == 1
+        assert alice.set_excluded(A, world.users["ann"], excluded=False) == 1
+        assert alice.send_back(A, second["item_id"]) == 1
+        with pytest.raises(FeedbackError) as refused:
+            ann.send_back(A, second["item_id"])
+        assert refused.value.status == 403
+        ann.close()
+        alice.close()
+    db.dispose()

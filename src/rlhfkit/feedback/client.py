@@ -106,10 +106,12 @@ class FeedbackClient:
         unusable: bool = False,
         comment: str | None = None,
         response: str | None = None,
+        strength: int | None = None,
         client_token: str | None = None,
         retries: int = 3,
     ) -> dict[str, Any]:
-        """Submit a judgment (ranking: candidate id -> rank, 1 = best, equal = tie).
+        """Submit a judgment (ranking: candidate id -> rank, 1 = best, equal = tie; strength: how
+        much better each rank is than the next, 1 slightly, 2 better, 3 much better).
 
         Returns the stored judgment with "created": False when the server already had it.
         """
@@ -118,6 +120,7 @@ class FeedbackClient:
             "unusable": unusable,
             "comment": comment,
             "response": response,
+            "strength": strength,
             "client_token": client_token or secrets.token_urlsafe(16),
         }
         for attempt in range(retries):
@@ -129,7 +132,58 @@ class FeedbackClient:
                     raise
         raise AssertionError("unreachable")
 
+    def skip(self, project_id: int, item_id: int) -> None:
+        """Set an item aside: not offered to you again, its place free for others."""
+        self.request("POST", f"/api/projects/{project_id}/items/{item_id}/skip")
+
+    def unskip(self, project_id: int, item_id: int) -> None:
+        """Put a skipped item back in your queue."""
+        self.request("DELETE", f"/api/projects/{project_id}/items/{item_id}/skip")
+
+    def edit(
+        self,
+        project_id: int,
+        item_id: int,
+        ranking: dict[int, int] | None = None,
+        *,
+        unusable: bool = False,
+        comment: str | None = None,
+        response: str | None = None,
+        strength: int | None = None,
+    ) -> dict[str, Any]:
+        """Replace your own judgment of an item (the server keeps the earlier version)."""
+        body = {
+            "ranking": ranking,
+            "unusable": unusable,
+            "comment": comment,
+            "response": response,
+            "strength": strength,
+            "client_token": secrets.token_urlsafe(16),
+        }
+        return self.call("PUT", f"/api/projects/{project_id}/items/{item_id}/judgment", json=body)
+
+    def history(self, project_id: int, page: int = 1) -> dict[str, Any]:
+        """Your judgments, newest first (a page of them), and the items you skipped."""
+        return self.call("GET", f"/api/projects/{project_id}/history", params={"page": page})
+
     # ---- administration
+
+    def review_items(self, project_id: int, **filters: Any) -> dict[str, Any]:
+        """Items filtered by status, min_disagreement, has_comment, labeler; `page`."""
+        return self.call("GET", f"/api/projects/{project_id}/review/items", params=filters)
+
+    def review_item(self, project_id: int, item_id: int) -> dict[str, Any]:
+        return self.call("GET", f"/api/projects/{project_id}/review/items/{item_id}")
+
+    def send_back(self, project_id: int, item_id: int) -> int:
+        """Send an item back for relabeling; returns how many judgments were set aside."""
+        return self.call("POST", f"/api/projects/{project_id}/review/items/{item_id}/send-back")["judgments_set_aside"]
+
+    def set_excluded(self, project_id: int, user_id: int, excluded: bool = True) -> int:
+        """Leave a labeler's judgments out (or take them back in); returns how many changed."""
+        body = {"excluded": excluded}
+        return self.call("PUT", f"/api/projects/{project_id}/labelers/{user_id}/excluded", json=body)["changed"]
+
 
     def create_user(self, username: str, password: str | None = None, is_owner: bool = False) -> dict[str, Any]:
         return self.call("POST", "/api/users", json={"username": username, "password": password, "is_owner": is_owner})
