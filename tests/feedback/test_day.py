@@ -500,3 +500,17 @@ def test_the_python_client_speaks_the_day_api(config: ServeConfig) -> None:
         ann.close()
         alice.close()
     db.dispose()
+
+
+def test_history_is_newest_first_twenty_a_page(make_day: MakeDay) -> None:
+    world, c = make_day(items=23, overlap=1)
+    A, ann = world.project_a, c["ann"]
+    order = []
+    while (item := next_item(ann, A)) is not None:
+        assert submit(ann, A, item).status_code == 201
+        order.append(item["item_id"])
+    first, second = (ann.get(f"/api/projects/{A}/history", params={"page": n}).json() for n in (1, 2))
+    assert (first["total"], first["pages"], len(first["judgments"]), len(second["judgments"])) == (23, 2, 20, 3)
+    assert [j["item_id"] for j in first["judgments"] + second["judgments"]] == order[::-1]
+    page = browser_login(ann, "ann")[0].get(f"/p/{A}/history", params={"page": 2})
+    assert page.text.count(f'href="/p/{A}/items/') == 3 and 'rel="prev"' in page.text and 'rel="next"' not in page.text
