@@ -12,11 +12,13 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from feedback_helpers import PASSWORD, XSS, World, seed
+from sqlalchemy import select
 
 from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.client import FeedbackClient, FeedbackError
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.live import LiveServer
+from rlhfkit.feedback.models import Assignment, Item, Judgment, Project
 from rlhfkit.feedback.settings import ServeConfig
 
 Clients = dict[str, TestClient]
@@ -514,3 +516,53 @@ def test_history_is_newest_first_twenty_a_page(make_day: MakeDay) -> None:
     assert [j["item_id"] for j in first["judgments"] + second["judgments"]] == order[::-1]
     page = browser_login(ann, "ann")[0].get(f"/p/{A}/history", params={"page": 2})
     assert page.text.count(f'href="/p/{A}/items/') == 3 and 'rel="prev"' in page.text and 'rel="next"' not in page.text
+
+
+def test_the_migration_keeps_what_was_labeled_and_goes_both_ways(db_url: str) -> None:
+    """Down to 0001, rows written there, up again: every judgment is still there, with the
+    defaults (nothing skipped, excluded or locked); on SQLite no table was rebuilt (a rebuilt
+    items table would cascade-delete its judgments)."""
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+    from sqlalchemy import JSON, column, insert, table
+
+    from rlhfkit.feedback.db import MIGRATIONS
+    from rlhfkit.feedback.models import utcnow
+
+    database = Database(db_url)
+    database.migrate()
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    now = utcnow()
+    rows = {
+        "users": {"id": 1, "username": "ann", "is_owner": False, "active": True, "created_at": now},
+        "projects": {"id": 1, "name": "p", "task": "ranking", "guidelines": "", "overlap": 1, "created_at": now},
+        "items": {
+            "id": 1, "project_id": 1, "key": "q", "prompt": "Q?", "position": 1, "n_judgments": 1, "created_at": now,
+        },
+        "candidates": [{"id": n + 1, "item_id": 1, "idx": n, "text": f"a{n}"} for n in range(2)],
+        "assignments": {
+            "item_id": 1, "user_id": 1, "display_order": [2, 1], "leased_until": now, "done": True,
+            "created_at": now, "updated_at": now,
+        },
+        "judgments": {
+            "item_id": 1, "user_id": 1, "ranking": [2, 1], "unusable": False, "client_token": "tok-00001",
+            "created_at": now,
+        },
+    }  # fmt: skip
+    json_columns = {"prompt", "text", "display_order", "ranking"}
+    with database.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0001")
+        for name, values in rows.items():
+            first = values[0] if isinstance(values, list) else values
+            t = table(name, *(column(k, JSON) if k in json_columns else column(k) for k in first))
+            conn.execute(insert(t), values if isinstance(values, list) else [values])
+    database.migrate()
+    with database.session() as s:
+        j = s.scalar(select(Judgment))
+        a = s.scalar(select(Assignment))
+        assert (j.ranking, j.excluded, j.strength, j.edited_at) == ([2, 1], False, None, None)
+        assert (a.done, a.skipped) == (True, False)
+        assert s.get(Project, 1).locked is False and s.get(Item, 1).sent_back_at is None
+    database.dispose()

@@ -3,6 +3,10 @@
 assignments.skipped, judgments.strength/excluded/edited_at, items.sent_back_at, projects.locked,
 and the judgment_history table (earlier versions of edited or sent-back judgments).
 
+Plain ADD COLUMN on both backends, never a batch-mode table rebuild: on SQLite that drops and
+recreates the table, which would cascade-delete the rows hanging off it (an item's candidates,
+assignments and judgments). Existing rows get the defaults: nothing skipped, excluded or locked.
+
 Revision ID: 0003
 Revises: 0001
 Create Date: 2026-12-04
@@ -20,16 +24,12 @@ FALSE = sa.false()
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("projects") as t:
-        t.add_column(sa.Column("locked", sa.Boolean(), nullable=False, server_default=FALSE))
-    with op.batch_alter_table("items") as t:
-        t.add_column(sa.Column("sent_back_at", sa.DateTime(), nullable=True))
-    with op.batch_alter_table("assignments") as t:
-        t.add_column(sa.Column("skipped", sa.Boolean(), nullable=False, server_default=FALSE))
-    with op.batch_alter_table("judgments") as t:
-        t.add_column(sa.Column("strength", sa.Integer(), nullable=True))
-        t.add_column(sa.Column("excluded", sa.Boolean(), nullable=False, server_default=FALSE))
-        t.add_column(sa.Column("edited_at", sa.DateTime(), nullable=True))
+    op.add_column("projects", sa.Column("locked", sa.Boolean(), nullable=False, server_default=FALSE))
+    op.add_column("items", sa.Column("sent_back_at", sa.DateTime(), nullable=True))
+    op.add_column("assignments", sa.Column("skipped", sa.Boolean(), nullable=False, server_default=FALSE))
+    op.add_column("judgments", sa.Column("strength", sa.Integer(), nullable=True))
+    op.add_column("judgments", sa.Column("excluded", sa.Boolean(), nullable=False, server_default=FALSE))
+    op.add_column("judgments", sa.Column("edited_at", sa.DateTime(), nullable=True))
     op.create_table(
         "judgment_history",
         sa.Column("id", sa.Integer(), primary_key=True),
@@ -51,14 +51,14 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Plain DROP COLUMN (SQLite >= 3.35), for the same reason.
     op.drop_table("judgment_history")
-    with op.batch_alter_table("judgments") as t:
-        t.drop_column("edited_at")
-        t.drop_column("excluded")
-        t.drop_column("strength")
-    with op.batch_alter_table("assignments") as t:
-        t.drop_column("skipped")
-    with op.batch_alter_table("items") as t:
-        t.drop_column("sent_back_at")
-    with op.batch_alter_table("projects") as t:
-        t.drop_column("locked")
+    for table, column in (
+        ("judgments", "edited_at"),
+        ("judgments", "excluded"),
+        ("judgments", "strength"),
+        ("assignments", "skipped"),
+        ("items", "sent_back_at"),
+        ("projects", "locked"),
+    ):
+        op.drop_column(table, column)
