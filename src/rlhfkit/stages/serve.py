@@ -24,7 +24,8 @@ import argparse
 import getpass
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,9 @@ def _run(config: ServeConfig, args: argparse.Namespace) -> None:
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, proxy_headers=False)
 
 
-def _in_db(config: ServeConfig, work: Callable[[Any], Any]) -> Any:
-    """Run one admin command in one transaction; service errors become clean CLI errors.
+@contextmanager
+def _database(config: ServeConfig) -> Iterator[Any]:
+    """The migrated database for an admin command; service errors become clean CLI errors.
 
     Which database it is goes to stderr first (stdout stays clean for scripts, e.g. `api-key`):
     a command run against the wrong database should be obvious at once, not after a day's labels.
@@ -73,11 +75,17 @@ def _in_db(config: ServeConfig, work: Callable[[Any], Any]) -> Any:
     print(f"database: {display_url(db.url)}", file=sys.stderr)
     try:
         db.migrate()
-        return db.transact(work)
+        yield db
     except ServiceError as e:
         raise UserError(e.message) from None
     finally:
         db.dispose()
+
+
+def _in_db(config: ServeConfig, work: Callable[[Any], Any]) -> Any:
+    """Run one admin command in one transaction."""
+    with _database(config) as db:
+        return db.transact(work)
 
 
 def _init(config: ServeConfig, args: argparse.Namespace) -> None:
@@ -180,12 +188,11 @@ def _import(config: ServeConfig, args: argparse.Namespace) -> None:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     data = path.read_bytes()
-
-    def work(s: Any) -> dict[str, int]:
-        project = service.find_project(s, args.project)
-        return service.import_items(s, project, service.parse_upload(str(path), data, project.task))
-
-    result = _in_db(config, work)
+    with _database(config) as db:
+        with db.session() as s:
+            task = service.find_project(s, args.project).task
+        records = service.parse_upload(str(path), data, task)  # before the write transaction: see import_items
+        result = db.transact(lambda s: service.import_items(s, service.find_project(s, args.project), records))
     print(f"imported {result['added']} items into {args.project!r} ({result['skipped']} already there)")
 
 
