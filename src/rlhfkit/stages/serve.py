@@ -49,16 +49,44 @@ def _password(username: str) -> str:
     return sys.stdin.readline().rstrip("\n")
 
 
+WORKER_CONFIG_ENV = "RLHFKIT_SERVE_CONFIG"  # how `serve workers=N` hands its settings to each process
+
+
 def _run(config: ServeConfig, args: argparse.Namespace) -> None:
     import uvicorn
 
-    from rlhfkit.feedback.app import create_app
-
-    app = create_app(config)
     print(f"rlhfkit feedback on http://{config.host}:{config.port}  (database: {display_url(config.db_url)})")
     # proxy_headers=False: uvicorn would otherwise believe X-Forwarded-* from 127.0.0.1; the app
     # itself honours them, from `trusted_proxies` only.
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, proxy_headers=False)
+    options: dict[str, Any] = {
+        "host": config.host,
+        "port": config.port,
+        "log_level": config.log_level,
+        "proxy_headers": False,
+    }
+    if config.workers == 1:
+        from rlhfkit.feedback.app import create_app
+
+        uvicorn.run(create_app(config), **options)
+        return
+    # Several processes, as one Python process serves about one core's worth of requests. The
+    # database is migrated and the secret made here, once, before the workers start and race.
+    from rlhfkit.feedback.db import Database
+    from rlhfkit.feedback.security import load_secret
+
+    db = Database(config.db_url)
+    db.migrate()
+    db.dispose()
+    load_secret(config.secret_key_file)
+    os.environ[WORKER_CONFIG_ENV] = config.model_dump_json()
+    uvicorn.run("rlhfkit.stages.serve:worker_app", factory=True, workers=config.workers, **options)
+
+
+def worker_app() -> Any:
+    """The app of one `serve workers=N` process (uvicorn calls this in each)."""
+    from rlhfkit.feedback.app import create_app
+
+    return create_app(ServeConfig.model_validate_json(os.environ[WORKER_CONFIG_ENV]))
 
 
 @contextmanager
