@@ -49,9 +49,6 @@ def _password(username: str) -> str:
     return sys.stdin.readline().rstrip("\n")
 
 
-WORKER_CONFIG_ENV = "RLHFKIT_SERVE_CONFIG"  # how `serve workers=N` hands its settings to each process
-
-
 def _run(config: ServeConfig, args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -71,6 +68,7 @@ def _run(config: ServeConfig, args: argparse.Namespace) -> None:
         return
     # Several processes, as one Python process serves about one core's worth of requests. The
     # database is migrated and the secret made here, once, before the workers start and race.
+    from rlhfkit.feedback import workers
     from rlhfkit.feedback.db import Database
     from rlhfkit.feedback.security import load_secret
 
@@ -78,15 +76,14 @@ def _run(config: ServeConfig, args: argparse.Namespace) -> None:
     db.migrate()
     db.dispose()
     load_secret(config.secret_key_file)
-    os.environ[WORKER_CONFIG_ENV] = config.model_dump_json()
-    uvicorn.run("rlhfkit.stages.serve:worker_app", factory=True, workers=config.workers, **options)
-
-
-def worker_app() -> Any:
-    """The app of one `serve workers=N` process (uvicorn calls this in each)."""
-    from rlhfkit.feedback.app import create_app
-
-    return create_app(ServeConfig.model_validate_json(os.environ[WORKER_CONFIG_ENV]))
+    os.environ[workers.CONFIG_ENV] = config.model_dump_json()
+    uvicorn.run(
+        "rlhfkit.feedback.workers:app",
+        factory=True,
+        workers=config.workers,
+        http="rlhfkit.feedback.workers:NoDelayProtocol",
+        **options,
+    )
 
 
 @contextmanager
