@@ -159,6 +159,13 @@ class Load:
         rng = random.Random(n)
         accepted, calls = [], []
         with FeedbackClient(self.url, api_key=key, timeout=120) as client:
+            if self.pace:  # drop an idle connection before the server does (uvicorn: after 5 s), as browsers do
+                client.http = httpx.Client(
+                    base_url=self.url,
+                    headers=client.http.headers,
+                    timeout=120,
+                    limits=httpx.Limits(keepalive_expiry=min(4.0, self.pace / 2)),
+                )
             client.me()  # connect before the clock starts
             ready.wait()
             due = time.monotonic() + (self.pace * n / len(self.keys) if self.pace else 0)  # spread evenly

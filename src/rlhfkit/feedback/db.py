@@ -123,6 +123,14 @@ class Database:
 
     def migrate(self) -> None:
         """Create or upgrade the schema to the newest migration (safe to call on every start)."""
+        self._alembic(command.upgrade, "head")
+
+    def downgrade(self, revision: str) -> None:
+        """Take the schema back to `revision`, keeping every row it can hold: to run an older release."""
+        self._alembic(command.downgrade, revision)
+
+    def _alembic(self, run: Callable[[AlembicConfig, str], None], revision: str) -> None:
+        """Run an Alembic command on this database, one server at a time, without an alembic.ini."""
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         lock = self._write_lock or nullcontext()
@@ -130,7 +138,7 @@ class Database:
             if not self.is_sqlite:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_ID})
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            run(cfg, revision)
 
     def dispose(self) -> None:
         self.engine.dispose()
