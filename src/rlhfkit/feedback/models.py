@@ -98,12 +98,13 @@ class Item(Base):
     """One prompt to judge; `key` is the prompt_id from the imported file."""
 
     __tablename__ = "items"
-    # (project, position): exports read a project's items in order. (project, complete, position):
-    # the dispatcher walks the incomplete items in order and stops at the first free ones; the
-    # complete ones, most of a project that is filling up, are not even read.
+    # (project, complete, position): the dispatcher walks the incomplete items in order and stops at
+    # the first free ones; the complete ones, most of a project that is filling up, are not even
+    # read. The only index on the position: beside one on (project, position), PostgreSQL's planner
+    # (its statistics lagging the counts) took that one and skipped the complete items row by row,
+    # the very rescan this avoids. Exports, which want every item in order, sort instead.
     __table_args__ = (
         UniqueConstraint("project_id", "key"),
-        Index("ix_items_project_position", "project_id", "position"),
         Index("ix_items_project_open", "project_id", "complete", "position"),
     )
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -1,5 +1,5 @@
-"""Dispatch without rescanning: `items.complete` (indexed with the position) and the per-labeler
-cursor `members.scan_from` (see models.py).
+"""Dispatch without rescanning: `items.complete`, indexed with the position in place of the
+(project, position) index, and the per-labeler cursor `members.scan_from` (see models.py).
 
 Plain ADD COLUMN + a backfill UPDATE + CREATE INDEX, on both backends: never a batch-mode table
 rebuild, which on SQLite drops and recreates the table and so cascade-deletes the rows of its
@@ -28,10 +28,12 @@ def upgrade() -> None:
         "(SELECT projects.overlap FROM projects WHERE projects.id = items.project_id))"
     )
     op.create_index("ix_items_project_open", "items", ["project_id", "complete", "position"])
+    op.drop_index("ix_items_project_position", table_name="items")  # see models.Item
 
 
 def downgrade() -> None:
     # Plain DROP COLUMN (SQLite >= 3.35): the index that names the column has to go first.
+    op.create_index("ix_items_project_position", "items", ["project_id", "position"])
     op.drop_index("ix_items_project_open", table_name="items")
     op.drop_column("members", "scan_from")
     op.drop_column("items", "complete")
