@@ -589,16 +589,20 @@ def next_assignment(s: Session, project: Project, user: User, lease: timedelta) 
     have not seen (see `_dispatch`).
     """
     now = utcnow()
-    mine = s.execute(
-        _ASSIGNED.where(
-            Item.project_id == project.id,
-            Assignment.user_id == user.id,
-            Assignment.done.is_(False),
-            Item.complete.is_(False),
-        )
-        .order_by(Assignment.id)
-        .limit(1)
-    ).first()
+    # The oldest, picked here rather than by ORDER BY id LIMIT 1: with that, PostgreSQL walks the
+    # whole assignments table in id order hoping to meet one of this labeler's soon.
+    mine = min(
+        s.execute(
+            _ASSIGNED.where(
+                Item.project_id == project.id,
+                Assignment.user_id == user.id,
+                Assignment.done.is_(False),
+                Item.complete.is_(False),
+            )
+        ).all(),
+        key=lambda row: row.id,
+        default=None,
+    )
     if mine is not None:
         s.execute(update(Assignment.__table__).where(Assignment.id == mine.id).values(leased_until=now + lease))
         return _task(s, mine)
