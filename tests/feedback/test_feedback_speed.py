@@ -1,20 +1,34 @@
 """What keeps the labeling server fast (issue 12), as behaviour on SQLite and PostgreSQL: `/next`
 does not re-read the items a project has finished, the migration that made that possible keeps
-every row of a populated database, and a submit repeated at the same moment stores one judgment."""
+every row of a populated database, a submit repeated at the same moment stores one judgment, and
+`serve workers=N` killed mid-submit answers the retried submits with the stored judgment."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import httpx
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from feedback_helpers import seed
 from sqlalchemy import func, inspect, select, text
 
 from rlhfkit.feedback import service
+from rlhfkit.feedback.app import ServeConfig
+from rlhfkit.feedback.client import FeedbackClient
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.models import Base, Item, Judgment, Member, Project
 from rlhfkit.feedback.schemas import JudgmentIn, ProjectSettingsIn
@@ -180,3 +194,71 @@ def test_the_same_submit_many_times_at_once_stores_one_judgment(db: Database) ->
             assert s.scalar(select(func.count()).select_from(Judgment)) == 1
             assert s.scalar(select(Item.n_judgments).where(Item.id == item["item_id"])) == 1
     assert sum(created for _, created in answers) == 0  # the later rounds find it stored
+
+
+@contextmanager
+def _serve(config: ServeConfig, port: int) -> Iterator[str]:
+    """`rlhfkit serve workers=2` in a process group of its own, killed with SIGKILL at the end."""
+    settings = [f"db_url={config.db_url}", f"port={port}", f"secret_key_file={config.secret_key_file}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlhfkit.cli", "serve", *settings, "workers=2", "log_level=error"],
+        env=os.environ | {"PYTHONPATH": str(Path(service.__file__).parents[2])},
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/login", timeout=1).status_code == 200:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: uvicorn's supervisor and its workers
+        proc.wait()
+
+
+def test_a_submit_cut_off_by_a_killed_server_is_answered_once_after_the_restart(config: ServeConfig) -> None:
+    """kill -9 of `serve workers=2` while submits are in flight; after the restart the labelers
+    send them again: each answer is the one stored judgment (201, or 200 if the first got in),
+    never an error."""
+    db = Database(config.db_url)
+    db.migrate()
+    world = seed(db, items=6, overlap=2)
+    pid, names = world.project_a, ("ann", "bob", "alice")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    def send(url: str, name: str, work: tuple[int, dict[int, int], str]) -> dict[str, Any]:
+        with FeedbackClient(url, api_key=world.keys[name]) as client:
+            return client.submit(pid, work[0], work[1], client_token=work[2])
+
+    for round_, delay in enumerate((0.0, 0.02, 0.5)):  # from cut off on the way to answered
+        work = {}
+        with _serve(config, port) as url:
+            for name in names:
+                with FeedbackClient(url, api_key=world.keys[name]) as client:
+                    item = client.next_item(pid)
+                ranking = {c["id"]: 1 for c in item["candidates"]}
+                work[name] = (item["item_id"], ranking, f"round{round_}-{name}-token")
+            pool = ThreadPoolExecutor(len(names))
+            cut_off = {name: pool.submit(send, url, name, work[name]) for name in names}
+            time.sleep(delay)
+        first = {}
+        for name, future in cut_off.items():
+            with contextlib.suppress(httpx.TransportError):  # no answer; an error answer would raise
+                first[name] = future.result()["id"]
+        pool.shutdown()
+        with _serve(config, port) as url:
+            for name in names:
+                again = send(url, name, work[name])
+                assert again["id"] == first.get(name, again["id"])
+                assert not (name in first and again["created"])  # answered before: this is the retry
+    with db.session() as s:
+        pairs = s.execute(select(Judgment.item_id, Judgment.user_id)).all()
+        assert len(pairs) == len(set(pairs)) == 3 * len(names)
+        assert s.scalar(select(func.sum(Item.n_judgments))) == len(pairs)
+    db.dispose()
