@@ -3,7 +3,8 @@
 `rlhfkit serve` runs in its own process(es) on a loopback port; labelers are threads, each with
 its own API key and HTTP connection, asking for the next item and submitting a ranking. Four parts:
 
-  saturated  --labelers labelers as fast as they can, for each --workers: submissions/s
+  saturated  --labelers labelers as fast as they can, for each --workers: submissions/s, and the
+             server's CPU time per submission (what a shared machine distorts least)
   paced      --paced-labelers labelers at a human pace (one submit every --pace s each, spread
              evenly), for each --workers: p50/p99 of next and of submit
   next       the cost of `/next` as a --fill-items project fills (0%, 50%, 95% complete): median
