@@ -491,21 +491,25 @@ def import_items(s: Session, project: Project, records: Sequence[Completions | P
     position = s.scalar(select(func.coalesce(func.max(Item.position), 0)).where(Item.project_id == project.id))
     rows = list(new.items())
     for start in range(0, len(rows), IMPORT_CHUNK):
-        chunk = rows[start : start + IMPORT_CHUNK]
-        ids = s.scalars(
-            Item.__table__.insert().returning(Item.__table__.c.id, sort_by_parameter_order=True),
+        s.execute(
+            Item.__table__.insert(),
             [
                 {"project_id": project.id, "key": key, "prompt": prompt, "position": position + start + i + 1}
-                for i, (key, (prompt, _)) in enumerate(chunk)
+                for i, (key, (prompt, _)) in enumerate(rows[start : start + IMPORT_CHUNK])
             ],
-        ).all()
+        )
+    if any(texts for _, (_, texts) in rows):
+        # The new ids by key, read back in one query: INSERT ... RETURNING in the rows' order would
+        # make SQLite insert them one statement each.
+        new_items = select(Item.key, Item.id).where(Item.project_id == project.id, Item.position > position)
+        ids = {key: item_id for key, item_id in s.execute(new_items)}
         candidates = [
-            {"item_id": item_id, "idx": idx, "text": text}
-            for item_id, (_, (_, texts)) in zip(ids, chunk, strict=True)
+            {"item_id": ids[key], "idx": idx, "text": text}
+            for key, (_, texts) in rows
             for idx, text in enumerate(texts)
         ]
-        if candidates:
-            s.execute(Candidate.__table__.insert(), candidates)
+        for start in range(0, len(candidates), IMPORT_CHUNK):
+            s.execute(Candidate.__table__.insert(), candidates[start : start + IMPORT_CHUNK])
     if rows and s.get_bind().dialect.name == "postgresql":
         # Fresh statistics now, not whenever autovacuum gets round to it: with a stale row count
         # the planner scans every item for each "next" instead of walking them in order (100x).
