@@ -464,8 +464,8 @@ def import_items(s: Session, project: Project, records: Sequence[Completions | P
 
     On SQLite the caller's write transaction stops every labeler's submits while it lasts, so
     callers parse and validate the file (parse_upload) before they open it, and here the rows go
-    in as multi-row Core INSERTs, a chunk at a time: a 20,000-item file holds the lock for a
-    fraction of a second, not for seconds.
+    in as multi-row Core INSERTs, a chunk at a time: a 20,000-item file holds the lock for about
+    half a second, not for the seconds that parsing and ORM objects took.
     """
     new: dict[str, tuple[Any, list[Any]]] = {}  # key -> (prompt, candidate texts), in file order
     skipped = 0
@@ -554,7 +554,7 @@ PAGE = 50  # items read per dispatcher query
 
 
 @dataclass
-class Task:
+class AssignedItem:
     """An item as handed to one labeler: their assignment, and what the item shows."""
 
     assignment_id: int
@@ -599,12 +599,15 @@ def _content(s: Session, item_id: int) -> tuple[str, Any, list[tuple[int, int, A
     return rows[0].key, rows[0].prompt, [(c.id, c.idx, c.text) for c in rows if c.id is not None]
 
 
-def _task(s: Session, row: Any) -> Task:
-    """The Task of an `_ASSIGNED` row."""
-    return Task(row.id, row.item_id, *_content(s, row.item_id), row.display_order, row.draft, row.done, row.created_at)
+def _assigned_item(s: Session, row: Any) -> AssignedItem:
+    """The AssignedItem of an `_ASSIGNED` row."""
+    key, prompt, candidates = _content(s, row.item_id)
+    return AssignedItem(
+        row.id, row.item_id, key, prompt, candidates, row.display_order, row.draft, row.done, row.created_at
+    )
 
 
-def next_assignment(s: Session, project: Project, user: User, lease: timedelta) -> Task | None:
+def next_assignment(s: Session, project: Project, user: User, lease: timedelta) -> AssignedItem | None:
     """The item this labeler should judge next, or None when nothing is left for them.
 
     Their own unfinished item comes first (a reload never skips work). Otherwise the first item,
@@ -628,7 +631,7 @@ def next_assignment(s: Session, project: Project, user: User, lease: timedelta) 
     )
     if mine is not None:
         s.execute(update(Assignment.__table__).where(Assignment.id == mine.id).values(leased_until=now + lease))
-        return _task(s, mine)
+        return _assigned_item(s, mine)
     task, cursor, moved = _dispatch(s, project, user, now, lease)
     if moved > cursor:
         s.execute(
@@ -641,7 +644,7 @@ def next_assignment(s: Session, project: Project, user: User, lease: timedelta) 
 
 def _dispatch(
     s: Session, project: Project, user: User, now: datetime, lease: timedelta
-) -> tuple[Task | None, int, int]:
+) -> tuple[AssignedItem | None, int, int]:
     """(the new assignment or None, the labeler's cursor, how far it may move).
 
     Reads the incomplete items after the cursor, in order, a page at a time, and claims the first
@@ -706,7 +709,7 @@ def _recount(s: Session, project: Project, item_id: int, now: datetime, wait: bo
     return s.scalar(select(Item.n_judgments + _held(now)).where(Item.id == item_id)) < project.overlap
 
 
-def _assign(s: Session, user: User, item_id: int, now: datetime, lease: timedelta) -> Task:
+def _assign(s: Session, user: User, item_id: int, now: datetime, lease: timedelta) -> AssignedItem:
     """Hand the item to the labeler, its candidates in an order of their own (against position bias)."""
     key, prompt, candidates = _content(s, item_id)
     order = [c[0] for c in candidates]
@@ -723,7 +726,7 @@ def _assign(s: Session, user: User, item_id: int, now: datetime, lease: timedelt
         )
         .returning(Assignment.__table__.c.id)
     ).scalar_one()
-    return Task(assignment_id, item_id, key, prompt, candidates, order, None, False, now)
+    return AssignedItem(assignment_id, item_id, key, prompt, candidates, order, None, False, now)
 
 
 def _assigned_row(s: Session, project: Project, user: User, item_id: int) -> Any:
@@ -739,12 +742,12 @@ def _assigned_row(s: Session, project: Project, user: User, item_id: int) -> Any
     return row
 
 
-def assignment_for(s: Session, project: Project, user: User, item_id: int) -> Task:
+def assignment_for(s: Session, project: Project, user: User, item_id: int) -> AssignedItem:
     """A labeler can only open items the dispatcher handed to them (blind assignment)."""
-    return _task(s, _assigned_row(s, project, user, item_id))
+    return _assigned_item(s, _assigned_row(s, project, user, item_id))
 
 
-def item_view(a: Task, project: Project) -> dict[str, Any]:
+def item_view(a: AssignedItem, project: Project) -> dict[str, Any]:
     """What a labeler sees: candidates in *their* order, with stable ids and display letters.
 
     Raises Unshowable if some text in it cannot be encoded as UTF-8 (a lone surrogate stored
@@ -811,7 +814,7 @@ def save_draft(s: Session, project: Project, user: User, item_id: int, draft: Dr
 # ---------------------------------------------------------------- submitting judgments
 
 
-def pairwise_choice(a: Task, choice: str) -> dict[int, int]:
+def pairwise_choice(a: AssignedItem, choice: str) -> dict[int, int]:
     """Quick pairwise mode: A / B / tie / both bad is a ranking of the two shown candidates."""
     first, second = a.display_order
     ranks = {"a": (1, 2), "b": (2, 1), "tie": (1, 1), "both_bad": (1, 1)}.get(choice)
