@@ -8,7 +8,7 @@ recreates the table, which would cascade-delete the rows hanging off it (an item
 assignments and judgments). Existing rows get the defaults: nothing skipped, excluded or locked.
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0002
 Create Date: 2026-12-04
 """
 
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0003"
-down_revision = "0001"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
