@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 from feedback_helpers import DESKTOP, PASSWORD, PHONE, XSS, World, launch, require_chromium, seed, shot, watch
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from rlhfkit.feedback import service
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.live import LiveServer
-from rlhfkit.feedback.models import Item, Judgment, JudgmentHistory, Project
+from rlhfkit.feedback.models import Candidate, Item, Judgment, JudgmentHistory, Project
 from rlhfkit.feedback.schemas import JudgmentIn, MemberIn, ProjectIn
 from rlhfkit.feedback.settings import ServeConfig
 
@@ -48,6 +49,11 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Database, World, int]]:
     with LiveServer(config, db) as server:
         yield server.url, db, world, pairwise_id
     db.dispose()
+
+
+def candidates(s: Session, item_id: int) -> list[tuple[int, int]]:
+    """(id, idx) of an item's candidates."""
+    return list(s.execute(select(Candidate.id, Candidate.idx).where(Candidate.item_id == item_id)).tuples())
 
 
 def log_in(page: Any, url: str, username: str, path: str) -> None:
@@ -171,7 +177,7 @@ def test_an_admin_reviews_sends_back_and_excludes(served: tuple[str, Database, W
             user = service.get_user(s, name)
             a = service.next_assignment(s, project, user, LEASE)
             ranks = [3, 2, 1] if reverse else [1, 2, 3]
-            ranking = {c.id: ranks[c.idx] for c in a.item.candidates}
+            ranking = {cid: ranks[idx] for cid, idx in candidates(s, a.item_id)}
             comment = f"B is off-topic {XSS}" if name == "ann" else None
             data = JudgmentIn(ranking=ranking, comment=comment, client_token=f"seed-{name}-0001")
             service.submit(s, project, user, a.item_id, data)
@@ -212,7 +218,7 @@ def test_an_admin_reviews_sends_back_and_excludes(served: tuple[str, Database, W
         with db.session(write=True) as s:
             project, bob = s.get(Project, A), service.get_user(s, "bob")
             a = service.next_assignment(s, project, bob, LEASE)
-            ranking = {c.id: 1 + c.idx for c in a.item.candidates}
+            ranking = {cid: 1 + idx for cid, idx in candidates(s, a.item_id)}
             service.submit(s, project, bob, a.item_id, JudgmentIn(ranking=ranking, client_token="bob-0002"))
         page.goto(f"{url}/p/{A}/admin")
         row = page.locator("#labelers tr", has_text="bob")
