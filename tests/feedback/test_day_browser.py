@@ -53,7 +53,8 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Database, World, int]]:
 
 def candidates(s: Session, item_id: int) -> list[tuple[int, int]]:
     """(id, idx) of an item's candidates."""
-    return list(s.execute(select(Candidate.id, Candidate.idx).where(Candidate.item_id == item_id)).tuples())
+    rows = s.execute(select(Candidate.id, Candidate.idx).where(Candidate.item_id == item_id))
+    return [(cid, idx) for cid, idx in rows]
 
 
 def log_in(page: Any, url: str, username: str, path: str) -> None:
