@@ -20,14 +20,14 @@ from rlhfkit.errors import UserError
 from rlhfkit.labels.pairs import pairs_with_counts
 
 
-def validate(source: str, kind: str | None = None) -> str:
+def validate(source: str, kind: str | None = None, strict: bool = False) -> str:
     """Read and check a whole file; returns the summary line."""
     if kind is None:
         try:
             kind = detect_kind(first_record(source))
         except ValueError as e:
             raise UserError(f"{source}: first record: {e}; set kind=...") from None
-    records = read_records(source, kind)
+    records = read_records(source, kind, strict=strict)
     return f"OK: {len(records)} records of {kind}"
 
 
@@ -55,6 +55,7 @@ class ValidateConfig(StrictModel):
     kind: Literal[tuple(FORMATS)] | None = Field(  # type: ignore[valid-type]  (the format names)
         None, description="the format; empty = guessed from the first record"
     )
+    strict: bool = Field(False, description="unused columns are an error (default: ignored, named once in the log)")
 
 
 class PairsConfig(StrictModel):
@@ -66,7 +67,7 @@ class PairsConfig(StrictModel):
 
 
 def run_validate(cfg: ValidateConfig) -> None:
-    print(validate(cfg.file, cfg.kind))
+    print(validate(cfg.file, cfg.kind, cfg.strict))
 
 
 def run_pairs(cfg: PairsConfig) -> None:

@@ -176,7 +176,8 @@ class PPOSamplingConfig(SamplingConfig):
 class Config(StrictModel):
     output_dir: str = "runs/ppo"
     resume: bool = False
-    prompts: str = Field("", description="prompts file (JSONL {id, prompt}) or dataset folder")
+    prompts: str = Field("", description="prompts (JSONL or datasets folder, `path:split`): {id, prompt} or {prompt}")
+    strict: bool = Field(False, description="unused columns are an error (default: ignored, named once in the log)")
     model: ModelConfig = ModelConfig()
     ref_model: str = Field("", description="reference model; empty = model.path (with LoRA: adapter disabled)")
     reward: RewardConfig = RewardConfig()
@@ -189,6 +190,7 @@ class Config(StrictModel):
 
 
 # ------------------------------------------------------------------------------- rollouts
+
 
 def prompt_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     """The prompts of PPO step `step`: consecutive slices of a fresh permutation per pass over the file.
@@ -288,7 +290,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     torch.set_flush_denormal(True)
     if engine.is_main:
         save_config(cfg, out)
-    records = read_records(cfg.prompts, "prompts")
+    records = read_records(cfg.prompts, "prompts", strict=cfg.strict)
     for warning in normalization_mismatches(cfg):
         engine.print(f"[yellow]warning: {warning}[/]")
     p = cfg.ppo
