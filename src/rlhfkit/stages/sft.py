@@ -11,7 +11,9 @@ whole examples per block, position ids restarted so examples do not see each oth
 (`model.lora`), warmup + cosine schedule, gradient accumulation, held-out loss, checkpoints and `--resume`.
 
 Output: `OUTPUT_DIR/model`, a plain `save_pretrained` folder: merged weights, or with
-`lora_save=adapter` the LoRA adapter (loadable with `peft.PeftModel.from_pretrained(base, folder)`).
+`lora_save=adapter` the LoRA adapter (loadable with `peft.PeftModel.from_pretrained(base, folder)`
+on the original base: a tokenizer without a pad token pads with EOS here, every padded position
+being masked by length, so no token is added and the embeddings keep the base's size).
 `OUTPUT_DIR/results.json` has the held-out loss and perplexity, and how many demonstrations were cut.
 """
 
@@ -113,7 +115,8 @@ def run(cfg: Config) -> Path:
         valid_demos = read_records(cfg.data.valid, "demonstrations", strict=cfg.data.strict)
     else:
         demos, valid_demos = split_by_prompt(demos, cfg.data.valid_fraction, cfg.train.seed)
-    model, tokenizer = load_causal_lm(cfg.model)
+    # Padding is masked by lengths throughout SFT, so EOS can pad: the vocabulary stays the base's.
+    model, tokenizer = load_causal_lm(cfg.model, eos_pad=True)
     max_length, note = fit_to_positions(model.config, cfg.data.max_length, "data.max_length")
     if note:
         engine.print(f"[yellow]note: {note}[/]")
