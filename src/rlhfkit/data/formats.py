@@ -24,7 +24,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 from pydantic import (
     BaseModel,
@@ -80,6 +80,9 @@ class Record(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
     # `path:line` a record was read from, so cross-file checks can point at it too.
     _where: str | None = PrivateAttr(default=None)
+    # Optional keys and the value a row without one is written with when other rows of the file
+    # have it (`write_records`): every row of a file has the same columns.
+    fill: ClassVar[dict[str, Any]] = {}
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
@@ -203,6 +206,9 @@ class Pair(Record):
     chosen: Text
     rejected: Text
     margin: float | None = None
+    # No margin is a margin of 0 in the loss; `datasets` would read a missing one as null, and
+    # TRL's RewardTrainer fails on a null (`rlhfkit cai mix` writes human pairs next to AI ones).
+    fill: ClassVar[dict[str, Any]] = {"margin": 0.0}
 
     @field_validator("prompt")
     @classmethod
@@ -250,7 +256,7 @@ class Unpaired(Record):
         return _check_text(v, "completion", allow_empty=True)
 
 
-def pair_unpaired(rows: Sequence[Unpaired]) -> tuple[list[Pair], int]:
+def unpaired_to_pairs(rows: Sequence[Unpaired]) -> tuple[list[Pair], int]:
     """Every (desirable, undesirable) completion pair of the same prompt, in file order, and how
     many prompts gave none (only one kind of label). Identical texts are skipped."""
     by_prompt: dict[str, tuple[Text, list[Text], list[Text]]] = {}
@@ -509,7 +515,9 @@ def first_record(source: str | Path, split: str = "train") -> dict[str, Any]:
     raise UserError(f"{source}: no records (the file is empty)")
 
 
-def read_records(source: str | Path, kind: str, split: str = "train", strict: bool = True) -> list[Any]:
+def read_records(
+    source: str | Path, kind: str, split: str = "train", strict: bool = True, pair_unpaired: bool = True
+) -> list[Any]:
     """Load and validate a whole file (JSONL) or dataset (folder, hub id, `path:split`) of one format,
     or of a TRL shape read as that format (`SHAPES`).
 
@@ -517,6 +525,7 @@ def read_records(source: str | Path, kind: str, split: str = "train", strict: bo
     duplicate ids. Blank lines are skipped. Columns the format does not use are an error when
     `strict` (a typo must not silently drop data), else dropped and named once in the log (a
     dataset from the hub often carries scores, ids and sources the stage has no use for).
+    Unpaired preference rows become pairs (`pair_unpaired`), or stay `Unpaired` records.
     """
     if kind not in FORMATS:
         raise UserError(f"unknown data format {kind!r}; one of: {', '.join(FORMATS)}")
@@ -539,7 +548,7 @@ def read_records(source: str | Path, kind: str, split: str = "train", strict: bo
             raise UserError(f"{where(n)}: {e}") from None
         except ValidationError as e:
             raise UserError(f"{where(n)}: {_explain(e, shape.renamed if shape is not None else None)}") from None
-        if isinstance(rec, Unpaired):
+        if isinstance(rec, Unpaired) and pair_unpaired:
             unpaired.append(rec)
             continue
         if unique:
@@ -558,7 +567,7 @@ def read_records(source: str | Path, kind: str, split: str = "train", strict: bo
             source, kind, ", ".join(ignored),
         )  # fmt: skip
     if unpaired:
-        pairs, lonely = pair_unpaired(unpaired)
+        pairs, lonely = unpaired_to_pairs(unpaired)
         records.extend(pairs)
         log.warning(
             "%s: %d unpaired judgements -> %d pairs (each desirable completion over each undesirable one of the "
@@ -571,9 +580,19 @@ def read_records(source: str | Path, kind: str, split: str = "train", strict: bo
 
 
 def write_records(path: str | Path, records: Iterable[Record]) -> Path:
-    """Write JSONL atomically: readers see the old file or the whole new one, never a prefix."""
-    text = "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in records)
-    atomic_write_text(path, text)
+    """Write JSONL atomically: readers see the old file or the whole new one, never a prefix.
+    An optional key that some rows have is written on every row (`Record.fill`)."""
+    records = list(records)
+    rows = [r.to_json() for r in records]
+    for key, value in {k: v for r in records for k, v in r.fill.items()}.items():
+        if any(key in row for row in rows):
+            rows = [row if key in row else {**row, key: value} for row in rows]
+    return write_jsonl(path, rows)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """One JSON object per line, UTF-8 as is, written atomically (see `atomic_write_text`)."""
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return Path(path)
 
 
