@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import Field
-from tqdm.auto import tqdm
 
 from rlhfkit.config import StrictModel, atomic_write_text, save_config
 from rlhfkit.data.chat import render_prompt
@@ -106,13 +105,13 @@ def run(cfg: Config) -> dict[str, Any]:
     per_model: dict[str, dict[str, np.ndarray]] = {}
     texts: dict[str, list[str]] = {}
     summary: dict[str, dict[str, float]] = {}
-    for name in tqdm(names, desc="eval models"):
+    for name in names:
         model, tok = load_causal_lm(ModelConfig(path=cfg.models[name]))
         model.eval()
         check_length_budget(model.config, cfg.sampling)
         rendered = [render_prompt(tok, p, cfg.sampling.prompt_template) for p in prompts]
         torch.manual_seed(cfg.seed)
-        s = sample(model, tok, rendered, cfg.sampling, num_samples=cfg.samples_per_prompt)
+        s = sample(model, tok, rendered, cfg.sampling, num_samples=cfg.samples_per_prompt, desc=f"eval {name}")
         if s.prompts_truncated:
             print(f"{name}: {truncation_warning(s.prompts_truncated, len(prompts), cfg.sampling)}")
         texts[name] = s.texts

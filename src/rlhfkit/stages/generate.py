@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 from pydantic import Field
-from tqdm.auto import tqdm
 
 from rlhfkit.config import StrictModel, save_config
 from rlhfkit.data.chat import render_prompt
 from rlhfkit.data.formats import Completions, read_records, write_records
+from rlhfkit.engine.progress import track
 from rlhfkit.models.loading import ModelConfig, load_causal_lm
 from rlhfkit.models.sampling import SamplingConfig, check_length_budget, sample, truncation_warning
 
@@ -46,7 +46,7 @@ def sample_completions(model_cfg: ModelConfig, records: list[Any], cfg: Config) 
     chunk = max(1, cfg.sampling.batch_size // cfg.k)
     out: list[list[str]] = []
     truncated = 0
-    for start in tqdm(range(0, len(records), chunk), desc=f"generate ({model_cfg.path})", unit="batch"):
+    for start in track(range(0, len(records), chunk), f"generate ({model_cfg.path})"):
         s = sample(model, tokenizer, rendered[start : start + chunk], cfg.sampling, num_samples=cfg.k)
         out += [s.texts[i : i + cfg.k] for i in range(0, len(s.texts), cfg.k)]
         truncated += s.prompts_truncated

@@ -219,7 +219,9 @@ def reference_samples(
     model.to(device)
     torch.manual_seed(n.seed)
     rendered = [render_prompt(tokenizer, p, cfg.data.prompt_template) for p in prompts]
-    samples = sample(model, tokenizer, rendered, n.sampling, num_samples=n.samples_per_prompt)
+    samples = sample(
+        model, tokenizer, rendered, n.sampling, num_samples=n.samples_per_prompt, desc="normalisation samples"
+    )
     if samples.prompts_truncated:
         print(truncation_warning(samples.prompts_truncated, len(prompts), n.sampling, "normalize.sampling"))
     repeated = [p for p in prompts for _ in range(n.samples_per_prompt)]
