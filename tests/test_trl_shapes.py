@@ -136,3 +136,17 @@ def test_trl_shape_trains_one_step_in_its_stage(model_dir, tmp_path, caplog, sha
         ppo.run(cfg)
         assert (out / "model" / "config.json").exists()
     assert "ignored column(s) the" in caplog.text and ": source (strict=true" in caplog.text
+
+
+def test_generate_reads_prompt_only_rows_and_strict_refuses_extra_columns(model_dir, tmp_path, capsys):
+    from rlhfkit.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({**record("prompt-only", False, t, "", ""), "source": "web"}) + "\n"
+                               for t in TOPICS))  # fmt: skip
+    args = ["generate", f"model.path={model_dir}", f"prompts={prompts}", "k=2", "sampling.max_new_tokens=3"]
+    assert main([*args, f"output_dir={tmp_path / 'out'}"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()]
+    assert [r["prompt_id"] for r in rows] == [f"row{i}" for i in range(1, 7)] and rows[0]["prompt"] == TOPICS[0]
+    assert main([*args, f"output_dir={tmp_path / 'strict'}", "strict=true"]) == 2
+    assert f"{prompts}:1: source: unknown key" in capsys.readouterr().err

@@ -316,11 +316,11 @@ class ShapeError(ValueError):
         super().__init__(f"{field}: {message}")
 
 
-def _from_text(obj: dict[str, Any]) -> dict[str, Any]:
+def _from_text(obj: dict[str, Any], n: int) -> dict[str, Any]:
     return {"prompt": None, "response": obj.pop("text"), **obj}
 
 
-def _from_messages(obj: dict[str, Any]) -> dict[str, Any]:
+def _from_messages(obj: dict[str, Any], n: int) -> dict[str, Any]:
     """The last message (the assistant's) is the response, the messages before it the prompt."""
     msgs = obj.pop("messages")
     if not isinstance(msgs, list) or len(msgs) < 2 or not isinstance(msgs[-1], dict):
@@ -330,7 +330,7 @@ def _from_messages(obj: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": msgs[:-1], "response": msgs[-1:], **obj}
 
 
-def _from_prompt_completion(obj: dict[str, Any]) -> dict[str, Any]:
+def _from_prompt_completion(obj: dict[str, Any], n: int) -> dict[str, Any]:
     return {"prompt": obj.pop("prompt"), "response": obj.pop("completion"), **obj}
 
 
@@ -355,7 +355,7 @@ def _shared_start(chosen: Any, rejected: Any) -> int:
     return n
 
 
-def _from_implicit_prompt(obj: dict[str, Any]) -> dict[str, Any]:
+def _from_implicit_prompt(obj: dict[str, Any], n: int) -> dict[str, Any]:
     """TRL's implicit-prompt preference (HH-RLHF, UltraFeedback): the shared start is the prompt."""
     chosen, rejected = obj.pop("chosen"), obj.pop("rejected")
     if isinstance(chosen, str) != isinstance(rejected, str) or not isinstance(chosen, str | list):
@@ -372,32 +372,37 @@ def _with_row_id(obj: dict[str, Any], n: int) -> dict[str, Any]:
     return {"id": f"row{n}", **obj}
 
 
+def _as_is(obj: dict[str, Any], n: int) -> dict[str, Any]:
+    return obj
+
+
 class Shape(NamedTuple):
     """A TRL dataset type, read as one of our formats."""
 
     name: str  # as TRL's documentation calls it
     kind: str  # the format it becomes
     keys: frozenset[str]  # the columns that identify it
-    adapt: Callable[[dict[str, Any], int], dict[str, Any]]  # (row, line or row number) -> our format's keys
+    adapt: Callable[[dict[str, Any], int], dict[str, Any]]  # (row, line or row number) -> the record's keys
     renamed: dict[str, str]  # our field -> the user's column, for error messages
+    record: type[Record] | None = None  # what a row is validated as; None = the format's own record
 
 
 SHAPES = (
-    Shape("language modeling", "demonstrations", frozenset({"text"}), lambda o, n: _from_text(o), {"response": "text"}),
+    Shape("language modeling", "demonstrations", frozenset({"text"}), _from_text, {"response": "text"}),
     Shape(
-        "language modeling (conversational)", "demonstrations", frozenset({"messages"}),
-        lambda o, n: _from_messages(o), {"prompt": "messages", "response": "messages"},
+        "language modeling (conversational)", "demonstrations", frozenset({"messages"}), _from_messages,
+        {"prompt": "messages", "response": "messages"},
     ),
     Shape(
-        "prompt-completion", "demonstrations", frozenset({"prompt", "completion"}),
-        lambda o, n: _from_prompt_completion(o), {"response": "completion"},
+        "prompt-completion", "demonstrations", frozenset({"prompt", "completion"}), _from_prompt_completion,
+        {"response": "completion"},
     ),
     Shape("prompt-only", "prompts", frozenset({"prompt"}), _with_row_id, {}),
     Shape(
-        "preference (implicit prompt)", "pairs", frozenset({"chosen", "rejected"}),
-        lambda o, n: _from_implicit_prompt(o), {"prompt": "chosen"},
+        "preference (implicit prompt)", "pairs", frozenset({"chosen", "rejected"}), _from_implicit_prompt,
+        {"prompt": "chosen"},
     ),
-    Shape("unpaired preference", "pairs", frozenset({"prompt", "completion", "label"}), lambda o, n: o, {}),
+    Shape("unpaired preference", "pairs", frozenset({"prompt", "completion", "label"}), _as_is, {}, Unpaired),
 )  # fmt: skip
 
 
@@ -537,7 +542,7 @@ def read_records(
     unique = _UNIQUE_KEY.get(kind)
     for n, obj in rows:
         shape = shape_of(kind, obj)
-        cls = Unpaired if shape is not None and shape.name == "unpaired preference" else FORMATS[kind]
+        cls = (shape.record if shape is not None else None) or FORMATS[kind]
         if not strict:
             extra = [k for k in obj if k not in cls.model_fields and (shape is None or k not in shape.keys)]
             ignored.update(dict.fromkeys(extra))

@@ -28,7 +28,8 @@ from rlhfkit.models.sampling import SamplingConfig, check_length_budget, sample,
 
 class Config(StrictModel):
     output_dir: str = "runs/generate"
-    prompts: str = Field("", description="prompts file (JSONL {id, prompt}) or dataset folder")
+    prompts: str = Field("", description="prompts (JSONL or datasets folder, `path:split`): {id, prompt} or {prompt}")
+    strict: bool = Field(False, description="unused columns are an error (default: ignored, named once in the log)")
     k: int = Field(4, ge=2, description="candidates per prompt")
     seed: int = 0
     limit: int = Field(0, ge=0, description="use only the first N prompts (0 = all)")
@@ -60,7 +61,7 @@ def run(cfg: Config) -> Path:
 
     if not cfg.prompts:
         raise UserError("prompts: no prompts file given; set prompts=FILE.jsonl")
-    records = read_records(cfg.prompts, "prompts")
+    records = read_records(cfg.prompts, "prompts", strict=cfg.strict)
     if cfg.limit:
         records = records[: cfg.limit]
     out = Path(cfg.output_dir)
