@@ -539,6 +539,10 @@ def test_unpaired_preference_pairs_each_desirable_with_each_undesirable(tmp_path
     ]
     assert "4 unpaired judgements -> 2 pairs" in caplog.text
     assert "1 prompt(s) with only one kind of label" in caplog.text
+    path = write_jsonl(tmp_path / "bad.jsonl", rows[2:])
+    assert error_of(path, "pairs") == (
+        f"{path}: no pairs: no prompt has both a desirable (label true) and an undesirable (label false) completion"
+    )
 
 
 def test_extra_columns_are_ignored_and_named_once_unless_strict(tmp_path, caplog):

@@ -360,11 +360,13 @@ def _from_implicit_prompt(obj: dict[str, Any], n: int) -> dict[str, Any]:
     chosen, rejected = obj.pop("chosen"), obj.pop("rejected")
     if isinstance(chosen, str) != isinstance(rejected, str) or not isinstance(chosen, str | list):
         raise ShapeError("chosen", "chosen and rejected must both be texts or both conversations")
-    n = _shared_start(chosen, rejected)
-    prompt = chosen[:n].rstrip() if isinstance(chosen, str) else chosen[:n]
+    cut = _shared_start(chosen, rejected)
+    prompt = chosen[:cut].rstrip() if isinstance(chosen, str) else chosen[:cut]
     if not prompt:
         raise ShapeError("chosen", "no prompt: chosen and rejected share no start (add a `prompt` column)")
-    rest = (chosen[n:], rejected[n:]) if isinstance(chosen, list) else (chosen[n:].strip(), rejected[n:].strip())
+    rest = (chosen[cut:], rejected[cut:])
+    if isinstance(chosen, str):
+        rest = (rest[0].strip(), rest[1].strip())
     return {"prompt": prompt, "chosen": rest[0], "rejected": rest[1], **obj}
 
 
@@ -573,6 +575,11 @@ def read_records(
         )  # fmt: skip
     if unpaired:
         pairs, lonely = unpaired_to_pairs(unpaired)
+        if not pairs and not records:
+            raise UserError(
+                f"{source}: no pairs: no prompt has both a desirable (label true) and an undesirable "
+                "(label false) completion"
+            )
         records.extend(pairs)
         log.warning(
             "%s: %d unpaired judgements -> %d pairs (each desirable completion over each undesirable one of the "
