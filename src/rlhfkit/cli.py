@@ -6,8 +6,8 @@ YAML file, then the KEY=VALUE overrides), and the run function does the rest. So
 a config field, `rlhfkit COMMAND --help` lists them all (types, choices, defaults), and a few
 commands take their main arguments without a key (`rlhfkit data validate FILE`).
 
-A module that still parses its own sub-commands (the feedback server's admin tasks) defines
-`cli(argv: list[str]) -> int` and is handed the remaining arguments untouched.
+A group may have a command of its own: `rlhfkit serve [KEY=VALUE ...]` runs the server, `rlhfkit
+serve add-user NAME` is one of its admin sub-commands.
 """
 
 from __future__ import annotations
@@ -41,6 +41,40 @@ COMMANDS: dict[str, Command] = {
     "sft": Command("rlhfkit.stages.sft", "supervised fine-tuning on demonstrations (loss on responses only)"),
     "generate": Command("rlhfkit.stages.generate", "sample K completions per prompt"),
     "serve": Command("rlhfkit.stages.serve", "the human-feedback web app (and its admin commands)"),
+    "serve run": Command("rlhfkit.stages.serve", "run the server (what `rlhfkit serve` alone does)"),
+    "serve init": Command("rlhfkit.stages.serve", "create or upgrade the database", "InitConfig", "run_init"),
+    "serve create-owner": Command(
+        "rlhfkit.stages.serve", "create the site owner (the first user)", "CreateOwnerConfig", "run_create_owner",
+        positional=("username",),
+    ),  # fmt: skip
+    "serve add-user": Command(
+        "rlhfkit.stages.serve", "create a user, optionally adding them to a project", "AddUserConfig",
+        "run_add_user", positional=("username",),
+    ),  # fmt: skip
+    "serve add-users": Command(
+        "rlhfkit.stages.serve", "create users from a CSV file: username,role,project[,password]", "AddUsersConfig",
+        "run_add_users", positional=("file",),
+    ),  # fmt: skip
+    "serve add-member": Command(
+        "rlhfkit.stages.serve", "add an existing user to a project (or change their role)", "AddMemberConfig",
+        "run_add_member", positional=("username", "project"),
+    ),  # fmt: skip
+    "serve create-project": Command(
+        "rlhfkit.stages.serve", "create a project", "CreateProjectConfig", "run_create_project",
+        positional=("name",),
+    ),  # fmt: skip
+    "serve import": Command(
+        "rlhfkit.stages.serve", "import completions (or prompts) JSONL into a project", "ImportConfig",
+        "run_import", positional=("project", "file"),
+    ),  # fmt: skip
+    "serve export": Command(
+        "rlhfkit.stages.serve", "export a project's data as JSONL", "ExportConfig", "run_export",
+        positional=("project", "kind", "out"),
+    ),  # fmt: skip
+    "serve api-key": Command(
+        "rlhfkit.stages.serve", "print a new API key for a user", "ApiKeyConfig", "run_api_key",
+        positional=("username",),
+    ),  # fmt: skip
     "aggregate": Command("rlhfkit.stages.aggregate", "consensus, agreement and pairs from human rankings"),
     "rm": Command("rlhfkit.stages.rm", "train a reward model on pairs, rankings or ratings"),
     "ppo": Command("rlhfkit.stages.ppo", "PPO against a reward, with a KL penalty to the starting model"),
@@ -77,6 +111,12 @@ def _groups() -> dict[str, list[str]]:
     return groups
 
 
+def _group_listing(group: str) -> list[str]:
+    subs = _groups().get(group, [])
+    width = max(map(len, subs), default=0) + 1
+    return [f"  {sub:<{width}} {COMMANDS[f'{group} {sub}'].help}" for sub in subs]
+
+
 def _command_help(name: str, command: Command, module: Any) -> str:
     from rlhfkit.config import describe_fields
 
@@ -89,6 +129,9 @@ def _command_help(name: str, command: Command, module: Any) -> str:
     width = max(len(r[0]) for r in rows) if rows else 10
     for dotted, type_name, default, desc in rows:
         lines.append(f"  {dotted:<{width}}  {type_name} = {default}" + (f"  ({desc})" if desc else ""))
+    subs = _group_listing(name)
+    if subs:
+        lines += ["", f"sub-commands (`rlhfkit {name} COMMAND --help` for theirs):", *subs]
     return "\n".join(lines)
 
 
@@ -102,8 +145,11 @@ def _overrides(name: str, command: Command, cls: Any, rest: list[str]) -> list[s
 
             key, _, value = arg.lstrip("-").partition("=")
             key = key.replace("-", "_")
-            key = next((row[0] for row in describe_fields(cls) if row[0].rsplit(".", 1)[-1] == key), key)
-            hint = f"{key}={value or 'VALUE'}"
+            row = next((row for row in describe_fields(cls) if row[0].rsplit(".", 1)[-1] == key), None)
+            if row is not None:
+                key = row[0]
+            # A bare switch (`--no-password`) meant its boolean setting turned on.
+            hint = f"{key}={value or ('true' if row is not None and row[1] == 'bool' else 'VALUE')}"
             raise UserError(f"unknown flag {arg}; settings are KEY=VALUE, e.g. {hint} (see `rlhfkit {name} --help`)")
         if "=" not in arg and positional:
             overrides.append(f"{positional.pop(0)}={arg}")
@@ -115,8 +161,6 @@ def _overrides(name: str, command: Command, cls: Any, rest: list[str]) -> list[s
 def run_command(name: str, argv: list[str]) -> int:
     command = COMMANDS[name]
     module = importlib.import_module(command.module)
-    if hasattr(module, "cli"):
-        return int(module.cli(argv) or 0)
     if any(a in ("-h", "--help") for a in argv):
         print(_command_help(name, command, module))
         return 0
@@ -160,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhfkit {__version__}: RLHF, the whole loop in one tool.\n")
         print("usage: rlhfkit COMMAND [ARG ...] [--config FILE.yaml] [--resume] [KEY=VALUE ...]\n")
         print("commands:")
+        width = max(map(len, COMMANDS)) + 1
         for name, command in COMMANDS.items():
-            print(f"  {name:<14} {command.help}")
+            print(f"  {name:<{width}} {command.help}")
         print("\n`rlhfkit COMMAND --help` lists every config field of that command.")
         return 0
     if argv[0] == "--version":
@@ -170,15 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name in groups:
         sub = rest[0] if rest else ""
-        if f"{name} {sub}" not in COMMANDS:
-            if sub in ("", "-h", "--help"):
-                print(f"usage: rlhfkit {name} COMMAND ...\n\ncommands:")
-                for s in groups[name]:
-                    print(f"  {s:<10} {COMMANDS[f'{name} {s}'].help}")
-                return 0
+        if f"{name} {sub}" in COMMANDS:
+            name, rest = f"{name} {sub}", rest[1:]
+        elif name in COMMANDS and (sub == "" or sub.startswith("-") or "=" in sub):
+            pass  # the group's own command (`rlhfkit serve port=8080`, `rlhfkit serve --help`)
+        elif sub in ("", "-h", "--help"):
+            print(f"usage: rlhfkit {name} COMMAND ...\n\ncommands:")
+            print("\n".join(_group_listing(name)))
+            return 0
+        else:
             print(f"rlhfkit: unknown command `{name} {sub}`; one of: {', '.join(groups[name])}", file=sys.stderr)
             return 2
-        name, rest = f"{name} {sub}", rest[1:]
     if name not in COMMANDS:
         known = dict.fromkeys(n.split(" ")[0] for n in COMMANDS)
         print(f"rlhfkit: unknown command {name!r}; one of: {', '.join(known)}", file=sys.stderr)

@@ -11,8 +11,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from rlhfkit.feedback.app import ServeConfig
 from rlhfkit.feedback.db import Database
+from rlhfkit.feedback.settings import ServeConfig
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 

@@ -1,8 +1,5 @@
-"""The feedback web app: `create_app(config)` builds it; api.py and pages.py hold the routes.
-
-Two ways in, one set of rules: browsers log in and carry a session cookie (every state-changing
-request must also carry the session's CSRF token), scripts send `Authorization: Bearer <API key>`
-(no cookie, so no CSRF). Both end at the same `service` functions.
+"""The feedback web app: `create_app(config)` assembles it from the routers (routes/api.py,
+routes/pages.py), the error handlers and the middleware; deps.py holds what the routes depend on.
 
 Everything a model wrote is untrusted: templates autoescape, data for scripts goes through
 `tojson` into a non-executable <script type="application/json">, and a strict Content-Security-
@@ -13,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -26,196 +21,23 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from rlhfkit.feedback import service
 from rlhfkit.feedback.db import Database
+from rlhfkit.feedback.deps import LoginRequired, State, authenticate, is_api, render, state
 from rlhfkit.feedback.markdown_safe import render_markdown
-from rlhfkit.feedback.security import (
-    HashingBusy,
-    HashingGate,
-    LoginThrottle,
-    csrf_ok,
-    csrf_token,
-    load_secret,
-    retry_after_header,
-)
+from rlhfkit.feedback.routes import api, pages
+from rlhfkit.feedback.schemas import problems_text
+from rlhfkit.feedback.security import HashingGate, LoginThrottle, load_secret
 from rlhfkit.feedback.settings import ServeConfig
 
 HERE = Path(__file__).parent
-COOKIE = "rlhfkit_session"
-LOGIN_COOKIE = "rlhfkit_login"
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
-
-
-@dataclass
-class State:
-    """What every request needs, hung on app.state.feedback."""
-
-    config: ServeConfig
-    db: Database
-    secret: bytes
-    templates: Jinja2Templates
-    throttle: LoginThrottle
-    hashing: HashingGate
-
-    @property
-    def lease(self) -> timedelta:
-        return timedelta(minutes=self.config.lease_minutes)
-
-    @property
-    def session_times(self) -> service.SessionTimes:
-        return service.SessionTimes(
-            idle=timedelta(hours=self.config.session_idle_hours), lifetime=timedelta(days=self.config.session_days)
-        )
-
-
-@dataclass
-class Auth:
-    """The caller. `session_token` is None for API-key callers (they need no CSRF token)."""
-
-    user_id: int
-    username: str
-    is_owner: bool
-    session_token: str | None
-
-    def csrf(self, secret: bytes) -> str:
-        return csrf_token(secret, self.session_token) if self.session_token else ""
-
-
-class LoginRequired(Exception):
-    """An anonymous browser asked for a page: send it to the login form."""
-
-
-def state(request: Request) -> State:
-    return request.app.state.feedback
-
-
-def is_api(request: Request) -> bool:
-    return request.url.path.startswith("/api/")
-
-
-def authenticate(request: Request) -> Auth | None:
-    st = state(request)
-    header = request.headers.get("authorization", "")
-    if header[:7].lower() == "bearer ":
-        with st.db.session() as s:
-            user = service.api_key_user(s, header[7:].strip())
-            if user is None:
-                raise service.Unauthorized("invalid or revoked API key")
-            return Auth(user.id, user.username, user.is_owner, None)
-    token = request.cookies.get(COOKIE)
-    if not token:
-        return None
-    with st.db.session() as s:
-        found = service.session_user(s, token, st.session_times)
-    if found is None:
-        return None
-    user, due = found
-    if due:  # a write, but only once per SessionTimes.step
-        with st.db.session(write=True) as s:
-            service.touch_session(s, token, st.session_times)
-    return Auth(user.id, user.username, user.is_owner, token)
-
-
-def check_csrf(request: Request, auth: Auth, token: str | None) -> None:
-    if auth.session_token is not None and not csrf_ok(state(request).secret, auth.session_token, token):
-        raise service.Forbidden("missing or invalid CSRF token: reload the page and try again")
-
-
-def api_auth(request: Request) -> Auth:
-    """Dependency for /api routes: 401 if anonymous; CSRF header on state-changing calls."""
-    auth = authenticate(request)
-    if auth is None:
-        raise service.Unauthorized("log in (POST /api/login) or send Authorization: Bearer <API key>")
-    if request.method not in ("GET", "HEAD", "OPTIONS"):
-        check_csrf(request, auth, request.headers.get("x-csrf-token"))
-    return auth
-
-
-def page_auth(request: Request) -> Auth:
-    """Dependency for GET pages: anonymous browsers are sent to the login form."""
-    auth = authenticate(request)
-    if auth is None:
-        raise LoginRequired()
-    return auth
-
-
-def client_address(request: Request) -> str:
-    """The caller's IP address (as reported by a trusted proxy, if configured; see create_app)."""
-    return request.client.host if request.client else "unknown"
-
-
-def cookie_secure(request: Request) -> bool:
-    """Whether cookies get the Secure flag: by default when the request came over HTTPS (directly,
-    or as a trusted proxy reports it), so a plain-http localhost setup still logs in."""
-    setting = state(request).config.secure_cookies
-    return request.url.scheme == "https" if setting == "auto" else setting
-
-
-async def login_user(request: Request, username: str, password: str) -> int:
-    """The user id if the password is right, for the JSON and the form login alike.
-
-    Throttled (see LoginThrottle: 429 with Retry-After) and bounded (see HashingGate: 503);
-    the throttle is asked again once a hashing slot is free, since failures may have been
-    counted while this attempt waited.
-    """
-    st, address = state(request), client_address(request)
-
-    def refuse_if_throttled() -> None:
-        wait = st.throttle.retry_after(username, address)
-        if wait > 0:
-            headers = retry_after_header(wait)
-            raise service.TooManyAttempts(
-                f"too many failed logins; try again in {headers['Retry-After']} seconds", headers
-            )
-
-    def check() -> int:
-        refuse_if_throttled()
-        with st.db.session() as s:
-            return service.check_password(s, username, password).id
-
-    refuse_if_throttled()
-    try:
-        user_id = await st.hashing.run(check)
-    except HashingBusy:
-        raise service.Busy(
-            "the server is busy with other logins; try again in a moment", retry_after_header(1)
-        ) from None
-    except service.Unauthorized:
-        st.throttle.failed(username, address)
-        raise
-    st.throttle.succeeded(username)
-    return user_id
-
-
-@dataclass
-class Posted:
-    auth: Auth
-    form: FormData
-
-
-async def page_post(request: Request) -> Posted:
-    """Dependency for form posts: the login, the form, and its CSRF field checked."""
-    auth = await run_in_threadpool(authenticate, request)
-    if auth is None:
-        raise LoginRequired()
-    form = await request.form()
-    check_csrf(request, auth, str(form.get("csrf_token", "")))
-    return Posted(auth, form)
-
-
-def render(
-    request: Request, name: str, context: dict[str, Any], auth: Auth | None = None, status: int = 200
-) -> Response:
-    st = state(request)
-    ctx = {"auth": auth, "csrf": auth.csrf(st.secret) if auth else "", **context}
-    return st.templates.TemplateResponse(request, name, ctx, status_code=status)
 
 
 # ---------------------------------------------------------------- errors
@@ -235,14 +57,6 @@ def _error(request: Request, status: int, message: str, headers: dict[str, str] 
     return response
 
 
-def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
-    for e in exc.errors():
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-        parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
-    return "invalid request: " + "; ".join(parts)
-
-
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(service.ServiceError)
     async def _service(request: Request, exc: service.ServiceError) -> Response:
@@ -256,7 +70,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        return await run_in_threadpool(_error, request, 422, _validation_message(exc))
+        return await run_in_threadpool(_error, request, 422, "invalid request: " + problems_text(exc, "body"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
@@ -333,8 +147,6 @@ def _templates() -> Jinja2Templates:
 
 def create_app(config: ServeConfig, db: Database | None = None) -> FastAPI:
     """The ASGI app. Migrates the database first, so a fresh file or database just works."""
-    from rlhfkit.feedback import api, pages
-
     db = db or Database(config.db_url)
     db.migrate()
 

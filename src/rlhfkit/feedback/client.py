@@ -19,6 +19,8 @@ from typing import Any
 
 import httpx
 
+from rlhfkit.feedback.choices import DEFAULT_ROLE, DEFAULT_TASK, Role, Task
+
 
 class FeedbackError(Exception):
     """The server refused a request; `status` is the HTTP status, the message says why."""
@@ -136,7 +138,7 @@ class FeedbackClient:
         return self.call("POST", "/api/keys", json={"name": name})["key"]
 
     def create_project(
-        self, name: str, task: str = "ranking", overlap: int = 3, guidelines: str = ""
+        self, name: str, task: Task = DEFAULT_TASK, overlap: int = 3, guidelines: str = ""
     ) -> dict[str, Any]:
         return self.call(
             "POST",
@@ -144,7 +146,7 @@ class FeedbackClient:
             json={"name": name, "task": task, "overlap": overlap, "guidelines": guidelines},
         )
 
-    def set_member(self, project_id: int, username: str, role: str = "labeler") -> dict[str, Any]:
+    def set_member(self, project_id: int, username: str, role: Role = DEFAULT_ROLE) -> dict[str, Any]:
         return self.call("PUT", f"/api/projects/{project_id}/members", json={"username": username, "role": role})
 
     def import_jsonl(self, project_id: int, data: bytes | str | Path, filename: str | None = None) -> dict[str, int]:

@@ -6,6 +6,18 @@ starts with BEGIN IMMEDIATE (which also waits, via busy_timeout, for writers in 
 and WAL mode lets readers carry on while a write is in progress. PostgreSQL needs none of this:
 its row locks and unique constraints do the work.
 
+Which write to use, one rule everywhere:
+- `transact(fn)` when the transaction inserts a row that a concurrent request may insert too, so a
+  unique constraint decides who wins: users, projects, memberships, items, assignments (handing out
+  the next item), judgments; and the admin CLI, whose commands are mostly such creates. The loser
+  is rolled back and `fn` runs again, sees the winner's row and answers as if it came second. `fn`
+  must therefore only touch the session it is given (no side effects a second run would repeat).
+- `session(write=True)` for every other write: updates and deletes of existing rows (settings,
+  drafts, roles removed, passwords, logouts) and inserts under a fresh random key (login sessions,
+  API keys), where no concurrent request can collide and a retry could not change the outcome.
+  So is setup code that runs alone (the demo, benchmarks).
+Reads use `session()`.
+
 The schema is created and upgraded by Alembic migrations shipped in this package; `migrate()`
 runs them programmatically, so no alembic.ini is needed anywhere.
 """

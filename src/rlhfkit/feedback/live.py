@@ -13,7 +13,8 @@ from typing import Any
 
 import uvicorn
 
-from rlhfkit.feedback.app import ServeConfig, create_app
+from rlhfkit.feedback.app import create_app
+from rlhfkit.feedback.settings import ServeConfig
 
 
 class LiveServer:

@@ -17,9 +17,7 @@ from typing import Any
 from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-ROLES = ("admin", "labeler")
 NullableJSON = JSON(none_as_null=True)  # Python None is SQL NULL (not JSON 'null'), so IS NULL works
-TASKS = ("ranking", "pairwise", "demonstration")
 
 
 def utcnow() -> datetime:
@@ -72,7 +70,7 @@ class Project(Base):
     __tablename__ = "projects"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
-    task: Mapped[str] = mapped_column(String(16))  # one of TASKS
+    task: Mapped[str] = mapped_column(String(16))  # one of choices.TASKS
     guidelines: Mapped[str] = mapped_column(Text, default="")
     overlap: Mapped[int]  # N: each item goes to N distinct labelers
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -82,7 +80,7 @@ class Member(Base):
     __tablename__ = "members"
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
-    role: Mapped[str] = mapped_column(String(16))  # one of ROLES
+    role: Mapped[str] = mapped_column(String(16))  # one of choices.ROLES
     user: Mapped[User] = relationship()
 
 

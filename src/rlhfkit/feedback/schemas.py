@@ -5,7 +5,7 @@ never be shown again."""
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -18,6 +18,8 @@ from pydantic import (
     field_validator,
 )
 
+from rlhfkit.errors import validation_problems
+from rlhfkit.feedback.choices import DEFAULT_ROLE, DEFAULT_TASK, Role, Task
 from rlhfkit.feedback.security import password_problem
 
 MAX_COMMENT = 5_000
@@ -62,8 +64,13 @@ def text(max_length: int, min_length: int = 0) -> type[str]:
 
 Username = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")]
 ClientToken = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")]
-Role = Literal["admin", "labeler"]
-Task = Literal["ranking", "pairwise", "demonstration"]
+
+
+def problems_text(err: Any, root: str = "form") -> str:
+    """A ValidationError (of these schemas, or FastAPI's of a request) as one line that names each
+    field: `role: Input should be 'admin' or 'labeler'`. A request's `body.` prefix is dropped:
+    the body is where every field is."""
+    return "; ".join(f"{where.removeprefix('body.')}: {msg}" for where, msg, _ in validation_problems(err, root))
 
 
 class In(BaseModel):
@@ -91,7 +98,7 @@ class UserIn(In):
 
 class ProjectIn(In):
     name: text(100, 1)
-    task: Task = "ranking"
+    task: Task = DEFAULT_TASK
     guidelines: text(MAX_GUIDELINES) = ""
     overlap: StrictInt = Field(3, ge=1, le=100)
 
@@ -103,7 +110,7 @@ class ProjectSettingsIn(In):
 
 class MemberIn(In):
     username: Username
-    role: Role = "labeler"
+    role: Role = DEFAULT_ROLE
 
 
 class ApiKeyIn(In):

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy import and_, exists, func, select, text, update
 from sqlalchemy.orm import Session, contains_eager, selectinload
 
@@ -38,6 +38,7 @@ from rlhfkit.data.formats import (
     text_to_json,
 )
 from rlhfkit.errors import UserError
+from rlhfkit.feedback.choices import DEFAULT_ROLE
 from rlhfkit.feedback.models import (
     ApiKey,
     Assignment,
@@ -58,6 +59,7 @@ from rlhfkit.feedback.schemas import (
     ProjectIn,
     ProjectSettingsIn,
     UserIn,
+    problems_text,
     text_problem,
 )
 from rlhfkit.feedback.security import (
@@ -73,6 +75,7 @@ from rlhfkit.labels import consensus
 from rlhfkit.labels.pairs import rankings_to_pairs
 
 log = logging.getLogger("rlhfkit.feedback")
+M = TypeVar("M", bound=BaseModel)
 
 
 class ServiceError(Exception):
@@ -138,6 +141,22 @@ def get_user(s: Session, username: str) -> User:
     user = s.scalar(select(User).where(User.username == username))
     if user is None:
         raise NotFound(f"no user named {username!r}")
+    return user
+
+
+def checked(model: type[M], **fields: Any) -> M:
+    """A request schema built from a form's or a command line's values: its errors become a 422
+    (a CLI error, via the admin commands) that names each field, as the JSON API's do."""
+    try:
+        return model(**fields)
+    except ValidationError as e:
+        raise Invalid(problems_text(e)) from None
+
+
+def user_by_id(s: Session, user_id: int) -> User:
+    user = s.get(User, user_id)
+    if user is None:
+        raise NotFound("no such user")
     return user
 
 
@@ -934,11 +953,11 @@ def parse_users_csv(text: str) -> tuple[list[UserLine], list[tuple[int, str]]]:
         if not 3 <= len(cells) <= 4:
             errors.append((n, f"expected username,role,project[,password]; got {len(cells)} fields"))
             continue
-        username, role, project = cells[0], cells[1] or "labeler", cells[2]
+        username, role, project = cells[0], cells[1] or DEFAULT_ROLE, cells[2]
         try:
             MemberIn(username=username, role=role)  # type: ignore[arg-type]
         except ValidationError as e:
-            errors.append((n, "; ".join(f"{x['loc'][0]}: {x['msg']}" for x in e.errors())))
+            errors.append((n, problems_text(e)))
             continue
         lines.append(UserLine(n, username, role, project, cells[3] if len(cells) == 4 and cells[3] else None))
     return lines, errors

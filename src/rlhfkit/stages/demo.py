@@ -131,11 +131,11 @@ def collect_feedback(out: Path, completions: Path, cfg: FeedbackConfig, seed: in
     """Start the real feedback server (SQLite), set up a project, and let the panel rank over HTTP."""
     from rlhfkit.eval.gold import GoldJudge
     from rlhfkit.feedback import service
-    from rlhfkit.feedback.app import ServeConfig
     from rlhfkit.feedback.client import FeedbackClient
     from rlhfkit.feedback.db import Database
     from rlhfkit.feedback.live import LiveServer
     from rlhfkit.feedback.schemas import UserIn
+    from rlhfkit.feedback.settings import ServeConfig
     from rlhfkit.sim.panel import default_panel, label_over_http
 
     out.mkdir(parents=True, exist_ok=True)

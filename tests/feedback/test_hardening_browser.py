@@ -13,10 +13,10 @@ from urllib.parse import urlsplit
 import pytest
 from feedback_helpers import BYPASSES, PASSWORD, SAFE_LINKS, World, seed, store_damaged_item
 
-from rlhfkit.feedback.app import ServeConfig
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.live import LiveServer
 from rlhfkit.feedback.models import Project
+from rlhfkit.feedback.settings import ServeConfig
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CHROMIUM = "/usr/bin/chromium"

@@ -13,9 +13,10 @@ from feedback_helpers import ALPHA, BRAVO, PASSWORD, XSS, World, completions_jso
 from sqlalchemy import func, select
 
 from rlhfkit.feedback import service
-from rlhfkit.feedback.app import ServeConfig, create_app
+from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.models import Assignment, Item, Judgment, Member, Project, User
+from rlhfkit.feedback.settings import ServeConfig
 
 ROLES = ("anon", "eve", "ann", "alice", "owner")  # eve: labeler of the *other* project only
 LABELING = ("ann", "alice", "owner")
@@ -308,6 +309,25 @@ def test_bad_input_is_refused_and_nothing_is_stored(app_world: tuple[Any, World]
         assert s.scalar(select(func.count()).select_from(Item).where(Item.project_id == A)) == 8
     r = owner.post("/api/projects", json={"name": "x", "overlap": 0})
     assert r.status_code == 422 and "overlap" in r.json()["error"]
+
+
+def test_bad_fields_are_named_alike_by_the_api_and_the_pages(app_world: tuple[Any, World]) -> None:
+    """One reading of pydantic's errors: the field, then our own validator's words (no "Value error,"),
+    whether the request came as JSON or as a form."""
+    app, world = app_world
+    owner = login(app, "owner")
+    short = "password: must have at least 10 characters"
+    r = owner.client.post(
+        "/api/users", json={"username": "carol", "password": "short"}, headers={"X-CSRF-Token": owner.csrf}
+    )
+    assert r.status_code == 422 and r.json()["error"].startswith(f"invalid request: {short}"), r.text
+    r = owner.client.post("/admin/users", data={"username": "carol", "password": "short", "csrf_token": owner.csrf})
+    assert r.status_code == 422 and short in r.text and "Value error" not in r.text
+    url = f"/p/{world.project_a}/admin/members"
+    r = owner.client.post(url, data={"username": "ann", "role": "boss", "csrf_token": owner.csrf})
+    assert r.status_code == 422 and "role: Input should be &#39;admin&#39; or &#39;labeler&#39;" in r.text
+    page = owner.client.get(f"/p/{world.project_a}/admin").text
+    assert '<option value="admin">admin</option><option value="labeler" selected>labeler</option>' in page
 
 
 def test_csrf_tokens_are_bound_to_one_session(app_world: tuple[Any, World]) -> None:

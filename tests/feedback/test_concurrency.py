@@ -13,12 +13,12 @@ from feedback_helpers import completions_jsonl
 from sqlalchemy import func, select
 
 from rlhfkit.feedback import service
-from rlhfkit.feedback.app import ServeConfig
 from rlhfkit.feedback.client import FeedbackClient, FeedbackError
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.live import LiveServer
 from rlhfkit.feedback.models import Assignment, Item, Judgment
 from rlhfkit.feedback.schemas import MemberIn, ProjectIn, UserIn
+from rlhfkit.feedback.settings import ServeConfig
 
 LABELERS, ITEMS, OVERLAP = 20, 15, 3
 

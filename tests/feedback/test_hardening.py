@@ -38,13 +38,14 @@ from feedback_helpers import (
 from sqlalchemy import func, select
 
 from rlhfkit.feedback import service
-from rlhfkit.feedback.app import ServeConfig, create_app
+from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.live import LiveServer
 from rlhfkit.feedback.markdown_safe import render_markdown
 from rlhfkit.feedback.models import Item, LoginSession, User
 from rlhfkit.feedback.schemas import MAX_CANDIDATES
 from rlhfkit.feedback.security import SECRET_ENV
+from rlhfkit.feedback.settings import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 MakeApp = Callable[..., tuple[Any, World]]

@@ -13,9 +13,10 @@ from fastapi.testclient import TestClient
 from feedback_helpers import PASSWORD
 
 from rlhfkit.feedback import service
-from rlhfkit.feedback.app import ServeConfig, create_app
+from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.schemas import MemberIn, ProjectIn, UserIn
+from rlhfkit.feedback.settings import ServeConfig
 
 
 @pytest.fixture

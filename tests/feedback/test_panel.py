@@ -7,11 +7,11 @@ from pathlib import Path
 from feedback_helpers import PASSWORD, completions_jsonl
 
 from rlhfkit.feedback import service
-from rlhfkit.feedback.app import ServeConfig
 from rlhfkit.feedback.client import FeedbackClient
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.live import LiveServer
 from rlhfkit.feedback.schemas import UserIn
+from rlhfkit.feedback.settings import ServeConfig
 from rlhfkit.sim.panel import SimulatedLabeler, label_over_http
 
 PANEL = [

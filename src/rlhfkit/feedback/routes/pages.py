@@ -9,28 +9,41 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import ValidationError
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from rlhfkit.feedback import service
-from rlhfkit.feedback.api import set_session_cookie, start_session
-from rlhfkit.feedback.app import (
-    COOKIE,
+from rlhfkit.feedback.choices import DEFAULT_ROLE, DEFAULT_TASK, ROLES, TASKS
+from rlhfkit.feedback.deps import (
     LOGIN_COOKIE,
     Auth,
-    Posted,
+    OwnerPost,
+    PageAuth,
+    PageOwner,
+    PagePost,
     cookie_secure,
+    end_session,
     login_user,
-    page_auth,
-    page_post,
     render,
+    set_session_cookie,
+    start_session,
     state,
 )
-from rlhfkit.feedback.models import TASKS, Project, User
-from rlhfkit.feedback.schemas import ApiKeyIn, JudgmentIn, LoginIn, MemberIn, ProjectIn, ProjectSettingsIn, UserIn
+from rlhfkit.feedback.models import Project
+from rlhfkit.feedback.schemas import (
+    ApiKeyIn,
+    JudgmentIn,
+    LoginIn,
+    MemberIn,
+    ProjectIn,
+    ProjectSettingsIn,
+    UserIn,
+    problems_text,
+)
 from rlhfkit.feedback.security import csrf_ok, csrf_token, new_token
 from rlhfkit.labels.agreement import agreement_report
 
@@ -61,10 +74,6 @@ def form_int(form: Any, name: str, default: int) -> int:
     if value is None:
         raise service.Invalid(f"{name}: {raw.strip()[:20]!r} is not a whole number (at most 9 digits)")
     return value
-
-
-def validation_text(e: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'form'}: {err['msg']}" for err in e.errors())
 
 
 # ---------------------------------------------------------------- login
@@ -114,7 +123,7 @@ async def login(request: Request) -> Response:
         data = LoginIn(username=str(form.get("username", "")), password=str(form.get("password", "")))
         user_id = await login_user(request, data.username, data.password)
     except ValidationError as e:
-        return _login_page(request, next_path, validation_text(e), "", status=422)
+        return _login_page(request, next_path, problems_text(e), "", status=422)
     except (service.Unauthorized, service.TooManyAttempts, service.Busy) as e:
         return _login_page(request, next_path, e.message, username, status=e.status, headers=e.headers)
     token = await run_in_threadpool(start_session, request, user_id)
@@ -125,22 +134,17 @@ async def login(request: Request) -> Response:
 
 
 @router.post("/logout")
-def logout(request: Request, posted: Posted = Depends(page_post)) -> Response:
-    if posted.auth.session_token:
-        with state(request).db.session(write=True) as s:
-            service.logout(s, posted.auth.session_token)
-    response = redirect("/login")
-    response.delete_cookie(COOKIE, path="/")
-    return response
+def logout(request: Request, posted: PagePost) -> Response:
+    return end_session(request, posted.auth, redirect("/login"))
 
 
 # ---------------------------------------------------------------- home, project, labeling
 
 
 @router.get("/")
-def home(request: Request, auth: Auth = Depends(page_auth)) -> Response:
+def home(request: Request, auth: PageAuth) -> Response:
     with state(request).db.session() as s:
-        user = s.get(User, auth.user_id)
+        user = auth.user(s)
         projects = [
             {"project": p, "role": role, "progress": service.my_progress(s, p, user)}
             for p, role in service.projects_of(s, user)
@@ -149,9 +153,9 @@ def home(request: Request, auth: Auth = Depends(page_auth)) -> Response:
 
 
 @router.get("/p/{pid}")
-def project_page(pid: int, request: Request, auth: Auth = Depends(page_auth)) -> Response:
+def project_page(pid: int, request: Request, auth: PageAuth) -> Response:
     with state(request).db.session() as s:
-        user = s.get(User, auth.user_id)
+        user = auth.user(s)
         project, role = service.project_for(s, user, pid)
         return render(
             request,
@@ -162,11 +166,11 @@ def project_page(pid: int, request: Request, auth: Auth = Depends(page_auth)) ->
 
 
 @router.get("/p/{pid}/next")
-def next_page(pid: int, request: Request, saved: int = 0, auth: Auth = Depends(page_auth)) -> Response:
+def next_page(pid: int, request: Request, auth: PageAuth, saved: int = 0) -> Response:
     st = state(request)
 
-    def work(s: Any) -> int | None:
-        user = s.get(User, auth.user_id)
+    def work(s: Session) -> int | None:
+        user = auth.user(s)
         project, _ = service.project_for(s, user, pid)
         view = service.next_view(s, project, user, st.lease)
         return view["item_id"] if view else None
@@ -175,7 +179,7 @@ def next_page(pid: int, request: Request, saved: int = 0, auth: Auth = Depends(p
     if item_id is not None:
         return redirect(f"/p/{pid}/items/{item_id}", **({"saved": 1} if saved else {}))
     with st.db.session() as s:
-        user = s.get(User, auth.user_id)
+        user = auth.user(s)
         project, role = service.project_for(s, user, pid)
         return render(
             request,
@@ -202,7 +206,7 @@ def _task_page(
     status: int = 200,
 ) -> Response:
     with state(request).db.session() as s:
-        user = s.get(User, auth.user_id)
+        user = auth.user(s)
         project, role = service.project_for(s, user, pid)
         view = service.item_view(service.assignment_for(s, project, user, item_id), project)
         draft = posted_draft if posted_draft is not None else (view["draft"] or {})
@@ -226,7 +230,7 @@ def _task_page(
 
 
 @router.get("/p/{pid}/items/{item_id}")
-def task_page(pid: int, item_id: int, request: Request, saved: int = 0, auth: Auth = Depends(page_auth)) -> Response:
+def task_page(pid: int, item_id: int, request: Request, auth: PageAuth, saved: int = 0) -> Response:
     return _task_page(request, auth, pid, item_id, saved=saved)
 
 
@@ -246,26 +250,24 @@ def _draft_from_form(form: Any, display_order: list[int]) -> dict[str, Any]:
 
 def _judgment(draft: dict[str, Any], form: Any) -> JudgmentIn:
     chosen = {cid: r for cid, r in draft["ranks"].items() if r is not None}
-    try:
-        return JudgmentIn(
-            ranking=chosen or None,
-            unusable=draft["unusable"],
-            comment=draft["comment"] or None,
-            response=draft["response"] if "response" in form else None,
-            client_token=str(form.get("client_token", "")),
-        )
-    except ValidationError as e:
-        raise service.Invalid(validation_text(e)) from None
+    return service.checked(
+        JudgmentIn,
+        ranking=chosen or None,
+        unusable=draft["unusable"],
+        comment=draft["comment"] or None,
+        response=draft["response"] if "response" in form else None,
+        client_token=str(form.get("client_token", "")),
+    )
 
 
 @router.post("/p/{pid}/items/{item_id}")
-def submit_page(pid: int, item_id: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
+def submit_page(pid: int, item_id: int, request: Request, posted: PagePost) -> Response:
     st, auth, form = state(request), posted.auth, posted.form
     draft: dict[str, Any] | None = None
 
-    def work(s: Any) -> None:
+    def work(s: Session) -> None:
         nonlocal draft
-        user = s.get(User, auth.user_id)
+        user = auth.user(s)
         project, _ = service.project_for(s, user, pid)
         a = service.assignment_for(s, project, user, item_id)
         draft = _draft_from_form(form, a.display_order)
@@ -286,11 +288,9 @@ def submit_page(pid: int, item_id: int, request: Request, posted: Posted = Depen
 
 
 @router.get("/p/{pid}/admin")
-def admin_page(
-    pid: int, request: Request, added: int = -1, skipped: int = 0, auth: Auth = Depends(page_auth)
-) -> Response:
+def admin_page(pid: int, request: Request, auth: PageAuth, added: int = -1, skipped: int = 0) -> Response:
     with state(request).db.session() as s:
-        project, role = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+        project, role = service.project_for(s, auth.user(s), pid, admin=True)
         report = agreement_report(service.rankings_of(s, project)) if project.task != "demonstration" else None
         return render(
             request,
@@ -302,6 +302,8 @@ def admin_page(
                 "agreement": report,
                 "members": service.members(s, project),
                 "exports": service.EXPORTS,
+                "roles": ROLES,
+                "default_role": DEFAULT_ROLE,
                 "added": added,
                 "skipped": skipped,
             },
@@ -309,30 +311,28 @@ def admin_page(
         )
 
 
-def _admin_project(s: Any, auth: Auth, pid: int) -> Project:
-    return service.project_for(s, s.get(User, auth.user_id), pid, admin=True)[0]
+def _admin_project(s: Session, auth: Auth, pid: int) -> Project:
+    return service.project_for(s, auth.user(s), pid, admin=True)[0]
 
 
 @router.post("/p/{pid}/admin/settings")
-def admin_settings(pid: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
+def admin_settings(pid: int, request: Request, posted: PagePost) -> Response:
     form = posted.form
-    try:
-        data = ProjectSettingsIn(guidelines=str(form.get("guidelines", "")), overlap=form_int(form, "overlap", 3))
-    except ValidationError as e:
-        raise service.Invalid(validation_text(e)) from None
+    guidelines, overlap = str(form.get("guidelines", "")), form_int(form, "overlap", 3)
+    data = service.checked(ProjectSettingsIn, guidelines=guidelines, overlap=overlap)
     with state(request).db.session(write=True) as s:
         service.update_project(s, _admin_project(s, posted.auth, pid), data)
     return redirect(f"/p/{pid}/admin")
 
 
 @router.post("/p/{pid}/admin/import")
-def admin_import(pid: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
+def admin_import(pid: int, request: Request, posted: PagePost) -> Response:
     upload = posted.form.get("file")
     if not isinstance(upload, UploadFile) or not upload.filename:
         raise service.Invalid("choose a JSONL file to import")
     data = upload.file.read()
 
-    def work(s: Any) -> dict[str, int]:
+    def work(s: Session) -> dict[str, int]:
         project = _admin_project(s, posted.auth, pid)
         return service.import_items(s, project, service.parse_upload(upload.filename or "", data, project.task))
 
@@ -341,17 +341,15 @@ def admin_import(pid: int, request: Request, posted: Posted = Depends(page_post)
 
 
 @router.post("/p/{pid}/admin/members")
-def admin_add_member(pid: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
-    try:
-        data = MemberIn(username=str(posted.form.get("username", "")).strip(), role=posted.form.get("role", "labeler"))
-    except ValidationError as e:
-        raise service.Invalid(validation_text(e)) from None
+def admin_add_member(pid: int, request: Request, posted: PagePost) -> Response:
+    username = str(posted.form.get("username", "")).strip()
+    data = service.checked(MemberIn, username=username, role=posted.form.get("role", DEFAULT_ROLE))
     state(request).db.transact(lambda s: service.set_member(s, _admin_project(s, posted.auth, pid), data))
     return redirect(f"/p/{pid}/admin")
 
 
 @router.post("/p/{pid}/admin/members/{user_id}/remove")
-def admin_remove_member(pid: int, user_id: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
+def admin_remove_member(pid: int, user_id: int, request: Request, posted: PagePost) -> Response:
     with state(request).db.session(write=True) as s:
         service.remove_member(s, _admin_project(s, posted.auth, pid), user_id)
     return redirect(f"/p/{pid}/admin")
@@ -360,72 +358,52 @@ def admin_remove_member(pid: int, user_id: int, request: Request, posted: Posted
 # ---------------------------------------------------------------- site owner: projects and users
 
 
-def _require_owner(auth: Auth) -> None:
-    if not auth.is_owner:
-        raise service.Forbidden("only the site owner may do that")
-
-
 @router.post("/projects")
-def create_project(request: Request, posted: Posted = Depends(page_post)) -> Response:
-    _require_owner(posted.auth)
+def create_project(request: Request, posted: OwnerPost) -> Response:
     form = posted.form
-    try:
-        data = ProjectIn(
-            name=str(form.get("name", "")).strip(),
-            task=form.get("task", "ranking"),
-            guidelines=str(form.get("guidelines", "")),
-            overlap=form_int(form, "overlap", 3),
-        )
-    except ValidationError as e:
-        raise service.Invalid(validation_text(e)) from None
+    data = service.checked(
+        ProjectIn,
+        name=str(form.get("name", "")).strip(),
+        task=form.get("task", DEFAULT_TASK),
+        guidelines=str(form.get("guidelines", "")),
+        overlap=form_int(form, "overlap", 3),
+    )
     project_id = state(request).db.transact(lambda s: service.create_project(s, data).id)
     return redirect(f"/p/{project_id}/admin")
 
 
 @router.get("/admin/users")
-def users_page(request: Request, auth: Auth = Depends(page_auth)) -> Response:
-    _require_owner(auth)
+def users_page(request: Request, auth: PageOwner) -> Response:
     with state(request).db.session() as s:
         return render(request, "users.html", {"users": service.all_users(s)}, auth)
 
 
 @router.post("/admin/users")
-def create_user(request: Request, posted: Posted = Depends(page_post)) -> Response:
-    _require_owner(posted.auth)
+def create_user(request: Request, posted: OwnerPost) -> Response:
     form = posted.form
-    try:
-        data = UserIn(
-            username=str(form.get("username", "")).strip(),
-            password=str(form.get("password", "")) or None,
-            is_owner=form.get("is_owner") in ("1", "on"),
-        )
-    except ValidationError as e:
-        raise service.Invalid(validation_text(e)) from None
+    data = service.checked(
+        UserIn,
+        username=str(form.get("username", "")).strip(),
+        password=str(form.get("password", "")) or None,
+        is_owner=form.get("is_owner") in ("1", "on"),
+    )
     state(request).db.transact(lambda s: service.create_user(s, data))
     return redirect("/admin/users")
 
 
 @router.post("/admin/users/{user_id}/active")
-def set_user_active(user_id: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
-    _require_owner(posted.auth)
+def set_user_active(user_id: int, request: Request, posted: OwnerPost) -> Response:
     if user_id == posted.auth.user_id:
         raise service.Invalid("you cannot deactivate yourself")
     with state(request).db.session(write=True) as s:
-        user = s.get(User, user_id)
-        if user is None:
-            raise service.NotFound("no such user")
-        service.set_active(s, user, posted.form.get("active") == "1")
+        service.set_active(s, service.user_by_id(s, user_id), posted.form.get("active") == "1")
     return redirect("/admin/users")
 
 
 @router.post("/admin/users/{user_id}/password")
-def set_user_password(user_id: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
-    _require_owner(posted.auth)
+def set_user_password(user_id: int, request: Request, posted: OwnerPost) -> Response:
     with state(request).db.session(write=True) as s:
-        user = s.get(User, user_id)
-        if user is None:
-            raise service.NotFound("no such user")
-        service.set_password(s, user, str(posted.form.get("password", "")))
+        service.set_password(s, service.user_by_id(s, user_id), str(posted.form.get("password", "")))
     return redirect("/admin/users")
 
 
@@ -436,7 +414,7 @@ def _account_page(
     request: Request, auth: Auth, *, new_key: str | None = None, password_error: str = "", status: int = 200
 ) -> Response:
     with state(request).db.session() as s:
-        user = s.get(User, auth.user_id)
+        user = auth.user(s)
         return render(
             request,
             "account.html",
@@ -453,12 +431,12 @@ def _account_page(
 
 
 @router.get("/account")
-def account_page(request: Request, auth: Auth = Depends(page_auth)) -> Response:
+def account_page(request: Request, auth: PageAuth) -> Response:
     return _account_page(request, auth)
 
 
 @router.post("/account/password")
-async def change_password(request: Request, posted: Posted = Depends(page_post)) -> Response:
+async def change_password(request: Request, posted: PagePost) -> Response:
     """The current password, then the new one twice. The current one is checked like a login
     (throttled, hashing bounded), so an open session cannot be used to guess it. Every other
     session of this user ends (as with any password change); this browser gets a fresh session so
@@ -468,18 +446,17 @@ async def change_password(request: Request, posted: Posted = Depends(page_post))
     try:
         if new != str(form.get("new_password_again", "")):
             raise service.Invalid("the two new passwords differ")
-        with st.db.session() as s:
-            username = s.get(User, posted.auth.user_id).username
         try:
-            await login_user(request, username, str(form.get("current_password", "")))
+            await login_user(request, posted.auth.username, str(form.get("current_password", "")))
         except service.Unauthorized:
             raise service.Invalid("current password: that is not your current password") from None
 
-        def work(s: Any) -> str:
-            service.set_password(s, s.get(User, posted.auth.user_id), new)
-            return service.open_session(s, posted.auth.user_id, st.session_times)
+        def change() -> str:  # no row a concurrent request could insert too: no retry (see db.py)
+            with st.db.session(write=True) as s:
+                service.set_password(s, posted.auth.user(s), new)
+                return service.open_session(s, posted.auth.user_id, st.session_times)
 
-        token = await run_in_threadpool(st.db.transact, work)
+        token = await run_in_threadpool(change)
     except (service.Invalid, service.TooManyAttempts, service.Busy) as e:
         response = await run_in_threadpool(
             _account_page, request, posted.auth, password_error=e.message, status=e.status
@@ -492,18 +469,15 @@ async def change_password(request: Request, posted: Posted = Depends(page_post))
 
 
 @router.post("/account/keys")
-def create_key(request: Request, posted: Posted = Depends(page_post)) -> Response:
-    try:
-        data = ApiKeyIn(name=str(posted.form.get("name", "")).strip() or "script")
-    except ValidationError as e:
-        raise service.Invalid(validation_text(e)) from None
+def create_key(request: Request, posted: PagePost) -> Response:
+    data = service.checked(ApiKeyIn, name=str(posted.form.get("name", "")).strip() or "script")
     with state(request).db.session(write=True) as s:
-        key = service.create_api_key(s, s.get(User, posted.auth.user_id), data.name)
+        key = service.create_api_key(s, posted.auth.user(s), data.name)
     return _account_page(request, posted.auth, new_key=key)  # shown once, on this response only
 
 
 @router.post("/account/keys/{key_id}/revoke")
-def revoke_key(key_id: int, request: Request, posted: Posted = Depends(page_post)) -> Response:
+def revoke_key(key_id: int, request: Request, posted: PagePost) -> Response:
     with state(request).db.session(write=True) as s:
-        service.revoke_api_key(s, s.get(User, posted.auth.user_id), key_id)
+        service.revoke_api_key(s, posted.auth.user(s), key_id)
     return redirect("/account")

@@ -13,13 +13,22 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from rlhfkit.feedback import service
-from rlhfkit.feedback.app import COOKIE, Auth, api_auth, cookie_secure, login_user, state
-from rlhfkit.feedback.models import Project, User
+from rlhfkit.feedback.deps import (
+    ApiAuth,
+    ApiOwner,
+    end_session,
+    login_user,
+    set_session_cookie,
+    start_session,
+    state,
+)
+from rlhfkit.feedback.models import Project
 from rlhfkit.feedback.schemas import (
     ApiKeyIn,
     DraftIn,
@@ -40,11 +49,6 @@ def project_json(p: Project, role: str) -> dict[str, Any]:
     return {"id": p.id, "name": p.name, "task": p.task, "overlap": p.overlap, "role": role}
 
 
-def require_owner(auth: Auth) -> None:
-    if not auth.is_owner:
-        raise service.Forbidden("only the site owner may do that")
-
-
 @router.post("/login")
 async def login(data: LoginIn, request: Request) -> Response:
     st = state(request)
@@ -55,48 +59,29 @@ async def login(data: LoginIn, request: Request) -> Response:
     return response
 
 
-def start_session(request: Request, user_id: int) -> str:
-    st = state(request)
-    with st.db.session(write=True) as s:
-        return service.open_session(s, user_id, st.session_times)
-
-
-def set_session_cookie(request: Request, response: Response, token: str) -> None:
-    """The cookie lives as long as the session may (the server ends it sooner when idle)."""
-    max_age = int(state(request).session_times.lifetime.total_seconds())
-    secure = cookie_secure(request)
-    response.set_cookie(COOKIE, token, max_age=max_age, httponly=True, samesite="lax", secure=secure, path="/")
-
-
 @router.post("/logout", status_code=204)
-def logout(request: Request, auth: Auth = Depends(api_auth)) -> Response:
-    if auth.session_token:
-        with state(request).db.session(write=True) as s:
-            service.logout(s, auth.session_token)
-    response = Response(status_code=204)
-    response.delete_cookie(COOKIE, path="/")
-    return response
+def logout(request: Request, auth: ApiAuth) -> Response:
+    return end_session(request, auth, Response(status_code=204))
 
 
 @router.get("/me")
-def me(request: Request, auth: Auth = Depends(api_auth)) -> dict[str, Any]:
+def me(request: Request, auth: ApiAuth) -> dict[str, Any]:
     with state(request).db.session() as s:
-        user = s.get(User, auth.user_id)
+        user = auth.user(s)
         projects = [project_json(p, role) for p, role in service.projects_of(s, user)]
     return {"username": auth.username, "is_owner": auth.is_owner, "projects": projects}
 
 
 @router.post("/users", status_code=201)
-def create_user(data: UserIn, request: Request, auth: Auth = Depends(api_auth)) -> dict[str, Any]:
-    require_owner(auth)
+def create_user(data: UserIn, request: Request, auth: ApiOwner) -> dict[str, Any]:
     user = state(request).db.transact(lambda s: service.create_user(s, data))
     return {"id": user.id, "username": user.username, "is_owner": user.is_owner}
 
 
 @router.get("/keys")
-def list_keys(request: Request, auth: Auth = Depends(api_auth)) -> list[dict[str, Any]]:
+def list_keys(request: Request, auth: ApiAuth) -> list[dict[str, Any]]:
     with state(request).db.session() as s:
-        keys = service.api_keys(s, s.get(User, auth.user_id))
+        keys = service.api_keys(s, auth.user(s))
         return [
             {
                 "id": k.id,
@@ -110,36 +95,35 @@ def list_keys(request: Request, auth: Auth = Depends(api_auth)) -> list[dict[str
 
 
 @router.post("/keys", status_code=201)
-def create_key(data: ApiKeyIn, request: Request, auth: Auth = Depends(api_auth)) -> dict[str, str]:
+def create_key(data: ApiKeyIn, request: Request, auth: ApiAuth) -> dict[str, str]:
     with state(request).db.session(write=True) as s:
-        key = service.create_api_key(s, s.get(User, auth.user_id), data.name)
+        key = service.create_api_key(s, auth.user(s), data.name)
     return {"key": key, "note": "store it now: it is not shown again"}
 
 
 @router.delete("/keys/{key_id}", status_code=204)
-def revoke_key(key_id: int, request: Request, auth: Auth = Depends(api_auth)) -> Response:
+def revoke_key(key_id: int, request: Request, auth: ApiAuth) -> Response:
     with state(request).db.session(write=True) as s:
-        service.revoke_api_key(s, s.get(User, auth.user_id), key_id)
+        service.revoke_api_key(s, auth.user(s), key_id)
     return Response(status_code=204)
 
 
 @router.get("/projects")
-def list_projects(request: Request, auth: Auth = Depends(api_auth)) -> list[dict[str, Any]]:
+def list_projects(request: Request, auth: ApiAuth) -> list[dict[str, Any]]:
     with state(request).db.session() as s:
-        return [project_json(p, role) for p, role in service.projects_of(s, s.get(User, auth.user_id))]
+        return [project_json(p, role) for p, role in service.projects_of(s, auth.user(s))]
 
 
 @router.post("/projects", status_code=201)
-def create_project(data: ProjectIn, request: Request, auth: Auth = Depends(api_auth)) -> dict[str, Any]:
-    require_owner(auth)
+def create_project(data: ProjectIn, request: Request, auth: ApiOwner) -> dict[str, Any]:
     project = state(request).db.transact(lambda s: service.create_project(s, data))
     return project_json(project, "owner")
 
 
 @router.get("/projects/{pid}")
-def get_project(pid: int, request: Request, auth: Auth = Depends(api_auth)) -> dict[str, Any]:
+def get_project(pid: int, request: Request, auth: ApiAuth) -> dict[str, Any]:
     with state(request).db.session() as s:
-        user = s.get(User, auth.user_id)
+        user = auth.user(s)
         project, role = service.project_for(s, user, pid)
         return project_json(project, role) | {
             "guidelines": project.guidelines,
@@ -149,27 +133,27 @@ def get_project(pid: int, request: Request, auth: Auth = Depends(api_auth)) -> d
 
 @router.patch("/projects/{pid}")
 def update_project(
-    pid: int, data: ProjectSettingsIn, request: Request, auth: Auth = Depends(api_auth)
+    pid: int, data: ProjectSettingsIn, request: Request, auth: ApiAuth
 ) -> dict[str, Any]:
     with state(request).db.session(write=True) as s:
-        project, role = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+        project, role = service.project_for(s, auth.user(s), pid, admin=True)
         service.update_project(s, project, data)
         return project_json(project, role) | {"guidelines": project.guidelines}
 
 
 @router.get("/projects/{pid}/members")
-def list_members(pid: int, request: Request, auth: Auth = Depends(api_auth)) -> list[dict[str, Any]]:
+def list_members(pid: int, request: Request, auth: ApiAuth) -> list[dict[str, Any]]:
     with state(request).db.session() as s:
-        project, _ = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+        project, _ = service.project_for(s, auth.user(s), pid, admin=True)
         return [
             {"user_id": m.user_id, "username": m.user.username, "role": m.role} for m in service.members(s, project)
         ]
 
 
 @router.put("/projects/{pid}/members")
-def set_member(pid: int, data: MemberIn, request: Request, auth: Auth = Depends(api_auth)) -> dict[str, Any]:
-    def work(s: Any) -> dict[str, Any]:
-        project, _ = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+def set_member(pid: int, data: MemberIn, request: Request, auth: ApiAuth) -> dict[str, Any]:
+    def work(s: Session) -> dict[str, Any]:
+        project, _ = service.project_for(s, auth.user(s), pid, admin=True)
         m = service.set_member(s, project, data)
         return {"user_id": m.user_id, "username": data.username, "role": m.role}
 
@@ -177,23 +161,23 @@ def set_member(pid: int, data: MemberIn, request: Request, auth: Auth = Depends(
 
 
 @router.delete("/projects/{pid}/members/{user_id}", status_code=204)
-def remove_member(pid: int, user_id: int, request: Request, auth: Auth = Depends(api_auth)) -> Response:
+def remove_member(pid: int, user_id: int, request: Request, auth: ApiAuth) -> Response:
     with state(request).db.session(write=True) as s:
-        project, _ = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+        project, _ = service.project_for(s, auth.user(s), pid, admin=True)
         service.remove_member(s, project, user_id)
     return Response(status_code=204)
 
 
 @router.post("/projects/{pid}/import")
 async def import_items(
-    pid: int, request: Request, filename: str = "upload.jsonl", auth: Auth = Depends(api_auth)
+    pid: int, request: Request, auth: ApiAuth, filename: str = "upload.jsonl"
 ) -> dict[str, int]:
     """Body: a JSONL file (completions, or prompts for demonstration projects)."""
     body = await request.body()
     st = state(request)
 
-    def work(s: Any) -> dict[str, int]:
-        project, _ = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+    def work(s: Session) -> dict[str, int]:
+        project, _ = service.project_for(s, auth.user(s), pid, admin=True)
         records = service.parse_upload(filename, body, project.task)
         return service.import_items(s, project, records)
 
@@ -201,11 +185,11 @@ async def import_items(
 
 
 @router.get("/projects/{pid}/next")
-def next_item(pid: int, request: Request, auth: Auth = Depends(api_auth)) -> dict[str, Any]:
+def next_item(pid: int, request: Request, auth: ApiAuth) -> dict[str, Any]:
     st = state(request)
 
-    def work(s: Any) -> dict[str, Any]:
-        user = s.get(User, auth.user_id)
+    def work(s: Session) -> dict[str, Any]:
+        user = auth.user(s)
         project, _ = service.project_for(s, user, pid)
         return {"item": service.next_view(s, project, user, st.lease)}
 
@@ -213,29 +197,29 @@ def next_item(pid: int, request: Request, auth: Auth = Depends(api_auth)) -> dic
 
 
 @router.get("/projects/{pid}/items/{item_id}")
-def get_item(pid: int, item_id: int, request: Request, auth: Auth = Depends(api_auth)) -> dict[str, Any]:
+def get_item(pid: int, item_id: int, request: Request, auth: ApiAuth) -> dict[str, Any]:
     with state(request).db.session() as s:
-        user = s.get(User, auth.user_id)
+        user = auth.user(s)
         project, _ = service.project_for(s, user, pid)
         return service.item_view(service.assignment_for(s, project, user, item_id), project)
 
 
 @router.put("/projects/{pid}/items/{item_id}/draft", status_code=204)
-def save_draft(pid: int, item_id: int, data: DraftIn, request: Request, auth: Auth = Depends(api_auth)) -> Response:
+def save_draft(pid: int, item_id: int, data: DraftIn, request: Request, auth: ApiAuth) -> Response:
     st = state(request)
     with st.db.session(write=True) as s:
-        user = s.get(User, auth.user_id)
+        user = auth.user(s)
         project, _ = service.project_for(s, user, pid)
         service.save_draft(s, project, user, item_id, data, st.lease)
     return Response(status_code=204)
 
 
 @router.post("/projects/{pid}/items/{item_id}/judgments")
-def submit(pid: int, item_id: int, data: JudgmentIn, request: Request, auth: Auth = Depends(api_auth)) -> Response:
+def submit(pid: int, item_id: int, data: JudgmentIn, request: Request, auth: ApiAuth) -> Response:
     """201 with the new judgment; 200 with the stored one when this client_token was seen."""
 
-    def work(s: Any) -> tuple[dict[str, Any], bool]:
-        user = s.get(User, auth.user_id)
+    def work(s: Session) -> tuple[dict[str, Any], bool]:
+        user = auth.user(s)
         project, _ = service.project_for(s, user, pid)
         judgment, created = service.submit(s, project, user, item_id, data)
         return service.judgment_view(judgment), created
@@ -245,25 +229,25 @@ def submit(pid: int, item_id: int, data: JudgmentIn, request: Request, auth: Aut
 
 
 @router.get("/projects/{pid}/progress")
-def progress(pid: int, request: Request, auth: Auth = Depends(api_auth)) -> dict[str, Any]:
+def progress(pid: int, request: Request, auth: ApiAuth) -> dict[str, Any]:
     with state(request).db.session() as s:
-        project, _ = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+        project, _ = service.project_for(s, auth.user(s), pid, admin=True)
         return service.progress(s, project)
 
 
 @router.get("/projects/{pid}/agreement")
-def agreement(pid: int, request: Request, auth: Auth = Depends(api_auth)) -> dict[str, Any]:
+def agreement(pid: int, request: Request, auth: ApiAuth) -> dict[str, Any]:
     with state(request).db.session() as s:
-        project, _ = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+        project, _ = service.project_for(s, auth.user(s), pid, admin=True)
         rankings = service.rankings_of(s, project)
     return agreement_report(rankings)
 
 
 @router.get("/projects/{pid}/export/{kind}")
-def export(pid: int, kind: str, request: Request, margin: bool = False, auth: Auth = Depends(api_auth)) -> Response:
+def export(pid: int, kind: str, request: Request, auth: ApiAuth, margin: bool = False) -> Response:
     """JSONL download; `kind` is one of service.EXPORTS."""
     with state(request).db.session() as s:
-        project, _ = service.project_for(s, s.get(User, auth.user_id), pid, admin=True)
+        project, _ = service.project_for(s, auth.user(s), pid, admin=True)
         rows = service.export(s, project, kind, margin=margin)
         name = f"{project.id}-{kind}.jsonl"
 

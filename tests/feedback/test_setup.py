@@ -12,9 +12,10 @@ from fastapi.testclient import TestClient
 from feedback_helpers import PASSWORD, World, seed
 from sqlalchemy import select
 
-from rlhfkit.feedback.app import ServeConfig, create_app
+from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.models import Item
+from rlhfkit.feedback.settings import ServeConfig
 
 BOM = b"\xef\xbb\xbf"
 
