@@ -16,6 +16,7 @@ from rlhfkit.data.chat import encode_example
 from rlhfkit.data.formats import Pair, Rating, Unpaired, write_records
 from rlhfkit.data.trl import trl_pairs, trl_ratings, trl_unpaired
 from rlhfkit.models.loading import load_tokenizer
+from testutil import CHAT_TEMPLATE
 
 CONV = [{"role": "user", "content": "Tea?"}]
 ANSWER = [{"role": "assistant", "content": "Yes."}]
@@ -113,7 +114,18 @@ def test_data_export_turns_pairs_kto_rows_and_ratings_into_trl_rows(aggregated, 
     assert "mixes pairs and unpaired {prompt, completion, label} rows" in capsys.readouterr().err
 
 
-def test_trl_trainers_take_the_exports_unmodified(aggregated, tiny_model_dir, tmp_path):
+@pytest.fixture
+def own_accelerate_state():
+    """TRL's trainers set up accelerate their own way; later tests in this process must not inherit it."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_trl_trainers_take_the_exports_unmodified(aggregated, tiny_model_dir, tmp_path, own_accelerate_state,
+                                                  conversational):  # fmt: skip
     """TRL is not a dependency, so this skips without it. To run it, a venv on top of the project's
     with TRL added (seconds, no download but TRL itself):
         python3 -m venv .venv-trl
@@ -126,13 +138,17 @@ def test_trl_trainers_take_the_exports_unmodified(aggregated, tiny_model_dir, tm
 
     model_dir = tiny_model_dir("gpt2")
     tok = AutoTokenizer.from_pretrained(model_dir)
+    if conversational:
+        tok.chat_template = CHAT_TEMPLATE
 
     def data(name: str) -> datasets.Dataset:
-        rows = [r for r in read_jsonl(aggregated / "trl" / name) if isinstance(r["raw_prompt"], str)]  # one kind
+        """The standard or the conversational rows (one dataset holds one kind)."""
+        rows = [r for r in read_jsonl(aggregated / "trl" / name) if isinstance(r["raw_prompt"], list) == conversational]
+        assert rows
         return datasets.Dataset.from_list(rows * 4)
 
     common = dict(output_dir=str(tmp_path / "trl"), max_steps=1, per_device_train_batch_size=2, report_to=[],
-                  save_strategy="no", use_cpu=True)  # fmt: skip
+                  save_strategy="no", use_cpu=True, bf16=False)  # fmt: skip
     reward = trl.RewardTrainer(
         model=AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1),
         args=trl.RewardConfig(**common, center_rewards_coefficient=None),

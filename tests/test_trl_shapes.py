@@ -15,13 +15,8 @@ from transformers import AutoTokenizer
 
 from rlhfkit.config import load_config
 from rlhfkit.stages import ppo, rm, sft
-from testutil import e_frequency, make_test_model  # noqa: F401  (e_frequency: the PPO reward, by name)
+from testutil import CHAT_TEMPLATE, make_test_model
 
-# A minimal chat template, so conversations render the way an instruct model's would.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 TOPICS = ["tea", "rain", "maps", "bees", "jazz", "salt"]
 
 

@@ -17,6 +17,11 @@ from rlhfkit.models.tiny import EOS_TOKEN, TinyModelConfig, build_tiny_model, tr
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 ARCHS = ("gpt2", "llama", "qwen2")
+# A minimal chat template for the tiny tokenizers, so conversations render as an instruct model's would.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
