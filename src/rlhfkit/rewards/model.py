@@ -46,7 +46,7 @@ class RewardMeta(StrictModel):
     gain: float = Field(1.0, description="normalised reward = gain * raw head output + bias")
     bias: float = 0.0
     folded_gain: float = Field(1.0, description="the part in the weights: logits = folded_gain * raw + folded_bias")
-    folded_bias: float = Field(0.0, description="less than `bias` where the model has no bias to fold it into")
+    folded_bias: float = Field(0.0, description="= bias, or 0 where the model has no bias to fold it into (RMSNorm)")
     normalization: dict[str, Any] = Field(default_factory=dict, description="how gain/bias were fitted and folded")
 
     @classmethod
