@@ -77,6 +77,10 @@ COMMANDS: dict[str, Command] = {
     ),  # fmt: skip
     "aggregate": Command("rlhfkit.stages.aggregate", "consensus, agreement and pairs from human rankings"),
     "rm": Command("rlhfkit.stages.rm", "train a reward model on pairs, rankings or ratings"),
+    "dpo": Command("rlhfkit.stages.dpo", "DPO / IPO / hinge on preference pairs, against a frozen reference"),
+    "kto": Command(
+        "rlhfkit.stages.dpo", "KTO on unpaired desirable/undesirable answers (from pairs)", "KTOConfig", "run_kto"
+    ),
     "ppo": Command("rlhfkit.stages.ppo", "PPO against a reward, with a KL penalty to the starting model"),
     "eval": Command("rlhfkit.stages.eval", "compare models on held-out prompts: reward, gold utility, toxicity, KL"),
     "cai revise": Command(

@@ -121,10 +121,12 @@ class Config(StrictModel):
 
 
 # ---- data -----------------------------------------------------------------------------------
-def load_pairs(source: str, cfg: DataConfig) -> tuple[list[Pair], Counter]:
-    if cfg.rankings:
+def load_pairs(source: str, completions: str = "") -> tuple[list[Pair], Counter]:
+    """Pairs from a pairs file, or from a rankings file when `completions` (the ranked candidates) is
+    given; with the counts of what was used and dropped. DPO and KTO read their pairs here too."""
+    if completions:
         rankings = read_records(source, "rankings")
-        return pairs_with_counts(rankings, read_records(cfg.completions, "completions"))
+        return pairs_with_counts(rankings, read_records(completions, "completions"))
     pairs = read_records(source, "pairs")
     return pairs, Counter(pairs=len(pairs))
 
@@ -137,11 +139,12 @@ def load_data(d: DataConfig, seed: int) -> tuple[list[Any], list[Any], Counter]:
         if d.valid:
             return train, read_records(d.valid, "ratings"), counts
         return *split_by_prompt(train, d.valid_fraction, seed), counts
-    train, counts = load_pairs(d.pairs or d.rankings, d)
+    completions = d.completions if d.rankings else ""
+    train, counts = load_pairs(d.pairs or d.rankings, completions)
     if not train:
         raise UserError(f"{d.pairs or d.rankings}: no usable preference pairs ({dict(counts)})")
     if d.valid:
-        return train, load_pairs(d.valid, d)[0], counts
+        return train, load_pairs(d.valid, completions)[0], counts
     return *split_by_prompt(train, d.valid_fraction, seed), counts
 
 
