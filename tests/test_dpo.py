@@ -13,7 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from rlhfkit.cli import main
+from rlhfkit.data.batching import sft_collate
+from rlhfkit.data.chat import PROMPT_TEMPLATE, encode_example
 from rlhfkit.engine.metrics import read_metrics
+from rlhfkit.stages.dpo import PairDataConfig, read_pairs, sequence_logps
 from testutil import make_test_model
 
 GOOD = ["good", "great", "kind", "clear"]
@@ -59,7 +62,7 @@ def results(out: Path) -> dict:
 
 
 def test_dpo_widens_the_chosen_rejected_margin_and_saves_a_plain_model(root, tmp_path):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "run"
     assert main(["dpo", *settings(root, out, "train.max_steps=30", "dpo.beta=0.5")]) == 0
@@ -71,8 +74,18 @@ def test_dpo_widens_the_chosen_rejected_margin_and_saves_a_plain_model(root, tmp
     assert rows[0]["reward_margin"] < 0.5 < rows[-1]["reward_margin"]
     stored = torch.load(out / "reference_logps.pt")
     assert stored["train_chosen"].shape == (r["train_pairs"],) and (stored["train_chosen"] < 0).all()
-    model = AutoModelForCausalLM.from_pretrained(out / "model")
-    assert model.config.model_type == "gpt2"
+    # the saved model, loaded by plain transformers, scores chosen answers above the rejected ones
+    # relative to the stored reference log-probs (which follow the order of the training pairs)
+    model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    train, _ = read_pairs(PairDataConfig(pairs=str(root / "pairs.jsonl"), valid_fraction=0.1), seed=0)
+    ratio = {}
+    for side in ("chosen", "rejected"):
+        seqs = [encode_example(tokenizer, p.prompt, getattr(p, side), PROMPT_TEMPLATE, 512) for p in train]
+        batch = sft_collate(tokenizer.pad_token_id)([(e.ids, e.response_start) for e in seqs])
+        with torch.no_grad():
+            ratio[side] = sequence_logps(model, batch) - stored[f"train_{side}"]
+    assert (ratio["chosen"] > ratio["rejected"]).float().mean() >= 0.95
 
 
 @pytest.mark.parametrize("loss", ["ipo", "hinge"])
