@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import sys
 from dataclasses import dataclass
@@ -123,7 +124,7 @@ def _command_help(name: str, command: Command, module: Any) -> str:
     cls = getattr(module, command.config)
     args = "".join(f" [{p.upper()}]" for p in command.positional)
     lines = [f"usage: rlhfkit {name}{args} [--config FILE.yaml] [--resume] [KEY=VALUE ...]", ""]
-    doc = (cls.__doc__ if command.config != "Config" else module.__doc__) or command.help
+    doc = inspect.cleandoc((cls.__doc__ if command.config != "Config" else module.__doc__) or command.help)
     lines += [doc.strip(), "", "Config fields (set in the YAML file or as KEY=VALUE overrides, e.g. train.lr=1e-4):"]
     rows = describe_fields(cls)
     width = max(len(r[0]) for r in rows) if rows else 10
