@@ -72,7 +72,7 @@ def test_dpo_widens_the_chosen_rejected_margin_and_saves_a_plain_model(root, tmp
     assert r["train_reward_margin"] > 2.0 and r["train_accuracy"] >= 0.95, r
     rows = [m for m in read_metrics(out / "metrics.jsonl") if "reward_margin" in m]
     assert rows[0]["reward_margin"] < 0.5 < rows[-1]["reward_margin"]
-    stored = torch.load(out / "reference_logps.pt")
+    stored = torch.load(out / "reference_logps.pt")["logps"]
     assert stored["train_chosen"].shape == (r["train_pairs"],) and (stored["train_chosen"] < 0).all()
     # the saved model, loaded by plain transformers, scores chosen answers above the rejected ones
     # relative to the stored reference log-probs (which follow the order of the training pairs)
@@ -99,7 +99,7 @@ def test_lora_reference_is_the_base_model_with_the_adapter_off(root, tmp_path):
     full, lora = tmp_path / "full", tmp_path / "lora"
     assert main(["dpo", *settings(root, full, "train.max_steps=1")]) == 0
     assert main(["dpo", *settings(root, lora, "train.max_steps=1", "model.lora.r=4")]) == 0
-    a, b = torch.load(full / "reference_logps.pt"), torch.load(lora / "reference_logps.pt")
+    a, b = (torch.load(run / "reference_logps.pt")["logps"] for run in (full, lora))
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key])
@@ -126,6 +126,9 @@ def test_resumed_dpo_run_ends_where_an_uninterrupted_run_ends(root, tmp_path, ca
         }
     w_a, w_b = (load_file(run / "model" / "model.safetensors") for run in (straight, cut))
     assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+    # other token ids (a shorter max_length cuts the sequences): the stored log-probs are not reused
+    assert main(["dpo", *settings(root, cut, *extra, "data.max_length=12"), "--resume"]) == 0
+    assert "was made for other data" in capsys.readouterr().out.replace("\n", "")
 
 
 def test_kto_raises_desirable_answers_above_undesirable_ones(root, tmp_path):
@@ -135,7 +138,7 @@ def test_kto_raises_desirable_answers_above_undesirable_ones(root, tmp_path):
     r = results(out)
     assert r["desirable_examples"] * 2 == r["train_examples"]
     assert r["train_reward_margin"] > 1.0, r
-    assert set(torch.load(out / "reference_logps.pt")) == {"train_own", "train_kl", "valid_own", "valid_kl"}
+    assert set(torch.load(out / "reference_logps.pt")["logps"]) == {"train_own", "train_kl", "valid_own", "valid_kl"}
 
 
 def test_bad_configs_fail_naming_the_setting(root, tmp_path, capsys):

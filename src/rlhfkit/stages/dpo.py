@@ -22,6 +22,7 @@ loaded again. Outputs: OUTPUT_DIR/model (a plain `save_pretrained` folder), resu
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -193,29 +194,32 @@ class Prepared:
         return e.ids, e.response_start
 
     def reference(self, named: dict[str, list[SFTExample]]) -> dict[str, Tensor]:
-        """Reference log-probs of each named list of examples: read from the run folder on `--resume`,
-        else computed once (reference loaded, used, freed) and stored there."""
+        """Reference log-probs of each named list of examples: read from the run folder on `--resume`
+        when they were made from the same reference and the same token ids, else computed once
+        (reference loaded, used, freed) and stored there with that fingerprint."""
         path = self.out / REFERENCE_FILE
-        sizes = {k: len(v) for k, v in named.items()}
-        if self.cfg.resume and path.exists():
-            stored = torch.load(path)
-            if {k: len(v) for k, v in stored.items()} == sizes:
-                self.engine.print(f"reference log-probs from {path}")
-                return stored
-            self.engine.print(f"[yellow]{path} was made for other data; computing the reference log-probs again[/]")
         device, cfg = self.engine.device, self.cfg
-        if cfg.model.lora is not None and cfg.ref_model in ("", cfg.model.path):
-            ref, name = self.policy.to(device), f"{cfg.model.path} (LoRA adapter disabled)"
+        adapter_off = cfg.model.lora is not None and cfg.ref_model in ("", cfg.model.path)
+        name = f"{cfg.model.path} (LoRA adapter disabled)" if adapter_off else cfg.ref_model or cfg.model.path
+        fingerprint = hashlib.sha256(json.dumps([name, named], sort_keys=True).encode()).hexdigest()
+        if cfg.resume and path.exists():
+            stored = torch.load(path)
+            if stored["fingerprint"] == fingerprint:
+                self.engine.print(f"reference log-probs from {path}")
+                return stored["logps"]
+            self.engine.print(f"[yellow]{path} was made for other data; computing the reference log-probs again[/]")
+        if adapter_off:
+            ref = self.policy.to(device)
         else:
             ref_cfg = cfg.model.model_copy(update={"path": cfg.ref_model or cfg.model.path, "lora": None})
-            ref, name = load_causal_lm(ref_cfg, self.tokenizer)[0].to(device), ref_cfg.path
-        self.engine.print(f"reference log-probs of {sum(sizes.values())} sequences under {name}")
-        result = {k: reference_logps(ref, v, self.collate, cfg.train.batch_size, device) for k, v in named.items()}
+            ref = load_causal_lm(ref_cfg, self.tokenizer)[0].to(device)
+        self.engine.print(f"reference log-probs of {sum(map(len, named.values()))} sequences under {name}")
+        logps = {k: reference_logps(ref, v, self.collate, cfg.train.batch_size, device) for k, v in named.items()}
         del ref
         if self.engine.is_main:
-            torch.save(result, path)
+            torch.save({"fingerprint": fingerprint, "logps": logps}, path)
         self.engine.accelerator.wait_for_everyone()
-        return result
+        return logps
 
     def warn_truncated(self, total: int) -> None:
         if self.truncated:
