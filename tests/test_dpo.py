@@ -152,3 +152,25 @@ def test_bad_configs_fail_naming_the_setting(root, tmp_path, capsys):
     assert "data.pairs" in capsys.readouterr().err
     assert main(["kto", *settings(root, tmp_path / "d", "kto.beta=0")]) == 2
     assert "kto.beta" in capsys.readouterr().err
+
+
+def test_dpo_and_kto_on_rankings_read_every_pair_and_count_cut_sequences(root, tmp_path):
+    completions = [
+        {"prompt_id": "p1", "prompt": "Say hi.", "completions": ["hi good", "hi bad", "hi ok"]},
+        {"prompt_id": "p2", "prompt": "Say yo.", "completions": ["yo good", "yo bad"]},
+    ]
+    rankings = [
+        {"prompt_id": "p1", "labeler": "a", "ranking": [1, 3, 2]},
+        {"prompt_id": "p2", "labeler": "a", "ranking": [1, 2]},
+    ]
+    for name, rows in (("completions", completions), ("rankings", rankings)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = [f"data.rankings={tmp_path / 'rankings.jsonl'}", f"data.completions={tmp_path / 'completions.jsonl'}"]
+    common = [f"model.path={root / 'model'}", "data.valid_fraction=0", "train.max_steps=1", "data.max_length=6", *data]
+    assert main(["dpo", f"output_dir={tmp_path / 'dpo'}", *common]) == 0
+    r = results(tmp_path / "dpo")
+    assert r["train_pairs"] == 3 + 1 and r["truncated_sequences"] == 2 * 4  # C(3,2) + 1 pairs, all cut
+    assert main(["kto", f"output_dir={tmp_path / 'kto'}", *common]) == 0
+    r = results(tmp_path / "kto")
+    # distinct (answer, label): p1 good+, ok+, ok-, bad-; p2 good+, bad-
+    assert r["train_examples"] == 6 and r["desirable_examples"] == 3
