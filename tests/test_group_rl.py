@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhfkit.engine.metrics import read_metrics
+from rlhfkit.errors import UserError
 from rlhfkit.rewards.base import FunctionReward
 from rlhfkit.stages.ppo import train_ppo
 from testutil import e_frequency, make_test_model, ppo_config, write_prompts
@@ -113,3 +114,11 @@ def test_bad_group_settings_are_config_errors(files, tmp_path, capsys, ppo, mess
     assert "ppo" in err and message in err, err
     with pytest.raises(Exception, match=message):
         ppo_config(tmp_path, model, prompts, ppo=ppo)
+
+
+def test_a_reference_with_another_tokenizer_is_refused(files, tmp_path):
+    model, prompts = files
+    other = make_test_model("gpt2", tmp_path / "other", texts=["something else entirely"] * 8, vocab_size=280)
+    cfg = ppo_config(tmp_path / "run", model, prompts, ppo={"algorithm": "rloo", "num_generations": 2})
+    with pytest.raises(UserError, match="ref_model: .* different tokenizer"):
+        train_ppo(cfg.model_copy(update={"ref_model": str(other)}), reward=FunctionReward(e_frequency))

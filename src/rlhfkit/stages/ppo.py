@@ -37,7 +37,7 @@ from rlhfkit.data.formats import read_records, text_to_json
 from rlhfkit.engine.metrics import truncate_jsonl
 from rlhfkit.engine.trainer import Engine, EngineConfig, NonFiniteError
 from rlhfkit.errors import UserError
-from rlhfkit.models.loading import ModelConfig, disable_dropout, load_causal_lm, save_model
+from rlhfkit.models.loading import ModelConfig, check_same_tokenizer, disable_dropout, load_causal_lm, save_model
 from rlhfkit.models.sampling import ROLLOUT_TEMPERATURE, SamplingConfig, check_length_budget, sample
 from rlhfkit.models.value import PolicyAndValue, load_critic, response_logits
 from rlhfkit.rewards.base import RewardSource
@@ -611,6 +611,8 @@ def load_models(cfg: Config, device: Any) -> tuple[Any, Any, Any, Any]:
     policy, tokenizer = load_causal_lm(cfg.model)
     disable_dropout(policy)
     ref = policy
+    if cfg.ref_model not in ("", cfg.model.path):
+        check_same_tokenizer(tokenizer, cfg.ref_model, "ref_model", cfg.model.trust_remote_code)
     if cfg.model.lora is None or cfg.ref_model not in ("", cfg.model.path):
         ref_cfg = cfg.model.model_copy(update={"path": cfg.ref_model or cfg.model.path, "lora": None})
         ref = load_causal_lm(ref_cfg, tokenizer)[0].requires_grad_(False).eval().to(device)
