@@ -101,7 +101,7 @@ class KLConfig(StrictModel):
 
 
 class PPOConfig(StrictModel):
-    batch_size: int = Field(64, gt=0, description="prompts (= responses) per rollout")
+    batch_size: int = Field(64, gt=0, description="responses per rollout (prompts x ppo.num_generations)")
     mini_batch_size: int = Field(16, gt=0, description="responses per optimizer step")
     micro_batch_size: int = Field(
         0, ge=0, description="most responses per forward/backward (bounds memory); 0 = mini_batch_size"
