@@ -174,3 +174,21 @@ def test_dpo_and_kto_on_rankings_read_every_pair_and_count_cut_sequences(root, t
     r = results(tmp_path / "kto")
     # distinct (answer, label): p1 good+, ok+, ok-, bad-; p2 good+, bad-
     assert r["train_examples"] == 6 and r["desirable_examples"] == 3
+
+
+def test_sequence_logps_sum_the_response_tokens_only(root):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(root / "model").eval()
+    examples = [([5, 6, 7, 8, 9], 2), ([10, 11, 12], 1), ([13, 14, 15, 16], 3)]  # (ids, response start)
+    batch = sft_collate(0)(examples)
+    with torch.no_grad():
+        got = sequence_logps(model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logp = torch.log_softmax(logits.float(), -1)
+    # the response tokens ids[start:] are predicted from positions start-1 .. len-2
+    want = [
+        sum(float(logp[row, t - 1, ids[t]]) for t in range(start, len(ids)))
+        for row, (ids, start) in enumerate(examples)
+    ]
+    torch.testing.assert_close(got, torch.tensor(want), atol=1e-5, rtol=0)

@@ -46,9 +46,9 @@ from rlhfkit.models.loading import (
     load_causal_lm,
     save_model,
 )
-from rlhfkit.rl.core import logprobs_from_logits, zero_padding
 from rlhfkit.rl.preference import DPOLossKind, dpo_loss, kto_loss, kto_reference_point
 from rlhfkit.stages.rm import load_pairs
+from rlhfkit.stages.sft import labelled_logits
 
 REFERENCE_FILE = "reference_logps.pt"
 
@@ -145,12 +145,12 @@ def read_pairs(d: PairDataConfig, seed: int) -> tuple[list[Pair], list[Pair]]:
 
 
 def sequence_logps(model: Any, batch: dict[str, Tensor]) -> Tensor:
-    """Summed log-probs of each sequence's response tokens (label != −100), shape (batch,), float32."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    real = labels != IGNORE_INDEX
-    logp = logprobs_from_logits(logits[:, :-1], labels.clamp(min=0))
-    return zero_padding(logp, real).sum(dim=1)
+    """Summed log-probs of each sequence's response tokens (label != −100), shape (batch,), float32;
+    the LM head runs on response positions only (`labelled_logits`)."""
+    logits, targets = labelled_logits(model, batch)
+    token_logps = -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    rows = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero()[:, 0]  # row of each labelled token, row-major
+    return torch.zeros(len(batch["labels"]), device=token_logps.device).index_add_(0, rows, token_logps)
 
 
 def reference_logps(ref: Any, examples: list[SFTExample], collate: Callable, batch_size: int, device: Any) -> Tensor:
