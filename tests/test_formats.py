@@ -480,3 +480,108 @@ def test_a_utf8_byte_order_mark_is_ignored(tmp_path, capsys):
     assert record.prompt_id == "p1" and record.prompt == "café?"
     assert main(["data", "validate", str(path)]) == 0
     assert capsys.readouterr().out.strip() == "OK: 1 records of completions"
+
+
+# ----------------------------------------------------------------------------- TRL's dataset types
+
+USER = [{"role": "user", "content": "Café? ☕"}]
+
+
+@pytest.mark.parametrize(
+    ("kind", "row", "expected"),
+    [
+        ("demonstrations", {"text": "Tea is good."}, {"text": "Tea is good."}),
+        ("demonstrations", {"messages": CONV + REPLY}, {"prompt": CONV, "response": REPLY}),
+        ("demonstrations", {"prompt": "Say hi", "completion": "Hi!"}, {"prompt": "Say hi", "response": "Hi!"}),
+        ("demonstrations", {"prompt": USER, "completion": REPLY}, {"prompt": USER, "response": REPLY}),
+        ("prompts", {"prompt": "Say hi"}, {"id": "row1", "prompt": "Say hi"}),
+        ("prompts", {"prompt": USER}, {"id": "row1", "prompt": USER}),
+        (  # HH-RLHF: the prompt ends at the last "Assistant:", so a shared first word stays in both answers
+            "pairs",
+            {"chosen": "\n\nHuman: Hi\n\nAssistant: Sure, hot.", "rejected": "\n\nHuman: Hi\n\nAssistant: Sure, no"},
+            {"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": "Sure, hot.", "rejected": "Sure, no"},
+        ),
+        ("pairs", {"chosen": "Tea? I like it.", "rejected": "Tea? Never."}, {"prompt": "Tea?", "chosen": "I like it.",
+                                                                             "rejected": "Never."}),  # fmt: skip
+        (  # UltraFeedback: conversations with the same first messages
+            "pairs",
+            {"chosen": CONV + REPLY, "rejected": CONV + [{"role": "assistant", "content": "No."}]},
+            {"prompt": CONV, "chosen": REPLY, "rejected": [{"role": "assistant", "content": "No."}]},
+        ),
+    ],
+)
+def test_trl_shapes_read_as_our_formats(tmp_path, kind, row, expected):
+    (record,) = read_records(write_jsonl(tmp_path / "d.jsonl", [row]), kind)
+    assert record.to_json() == expected
+    assert detect_kind(row) == kind
+
+
+def test_a_plain_text_is_learned_whole(plain_tok):
+    """TRL's language-modeling `text`: no template, every token a target, EOS last."""
+    ids, start, cut = encode_example(plain_tok, None, "Tea is good.")
+    text_ids = plain_tok("Tea is good.", add_special_tokens=False)["input_ids"]
+    assert (ids, start, cut) == ([*text_ids, plain_tok.eos_token_id], 0, False)
+    ids, start, cut = encode_example(plain_tok, None, "tea " * 40, max_length=10)
+    assert (len(ids), start, cut, ids[-1]) == (10, 0, True, plain_tok.eos_token_id)
+
+
+def test_unpaired_preference_pairs_each_desirable_with_each_undesirable(tmp_path, caplog):
+    rows = [
+        {"prompt": "Tea?", "completion": "Yes.", "label": True},
+        {"prompt": "Tea?", "completion": "Maybe.", "label": True},
+        {"prompt": "Tea?", "completion": "Go away.", "label": False},
+        {"prompt": "Coffee?", "completion": "No.", "label": False},  # no desirable one: no pair
+    ]
+    pairs = read_records(write_jsonl(tmp_path / "kto.jsonl", rows), "pairs")
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
+        ("Tea?", "Yes.", "Go away."),
+        ("Tea?", "Maybe.", "Go away."),
+    ]
+    assert "4 unpaired judgements -> 2 pairs" in caplog.text
+    assert "1 prompt(s) with only one kind of label" in caplog.text
+    path = write_jsonl(tmp_path / "bad.jsonl", rows[2:])
+    assert error_of(path, "pairs") == (
+        f"{path}: no pairs: no prompt has both a desirable (label true) and an undesirable (label false) completion"
+    )
+
+
+def test_extra_columns_are_ignored_and_named_once_unless_strict(tmp_path, caplog):
+    rows = [{"prompt": "Tea?", "chosen": "Yes.", "rejected": "No.", "score_chosen": 9.0, "score_rejected": 2.0}] * 3
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    pairs = read_records(path, "pairs", strict=False)
+    assert [p.to_json() for p in pairs] == [{"prompt": "Tea?", "chosen": "Yes.", "rejected": "No."}] * 3
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message == (
+        f"{path}: ignored column(s) the pairs format does not use: score_chosen, score_rejected "
+        "(strict=true makes them an error)"
+    )
+    assert error_of(path, "pairs").startswith(f"{path}:1: score_chosen: unknown key (check the spelling;")
+
+
+@pytest.mark.parametrize(
+    ("kind", "row", "message"),
+    [
+        ("demonstrations", {"messages": USER}, "messages: must be a list of {role, content} messages: a prompt, then"),
+        ("demonstrations", {"messages": CONV}, "messages: the last message has role 'user'; it must"),
+        ("demonstrations", {"messages": [*USER, {"role": "assistant", "content": ""}]}, "messages: response has only"),
+        ("demonstrations", {"text": " "}, "text: response is empty"),
+        ("pairs", {"chosen": "Tea.", "rejected": "Coffee."}, "chosen: no prompt: chosen and rejected share no"),
+        ("pairs", {"chosen": USER, "rejected": "No."}, "chosen: chosen and rejected must both be texts"),
+        ("pairs", {"prompt": "Tea?", "completion": "Yes.", "label": "maybe"}, "label: Input should be a valid boolean"),
+    ],
+)  # fmt: skip
+def test_trl_shape_errors_name_the_users_column(tmp_path, kind, row, message):
+    path = write_jsonl(tmp_path / "d.jsonl", [SAMPLES[(kind, "plain")][0], row])
+    assert error_of(path, kind).startswith(f"{path}:2: {message}")
+
+
+def test_a_split_is_named_after_a_colon(tmp_path):
+    rows = SAMPLES[("prompts", "plain")]
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[1:])})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    assert [r.id for r in read_records(f"{tmp_path / 'dd'}:test", "prompts")] == ["p2"]
+    assert [r.id for r in read_records(f"{tmp_path / 'dd'}:train", "prompts")] == ["p1", "p2"]
+    with pytest.raises(UserError, match=r"no split 'valid'; splits are train, test"):
+        read_records(f"{tmp_path / 'dd'}:valid", "prompts")
+    odd = write_jsonl(tmp_path / "a:b.jsonl", rows)  # a file whose name has a colon is read as it is
+    assert len(read_records(odd, "prompts")) == 2

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from rlhfkit.errors import UserError
@@ -18,8 +17,8 @@ from rlhfkit.models.loading import (
     load_tokenizer,
     save_model,
 )
-from rlhfkit.models.tiny import EOS_TOKEN, TinyModelConfig, build_tiny_model, tiny_config, train_tokenizer
-from testutil import ARCHS
+from rlhfkit.models.tiny import TinyModelConfig, build_tiny_model, tiny_config, train_tokenizer
+from testutil import ARCHS, tokenizer_without_pad
 
 CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 TEXT = "User: How do I make tea?\nAssistant: Boil water."
@@ -31,25 +30,10 @@ def logits(model, tok, text=TEXT):
         return model(input_ids=ids).logits
 
 
-def tokenizer_without_pad(eos: bool = True) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer whose vocabulary has no pad token at all (like GPT-2's or Llama's)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=280,
-        special_tokens=[EOS_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([TEXT] * 4, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN if eos else None)
-
-
 @pytest.fixture(scope="module")
 def no_pad_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("no-pad")
-    tok = tokenizer_without_pad()
+    tok = tokenizer_without_pad([TEXT] * 4)
     assert tok.pad_token is None
     model = build_tiny_model(TinyModelConfig(arch="llama", n_layer=1, d_model=16, n_head=2), tok)
     model.save_pretrained(out)
@@ -93,7 +77,7 @@ def test_pad_equal_to_eos_is_replaced(tmp_path, no_pad_dir):
 
 
 def test_tokenizer_without_eos_and_bad_paths(tmp_path):
-    tokenizer_without_pad(eos=False).save_pretrained(tmp_path / "no-eos")
+    tokenizer_without_pad([TEXT] * 4, eos=False).save_pretrained(tmp_path / "no-eos")
     with pytest.raises(UserError, match="the tokenizer has no EOS token; set eos_token"):
         load_tokenizer(tmp_path / "no-eos")
     with pytest.raises(UserError, match="cannot load a tokenizer"):

@@ -21,7 +21,7 @@ from rlhfkit.engine.metrics import read_metrics
 from rlhfkit.errors import UserError
 from rlhfkit.models.tiny import train_tokenizer
 from rlhfkit.stages.pretrain import read_documents, to_blocks, unigram_perplexity
-from testutil import CLI, subprocess_env
+from testutil import CLI, make_test_model, subprocess_env
 
 # Small, but slow enough per step (about 30 ms) that a kill lands between checkpoint and finish.
 # log_every does not divide save_every on purpose: resuming mid log-window must still log exactly.
@@ -194,3 +194,23 @@ def test_block_size_over_max_positions_fails_before_writing(capsys, tmp_path, co
     assert code == 2
     assert capsys.readouterr().err == "error: model.max_positions=64 < data.block_size=128\n"
     assert not out.exists()
+
+
+def test_continued_pretraining_of_an_existing_model_lowers_its_held_out_loss(corpus, tmp_path):
+    """`model.path`: an existing causal LM (no pad token, like GPT-2) goes on learning new text with its
+    own tokenizer; the held-out loss before is the loaded model's, and training lowers it."""
+    base = make_test_model("llama", tmp_path / "base", pad=False, n_layer=1, d_model=32)
+    out = tmp_path / "continued"
+    assert main(["pretrain", f"model.path={base}", f"output_dir={out}", f"data.train_files=[{corpus['train']}]",
+                 f"data.valid_files=[{corpus['valid']}]", "data.block_size=32", "train.batch_size=8",
+                 "train.max_steps=25", "train.lr=3e-3", "train.warmup_steps=2"]) == 0  # fmt: skip
+    r = results(out)
+    tok = AutoTokenizer.from_pretrained(base)
+    blocks = to_blocks(read_documents([str(corpus["valid"])]), tok, 32)
+    with torch.no_grad():
+        loss_of_base = float(AutoModelForCausalLM.from_pretrained(base)(input_ids=blocks, labels=blocks).loss)
+    assert r["initial_valid_loss"] == pytest.approx(loss_of_base, rel=1e-4)  # it started from that model
+    assert r["valid_loss"] < 0.8 * r["initial_valid_loss"], r
+    assert AutoTokenizer.from_pretrained(out / "model").get_vocab() == tok.get_vocab()  # the tokenizer kept
+    assert AutoModelForCausalLM.from_pretrained(out / "model").config.vocab_size == len(tok)
+    assert not (out / "tokenizer").exists()  # no new tokenizer trained

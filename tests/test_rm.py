@@ -307,3 +307,55 @@ def test_config_errors_are_clear(root, tmp_path, capsys):
     assert "not pairs and ratings" in capsys.readouterr().err
     assert main(["rm", "data.rankings=a.jsonl"]) == 2
     assert "data.completions" in capsys.readouterr().err
+
+
+def plain_transformers_rewards(folder: Path, prompts: list[str], responses: list[str]) -> list[float]:
+    """README's recipe: the reward model with plain transformers, no rlhfkit (plain-text template)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(folder), AutoModelForSequenceClassification.from_pretrained(folder)
+    rewards = []
+    for prompt, resp in zip(prompts, responses, strict=True):
+        text = f"User: {prompt}\nAssistant: {resp.strip()}{tok.eos_token}"  # the policy's template, then EOS
+        with torch.no_grad():
+            rewards.append(float(model(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0]))
+    return rewards
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
+def test_saved_reward_model_logits_are_the_normalised_reward(root, tmp_path, name):
+    """Gain and bias are folded into the weights at save time: GPT-2's logits are the normalised reward
+    in plain transformers; Llama (RMSNorm, no bias after the last layer) takes the gain, keeps the
+    bias in the metadata. rlhfkit's own `score` gives the same numbers, applying nothing twice."""
+    out = tmp_path / "rm"
+    run_rm(f"model.path={root / name}", f"data.pairs={root / 'pairs.jsonl'}", f"output_dir={out}",
+           "train.max_steps=3", "normalize.max_prompts=8", "normalize.samples_per_prompt=2",
+           "normalize.sampling.max_new_tokens=6")  # fmt: skip
+    meta = RewardMeta.read(out / "model")
+    assert meta.gain != pytest.approx(1.0) and meta.bias != pytest.approx(0.0)  # a real fold
+    assert meta.folded_gain == meta.gain and meta.folded_bias == (meta.bias if name == "tiny" else 0.0)
+    samples = [json.loads(line) for line in (out / "normalization_samples.jsonl").read_text().splitlines()]
+    prompts, responses = [s["prompt"] for s in samples], [s["completion"] for s in samples]
+    plain = torch.tensor(plain_transformers_rewards(out / "model", prompts, responses)) + meta.bias - meta.folded_bias
+    ours = RewardModel.load(out / "model").score(prompts, responses)
+    torch.testing.assert_close(plain, ours, atol=1e-4, rtol=0)
+    assert float(plain.mean()) == pytest.approx(0.0, abs=1e-3) and float(plain.std()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_reward_model_saved_before_folding_still_scores_with_its_side_file(root, tmp_path):
+    model, tokenizer, _ = load_backbone(str(root / "tiny"))
+    old = tmp_path / "old"
+    model.save_pretrained(old)  # an unfolded head and the gain/bias in the side file: the old layout
+    tokenizer.save_pretrained(old)
+    (old / "rlhfkit_reward.json").write_text(json.dumps({"kind": "decoder", "gain": 2.0, "bias": -1.0}))
+    prompts, responses = ["Tell me about tea, number 1."] * 2, ["we see a kind river", "the tea is rude"]
+    raw = torch.tensor(plain_transformers_rewards(old, prompts, responses))
+    rm = RewardModel.load(old)
+    torch.testing.assert_close(rm.score(prompts, responses), 2.0 * raw - 1.0, atol=1e-5, rtol=0)
+    rm.save(tmp_path / "resaved")  # saving again folds it, once
+    meta = RewardMeta.read(tmp_path / "resaved")
+    assert (meta.gain, meta.bias, meta.folded_gain, meta.folded_bias) == (2.0, -1.0, 2.0, -1.0)
+    resaved = torch.tensor(plain_transformers_rewards(tmp_path / "resaved", prompts, responses))
+    torch.testing.assert_close(resaved, 2.0 * raw - 1.0, atol=1e-5, rtol=0)
+    ours = RewardModel.load(tmp_path / "resaved").score(prompts, responses)
+    torch.testing.assert_close(ours, resaved, atol=1e-5, rtol=0)

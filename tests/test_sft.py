@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rlhfkit.cli import main
 from rlhfkit.config import load_config
@@ -262,3 +262,25 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
     assert "data.train" in capsys.readouterr().err
     assert main(["sft", "--help"]) == 0
     assert "data.packing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lora_adapter_of_a_padless_base_loads_on_the_original_base_with_plain_peft(data_dir, tmp_path, arch):
+    """GPT-2 and Llama have no pad token: SFT pads with EOS (masked by length) instead of adding one,
+    so the adapter fits the user's own, unresized base, and that plain model is the one trained."""
+    from peft import PeftModel
+
+    texts = [f"User: {d['prompt']}\nAssistant: {d['response']}" for d in map(demonstration, ANSWERS, NAMES)]
+    base_dir = make_test_model(arch, tmp_path / "base", texts=texts, pad=False, vocab_size=320, n_layer=1, d_model=32)
+    vocab = len(AutoTokenizer.from_pretrained(base_dir))
+    valid = write_jsonl(tmp_path / "valid.jsonl", [demonstration(v, "Zed") for v in ANSWERS])
+    cfg = config(data_dir, tmp_path / "out", f"model.path={base_dir}", f"data.valid={valid}", "model.lora.r=4",
+                 "lora_save=adapter", "train.max_steps=4", "train.lr=1e-2")  # fmt: skip
+    adapter_dir = sft.run(cfg)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+    tok = AutoTokenizer.from_pretrained(adapter_dir)
+    assert len(tok) == vocab and tok.pad_token == tok.eos_token  # nothing added to the vocabulary
+    examples = [encode_example(tok, d["prompt"], d["response"])[:2] for d in map(json.loads, valid.open())]
+    with torch.no_grad():
+        loss = float(sft.lm_loss(model, sft_collate(tok.pad_token_id)(examples)))
+    assert loss == pytest.approx(json.loads((tmp_path / "out" / "results.json").read_text())["valid_loss"], rel=1e-5)

@@ -10,10 +10,18 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.models.tiny import TinyModelConfig, build_tiny_model, train_tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from rlhfkit.models.tiny import EOS_TOKEN, TinyModelConfig, build_tiny_model, train_tokenizer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 ARCHS = ("gpt2", "llama", "qwen2")
+# A minimal chat template for the tiny tokenizers, so conversations render as an instruct model's would.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -62,8 +70,26 @@ def ppo_config(out: Path, model_dir: Path, prompts: Path, **sections: Any) -> An
 # ---- tiny models
 
 
-def make_test_model(arch: str, out_dir: str | Path, texts: Iterable[str] | None = None, **size: Any) -> Path:
-    """Save a tiny untrained model + tokenizer folder, built from a config (no download)."""
+def tokenizer_without_pad(texts: Iterable[str], eos: bool = True, vocab_size: int = 280) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer whose vocabulary has no pad token at all (like GPT-2's or Llama's)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN if eos else None)
+
+
+def make_test_model(
+    arch: str, out_dir: str | Path, texts: Iterable[str] | None = None, pad: bool = True, **size: Any
+) -> Path:
+    """Save a tiny untrained model + tokenizer folder, built from a config (no download); `pad=False`:
+    a vocabulary without a pad token, like GPT-2's and Llama's."""
     texts = (
         list(texts)
         if texts is not None
@@ -73,7 +99,8 @@ def make_test_model(arch: str, out_dir: str | Path, texts: Iterable[str] | None 
         ]
         * 4
     )
-    tokenizer = train_tokenizer(texts, vocab_size=size.pop("vocab_size", 300))
+    vocab_size = size.pop("vocab_size", 300)
+    tokenizer = train_tokenizer(texts, vocab_size) if pad else tokenizer_without_pad(texts, vocab_size=vocab_size)
     cfg = TinyModelConfig(arch=arch, **{"n_layer": 2, "d_model": 32, "n_head": 4, **size})
     model = build_tiny_model(cfg, tokenizer)
     model.save_pretrained(out_dir, safe_serialization=True)

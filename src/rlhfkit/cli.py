@@ -99,6 +99,10 @@ COMMANDS: dict[str, Command] = {
     ),  # fmt: skip
     "data pairs": Command("rlhfkit.stages.data", "rankings of K completions -> preference pairs", "PairsConfig",
                           "run_pairs"),  # fmt: skip
+    "data export": Command(
+        "rlhfkit.stages.data", "pairs, KTO rows or ratings -> a file TRL's trainers take as it is", "ExportConfig",
+        "run_export", positional=("file",),
+    ),  # fmt: skip
 }
 
 

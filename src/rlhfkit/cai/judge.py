@@ -28,6 +28,7 @@ import torch
 from rlhfkit.cai.constitution import Constitution, Principle
 from rlhfkit.cai.prompts import judge_prompt
 from rlhfkit.data.formats import Completions, Pair, Text, text_key
+from rlhfkit.engine.progress import track
 from rlhfkit.errors import UserError
 from rlhfkit.rewards.base import RewardSource
 
@@ -75,7 +76,7 @@ class ModelJudge:
         was_training = self.model.training
         self.model.eval()
         probs: list[torch.Tensor] = []
-        for start in range(0, len(texts), self.batch_size):
+        for start in track(range(0, len(texts), self.batch_size), "judge"):
             parts = [answer_ids(self.tokenizer, t) for t in texts[start : start + self.batch_size]]
             rows = [ids[-self.max_tokens :] for ids, _, _ in parts]  # too long: keep the end, where the question is
             # Left padding, so the answer position is the last column for every row and only its logits

@@ -21,7 +21,7 @@ from rlhfkit.models.sampling import SamplingConfig, check_length_budget, sample,
 
 def generate(model: Any, tokenizer: Any, texts: list[str], sampling: SamplingConfig) -> list[str]:
     """One sampled continuation per rendered text (stripped, cut at a stop string); warns of cut prompts."""
-    s = sample(model, tokenizer, texts, sampling, num_samples=1)
+    s = sample(model, tokenizer, texts, sampling, num_samples=1, desc="cai revise: sampling")
     if s.prompts_truncated:
         print(truncation_warning(s.prompts_truncated, len(texts), sampling))
     return s.texts

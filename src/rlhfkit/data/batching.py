@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import torch
 
-from rlhfkit.data.formats import Pair, Text, text_key
+from rlhfkit.data.formats import Demonstration, Pair, Text, text_key
 
 IGNORE_INDEX = -100  # label of a token that does not count in the loss
 Encoded = dict[str, list[int]]  # "input_ids" (and "token_type_ids" for BERT-style pair inputs)
@@ -32,8 +32,8 @@ T = TypeVar("T")  # any record with a `prompt`: Demonstration, Pair, Rating
 
 def split_by_prompt(items: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
     """Hold out a seeded share of *prompts* (at least one when fraction > 0) with all their records,
-    so that no held-out prompt was seen in training."""
-    keys = [text_key(x.prompt) for x in items]  # type: ignore[attr-defined]
+    so that no held-out prompt was seen in training (a plain text, which has none, is its own key)."""
+    keys = [text_key(x.key if isinstance(x, Demonstration) else x.prompt) for x in items]  # type: ignore[attr-defined]
     prompts = sorted(set(keys))
     if fraction == 0 or len(prompts) < 2:
         return items, []

@@ -84,7 +84,7 @@ class EncodedExample(NamedTuple):
 
 def encode_example(
     tokenizer: Any,
-    prompt: Text,
+    prompt: Text | None,
     response: Text,
     template: str = PROMPT_TEMPLATE,
     max_length: int = 512,
@@ -101,10 +101,17 @@ def encode_example(
     the prompt: a response alone can fill `max_length`, and then different prompts with the same
     long response would be identical inputs (same reward) and SFT would learn the response with
     no prompt at all.
+
+    With `prompt` None the response is a plain text learned whole (TRL's language-modeling type):
+    no template, response_start 0, and a long text keeps its start and the EOS.
     """
     eos = tokenizer.eos_token_id
-    p_ids = tokenizer(render_prompt(tokenizer, prompt, template), add_special_tokens=False)["input_ids"]
-    r_ids = tokenizer(render_response(tokenizer, prompt, response, template), add_special_tokens=False)["input_ids"]
+    if prompt is None:
+        p_ids, response_text = [], plain_text(response)
+    else:
+        p_ids = tokenizer(render_prompt(tokenizer, prompt, template), add_special_tokens=False)["input_ids"]
+        response_text = render_response(tokenizer, prompt, response, template)
+    r_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
     if not r_ids or r_ids[-1] != eos:  # chat templates often end a turn with EOS
         r_ids = r_ids + [eos]
     if len(p_ids) + len(r_ids) <= max_length:

@@ -20,18 +20,28 @@ file never leaves a half-written output behind.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from rlhfkit.config import atomic_write_text
 from rlhfkit.errors import UserError, validation_problems
 
 MAX_LINE_BYTES = 1_000_000  # a "huge line" is almost always a broken file, not a real record
 UTF8_BOM = b"\xef\xbb\xbf"
+log = logging.getLogger(__name__)
 
 
 class Message(BaseModel):
@@ -70,6 +80,9 @@ class Record(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
     # `path:line` a record was read from, so cross-file checks can point at it too.
     _where: str | None = PrivateAttr(default=None)
+    # Optional keys and the value a row without one is written with when other rows of the file
+    # have it (`write_records`): every row of a file has the same columns.
+    fill: ClassVar[dict[str, Any]] = {}
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
@@ -99,18 +112,35 @@ class PromptRecord(Record):
 
 
 class Demonstration(Record):
-    prompt: Text
+    """A prompt and the response to learn; or, with `prompt` None, a plain text to learn whole
+    (TRL's language-modeling `{"text": ...}`: no template, the loss on every token)."""
+
+    prompt: Text | None
     response: Text
 
     @field_validator("prompt")
     @classmethod
-    def _prompt(cls, v: Text) -> Text:
-        return _check_text(v, "prompt")
+    def _prompt(cls, v: Text | None) -> Text | None:
+        return v if v is None else _check_text(v, "prompt")
 
     @field_validator("response")
     @classmethod
     def _response(cls, v: Text) -> Text:
         return _check_text(v, "response")
+
+    @model_validator(mode="after")
+    def _plain_text(self) -> Demonstration:
+        if self.prompt is None and not isinstance(self.response, str):
+            raise ValueError("a text without a prompt must be a string")
+        return self
+
+    @property
+    def key(self) -> Text:
+        """What identifies the example's prompt (a plain text has none: the text itself)."""
+        return self.response if self.prompt is None else self.prompt
+
+    def to_json(self) -> dict[str, Any]:
+        return {"text": self.response} if self.prompt is None else super().to_json()
 
 
 class Completions(Record):
@@ -176,6 +206,9 @@ class Pair(Record):
     chosen: Text
     rejected: Text
     margin: float | None = None
+    # No margin is a margin of 0 in the loss; `datasets` would read a missing one as null, and
+    # TRL's RewardTrainer fails on a null (`rlhfkit cai mix` writes human pairs next to AI ones).
+    fill: ClassVar[dict[str, Any]] = {"margin": 0.0}
 
     @field_validator("prompt")
     @classmethod
@@ -202,6 +235,42 @@ class Pair(Record):
         if chosen is not None and text_key(chosen) == text_key(v):
             raise ValueError("identical to chosen: the pair carries no preference")
         return v
+
+
+class Unpaired(Record):
+    """One judged completion (TRL's unpaired preference, KTO's input): `label` true = desirable.
+    Not a format of its own: a prompt's desirable and undesirable completions are paired."""
+
+    prompt: Text
+    completion: Text
+    label: bool
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: Text) -> Text:
+        return _check_text(v, "prompt")
+
+    @field_validator("completion")
+    @classmethod
+    def _completion(cls, v: Text) -> Text:
+        return _check_text(v, "completion", allow_empty=True)
+
+
+def unpaired_to_pairs(rows: Sequence[Unpaired]) -> tuple[list[Pair], int]:
+    """Every (desirable, undesirable) completion pair of the same prompt, in file order, and how
+    many prompts gave none (only one kind of label). Identical texts are skipped."""
+    by_prompt: dict[str, tuple[Text, list[Text], list[Text]]] = {}
+    for r in rows:
+        _, good, bad = by_prompt.setdefault(text_key(r.prompt), (r.prompt, [], []))
+        (good if r.label else bad).append(r.completion)
+    pairs = [
+        Pair(prompt=prompt, chosen=g, rejected=b)
+        for prompt, good, bad in by_prompt.values()
+        for g in good
+        for b in bad
+        if text_key(g) != text_key(b)
+    ]
+    return pairs, sum(not good or not bad for _, good, bad in by_prompt.values())
 
 
 class Rating(Record):
@@ -240,9 +309,124 @@ FORMATS: dict[str, type[Record]] = {
 _UNIQUE_KEY = {"prompts": ("id",), "completions": ("prompt_id",), "rankings": ("prompt_id", "labeler")}
 
 
-def _explain(err: ValidationError) -> str:
+class ShapeError(ValueError):
+    """A record of a TRL shape that cannot become one of our formats; `field` is the user's column."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+
+
+def _from_text(obj: dict[str, Any], n: int) -> dict[str, Any]:
+    return {"prompt": None, "response": obj.pop("text"), **obj}
+
+
+def _from_messages(obj: dict[str, Any], n: int) -> dict[str, Any]:
+    """The last message (the assistant's) is the response, the messages before it the prompt."""
+    msgs = obj.pop("messages")
+    if not isinstance(msgs, list) or len(msgs) < 2 or not isinstance(msgs[-1], dict):
+        raise ShapeError("messages", "must be a list of {role, content} messages: a prompt, then the assistant's")
+    if msgs[-1].get("role") != "assistant":
+        raise ShapeError("messages", f"the last message has role {msgs[-1].get('role')!r}; it must be the assistant's")
+    return {"prompt": msgs[:-1], "response": msgs[-1:], **obj}
+
+
+def _from_prompt_completion(obj: dict[str, Any], n: int) -> dict[str, Any]:
+    return {"prompt": obj.pop("prompt"), "response": obj.pop("completion"), **obj}
+
+
+ASSISTANT_MARK = "Assistant:"  # where the last turn starts in HH-RLHF-style dialogue strings
+
+
+def _shared_start(chosen: Any, rejected: Any) -> int:
+    """How many leading messages (conversations) or characters (strings) chosen and rejected share.
+
+    A string's cut moves back to just after the last `Assistant:` in the shared start (two answers
+    that both begin "Sure," still have "Sure," as response), else to a whitespace, so that no
+    word is split between prompt and response."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if isinstance(chosen, str):
+        mark = chosen.rfind(ASSISTANT_MARK, 0, n)
+        if mark >= 0:
+            return mark + len(ASSISTANT_MARK)
+        while n > 0 and not chosen[n - 1].isspace():
+            n -= 1
+    return n
+
+
+def _from_implicit_prompt(obj: dict[str, Any], n: int) -> dict[str, Any]:
+    """TRL's implicit-prompt preference (HH-RLHF, UltraFeedback): the shared start is the prompt."""
+    chosen, rejected = obj.pop("chosen"), obj.pop("rejected")
+    if isinstance(chosen, str) != isinstance(rejected, str) or not isinstance(chosen, str | list):
+        raise ShapeError("chosen", "chosen and rejected must both be texts or both conversations")
+    cut = _shared_start(chosen, rejected)
+    prompt = chosen[:cut].rstrip() if isinstance(chosen, str) else chosen[:cut]
+    if not prompt:
+        raise ShapeError("chosen", "no prompt: chosen and rejected share no start (add a `prompt` column)")
+    rest = (chosen[cut:], rejected[cut:])
+    if isinstance(chosen, str):
+        rest = (rest[0].strip(), rest[1].strip())
+    return {"prompt": prompt, "chosen": rest[0], "rejected": rest[1], **obj}
+
+
+def _with_row_id(obj: dict[str, Any], n: int) -> dict[str, Any]:
+    return {"id": f"row{n}", **obj}
+
+
+def _as_is(obj: dict[str, Any], n: int) -> dict[str, Any]:
+    return obj
+
+
+class Shape(NamedTuple):
+    """A TRL dataset type, read as one of our formats."""
+
+    name: str  # as TRL's documentation calls it
+    kind: str  # the format it becomes
+    keys: frozenset[str]  # the columns that identify it
+    adapt: Callable[[dict[str, Any], int], dict[str, Any]]  # (row, line or row number) -> the record's keys
+    renamed: dict[str, str]  # our field -> the user's column, for error messages
+    record: type[Record] | None = None  # what a row is validated as; None = the format's own record
+
+
+SHAPES = (
+    Shape("language modeling", "demonstrations", frozenset({"text"}), _from_text, {"response": "text"}),
+    Shape(
+        "language modeling (conversational)", "demonstrations", frozenset({"messages"}), _from_messages,
+        {"prompt": "messages", "response": "messages"},
+    ),
+    Shape(
+        "prompt-completion", "demonstrations", frozenset({"prompt", "completion"}), _from_prompt_completion,
+        {"response": "completion"},
+    ),
+    Shape("prompt-only", "prompts", frozenset({"prompt"}), _with_row_id, {}),
+    Shape(
+        "preference (implicit prompt)", "pairs", frozenset({"chosen", "rejected"}), _from_implicit_prompt,
+        {"prompt": "chosen"},
+    ),
+    Shape("unpaired preference", "pairs", frozenset({"prompt", "completion", "label"}), _as_is, {}, Unpaired),
+)  # fmt: skip
+
+
+def _required(cls: type[Record]) -> frozenset[str]:
+    return frozenset(n for n, f in cls.model_fields.items() if f.is_required())
+
+
+def shape_of(kind: str, obj: dict[str, Any]) -> Shape | None:
+    """The TRL shape a record of `kind` has, or None for our own format (also when it matches neither,
+    so that the error names our format's missing keys): ours when all its keys are there, else the
+    shape naming the most columns."""
+    if _required(FORMATS[kind]) <= obj.keys():
+        return None
+    fits = [s for s in SHAPES if s.kind == kind and s.keys <= obj.keys()]
+    return max(fits, key=lambda s: len(s.keys), default=None)
+
+
+def _explain(err: ValidationError, renamed: dict[str, str] | None = None) -> str:
     by_loc: dict[str, list[str]] = {}
     for loc, msg, kind in validation_problems(err, root="<record>"):
+        head, dot, tail = loc.partition(".")
+        loc = (renamed or {}).get(head, head) + dot + tail
         if kind == "extra_forbidden":
             msg = "unknown key (check the spelling; see the formats in README)"
         elif kind in ("string_type", "list_type"):
@@ -252,12 +436,15 @@ def _explain(err: ValidationError) -> str:
 
 
 def detect_kind(obj: dict[str, Any]) -> str:
-    """Guess the format of a record from its keys (for `rlhfkit data validate` without --kind)."""
+    """Guess the format of a record from its keys (for `rlhfkit data validate` without --kind): one
+    of ours, or a TRL shape with exactly its columns (with extra columns, name the kind)."""
     keys = set(obj)
     for kind, cls in FORMATS.items():
-        required = {n for n, f in cls.model_fields.items() if f.is_required()}
-        if required <= keys <= set(cls.model_fields):
+        if _required(cls) <= keys <= set(cls.model_fields):
             return kind
+    for shape in SHAPES:
+        if keys == shape.keys:
+            return shape.kind
     raise ValueError(f"keys {sorted(keys)} match no known format ({', '.join(FORMATS)})")
 
 
@@ -308,8 +495,19 @@ def _iter_dataset(source: str, split: str) -> Iterable[tuple[int, dict[str, Any]
         yield i, dict(row)
 
 
+def split_source(source: str | Path, split: str = "train") -> tuple[str | Path, str]:
+    """`data/hh:test` -> (`data/hh`, "test"): a `datasets` folder or hub id may name its split.
+    A path that exists as written is never split (a `:` may be part of a file name)."""
+    text = str(source)
+    head, colon, tail = text.rpartition(":")
+    if not colon or not head or not tail or "/" in tail or "\\" in tail or Path(text).exists():
+        return source, split
+    return head, tail
+
+
 def _rows(source: str | Path, split: str) -> tuple[Iterable[tuple[int, dict[str, Any]]], Callable[[int], str]]:
     """(numbered raw rows, how to name row n in an error) for a JSONL file or a dataset."""
+    source, split = split_source(source, split)
     path = Path(source)
     if path.suffix in (".jsonl", ".json") or path.is_file():
         return _iter_jsonl(path), lambda n: f"{path}:{n}"
@@ -324,24 +522,42 @@ def first_record(source: str | Path, split: str = "train") -> dict[str, Any]:
     raise UserError(f"{source}: no records (the file is empty)")
 
 
-def read_records(source: str | Path, kind: str, split: str = "train") -> list[Any]:
-    """Load and validate a whole file (JSONL) or dataset (folder or hub id) of one format.
+def read_records(
+    source: str | Path, kind: str, split: str = "train", strict: bool = True, pair_unpaired: bool = True
+) -> list[Any]:
+    """Load and validate a whole file (JSONL) or dataset (folder, hub id, `path:split`) of one format,
+    or of a TRL shape read as that format (`SHAPES`).
 
     Raises UserError naming `path:line: field: problem` for the first bad record, and for
-    duplicate ids. Blank lines are skipped.
+    duplicate ids. Blank lines are skipped. Columns the format does not use are an error when
+    `strict` (a typo must not silently drop data), else dropped and named once in the log (a
+    dataset from the hub often carries scores, ids and sources the stage has no use for).
+    Unpaired preference rows become pairs (`pair_unpaired`), or stay `Unpaired` records.
     """
     if kind not in FORMATS:
         raise UserError(f"unknown data format {kind!r}; one of: {', '.join(FORMATS)}")
-    cls = FORMATS[kind]
     rows, where = _rows(source, split)
     records: list[Any] = []
+    unpaired: list[Unpaired] = []
     seen: dict[tuple[Any, ...], int] = {}
+    ignored: dict[str, None] = {}
     unique = _UNIQUE_KEY.get(kind)
     for n, obj in rows:
+        shape = shape_of(kind, obj)
+        cls = (shape.record if shape is not None else None) or FORMATS[kind]
+        if not strict:
+            extra = [k for k in obj if k not in cls.model_fields and (shape is None or k not in shape.keys)]
+            ignored.update(dict.fromkeys(extra))
+            obj = {k: v for k, v in obj.items() if k not in extra}
         try:
-            rec = cls.model_validate(obj)
+            rec = cls.model_validate(shape.adapt(dict(obj), n) if shape is not None else obj)
+        except ShapeError as e:
+            raise UserError(f"{where(n)}: {e}") from None
         except ValidationError as e:
-            raise UserError(f"{where(n)}: {_explain(e)}") from None
+            raise UserError(f"{where(n)}: {_explain(e, shape.renamed if shape is not None else None)}") from None
+        if isinstance(rec, Unpaired) and pair_unpaired:
+            unpaired.append(rec)
+            continue
         if unique:
             key = tuple(getattr(rec, k) for k in unique)
             if key in seen:
@@ -352,15 +568,43 @@ def read_records(source: str | Path, kind: str, split: str = "train") -> list[An
             seen[key] = n
         rec._where = where(n)
         records.append(rec)
+    if ignored:
+        log.warning(
+            "%s: ignored column(s) the %s format does not use: %s (strict=true makes them an error)",
+            source, kind, ", ".join(ignored),
+        )  # fmt: skip
+    if unpaired:
+        pairs, lonely = unpaired_to_pairs(unpaired)
+        if not pairs and not records:
+            raise UserError(
+                f"{source}: no pairs: no prompt has both a desirable (label true) and an undesirable "
+                "(label false) completion"
+            )
+        records.extend(pairs)
+        log.warning(
+            "%s: %d unpaired judgements -> %d pairs (each desirable completion over each undesirable one of the "
+            "same prompt); %d prompt(s) with only one kind of label gave none",
+            source, len(unpaired), len(pairs), lonely,
+        )  # fmt: skip
     if not records:
         raise UserError(f"{source}: no records (the file is empty)")
     return records
 
 
 def write_records(path: str | Path, records: Iterable[Record]) -> Path:
-    """Write JSONL atomically: readers see the old file or the whole new one, never a prefix."""
-    text = "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in records)
-    atomic_write_text(path, text)
+    """Write JSONL atomically: readers see the old file or the whole new one, never a prefix.
+    An optional key that some rows have is written on every row (`Record.fill`)."""
+    records = list(records)
+    rows = [r.to_json() for r in records]
+    for key, value in {k: v for r in records for k, v in r.fill.items()}.items():
+        if any(key in row for row in rows):
+            rows = [row if key in row else {**row, key: value} for row in rows]
+    return write_jsonl(path, rows)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """One JSON object per line, UTF-8 as is, written atomically (see `atomic_write_text`)."""
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return Path(path)
 
 

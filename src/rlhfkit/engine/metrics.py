@@ -1,4 +1,5 @@
-"""Metrics a person can plot: one JSON object per line in `metrics.jsonl` (+ TensorBoard if installed)."""
+"""Metrics a person can plot: one JSON object per line in `metrics.jsonl` (experiment trackers such as
+TensorBoard are the engine's `report_to`)."""
 
 from __future__ import annotations
 
@@ -21,14 +22,6 @@ class MetricsLogger:
     def __init__(self, out_dir: str | Path, enabled: bool = True, filename: str = "metrics.jsonl"):
         self.path = Path(out_dir) / filename
         self.enabled = enabled
-        self._tb: Any = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
-            except ImportError:  # TensorBoard is optional
-                self._tb = None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.enabled:
@@ -37,11 +30,6 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        if self._tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, int | float) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
-            self._tb.flush()
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop rows the killed run logged after its last checkpoint (they will be redone)."""

@@ -25,7 +25,10 @@ from pydantic import Field
 
 from rlhfkit.config import StrictModel, atomic_write_text
 from rlhfkit.engine.metrics import MetricsLogger
+from rlhfkit.engine.progress import Progress
+from rlhfkit.errors import UserError
 
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 EvalFn = Callable[[torch.nn.Module], dict[str, float]]
 
@@ -50,6 +53,10 @@ class EngineConfig(StrictModel):
     log_every: int = Field(10, gt=0)
     max_bad_steps: int = Field(5, gt=0, description="abort after this many non-finite steps in a row")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    report_to: list[Tracker] | None = Field(
+        None, description="experiment trackers besides metrics.jsonl (accelerate's); null = TensorBoard if installed"
+    )
+    tracker_project: str = Field("rlhfkit", description="W&B/Trackio project, MLflow experiment; run = output_dir")
 
 
 class TrainConfig(EngineConfig):
@@ -82,6 +89,32 @@ def lr_lambda(cfg: EngineConfig, total_steps: int) -> Callable[[int], float]:
     return f
 
 
+def make_trackers(names: list[Tracker] | None, out_dir: Path, project: str) -> list[Any]:
+    """accelerate trackers for `report_to`: TensorBoard events in OUTPUT_DIR/tensorboard; W&B, MLflow
+    and Trackio runs named after the output folder in `project` (their own settings, e.g. offline
+    modes and tracking URIs, come from their environment variables: WANDB_MODE=offline,
+    MLFLOW_TRACKING_URI, ...). A tracker that is not installed is an error before any work."""
+    from accelerate import tracking
+    from accelerate.utils import imports
+
+    if names is None:  # the default: TensorBoard is optional (the `dev` extra)
+        names = ["tensorboard"] if imports.is_tensorboard_available() else []
+    missing = [n for n in names if not getattr(imports, f"is_{n}_available")()]
+    if missing:
+        raise UserError(
+            f"train.report_to: {', '.join(missing)} not installed (pip install {' '.join(missing)}), "
+            "or leave it out of train.report_to"
+        )
+    run = out_dir.resolve().name
+    made = {
+        "tensorboard": lambda: tracking.TensorBoardTracker("tensorboard", out_dir),
+        "wandb": lambda: tracking.WandBTracker(project, name=run),
+        "mlflow": lambda: tracking.MLflowTracker(experiment_name=project, run_name=run),
+        "trackio": lambda: tracking.TrackioTracker(project, name=run),
+    }
+    return [made[n]() for n in dict.fromkeys(names)]
+
+
 class Engine:
     """Accelerator + optimizer + schedule + checkpoints + metrics for one training run."""
 
@@ -95,7 +128,9 @@ class Engine:
         self.accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            log_with=make_trackers(cfg.report_to, self.out_dir, cfg.tracker_project) or None,
         )
+        self.accelerator.init_trackers(cfg.tracker_project)
         set_seed(cfg.seed)
         self.total_steps = 0  # optimizer steps planned, set by `setup`
         self.step = 0  # optimizer steps done
@@ -191,7 +226,12 @@ class Engine:
 
     # ---- metrics ------------------------------------------------------------------------
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.log(metrics, self.step if step is None else step)
+        """A row of metrics.jsonl, and the finite numbers to every tracker of `report_to`."""
+        step = self.step if step is None else step
+        self.metrics.log(metrics, step)
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+        if numbers:
+            self.accelerator.log(numbers, step=step)
 
     # ---- checkpoints --------------------------------------------------------------------
     def save_checkpoint(self, extra: dict[str, Any] | None = None) -> Path:
@@ -280,7 +320,6 @@ class Engine:
         if not isinstance(cfg, TrainConfig):
             raise TypeError("Engine.fit runs the supervised loop: the engine needs a TrainConfig")
         from torch.utils.data import DataLoader
-        from tqdm.auto import tqdm
 
         loader = DataLoader(
             train_dataset,
@@ -297,7 +336,7 @@ class Engine:
         self.load_checkpoint()
         model.train()
         batches = self.batches(loader)
-        bar = tqdm(total=total, initial=self.step, desc=desc, disable=not self.is_main, dynamic_ncols=True)
+        bar = Progress(total, desc, every=cfg.log_every, initial=self.step, enabled=self.is_main)
         t0, tokens = time.perf_counter(), 0
         while self.step < total:
             # this step's values go into the window only once it is applied: a skipped step's NaNs
@@ -323,7 +362,6 @@ class Engine:
                 continue
             for k, v in {**step_stats, "loss": losses}.items():
                 self.window.setdefault(k, []).extend(v)
-            bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == total:
                 dt = time.perf_counter() - t0
                 self.last = {k: sum(v) / len(v) for k, v in self.window.items()}
@@ -336,6 +374,7 @@ class Engine:
                 self.log(self.last)
                 bar.set_postfix(loss=f"{self.last['loss']:.4f}")
                 self.window, self.skipped, t0, tokens = {}, 0, time.perf_counter(), 0
+            bar.update(1)  # after the log row, so that a progress line shows this step's loss
             due = cfg.eval_every and self.step % cfg.eval_every == 0
             if eval_fn is not None and due and self.step < total:  # the last step is evaluated once, below
                 self.evaluate(model, eval_fn)

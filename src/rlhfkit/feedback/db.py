@@ -1,8 +1,8 @@
 """Database access: SQLite (one file, the default) or PostgreSQL (by URL, for many users).
 
 SQLite allows one writer at a time. Left alone, concurrent submits fail with "database is
-locked" and a judgment is lost; so here every write transaction takes a process-wide lock and
-starts with BEGIN IMMEDIATE (which also waits, via busy_timeout, for writers in other processes),
+locked" and a judgment is lost; so here every write transaction first takes a lock shared by the
+threads and processes that use the file (see _SqliteWriteLock) and starts with BEGIN IMMEDIATE,
 and WAL mode lets readers carry on while a write is in progress. PostgreSQL needs none of this:
 its row locks and unique constraints do the work.
 
@@ -24,6 +24,7 @@ runs them programmatically, so no alembic.ini is needed anywhere.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -92,6 +93,39 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
+class _SqliteWriteLock:
+    """One SQLite writer at a time, across this process's threads and across processes.
+
+    Threads queue on a threading.Lock, processes (`serve workers=N`, an admin command beside the
+    server) on an flock of `<database>-lock`: the kernel hands it to the next waiter at once. With
+    SQLite's busy handler alone, which sleeps and polls (up to 100 ms a try), some writers waited
+    seconds under load while others got in again and again.
+    """
+
+    def __init__(self, database: str):
+        self._threads = threading.Lock()
+        self._path = f"{database}-lock"
+        self._file = -1
+
+    def __enter__(self) -> None:
+        self._threads.acquire()
+        try:
+            self._file = os.open(self._path, os.O_CREAT | os.O_RDWR, 0o600)
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+        except BaseException:
+            self._release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._file >= 0:
+            os.close(self._file)  # which releases the flock
+            self._file = -1
+        self._threads.release()
+
+
 class Database:
     """An engine plus two kinds of transaction: `session()` to read, `session(write=True)` to write."""
 
@@ -102,7 +136,7 @@ class Database:
             self.engine = _sqlite_engine(self.url)
         else:
             self.engine = create_engine(self.url, pool_size=10, max_overflow=30, pool_pre_ping=True)
-        self._write_lock = threading.Lock() if self.is_sqlite else None
+        self._write_lock = _SqliteWriteLock(str(make_url(self.url).database)) if self.is_sqlite else None
         self._reader = sessionmaker(self.engine, expire_on_commit=False)
         self._writer = sessionmaker(self.engine.execution_options(write=True), expire_on_commit=False)
 
@@ -135,6 +169,14 @@ class Database:
 
     def migrate(self) -> None:
         """Create or upgrade the schema to the newest migration (safe to call on every start)."""
+        self._alembic(command.upgrade, "head")
+
+    def downgrade(self, revision: str) -> None:
+        """Take the schema back to `revision`, keeping every row it can hold: to run an older release."""
+        self._alembic(command.downgrade, revision)
+
+    def _alembic(self, run: Callable[[AlembicConfig, str], None], revision: str) -> None:
+        """Run an Alembic command on this database, one server at a time, without an alembic.ini."""
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         lock = self._write_lock or nullcontext()
@@ -142,7 +184,7 @@ class Database:
             if not self.is_sqlite:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_ID})
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            run(cfg, revision)
 
     def dispose(self) -> None:
         self.engine.dispose()

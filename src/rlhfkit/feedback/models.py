@@ -6,7 +6,13 @@ Invariants the schema itself enforces (so no code path can break them, even unde
 - `items.n_judgments` is only ever raised by a conditional UPDATE (`... WHERE n_judgments < N`),
   so an item never takes more than its project's N judgments.
 
-Times are naive UTC: SQLite has no time zones, and one convention on both backends is simplest.
+Two columns exist only so that the dispatcher's cost does not grow as a project fills (see
+service.next_assignment): `items.complete` (n_judgments >= the project's overlap, kept by the same
+UPDATE that counts a judgment, and recomputed when the overlap changes), indexed with the position
+so complete items are never read again; and `members.scan_from`, a per-labeler cursor: every item
+before that position is complete or already handed to this labeler. Whatever reopens an item (a
+raised overlap, a removed judgment) must clear `complete` and reset the project's cursors to 0, or
+the dispatcher would never offer that item again.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NullableJSON = JSON(none_as_null=True)  # Python None is SQL NULL (not JSON 'null'), so IS NULL works
@@ -81,6 +87,8 @@ class Member(Base):
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
     role: Mapped[str] = mapped_column(String(16))  # one of choices.ROLES
+    # The dispatcher's cursor (see the module docstring): the position its next scan for this labeler starts at.
+    scan_from: Mapped[int] = mapped_column(default=0, server_default="0")
     user: Mapped[User] = relationship()
 
 
@@ -88,11 +96,14 @@ class Item(Base):
     """One prompt to judge; `key` is the prompt_id from the imported file."""
 
     __tablename__ = "items"
-    # (project, position): the dispatcher walks a project's items in order and stops at the first
-    # free ones, instead of scanning and sorting every item on each request.
+    # (project, complete, position): the dispatcher walks the incomplete items in order and stops at
+    # the first free ones; the complete ones, most of a project that is filling up, are not even
+    # read. The only index on the position: beside one on (project, position), PostgreSQL's planner
+    # (its statistics lagging the counts) took that one and skipped the complete items row by row,
+    # the very rescan this avoids. Exports, which want every item in order, sort instead.
     __table_args__ = (
         UniqueConstraint("project_id", "key"),
-        Index("ix_items_project_position", "project_id", "position"),
+        Index("ix_items_project_open", "project_id", "complete", "position"),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
@@ -100,6 +111,7 @@ class Item(Base):
     prompt: Mapped[Any]  # text, or a list of {role, content} messages
     position: Mapped[int]  # import order: the dispatcher hands items out in this order
     n_judgments: Mapped[int] = mapped_column(default=0)
+    complete: Mapped[bool] = mapped_column(default=False, server_default=false())  # n_judgments >= overlap
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     candidates: Mapped[list[Candidate]] = relationship(order_by="Candidate.idx")
 

@@ -25,7 +25,9 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import and_, exists, func, select, text, update
-from sqlalchemy.orm import Session, contains_eager, selectinload
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
 
 from rlhfkit.data.formats import (
     Completions,
@@ -321,8 +323,16 @@ def projects_of(s: Session, user: User) -> list[tuple[Project, str]]:
 def update_project(s: Session, project: Project, data: ProjectSettingsIn) -> None:
     if data.guidelines is not None:
         project.guidelines = data.guidelines
-    if data.overlap is not None:
+    if data.overlap is not None and data.overlap != project.overlap:
         project.overlap = data.overlap
+        # The dispatcher's shortcuts depend on N (see models.py): items' complete flags follow it,
+        # and a raised N reopens items that the labelers' cursors have passed: they start over.
+        s.execute(
+            update(Item.__table__)
+            .where(Item.project_id == project.id)
+            .values(complete=Item.n_judgments >= data.overlap)
+        )
+        s.execute(update(Member.__table__).where(Member.project_id == project.id).values(scan_from=0))
 
 
 def set_member(s: Session, project: Project, data: MemberIn) -> Member:
@@ -445,38 +455,84 @@ def _first_record_kind(path: Path) -> str:
     return "prompts"
 
 
+IMPORT_CHUNK = 1000  # items per multi-row INSERT
+
+
 def import_items(s: Session, project: Project, records: Sequence[Completions | PromptRecord]) -> dict[str, int]:
     """Add items; all or nothing. Re-importing an identical record is skipped, so importing the
-    same file twice is harmless; a known prompt_id with different content is an error."""
-    # All of the project's items, not `key IN (...)`: a big file would pass SQLite's variable limit.
-    existing = {item.key: item for item in s.scalars(select(Item).where(Item.project_id == project.id))}
-    position = s.scalar(select(func.coalesce(func.max(Item.position), 0)).where(Item.project_id == project.id))
-    added = skipped = 0
+    same file twice is harmless; a known prompt_id with different content is an error.
+
+    On SQLite the caller's write transaction stops every labeler's submits while it lasts, so
+    callers parse and validate the file (parse_upload) before they open it, and here the rows go
+    in as multi-row Core INSERTs, a chunk at a time: a 20,000-item file holds the lock for about
+    half a second, not for the seconds that parsing and ORM objects took.
+    """
+    new: dict[str, tuple[Any, list[Any]]] = {}  # key -> (prompt, candidate texts), in file order
+    skipped = 0
     for rec in records:
         key = _key(rec)
         texts = rec.completions if isinstance(rec, Completions) and project.task != "demonstration" else []
         if project.task == "pairwise" and len(texts) != 2:
             raise Invalid(f"prompt_id {key!r}: a pairwise project needs exactly 2 completions, got {len(texts)}")
-        prompt = text_to_json(rec.prompt)
-        texts_json = [text_to_json(t) for t in texts]
-        if key in existing:
-            old = existing[key]
-            if old.prompt != prompt or [c.text for c in old.candidates] != texts_json:
-                raise Invalid(f"prompt_id {key!r} was already imported with different content; give it a new id")
+        content = (text_to_json(rec.prompt), [text_to_json(t) for t in texts])
+        if key in new:
+            if new[key] != content:
+                raise Invalid(f"prompt_id {key!r} appears twice in the file with different content")
             skipped += 1
             continue
-        position += 1
-        item = Item(project_id=project.id, key=key, prompt=prompt, position=position)
-        item.candidates = [Candidate(idx=i, text=t) for i, t in enumerate(texts_json)]
-        s.add(item)
-        existing[key] = item
-        added += 1
-    s.flush()
-    if added and s.get_bind().dialect.name == "postgresql":
+        new[key] = content
+    # All of the project's keys, not `key IN (...)`: a big file would pass SQLite's variable limit.
+    existing = {key for (key,) in s.execute(select(Item.key).where(Item.project_id == project.id))}
+    known = existing & new.keys()
+    if known:
+        for key, content in _contents(s, project, known).items():
+            if content != new.pop(key):
+                raise Invalid(f"prompt_id {key!r} was already imported with different content; give it a new id")
+    position = s.scalar(select(func.coalesce(func.max(Item.position), 0)).where(Item.project_id == project.id))
+    rows = list(new.items())
+    for start in range(0, len(rows), IMPORT_CHUNK):
+        s.execute(
+            Item.__table__.insert(),
+            [
+                {"project_id": project.id, "key": key, "prompt": prompt, "position": position + start + i + 1}
+                for i, (key, (prompt, _)) in enumerate(rows[start : start + IMPORT_CHUNK])
+            ],
+        )
+    if any(texts for _, (_, texts) in rows):
+        # The new ids by key, read back in one query: INSERT ... RETURNING in the rows' order would
+        # make SQLite insert them one statement each.
+        new_items = select(Item.key, Item.id).where(Item.project_id == project.id, Item.position > position)
+        ids = {key: item_id for key, item_id in s.execute(new_items)}
+        candidates = [
+            {"item_id": ids[key], "idx": idx, "text": text}
+            for key, (_, texts) in rows
+            for idx, text in enumerate(texts)
+        ]
+        for start in range(0, len(candidates), IMPORT_CHUNK):
+            s.execute(Candidate.__table__.insert(), candidates[start : start + IMPORT_CHUNK])
+    if rows and s.get_bind().dialect.name == "postgresql":
         # Fresh statistics now, not whenever autovacuum gets round to it: with a stale row count
         # the planner scans every item for each "next" instead of walking them in order (100x).
         s.execute(text("ANALYZE items"))
-    return {"added": added, "skipped": skipped}
+    return {"added": len(rows), "skipped": skipped + len(known)}
+
+
+def _contents(s: Session, project: Project, keys: set[str]) -> dict[str, tuple[Any, list[Any]]]:
+    """(prompt, candidate texts) of the project's items with these keys."""
+    contents: dict[str, tuple[Any, list[Any]]] = {}
+    rows = s.execute(
+        select(Item.key, Item.prompt, Candidate.text)
+        .select_from(Item)
+        .outerjoin(Candidate, Candidate.item_id == Item.id)
+        .where(Item.project_id == project.id)
+        .order_by(Item.id, Candidate.idx)
+    )
+    for key, prompt, text_ in rows:
+        if key in keys:
+            texts = contents.setdefault(key, (prompt, []))[1]
+            if text_ is not None:
+                texts.append(text_)
+    return contents
 
 
 def _key(rec: Completions | PromptRecord) -> str:
@@ -487,6 +543,39 @@ def _key(rec: Completions | PromptRecord) -> str:
 
 
 # ---------------------------------------------------------------- the dispatcher
+#
+# The hot path: every labeler asks for the next item and submits, over and over. It is written as
+# a few Core statements on plain rows (the ORM's unit of work cost more CPU per request than the
+# SQL itself), and its cost does not grow as a project fills: complete items are never read
+# (`items.complete`, indexed with the position) and each labeler's scan starts at their cursor
+# (`members.scan_from`), so the items they already judged are not read again either.
+
+PAGE = 50  # items read per dispatcher query
+
+
+@dataclass
+class AssignedItem:
+    """An item as handed to one labeler: their assignment, and what the item shows."""
+
+    assignment_id: int
+    item_id: int
+    key: str
+    prompt: Any
+    candidates: list[tuple[int, int, Any]]  # (id, idx, text), in idx order
+    display_order: list[int]  # candidate ids, as this labeler sees them
+    draft: dict[str, Any] | None
+    done: bool
+    created_at: datetime  # first handed out: a judgment's `seconds` count from here
+
+
+_ASSIGNED = select(
+    Assignment.id,
+    Assignment.item_id,
+    Assignment.display_order,
+    Assignment.draft,
+    Assignment.done,
+    Assignment.created_at,
+).join(Item, Item.id == Assignment.item_id)
 
 
 def _held(now: datetime) -> Any:
@@ -498,93 +587,181 @@ def _held(now: datetime) -> Any:
     )
 
 
-def next_assignment(s: Session, project: Project, user: User, lease: timedelta) -> Assignment | None:
+def _content(s: Session, item_id: int) -> tuple[str, Any, list[tuple[int, int, Any]]]:
+    """(key, prompt, candidates) of an item, in one query."""
+    rows = s.execute(
+        select(Item.key, Item.prompt, Candidate.id, Candidate.idx, Candidate.text)
+        .select_from(Item)
+        .outerjoin(Candidate, Candidate.item_id == Item.id)  # demonstration items have none
+        .where(Item.id == item_id)
+        .order_by(Candidate.idx)
+    ).all()
+    return rows[0].key, rows[0].prompt, [(c.id, c.idx, c.text) for c in rows if c.id is not None]
+
+
+def _assigned_item(s: Session, row: Any) -> AssignedItem:
+    """The AssignedItem of an `_ASSIGNED` row."""
+    key, prompt, candidates = _content(s, row.item_id)
+    return AssignedItem(
+        row.id, row.item_id, key, prompt, candidates, row.display_order, row.draft, row.done, row.created_at
+    )
+
+
+def next_assignment(s: Session, project: Project, user: User, lease: timedelta) -> AssignedItem | None:
     """The item this labeler should judge next, or None when nothing is left for them.
 
     Their own unfinished item comes first (a reload never skips work). Otherwise the first item,
     in import order, that still has a free place (judgments + live leases < N) and that they
-    have not seen. The item row is locked while its places are recounted, so two labelers are
-    not both handed its last place (on SQLite, writes are serialised anyway).
+    have not seen (see `_dispatch`).
     """
     now = utcnow()
-    mine = s.scalar(
-        select(Assignment)
-        .join(Item)
-        .options(contains_eager(Assignment.item).selectinload(Item.candidates))
-        .where(
-            Item.project_id == project.id,
-            Assignment.user_id == user.id,
-            Assignment.done.is_(False),
-            Item.n_judgments < project.overlap,
-        )
-        .order_by(Assignment.id)
+    # The oldest, picked here rather than by ORDER BY id LIMIT 1: with that, PostgreSQL walks the
+    # whole assignments table in id order hoping to meet one of this labeler's soon.
+    mine = min(
+        s.execute(
+            _ASSIGNED.where(
+                Item.project_id == project.id,
+                Assignment.user_id == user.id,
+                Assignment.done.is_(False),
+                Item.complete.is_(False),
+            )
+        ).all(),
+        key=lambda row: row.id,
+        default=None,
     )
     if mine is not None:
-        mine.leased_until = now + lease
-        return mine
-    seen = exists().where(Assignment.item_id == Item.id, Assignment.user_id == user.id)
-    while True:
-        free = s.scalars(
-            select(Item.id)
-            .where(Item.project_id == project.id, ~seen, Item.n_judgments + _held(now) < project.overlap)
-            .order_by(Item.position)
-            .limit(50)
-        ).all()
-        if not free:
-            return None
-        # Items someone else is dispatching or judging right now are skipped at first (SKIP LOCKED,
-        # so labelers do not all queue on the same first row) and waited for only at the end.
-        queue = [(item_id, False) for item_id in free]
-        while queue:
-            item_id, wait = queue.pop(0)
-            item = s.scalars(
-                select(Item)
-                .where(Item.id == item_id)
-                .options(selectinload(Item.candidates))
-                .with_for_update(skip_locked=not wait)
-            ).first()
-            if item is None:
-                queue.append((item_id, True))
-                continue
-            held = s.scalar(select(_held(now)).select_from(Item).where(Item.id == item_id))
-            if item.n_judgments + held >= project.overlap:
-                continue  # filled up meanwhile; the next query will not list it again
-            order = [c.id for c in item.candidates]
-            secrets.SystemRandom().shuffle(order)  # per-labeler order, against position bias
-            a = Assignment(item=item, user_id=user.id, display_order=order, leased_until=now + lease)
-            s.add(a)
-            s.flush()
-            return a
+        s.execute(update(Assignment.__table__).where(Assignment.id == mine.id).values(leased_until=now + lease))
+        return _assigned_item(s, mine)
+    task, cursor, moved = _dispatch(s, project, user, now, lease)
+    if moved > cursor:
+        s.execute(
+            update(Member.__table__)
+            .where(Member.project_id == project.id, Member.user_id == user.id, Member.scan_from < moved)
+            .values(scan_from=moved)
+        )
+    return task
 
 
-def assignment_for(s: Session, project: Project, user: User, item_id: int) -> Assignment:
-    """A labeler can only open items the dispatcher handed to them (blind assignment)."""
-    a = s.scalar(
-        select(Assignment)
-        .join(Item)
-        .options(contains_eager(Assignment.item).selectinload(Item.candidates))
-        .where(Assignment.item_id == item_id, Assignment.user_id == user.id, Item.project_id == project.id)
+def _dispatch(
+    s: Session, project: Project, user: User, now: datetime, lease: timedelta
+) -> tuple[AssignedItem | None, int, int]:
+    """(the new assignment or None, the labeler's cursor, how far it may move).
+
+    Reads the incomplete items after the cursor, in order, a page at a time, and claims the first
+    one with a free place that this labeler has not seen. The cursor may move over the items seen
+    before the first one left behind (an item whose places are all held by others' leases: an
+    expired lease may free it, so it must be read again next time). The claimed item counts as
+    seen. A site owner who is not a member has no cursor and scans from the start.
+
+    PostgreSQL: the item row is locked while its places are recounted, so two labelers are not
+    both handed its last place; rows other dispatchers or submits hold are skipped at first (SKIP
+    LOCKED, so labelers do not all queue on the same first row) and waited for only at the end of
+    the page. SQLite needs neither: the caller's write transaction (BEGIN IMMEDIATE) already
+    excludes every other writer, so the page's counts are current.
+    """
+    locking = s.get_bind().dialect.name == "postgresql"
+    stored = func.coalesce(
+        select(Member.scan_from).where(Member.project_id == project.id, Member.user_id == user.id).scalar_subquery(),
+        0,
     )
-    if a is None:
+    seen = exists().where(Assignment.item_id == Item.id, Assignment.user_id == user.id)
+    page: Any = Item.position >= stored  # the first page starts at the cursor, the next ones after the last row
+    cursor = moved = -1  # read with the first page
+    behind = False  # an unseen item was left behind: the cursor stops before it
+    while True:
+        rows = s.execute(
+            select(Item.id, Item.position, seen.label("seen"), (Item.n_judgments + _held(now)).label("taken"))
+            .add_columns(stored.label("cursor"))
+            .where(Item.project_id == project.id, Item.complete.is_(False), page)
+            .order_by(Item.position)
+            .limit(PAGE)
+        ).all()
+        if rows and cursor < 0:
+            cursor = moved = rows[0].cursor
+        busy = []
+        for row in rows:
+            if row.seen:
+                moved = moved if behind else row.position + 1
+                continue
+            if row.taken < project.overlap:
+                free = _recount(s, project, row.id, now, wait=False) if locking else True
+                if free:
+                    moved = moved if behind else row.position + 1
+                    return _assign(s, user, row.id, now, lease), cursor, moved
+                if free is None:
+                    busy.append(row.id)
+            behind = True
+        for item_id in busy:
+            if _recount(s, project, item_id, now, wait=True):
+                return _assign(s, user, item_id, now, lease), cursor, moved
+        if len(rows) < PAGE:
+            return None, cursor, moved
+        page = Item.position > rows[-1].position
+
+
+def _recount(s: Session, project: Project, item_id: int, now: datetime, wait: bool) -> bool | None:
+    """PostgreSQL: lock the item and recount its places; whether one is free, or None when
+    another transaction holds the row and `wait` is false."""
+    locked = s.execute(select(Item.id).where(Item.id == item_id).with_for_update(skip_locked=not wait)).first()
+    if locked is None:
+        return None
+    # A statement of its own, after the lock: it sees what the previous holder committed.
+    return s.scalar(select(Item.n_judgments + _held(now)).where(Item.id == item_id)) < project.overlap
+
+
+def _assign(s: Session, user: User, item_id: int, now: datetime, lease: timedelta) -> AssignedItem:
+    """Hand the item to the labeler, its candidates in an order of their own (against position bias)."""
+    key, prompt, candidates = _content(s, item_id)
+    order = [c[0] for c in candidates]
+    secrets.SystemRandom().shuffle(order)
+    assignment_id = s.execute(
+        Assignment.__table__.insert()
+        .values(
+            item_id=item_id,
+            user_id=user.id,
+            display_order=order,
+            leased_until=now + lease,
+            created_at=now,
+            updated_at=now,
+        )
+        .returning(Assignment.__table__.c.id)
+    ).scalar_one()
+    return AssignedItem(assignment_id, item_id, key, prompt, candidates, order, None, False, now)
+
+
+def _assigned_row(s: Session, project: Project, user: User, item_id: int) -> Any:
+    """This labeler's assignment of the item, with their judgment of it if any (blind assignment:
+    a labeler can only open items the dispatcher handed to them)."""
+    row = s.execute(
+        _ASSIGNED.add_columns(Judgment.id.label("judgment_id"), Judgment.client_token)
+        .outerjoin(Judgment, and_(Judgment.item_id == Assignment.item_id, Judgment.user_id == Assignment.user_id))
+        .where(Assignment.item_id == item_id, Assignment.user_id == user.id, Item.project_id == project.id)
+    ).first()
+    if row is None:
         raise NotFound("no such item among those assigned to you (ask for the next item)")
-    return a
+    return row
 
 
-def item_view(a: Assignment, project: Project) -> dict[str, Any]:
+def assignment_for(s: Session, project: Project, user: User, item_id: int) -> AssignedItem:
+    """A labeler can only open items the dispatcher handed to them (blind assignment)."""
+    return _assigned_item(s, _assigned_row(s, project, user, item_id))
+
+
+def item_view(a: AssignedItem, project: Project) -> dict[str, Any]:
     """What a labeler sees: candidates in *their* order, with stable ids and display letters.
 
     Raises Unshowable if some text in it cannot be encoded as UTF-8 (a lone surrogate stored
     before imports refused them): better a clear error than a page that fails half-way.
     """
-    by_id = {c.id: c for c in a.item.candidates}
+    by_id = {cid: text for cid, _, text in a.candidates}
     view = {
         "project_id": project.id,
         "item_id": a.item_id,
-        "prompt_id": a.item.key,
+        "prompt_id": a.key,
         "task": project.task,
-        "prompt": a.item.prompt,
+        "prompt": a.prompt,
         "candidates": [
-            {"id": cid, "label": chr(ord("A") + i) if i < 26 else str(i + 1), "text": by_id[cid].text}
+            {"id": cid, "label": chr(ord("A") + i) if i < 26 else str(i + 1), "text": by_id[cid]}
             for i, cid in enumerate(a.display_order)
         ],
         "draft": a.draft,
@@ -596,7 +773,7 @@ def item_view(a: Assignment, project: Project) -> dict[str, Any]:
                 value.encode("utf-8")
             except UnicodeEncodeError:
                 raise Unshowable(
-                    f"item {a.item.key!r} cannot be shown: its {where} is not valid Unicode text; it is "
+                    f"item {a.key!r} cannot be shown: its {where} is not valid Unicode text; it is "
                     "skipped (an admin can import it again, fixed, under a new prompt_id): take the next item"
                 ) from None
     return view
@@ -614,25 +791,30 @@ def next_view(s: Session, project: Project, user: User, lease: timedelta) -> dic
             return item_view(a, project)
         except Unshowable as e:
             log.error("project %s, labeler %s: %s", project.id, user.username, e.message)
-            a.done, a.draft, a.leased_until = True, None, utcnow()
-            s.flush()
+            s.execute(
+                update(Assignment.__table__)
+                .where(Assignment.id == a.assignment_id)
+                .values(done=True, draft=None, leased_until=utcnow())
+            )
     return None
 
 
 def save_draft(s: Session, project: Project, user: User, item_id: int, draft: DraftIn, lease: timedelta) -> None:
-    a = assignment_for(s, project, user, item_id)
+    a = _assigned_row(s, project, user, item_id)
     if a.done:
         raise Conflict("this item is already submitted")
     now = utcnow()
-    a.draft = draft.model_dump()
-    a.updated_at = now
-    a.leased_until = now + lease
+    s.execute(
+        update(Assignment.__table__)
+        .where(Assignment.id == a.id)
+        .values(draft=draft.model_dump(), updated_at=now, leased_until=now + lease)
+    )
 
 
 # ---------------------------------------------------------------- submitting judgments
 
 
-def pairwise_choice(a: Assignment, choice: str) -> dict[int, int]:
+def pairwise_choice(a: AssignedItem, choice: str) -> dict[int, int]:
     """Quick pairwise mode: A / B / tie / both bad is a ranking of the two shown candidates."""
     first, second = a.display_order
     ranks = {"a": (1, 2), "b": (2, 1), "tie": (1, 1), "both_bad": (1, 1)}.get(choice)
@@ -641,9 +823,8 @@ def pairwise_choice(a: Assignment, choice: str) -> dict[int, int]:
     return {first: ranks[0], second: ranks[1]}
 
 
-def _check_ranking(item: Item, data: JudgmentIn) -> list[int]:
+def _check_ranking(idx_of: dict[int, int], data: JudgmentIn) -> list[int]:
     """candidate id -> rank  =>  rank per candidate idx (the stored and exported form)."""
-    idx_of = {c.id: c.idx for c in item.candidates}
     if data.response is not None:
         raise Invalid("response: only demonstration tasks take a written response")
     if data.ranking is None:
@@ -666,26 +847,38 @@ def _check_ranking(item: Item, data: JudgmentIn) -> list[int]:
     return ranks
 
 
-def _existing(s: Session, item_id: int, user: User, data: JudgmentIn) -> Judgment | None:
-    """This labeler's stored judgment of the item if `data` repeats it; another one is a conflict."""
-    existing = s.scalar(select(Judgment).where(Judgment.item_id == item_id, Judgment.user_id == user.id))
-    if existing is not None and existing.client_token != data.client_token:
+def _existing(s: Session, item_id: int, user: User, data: JudgmentIn) -> Judgment:
+    """This labeler's stored judgment of the item, which `data` must repeat (a retry); another
+    one is a conflict."""
+    existing = s.scalars(select(Judgment).where(Judgment.item_id == item_id, Judgment.user_id == user.id)).one()
+    if existing.client_token != data.client_token:
         raise Conflict("you have already submitted a judgment for this item")
     return existing
+
+
+def _judgment_insert(s: Session) -> Any:
+    """INSERT INTO judgments that does nothing when this labeler's judgment of the item exists.
+
+    A retried or double-clicked submit running at the same moment as the first one waits for it
+    here (PostgreSQL) and then inserts nothing, instead of failing on the unique constraint; the
+    caller then returns the stored judgment. (SQLite: writers run one at a time anyway.)
+    """
+    dialect_insert = pg_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert
+    return dialect_insert(Judgment.__table__).on_conflict_do_nothing(index_elements=["item_id", "user_id"])
 
 
 def submit(s: Session, project: Project, user: User, item_id: int, data: JudgmentIn) -> tuple[Judgment, bool]:
     """Store a judgment; returns (judgment, created).
 
     Idempotent: a second submit with the same client_token returns the stored judgment
-    (created=False). The item's count goes up by a conditional UPDATE, so an item never
-    exceeds N even when many labelers submit at once; a concurrent duplicate by the same labeler
-    hits the (item, labeler) unique constraint and is retried by the caller, landing here again.
+    (created=False), also when both arrive at once (see `_judgment_insert`). The judgment row goes
+    in first, then the item's count goes up by a conditional UPDATE, so an item never exceeds N
+    even when many labelers submit at once: when it is full, the whole transaction (the judgment
+    row with it) is rolled back and the labeler told to take the next item.
     """
-    a = assignment_for(s, project, user, item_id)
-    existing = _existing(s, item_id, user, data)
-    if existing is not None:
-        return existing, False
+    a = _assigned_row(s, project, user, item_id)
+    if a.judgment_id is not None:
+        return _existing(s, item_id, user, data), False
     ranking, response = None, None
     if project.task == "demonstration":
         if data.ranking is not None:
@@ -694,19 +887,10 @@ def submit(s: Session, project: Project, user: User, item_id: int, data: Judgmen
             raise Invalid("response: write the ideal response (or flag the prompt as unusable)")
         response = data.response if (data.response or "").strip() else None
     else:
-        ranking = _check_ranking(a.item, data)
-    claimed = s.execute(
-        update(Item.__table__)
-        .where(and_(Item.id == item_id, Item.n_judgments < project.overlap))
-        .values(n_judgments=Item.n_judgments + 1)
-    )
-    if claimed.rowcount == 0:
-        # On PostgreSQL the UPDATE may have waited for a concurrent submit of this very judgment
-        # (a double click on the item's last place); that one is committed and visible now.
-        existing = _existing(s, item_id, user, data)
-        if existing is not None:
-            return existing, False
-        raise Conflict(f"this item already has its {project.overlap} judgments; please take the next one")
+        idx_of = {
+            cid: idx for cid, idx in s.execute(select(Candidate.id, Candidate.idx).where(Candidate.item_id == item_id))
+        }
+        ranking = _check_ranking(idx_of, data)
     now = utcnow()
     judgment = Judgment(
         item_id=item_id,
@@ -719,11 +903,18 @@ def submit(s: Session, project: Project, user: User, item_id: int, data: Judgmen
         seconds=round((now - a.created_at).total_seconds(), 3),
         created_at=now,
     )
-    s.add(judgment)
-    a.done = True
-    a.draft = None
-    a.updated_at = now
-    s.flush()
+    columns = {c.key: getattr(judgment, c.key) for c in Judgment.__table__.columns if c.key != "id"}
+    judgment.id = s.execute(_judgment_insert(s).values(columns).returning(Judgment.__table__.c.id)).scalar()
+    if judgment.id is None:  # a concurrent submit of this labeler's judgment got there first
+        return _existing(s, item_id, user, data), False
+    claimed = s.execute(
+        update(Item.__table__)
+        .where(and_(Item.id == item_id, Item.n_judgments < project.overlap))
+        .values(n_judgments=Item.n_judgments + 1, complete=Item.n_judgments + 1 >= project.overlap)
+    )
+    if claimed.rowcount == 0:
+        raise Conflict(f"this item already has its {project.overlap} judgments; please take the next one")
+    s.execute(update(Assignment.__table__).where(Assignment.id == a.id).values(done=True, draft=None, updated_at=now))
     return judgment, True
 
 
@@ -759,7 +950,7 @@ def my_progress(s: Session, project: Project, user: User) -> dict[str, int]:
     to_go = s.scalar(
         select(func.count())
         .select_from(Item)
-        .where(Item.project_id == project.id, ~seen | unfinished, Item.n_judgments < project.overlap)
+        .where(Item.project_id == project.id, Item.complete.is_(False), ~seen | unfinished)
     )
     return {"done": done or 0, "to_go": to_go or 0, **project_totals(s, project)}
 

@@ -81,3 +81,9 @@ class ServeConfig(StrictModel):
     max_body_kb: int = Field(512, ge=16, description="largest request body, except imports")
     max_upload_mb: int = Field(50, ge=1, description="largest JSONL import")
     log_level: str = Field("warning", description="uvicorn log level")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="server processes (about one per CPU core; login throttling counts per process)",
+    )

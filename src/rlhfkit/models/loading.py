@@ -33,12 +33,18 @@ class ModelConfig(StrictModel):
     trust_remote_code: bool = False
 
 
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False, eos_pad: bool = False) -> Any:
     """Load a tokenizer and make sure it has a pad token that is *not* EOS.
 
     Why: when pad == EOS, masking padding also masks the real EOS, and the model never learns to
-    stop (PPO detail 5). We add a dedicated `<|pad|>` token instead; the model's embeddings are
-    resized to match in `load_causal_lm`.
+    stop (PPO detail 5); a sequence classifier reads its score at the last token that is not pad,
+    which would be the token before EOS. We add a dedicated `<|pad|>` token instead; the model's
+    embeddings are resized to match in `load_causal_lm`.
+
+    `eos_pad`: a tokenizer without a pad token pads with EOS instead, for a stage whose every use
+    of padding goes through attention masks and labels built from lengths (SFT). Why: then the
+    vocabulary and the embeddings stay the base model's, so a LoRA adapter loads on the user's
+    original base with plain peft (a resized embedding would not fit it).
     """
     from transformers import AutoTokenizer
 
@@ -48,7 +54,9 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
         raise UserError(f"{path}: cannot load a tokenizer ({e})") from None
     if tok.eos_token is None:
         raise UserError(f"{path}: the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
-    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+    if eos_pad and tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    elif tok.pad_token is None or (tok.pad_token_id == tok.eos_token_id and not eos_pad):
         tok.add_special_tokens({"pad_token": PAD_TOKEN})
     return tok
 
@@ -77,13 +85,14 @@ def _fit_embeddings(model: Any, tokenizer: Any) -> None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
-def load_causal_lm(cfg: ModelConfig, tokenizer: Any | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) for any `AutoModelForCausalLM` architecture, LoRA applied if configured."""
+def load_causal_lm(cfg: ModelConfig, tokenizer: Any | None = None, eos_pad: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) for any `AutoModelForCausalLM` architecture, LoRA applied if configured;
+    `eos_pad` as in `load_tokenizer`."""
     from transformers import AutoModelForCausalLM
 
     if not cfg.path:
         raise UserError("model.path: no model given; set model.path=FOLDER_OR_HUB_ID")
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.path, cfg.trust_remote_code)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.path, cfg.trust_remote_code, eos_pad)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from rlhfkit.config import StrictModel
 from rlhfkit.data.chat import PROMPT_TEMPLATE, RESPONSE_SEPARATOR, STOP_STRINGS
+from rlhfkit.engine.progress import track
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import model_positions
 from rlhfkit.models.value import position_ids
@@ -205,11 +206,13 @@ def sample(
     cfg: SamplingConfig,
     num_samples: int = 1,
     keep_hidden: bool = False,
+    desc: str | None = None,
 ) -> Samples:
     """Generate `num_samples` responses for each rendered prompt (rows grouped by prompt).
 
     `keep_hidden`: also return, in `Samples.hidden`, the last hidden state from which each response
     token was sampled (PPO turns them into log-probs and values without another forward pass).
+    `desc`: show progress over the batches under this name (a stage's one long sampling pass).
     """
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     device = next(model.parameters()).device
@@ -218,7 +221,8 @@ def sample(
     parts: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
     per_batch = max(1, cfg.batch_size // num_samples)
     truncated = 0
-    for start in range(0, len(prompts), per_batch):
+    starts = range(0, len(prompts), per_batch)
+    for start in track(starts, desc) if desc else starts:
         p_ids, p_mask, cut = encode_prompts(tokenizer, prompts[start : start + per_batch], cfg.max_prompt_tokens)
         truncated += cut
         p_ids, p_mask = p_ids.repeat_interleave(num_samples, 0), p_mask.repeat_interleave(num_samples, 0)

@@ -9,9 +9,12 @@ Two kinds, one interface:
   ([CLS] rendered prompt [SEP] response [SEP]); the head reads the pooled [CLS] token.
 
 The saved folder is a plain `save_pretrained` sequence classifier (`num_labels=1`) plus
-`rlhfkit_reward.json`: the kind, the prompt template used in training, and the gain/bias that
-normalise rewards (fitted so the reference policy's own samples score mean 0, std 1; PPO detail 2).
-`score` applies them, so every consumer sees normalised rewards.
+`rlhfkit_reward.json`: the kind, the prompt template used in training, and how rewards were
+normalised (gain/bias fitted so the reference policy's own samples score mean 0, std 1; PPO
+detail 2). The normalisation is affine, so `save` folds it into the weights (`fold_normalization`):
+the logits of plain `AutoModelForSequenceClassification` are the normalised reward. The metadata
+says how much is folded (`folded_gain`, `folded_bias`: none in folders saved before folding), and
+`score` applies only the rest, so rlhfkit gives the same numbers either way, never twice.
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ class RewardMeta(StrictModel):
     kind: Kind
     prompt_template: str = PROMPT_TEMPLATE
     max_length: int = Field(512, gt=1)
-    gain: float = 1.0
+    gain: float = Field(1.0, description="normalised reward = gain * raw head output + bias")
     bias: float = 0.0
-    normalization: dict[str, Any] = Field(default_factory=dict, description="how gain/bias were fitted")
+    folded_gain: float = Field(1.0, description="the part in the weights: logits = folded_gain * raw + folded_bias")
+    folded_bias: float = Field(0.0, description="= bias, or 0 where the model has no bias to fold it into (RMSNorm)")
+    normalization: dict[str, Any] = Field(default_factory=dict, description="how gain/bias were fitted and folded")
 
     @classmethod
     def read(cls, folder: str | Path) -> RewardMeta | None:
@@ -101,15 +106,51 @@ def load_backbone(
 def init_reward_head(model: torch.nn.Module) -> torch.nn.Linear:
     """Re-initialise the scalar head: weight ~ N(0, 1/√(d+1)), bias 0 (PPO detail 1), so initial
     rewards have unit-ish scale whatever the hidden size."""
-    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1]
-    if not heads:
-        raise UserError(f"{type(model).__name__}: no scalar output layer found")
-    head = heads[-1]
+    head = _scalar_head(model)
     with torch.no_grad():
         head.weight.normal_(0.0, 1.0 / math.sqrt(head.in_features + 1))
         if head.bias is not None:
             head.bias.zero_()
     return head
+
+
+def _scalar_head(model: torch.nn.Module) -> torch.nn.Linear:
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1]
+    if not heads:
+        raise UserError(f"{type(model).__name__}: no scalar output layer found")
+    return heads[-1]
+
+
+@torch.no_grad()
+def fold_normalization(model: torch.nn.Module, probe: torch.Tensor, gain: float, bias: float) -> tuple[float, str]:
+    """Write `gain * logit + bias` into the model's own weights; returns (the bias that found no
+    place, where the bias went).
+
+    The gain scales the head's weight. The bias goes into the head's bias (encoders); a decoder's
+    head has none (transformers builds it without), so it goes into the final LayerNorm's bias
+    instead, whose output only the head reads (GPT-2 and other LayerNorm decoders): moved by
+    bias·w/|w|², it adds exactly `bias` to every logit. RMSNorm decoders (Llama, Qwen2, Mistral)
+    have no bias after their last layer: there the bias is returned, to stay in the metadata.
+    `probe` (token ids, one row) checks the fold on a real forward; a mismatch undoes the norm move.
+    """
+    head = _scalar_head(model)
+    head.weight.mul_(gain)
+    if head.bias is not None:
+        head.bias.mul_(gain).add_(bias)
+        return 0.0, "score head weight and bias"
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm) and m.bias is not None]
+    if bias == 0.0:
+        return 0.0, "score head weight"
+    if not norms:
+        return bias, "score head weight (no bias after the last layer: the bias stays in the metadata)"
+    before = float(model(input_ids=probe).logits[0, 0])
+    w = head.weight[0].to(norms[-1].bias.dtype)
+    shift = bias * w / w.square().sum()
+    norms[-1].bias.add_(shift)
+    if abs(float(model(input_ids=probe).logits[0, 0]) - (before + bias)) > 1e-3 * max(1.0, abs(bias)):
+        norms[-1].bias.sub_(shift)  # that LayerNorm is not the last thing before the head
+        return bias, "score head weight; the bias has no place to go (the last LayerNorm does not feed the head)"
+    return 0.0, "score head weight and final LayerNorm bias"
 
 
 def reward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -138,9 +179,22 @@ class RewardModel:
         return cls(model, tokenizer, meta, batch_size)
 
     def save(self, path: str | Path) -> Path:
-        """Model + tokenizer + metadata, written to a temporary sibling and renamed (never half-saved)."""
+        """Model + tokenizer + metadata, written to a temporary sibling and renamed (never half-saved).
+
+        The normalisation is folded into the weights first (in memory too; `score` is unchanged):
+        see `fold_normalization`."""
         import shutil
 
+        scale, offset = self._logit_map()
+        if (scale, offset) != (1.0, 0.0):
+            device = next(self.model.parameters()).device
+            probe = torch.tensor([self.encode("probe", "probe")["input_ids"]], device=device)
+            was_training = self.model.training
+            self.model.eval()
+            residual, where = fold_normalization(self.model, probe, scale, offset)
+            self.model.train(was_training)
+            self.meta.folded_gain, self.meta.folded_bias = self.meta.gain, self.meta.bias - residual
+            self.meta.normalization["folded_into"] = where
         out = Path(path)
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -180,9 +234,23 @@ class RewardModel:
         return collate_sequences(seqs, self.tokenizer.pad_token_id)
 
     # ---- scoring --------------------------------------------------------------------------
-    @torch.no_grad()
+    def _logit_map(self) -> tuple[float, float]:
+        """(a, c) with normalised reward = a * logit + c: what the weights do not do yet. Exactly
+        (1, 0) once all of it is folded, so such a model's reward is its logit, bit for bit."""
+        a = self.meta.gain / self.meta.folded_gain
+        return a, self.meta.bias - a * self.meta.folded_bias
+
     def raw_scores(self, prompts: Sequence[Text], completions: Sequence[Text]) -> torch.Tensor:
-        """Head outputs before normalisation, batched by similar length (less padding)."""
+        """Head outputs before normalisation (what gain/bias are fitted on; a folded head's logits
+        mapped back)."""
+        logits = self._logits(prompts, completions)
+        if (self.meta.folded_gain, self.meta.folded_bias) == (1.0, 0.0):
+            return logits
+        return (logits - self.meta.folded_bias) / self.meta.folded_gain
+
+    @torch.no_grad()
+    def _logits(self, prompts: Sequence[Text], completions: Sequence[Text]) -> torch.Tensor:
+        """The model's outputs as saved, batched by similar length (less padding)."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         seqs = [self.encode(p, c) for p, c in zip(prompts, completions, strict=True)]
@@ -199,7 +267,8 @@ class RewardModel:
         return scores
 
     def score(self, prompts: Sequence[Text], completions: Sequence[Text]) -> torch.Tensor:
-        return self.meta.gain * self.raw_scores(prompts, completions) + self.meta.bias
+        scale, offset = self._logit_map()
+        return scale * self._logits(prompts, completions) + offset
 
     def fit_normalization(
         self, raw: torch.Tensor, source: str, min_std: float = 1e-2, sampling: dict[str, Any] | None = None

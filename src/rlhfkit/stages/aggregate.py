@@ -4,8 +4,11 @@ Reads the raw judgments either from files (`rankings` JSONL, e.g. a `judgments` 
 `completions` they rank) or straight from the feedback database (`db_url` and `project`), and
 writes to `output_dir`:
     consensus.jsonl   per-item consensus ranking (Bradley-Terry), with scores
-    pairs.jsonl       TRL preference pairs from the consensus, preferred first (with margins)
+    pairs.jsonl       preference pairs from the consensus, preferred first (with margins): `rlhfkit rm`'s input
     kto.jsonl         KTO-style {prompt, completion, label}
+    trl/pairs.jsonl   the same pairs for TRL's RewardTrainer/DPOTrainer, trl/kto.jsonl for its KTOTrainer:
+                      prompts rendered with `prompt_template` as the policy sees them, plus `raw_prompt`
+                      (`rlhfkit.data.trl`)
     agreement.json    pairwise agreement, Krippendorff's alpha, Kendall's W, per-labeler agreement
 """
 
@@ -20,7 +23,17 @@ from pydantic import Field, model_validator
 from sqlalchemy.engine import make_url
 
 from rlhfkit.config import StrictModel, atomic_write_text, save_config
-from rlhfkit.data.formats import Completions, Ranking, check_rankings, read_records, write_records
+from rlhfkit.data.chat import PROMPT_TEMPLATE
+from rlhfkit.data.formats import (
+    Completions,
+    Ranking,
+    Unpaired,
+    check_rankings,
+    read_records,
+    write_jsonl,
+    write_records,
+)
+from rlhfkit.data.trl import trl_pairs, trl_unpaired
 from rlhfkit.errors import UserError
 from rlhfkit.labels.agreement import agreement_report
 from rlhfkit.labels.consensus import DEFAULT_ALPHA, consensus, consensus_pairs, consensus_rows, kto_records
@@ -34,6 +47,7 @@ class Config(StrictModel):
     output_dir: str = Field("runs/aggregate", description="where the outputs go")
     margin: bool = Field(True, description="give each pair its consensus margin")
     alpha: float = Field(DEFAULT_ALPHA, gt=0, description="Bradley-Terry prior strength")
+    prompt_template: str = Field(PROMPT_TEMPLATE, description="the policy's: the trl/ files carry prompts rendered")
 
     @model_validator(mode="after")
     def _one_source(self) -> Config:
@@ -91,7 +105,10 @@ def run(config: Config) -> dict[str, Any]:
     pairs = consensus_pairs(cons, completions, margin=config.margin)
     write_records(out / "pairs.jsonl", pairs)
     kto = kto_records(cons, completions)
-    atomic_write_text(out / "kto.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kto))
+    write_jsonl(out / "kto.jsonl", kto)
+    write_jsonl(out / "trl" / "pairs.jsonl", trl_pairs(pairs, config.prompt_template))
+    unpaired = [Unpaired.model_validate(r) for r in kto]
+    write_jsonl(out / "trl" / "kto.jsonl", trl_unpaired(unpaired, config.prompt_template))
     atomic_write_text(out / "agreement.json", json.dumps(report, indent=2) + "\n")
     save_config(config, out)
 

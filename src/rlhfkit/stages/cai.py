@@ -17,7 +17,6 @@ See docs/cai.md.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,8 +26,8 @@ from pydantic import Field
 from rlhfkit.cai.constitution import load_constitution
 from rlhfkit.cai.judge import Judge, ModelJudge, RewardJudge, label, mix_pairs
 from rlhfkit.cai.revise import critique_and_revise, to_records
-from rlhfkit.config import StrictModel, atomic_write_text, save_config
-from rlhfkit.data.formats import read_records, write_records
+from rlhfkit.config import StrictModel, save_config
+from rlhfkit.data.formats import read_records, write_jsonl, write_records
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import ModelConfig, fit_to_positions, load_causal_lm
 from rlhfkit.models.sampling import SamplingConfig
@@ -100,10 +99,6 @@ def _device_model(cfg: ModelConfig) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 def run_revise(cfg: ReviseConfig) -> Path:
     if not cfg.prompts:
         raise UserError("prompts: no prompts file given; set prompts=FILE.jsonl")
@@ -119,7 +114,7 @@ def run_revise(cfg: ReviseConfig) -> Path:
         model, tokenizer, prompts, constitution, cfg.sampling, cfg.revisions, cfg.few_shot, cfg.seed
     )
     demos, pairs = to_records(traces, prompts)
-    _write_jsonl(out / "traces.jsonl", [{"id": r.id, **t} for r, t in zip(records, traces, strict=True)])
+    write_jsonl(out / "traces.jsonl", [{"id": r.id, **t} for r, t in zip(records, traces, strict=True)])
     write_records(out / "demonstrations.jsonl", demos)
     write_records(out / "pairs.jsonl", pairs)
     print(f"{len(records)} prompts, {cfg.revisions} round(s): {len(demos)} demonstrations, {len(pairs)} pairs in {out}")
@@ -152,7 +147,7 @@ def run_label(cfg: LabelConfig) -> Path:
         raise UserError(
             f"{cfg.completions}: the judge expressed no preference on any pair ({len(judgements)} compared)"
         )
-    _write_jsonl(out / "judgements.jsonl", judgements)
+    write_jsonl(out / "judgements.jsonl", judgements)
     write_records(out / "pairs.jsonl", pairs)
     print(f"{len(judgements)} pairs judged, {len(pairs)} kept in {out / 'pairs.jsonl'}")
     return out

@@ -22,7 +22,6 @@ from pydantic import Field
 from rlhfkit.config import StrictModel, atomic_write_text, save_config
 from rlhfkit.data.formats import read_records
 from rlhfkit.models.sampling import SamplingConfig
-from rlhfkit.models.tiny import TinyModelConfig
 from rlhfkit.rewards.build import RewardConfig, RewardSpec
 from rlhfkit.sim.run_folder import RunFolder
 from rlhfkit.stages import aggregate as aggregate_stage
@@ -74,7 +73,9 @@ class Config(StrictModel):
     # Sizes for 2 CPU cores and about 10 minutes in all; tiny models learn with larger LRs.
     pretrain: pretrain_stage.Config = pretrain_stage.Config(
         vocab_size=2048,  # the corpus has under 2,000 word types; a larger vocabulary only costs time
-        model=TinyModelConfig(arch="gpt2", n_layer=4, d_model=128, n_head=4, max_positions=POSITIONS),
+        model=pretrain_stage.PretrainModelConfig(
+            arch="gpt2", n_layer=4, d_model=128, n_head=4, max_positions=POSITIONS
+        ),
         train=pretrain_stage.Config().train.model_copy(update={"max_steps": 500}),
     )
     # A small demonstration budget (12 steps of 16 = 192 demonstrations): demonstrations are the

@@ -64,6 +64,7 @@ class PairDataConfig(StrictModel):
     valid_fraction: float = Field(0.1, ge=0, lt=1, description="share of prompts held out")
     max_length: int = Field(512, gt=1, description="tokens per sequence; longer ones are cut like SFT's, and counted")
     prompt_template: str = Field(PROMPT_TEMPLATE, description="'{prompt}' pattern, or 'chat'; as in SFT")
+    strict: bool = Field(False, description="unused columns are an error (default: ignored, named once in the log)")
 
     @model_validator(mode="after")
     def _one_source(self) -> PairDataConfig:
@@ -136,11 +137,11 @@ def read_pairs(d: PairDataConfig, seed: int) -> tuple[list[Pair], list[Pair]]:
     if not (d.pairs or d.rankings):
         raise UserError("data.pairs: no preference data given; set data.pairs=FILE.jsonl (or data.rankings)")
     completions = d.completions if d.rankings else ""
-    train, counts = load_pairs(d.pairs or d.rankings, completions)
+    train, counts = load_pairs(d.pairs or d.rankings, completions, d.strict)
     if not train:
         raise UserError(f"{d.pairs or d.rankings}: no usable preference pairs ({dict(counts)})")
     if d.valid:
-        return train, load_pairs(d.valid, completions)[0]
+        return train, load_pairs(d.valid, completions, d.strict)[0]
     return split_by_prompt(train, d.valid_fraction, seed)
 
 

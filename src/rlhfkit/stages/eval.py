@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import Field
-from tqdm.auto import tqdm
 
 from rlhfkit.config import StrictModel, atomic_write_text, save_config
 from rlhfkit.data.chat import render_prompt
@@ -40,7 +39,8 @@ class Config(StrictModel):
     output_dir: str = "runs/eval"
     models: dict[str, str] = Field(default_factory=dict, description="name -> model folder; first = baseline")
     reference: str = Field("", description="model folder for KL; default: the first model")
-    prompts: str = Field("", description="held-out prompts file (JSONL {id, prompt})")
+    prompts: str = Field("", description="held-out prompts (JSONL or datasets, `path:split`): {id, prompt} or {prompt}")
+    strict: bool = Field(False, description="unused columns are an error (default: ignored, named once in the log)")
     limit: int = Field(0, ge=0, description="use the first N prompts (0 = all)")
     samples_per_prompt: int = Field(1, gt=0, description="responses per prompt and model (averaged per prompt)")
     seed: int = 0
@@ -88,7 +88,7 @@ def run(cfg: Config) -> dict[str, Any]:
         raise UserError("models: give at least one model, e.g. 'models={sft: runs/sft/model, ppo: runs/ppo/model}'")
     if not cfg.prompts:
         raise UserError("prompts: no prompts file given; set prompts=FILE.jsonl")
-    records = read_records(cfg.prompts, "prompts")[: cfg.limit or None]
+    records = read_records(cfg.prompts, "prompts", strict=cfg.strict)[: cfg.limit or None]
     out = Path(cfg.output_dir)
     save_config(cfg, out)
     names = list(cfg.models)
@@ -106,13 +106,13 @@ def run(cfg: Config) -> dict[str, Any]:
     per_model: dict[str, dict[str, np.ndarray]] = {}
     texts: dict[str, list[str]] = {}
     summary: dict[str, dict[str, float]] = {}
-    for name in tqdm(names, desc="eval models"):
+    for name in names:
         model, tok = load_causal_lm(ModelConfig(path=cfg.models[name]))
         model.eval()
         check_length_budget(model.config, cfg.sampling)
         rendered = [render_prompt(tok, p, cfg.sampling.prompt_template) for p in prompts]
         torch.manual_seed(cfg.seed)
-        s = sample(model, tok, rendered, cfg.sampling, num_samples=cfg.samples_per_prompt)
+        s = sample(model, tok, rendered, cfg.sampling, num_samples=cfg.samples_per_prompt, desc=f"eval {name}")
         if s.prompts_truncated:
             print(f"{name}: {truncation_warning(s.prompts_truncated, len(prompts), cfg.sampling)}")
         texts[name] = s.texts

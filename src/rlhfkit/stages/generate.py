@@ -17,18 +17,19 @@ from typing import Any
 
 import torch
 from pydantic import Field
-from tqdm.auto import tqdm
 
 from rlhfkit.config import StrictModel, save_config
 from rlhfkit.data.chat import render_prompt
 from rlhfkit.data.formats import Completions, read_records, write_records
+from rlhfkit.engine.progress import track
 from rlhfkit.models.loading import ModelConfig, load_causal_lm
 from rlhfkit.models.sampling import SamplingConfig, check_length_budget, sample, truncation_warning
 
 
 class Config(StrictModel):
     output_dir: str = "runs/generate"
-    prompts: str = Field("", description="prompts file (JSONL {id, prompt}) or dataset folder")
+    prompts: str = Field("", description="prompts (JSONL or datasets folder, `path:split`): {id, prompt} or {prompt}")
+    strict: bool = Field(False, description="unused columns are an error (default: ignored, named once in the log)")
     k: int = Field(4, ge=2, description="candidates per prompt")
     seed: int = 0
     limit: int = Field(0, ge=0, description="use only the first N prompts (0 = all)")
@@ -46,7 +47,7 @@ def sample_completions(model_cfg: ModelConfig, records: list[Any], cfg: Config) 
     chunk = max(1, cfg.sampling.batch_size // cfg.k)
     out: list[list[str]] = []
     truncated = 0
-    for start in tqdm(range(0, len(records), chunk), desc=f"generate ({model_cfg.path})", unit="batch"):
+    for start in track(range(0, len(records), chunk), f"generate ({model_cfg.path})"):
         s = sample(model, tokenizer, rendered[start : start + chunk], cfg.sampling, num_samples=cfg.k)
         out += [s.texts[i : i + cfg.k] for i in range(0, len(s.texts), cfg.k)]
         truncated += s.prompts_truncated
@@ -60,7 +61,7 @@ def run(cfg: Config) -> Path:
 
     if not cfg.prompts:
         raise UserError("prompts: no prompts file given; set prompts=FILE.jsonl")
-    records = read_records(cfg.prompts, "prompts")
+    records = read_records(cfg.prompts, "prompts", strict=cfg.strict)
     if cfg.limit:
         records = records[: cfg.limit]
     out = Path(cfg.output_dir)

@@ -35,6 +35,7 @@ from rlhfkit.config import StrictModel, atomic_write_text, save_config
 from rlhfkit.data.chat import render_prompt
 from rlhfkit.data.formats import read_records, text_to_json
 from rlhfkit.engine.metrics import truncate_jsonl
+from rlhfkit.engine.progress import Progress
 from rlhfkit.engine.trainer import Engine, EngineConfig, NonFiniteError
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import ModelConfig, check_same_tokenizer, disable_dropout, load_causal_lm, save_model
@@ -209,7 +210,8 @@ class PPOSamplingConfig(SamplingConfig):
 class Config(StrictModel):
     output_dir: str = "runs/ppo"
     resume: bool = False
-    prompts: str = Field("", description="prompts file (JSONL {id, prompt}) or dataset folder")
+    prompts: str = Field("", description="prompts (JSONL or datasets folder, `path:split`): {id, prompt} or {prompt}")
+    strict: bool = Field(False, description="unused columns are an error (default: ignored, named once in the log)")
     model: ModelConfig = ModelConfig()
     ref_model: str = Field("", description="reference model; empty = model.path (with LoRA: adapter disabled)")
     reward: RewardConfig = RewardConfig()
@@ -222,6 +224,7 @@ class Config(StrictModel):
 
 
 # ------------------------------------------------------------------------------- rollouts
+
 
 def prompt_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     """The prompts of PPO step `step`: consecutive slices of a fresh permutation per pass over the file.
@@ -321,7 +324,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     torch.set_flush_denormal(True)
     if engine.is_main:
         save_config(cfg, out)
-    records = read_records(cfg.prompts, "prompts")
+    records = read_records(cfg.prompts, "prompts", strict=cfg.strict)
     for warning in normalization_mismatches(cfg):
         engine.print(f"[yellow]warning: {warning}[/]")
     p = cfg.ppo
@@ -369,6 +372,8 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
         )
     )
     last: dict[str, float] = {}
+    # a bar on a terminal; the loop prints its own line every train.log_every steps
+    bar = Progress(cfg.stop.max_steps, "ppo", every=0, initial=step, enabled=engine.is_main)
     try:
         while stop_reason is None and step < cfg.stop.max_steps:
             t0 = time.perf_counter()
@@ -486,6 +491,8 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
             )
             last = metrics
             engine.log(last, step=step)
+            bar.set_postfix(reward=f"{last['reward']:.3g}", kl=f"{last['kl']:.3g}")
+            bar.update(step - bar.n)  # skipped steps count too
             if step % cfg.train.log_every == 0 or stop_reason is not None:
                 engine.print(
                     f"step {step}/{cfg.stop.max_steps}: reward {last['reward']:.4g} kl {last['kl']:.3g} "
@@ -496,6 +503,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
                 _save(engine, model, step, kl_ctl, baseline, stop_reason)
     except NonFiniteError as e:
         raise UserError(f"ppo: {e}; no checkpoint was written after the last good step") from None
+    bar.close()
 
     # --- outputs
     stop_reason = stop_reason or f"stop.max_steps={cfg.stop.max_steps} reached"

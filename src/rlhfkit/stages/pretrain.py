@@ -1,10 +1,14 @@
-"""Stage 1, pretraining: train a byte-level BPE tokenizer and a causal LM from scratch on text.
+"""Stage 1, pretraining: train a byte-level BPE tokenizer and a causal LM from scratch on text, or
+continue pretraining an existing causal LM (`model.path`, any `AutoModelForCausalLM`; its
+tokenizer is kept, so the result still fits everything built for the original).
 
 Text files hold one document per paragraph (documents are separated by a blank line). With no
 files given, the embedded default corpus is generated (offline, from a seed). Documents are
 joined with EOS and cut into blocks of `data.block_size` tokens. The result is a plain
 `save_pretrained` folder at `OUTPUT_DIR/model`, with held-out perplexity next to the unigram
-baseline in `OUTPUT_DIR/results.json`.
+baseline in `OUTPUT_DIR/results.json` (and, when continuing, the held-out loss before training).
+The default `train.lr` suits a tiny model from scratch; continuing a real model wants a far
+smaller one (e.g. `train.lr=5e-5`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -20,7 +25,7 @@ from pydantic import Field
 from rlhfkit.config import StrictModel, atomic_write_text, save_config
 from rlhfkit.engine.trainer import Engine, TrainConfig
 from rlhfkit.errors import UserError
-from rlhfkit.models.loading import load_tokenizer, save_model
+from rlhfkit.models.loading import ModelConfig, load_causal_lm, load_tokenizer, model_positions, save_model
 from rlhfkit.models.tiny import TinyModelConfig, build_tiny_model, train_tokenizer
 
 
@@ -31,12 +36,19 @@ class DataConfig(StrictModel):
     corpus_seed: int = Field(0, description="seed of the embedded default corpus")
 
 
+class PretrainModelConfig(TinyModelConfig):
+    """A new tiny model (the sizes), or an existing one to continue (`path`; the sizes are then its own)."""
+
+    path: str = Field("", description="causal LM to continue pretraining (its tokenizer kept); empty = a new one")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
 class Config(StrictModel):
     output_dir: str = "runs/pretrain"
     resume: bool = False
-    vocab_size: int = Field(4096, gt=256)
+    vocab_size: int = Field(4096, gt=256, description="of the new tokenizer (not used with model.path)")
     data: DataConfig = DataConfig()
-    model: TinyModelConfig = TinyModelConfig()
+    model: PretrainModelConfig = PretrainModelConfig()
     train: TrainConfig = TrainConfig(lr=2e-3, batch_size=32, max_steps=800, warmup_steps=50, log_every=20)
 
 
@@ -78,8 +90,20 @@ def unigram_perplexity(train: torch.Tensor, valid: torch.Tensor, vocab_size: int
     return math.exp(nll / valid.numel())
 
 
+def load_model(cfg: Config, tokenizer: Any) -> Any:
+    """A new tiny model for `tokenizer`, or `model.path` (positions checked against the block size)."""
+    if not cfg.model.path:
+        return build_tiny_model(cfg.model, tokenizer, seed=cfg.train.seed)
+    m = cfg.model
+    model, _ = load_causal_lm(ModelConfig(path=m.path, dtype=m.dtype), tokenizer)
+    limit = model_positions(model.config)
+    if limit is not None and limit[0] < cfg.data.block_size:
+        raise UserError(f"data.block_size={cfg.data.block_size} exceeds the {limit[0]} positions of {m.path}")
+    return model
+
+
 def run(cfg: Config) -> Path:
-    if cfg.model.max_positions < cfg.data.block_size:  # checked before anything is written
+    if not cfg.model.path and cfg.model.max_positions < cfg.data.block_size:  # checked before anything is written
         raise UserError(f"model.max_positions={cfg.model.max_positions} < data.block_size={cfg.data.block_size}")
     out = Path(cfg.output_dir)
     engine = Engine(cfg.train, out, resume=cfg.resume)
@@ -98,15 +122,17 @@ def run(cfg: Config) -> Path:
             train_docs = train_docs[: len(train_docs) - len(valid_docs)] or train_docs
         tok_dir = out / "tokenizer"
         # A resumed run must keep its tokenizer; a fresh run never reuses a stale one from the folder.
-        if engine.is_main and not (cfg.resume and (tok_dir / "tokenizer.json").exists()):
+        if engine.is_main and not cfg.model.path and not (cfg.resume and (tok_dir / "tokenizer.json").exists()):
             train_tokenizer(train_docs, cfg.vocab_size).save_pretrained(tok_dir)
-    tokenizer = load_tokenizer(tok_dir)
+    # Blocks are never padded: EOS may stand in for a missing pad token, and the vocabulary stays.
+    tokenizer = load_tokenizer(cfg.model.path or tok_dir, eos_pad=True)
     train_blocks = to_blocks(train_docs, tokenizer, cfg.data.block_size)
     valid_blocks = to_blocks(valid_docs, tokenizer, cfg.data.block_size)
-    model = build_tiny_model(cfg.model, tokenizer, seed=cfg.train.seed)
+    model = load_model(cfg, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
+    what = f"continuing {cfg.model.path}" if cfg.model.path else cfg.model.arch
     engine.print(
-        f"pretrain: {cfg.model.arch} {n_params / 1e6:.2f}M params, vocab {len(tokenizer)}, "
+        f"pretrain: {what}, {n_params / 1e6:.2f}M params, vocab {len(tokenizer)}, "
         f"{train_blocks.numel():,} train tokens, {valid_blocks.numel():,} held-out tokens"
     )
 
@@ -125,9 +151,17 @@ def run(cfg: Config) -> Path:
         loss = sum(losses) / len(valid_blocks)
         return {"valid_loss": loss, "valid_ppl": math.exp(loss)}
 
+    before: dict[str, float] = {}
+    if cfg.model.path:  # what continuing is measured against: the model's held-out loss on the new text
+        model.to(engine.device).eval()
+        with torch.no_grad():
+            before = {"initial_valid_loss": eval_fn(model)["valid_loss"]}
+        model.train()
+        engine.print(f"held-out loss before training {before['initial_valid_loss']:.4f}")
     final = engine.fit(model, list(train_blocks), collate, loss_fn, eval_fn=eval_fn, desc="pretrain")
     baseline = unigram_perplexity(train_blocks, valid_blocks, len(tokenizer))
     results = {
+        **before,
         "final_train_loss": final.get("loss"),
         "valid_loss": final["valid_loss"],
         "valid_ppl": final["valid_ppl"],

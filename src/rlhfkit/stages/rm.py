@@ -5,7 +5,10 @@ The model is a pretrained LM with a scalar head (`AutoModelForSequenceClassifica
 all-MiniLM-L6-v2 (reward read at [CLS]). The head starts as N(0, 1/√(d+1)), bias 0; dropout is off.
 
 Data, exactly one of:
-- `data.pairs`: `{prompt, chosen, rejected, margin?}`; loss −log σ(r_c − r_r − margin).
+- `data.pairs`: `{prompt, chosen, rejected, margin?}`; loss −log σ(r_c − r_r − margin). TRL's
+  implicit-prompt pairs (`{chosen, rejected}` conversations or texts with a shared start: that start
+  is the prompt) and unpaired preference (`{prompt, completion, label}`: every desirable completion
+  of a prompt over every undesirable one) are read as pairs too.
 - `data.rankings` + `data.completions`: every ranking gives all C(K,2) pairs of its prompt; ties
   are dropped, identical candidate texts skipped, rankings marked unusable skipped (all counted).
 - `data.ratings`: `{prompt, completion, score}`; mean squared error against the score.
@@ -67,14 +70,19 @@ class RMModelConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    pairs: str = Field("", description="pairs file {prompt, chosen, rejected, margin?}")
+    pairs: str = Field(
+        "",
+        description="pairs {prompt, chosen, rejected, margin?}, or TRL's implicit-prompt {chosen, rejected} "
+        "or unpaired {prompt, completion, label} (JSONL or datasets folder, `path:split`)",
+    )
     rankings: str = Field("", description="rankings file {prompt_id, labeler, ranking}; needs data.completions")
     completions: str = Field("", description="the completions the rankings refer to")
     ratings: str = Field("", description="ratings file {prompt, completion, score} (MSE regression)")
-    valid: str = Field("", description="held-out file in the training format; empty = split valid_fraction off")
+    valid: str = Field("", description="held-out data in the training format (`path:split`); empty = split off")
     valid_fraction: float = Field(0.1, ge=0, lt=1, description="share of prompts held out")
     max_length: int = Field(512, gt=1, description="tokens per sequence; longer ones are cut, counted in results.json")
     prompt_template: str = Field(PROMPT_TEMPLATE, description="must match the policy's (stored with the model)")
+    strict: bool = Field(False, description="unused columns are an error (default: ignored, named once in the log)")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -121,30 +129,30 @@ class Config(StrictModel):
 
 
 # ---- data -----------------------------------------------------------------------------------
-def load_pairs(source: str, completions: str = "") -> tuple[list[Pair], Counter]:
+def load_pairs(source: str, completions: str = "", strict: bool = False) -> tuple[list[Pair], Counter]:
     """Pairs from a pairs file, or from a rankings file when `completions` (the ranked candidates) is
     given; with the counts of what was used and dropped. DPO and KTO read their pairs here too."""
     if completions:
-        rankings = read_records(source, "rankings")
-        return pairs_with_counts(rankings, read_records(completions, "completions"))
-    pairs = read_records(source, "pairs")
+        rankings = read_records(source, "rankings", strict=strict)
+        return pairs_with_counts(rankings, read_records(completions, "completions", strict=strict))
+    pairs = read_records(source, "pairs", strict=strict)
     return pairs, Counter(pairs=len(pairs))
 
 
 def load_data(d: DataConfig, seed: int) -> tuple[list[Any], list[Any], Counter]:
     """(train, held-out, counts): pairs (from a pairs file or rankings) or ratings."""
     if d.ratings:
-        train: list[Any] = read_records(d.ratings, "ratings")
+        train: list[Any] = read_records(d.ratings, "ratings", strict=d.strict)
         counts: Counter = Counter(ratings=len(train))
         if d.valid:
-            return train, read_records(d.valid, "ratings"), counts
+            return train, read_records(d.valid, "ratings", strict=d.strict), counts
         return *split_by_prompt(train, d.valid_fraction, seed), counts
     completions = d.completions if d.rankings else ""
-    train, counts = load_pairs(d.pairs or d.rankings, completions)
+    train, counts = load_pairs(d.pairs or d.rankings, completions, d.strict)
     if not train:
         raise UserError(f"{d.pairs or d.rankings}: no usable preference pairs ({dict(counts)})")
     if d.valid:
-        return train, load_pairs(d.valid, completions)[0], counts
+        return train, load_pairs(d.valid, completions, d.strict)[0], counts
     return *split_by_prompt(train, d.valid_fraction, seed), counts
 
 
@@ -214,7 +222,9 @@ def reference_samples(
     model.to(device)
     torch.manual_seed(n.seed)
     rendered = [render_prompt(tokenizer, p, cfg.data.prompt_template) for p in prompts]
-    samples = sample(model, tokenizer, rendered, n.sampling, num_samples=n.samples_per_prompt)
+    samples = sample(
+        model, tokenizer, rendered, n.sampling, num_samples=n.samples_per_prompt, desc="normalisation samples"
+    )
     if samples.prompts_truncated:
         print(truncation_warning(samples.prompts_truncated, len(prompts), n.sampling, "normalize.sampling"))
     repeated = [p for p in prompts for _ in range(n.samples_per_prompt)]

@@ -24,7 +24,8 @@ from __future__ import annotations
 import getpass
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -142,19 +143,44 @@ def _refuse_stray_database(config: ServeConfig) -> None:
 def run(config: ServeConfig) -> None:
     import uvicorn
 
-    from rlhfkit.feedback.app import create_app
-
     _refuse_stray_database(config)
-    app = create_app(config)
     print(f"rlhfkit feedback on http://{config.host}:{config.port}  (database: {display_url(config.db_url)})")
     # proxy_headers=False: uvicorn would otherwise believe X-Forwarded-* from 127.0.0.1; the app
     # itself honours them, from `trusted_proxies` only.
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, proxy_headers=False)
+    options: dict[str, Any] = {
+        "host": config.host,
+        "port": config.port,
+        "log_level": config.log_level,
+        "proxy_headers": False,
+    }
+    if config.workers == 1:
+        from rlhfkit.feedback.app import create_app
+
+        uvicorn.run(create_app(config), **options)
+        return
+    # Several processes, as one Python process serves about one core's worth of requests. The
+    # database is migrated and the secret made here, once, before the workers start and race.
+    from rlhfkit.feedback import workers
+    from rlhfkit.feedback.db import Database
+    from rlhfkit.feedback.security import load_secret
+
+    db = Database(config.db_url)
+    db.migrate()
+    db.dispose()
+    load_secret(config.secret_key_file)
+    os.environ[workers.CONFIG_ENV] = config.model_dump_json()
+    uvicorn.run(
+        "rlhfkit.feedback.workers:app",
+        factory=True,
+        workers=config.workers,
+        http="rlhfkit.feedback.workers:NoDelayProtocol",
+        **options,
+    )
 
 
-def _in_db(config: ServeConfig, work: Callable[[Any], Any]) -> Any:
-    """Run one admin command in one transaction (`transact`: see db.py for why); service errors
-    become clean CLI errors.
+@contextmanager
+def _database(config: ServeConfig) -> Iterator[Any]:
+    """The migrated database for an admin command; service errors become clean CLI errors.
 
     Which database it is goes to stderr first (stdout stays clean for scripts, e.g. `api-key`):
     a command run against the wrong database should be obvious at once, not after a day's labels.
@@ -167,11 +193,17 @@ def _in_db(config: ServeConfig, work: Callable[[Any], Any]) -> Any:
     print(f"database: {display_url(db.url)}", file=sys.stderr)
     try:
         db.migrate()
-        return db.transact(work)
+        yield db
     except ServiceError as e:
         raise UserError(e.message) from None
     finally:
         db.dispose()
+
+
+def _in_db(config: ServeConfig, work: Callable[[Any], Any]) -> Any:
+    """Run one admin command in one transaction (`transact`: see db.py for why)."""
+    with _database(config) as db:
+        return db.transact(work)
 
 
 def run_init(config: InitConfig) -> None:
@@ -287,12 +319,11 @@ def run_import(config: ImportConfig) -> None:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     data = path.read_bytes()
-
-    def work(s: Any) -> dict[str, int]:
-        project = service.find_project(s, config.project)
-        return service.import_items(s, project, service.parse_upload(str(path), data, project.task))
-
-    result = _in_db(config, work)
+    with _database(config) as db:
+        with db.session() as s:
+            task = service.find_project(s, config.project).task
+        records = service.parse_upload(str(path), data, task)  # before the write transaction: see import_items
+        result = db.transact(lambda s: service.import_items(s, service.find_project(s, config.project), records))
     print(f"imported {result['added']} items into {config.project!r} ({result['skipped']} already there)")
 
 

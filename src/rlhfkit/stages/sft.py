@@ -1,16 +1,19 @@
 """Stage 2, supervised fine-tuning: teach a causal LM to answer prompts like the demonstrations.
 
-Reads demonstrations (`{prompt, response}`, plain text or conversations), renders each prompt with
-the template (or the tokenizer's chat template) and trains on the response tokens only: prompt
-tokens and padding have label −100, and every response ends with EOS, so the model learns when
-to stop. A demonstration longer than `data.max_length` keeps the end of its prompt, the start of
-its response and the EOS (`rlhfkit.data.chat.encode_example`); the run warns how many. Options:
-packing (`data.packing`, whole examples per block, position ids restarted so examples do not see
-each other), LoRA (`model.lora`), warmup + cosine schedule, gradient accumulation, held-out loss,
-checkpoints and `--resume`.
+Reads demonstrations (`{prompt, response}`, plain text or conversations, or TRL's `{text}`,
+`{messages}` and `{prompt, completion}`), renders each prompt with the template (or the tokenizer's
+chat template) and trains on the response tokens only: prompt tokens and padding have label −100,
+and every response ends with EOS, so the model learns when to stop. A `{text}` is learned whole;
+of `{messages}`, the last (assistant) message is the response. A demonstration longer than
+`data.max_length` keeps the end of its prompt, the start of its response and the EOS
+(`rlhfkit.data.chat.encode_example`); the run warns how many. Options: packing (`data.packing`,
+whole examples per block, position ids restarted so examples do not see each other), LoRA
+(`model.lora`), warmup + cosine schedule, gradient accumulation, held-out loss, checkpoints and `--resume`.
 
 Output: `OUTPUT_DIR/model`, a plain `save_pretrained` folder: merged weights, or with
-`lora_save=adapter` the LoRA adapter (loadable with `peft.PeftModel.from_pretrained(base, folder)`).
+`lora_save=adapter` the LoRA adapter (loadable with `peft.PeftModel.from_pretrained(base, folder)`
+on the original base: a tokenizer without a pad token pads with EOS here, every padded position
+being masked by length, so no token is added and the embeddings keep the base's size).
 `OUTPUT_DIR/results.json` has the held-out loss and perplexity, and how many demonstrations were cut.
 """
 
@@ -34,14 +37,19 @@ from rlhfkit.models.loading import ModelConfig, fit_to_positions, load_causal_lm
 
 
 class DataConfig(StrictModel):
-    train: str = Field("", description="demonstrations file (JSONL {prompt, response}) or dataset folder")
-    valid: str = Field("", description="held-out demonstrations; empty = split valid_fraction off train")
+    train: str = Field(
+        "",
+        description="demonstrations (JSONL or datasets folder, `path:split`): {prompt, response}, or TRL's "
+        "{text}, {messages}, {prompt, completion}",
+    )
+    valid: str = Field("", description="held-out demonstrations (`path:split`); empty = split valid_fraction off")
     valid_fraction: float = Field(0.05, ge=0, lt=1)
     max_length: int = Field(
         512, gt=1, description="tokens per example; a longer one keeps the prompt's end and the response's start + EOS"
     )
     prompt_template: str = Field(PROMPT_TEMPLATE, description="'{prompt}' pattern, or 'chat' for the chat template")
     packing: bool = Field(False, description="concatenate examples into blocks of max_length tokens")
+    strict: bool = Field(False, description="unused columns are an error (default: ignored, named once in the log)")
 
 
 class SFTTrainConfig(TrainConfig):
@@ -110,12 +118,13 @@ def run(cfg: Config) -> Path:
     engine = Engine(cfg.train, out, resume=cfg.resume)
     if engine.is_main:
         save_config(cfg, out)
-    demos = read_records(cfg.data.train, "demonstrations")
+    demos = read_records(cfg.data.train, "demonstrations", strict=cfg.data.strict)
     if cfg.data.valid:
-        valid_demos = read_records(cfg.data.valid, "demonstrations")
+        valid_demos = read_records(cfg.data.valid, "demonstrations", strict=cfg.data.strict)
     else:
         demos, valid_demos = split_by_prompt(demos, cfg.data.valid_fraction, cfg.train.seed)
-    model, tokenizer = load_causal_lm(cfg.model)
+    # Padding is masked by lengths throughout SFT, so EOS can pad: the vocabulary stays the base's.
+    model, tokenizer = load_causal_lm(cfg.model, eos_pad=True)
     max_length, note = fit_to_positions(model.config, cfg.data.max_length, "data.max_length")
     if note:
         engine.print(f"[yellow]note: {note}[/]")

@@ -176,12 +176,16 @@ async def import_items(
     body = await request.body()
     st = state(request)
 
-    def work(s: Session) -> dict[str, int]:
-        project, _ = service.project_for(s, auth.user(s), pid, admin=True)
-        records = service.parse_upload(filename, body, project.task)
-        return service.import_items(s, project, records)
+    def project(s: Session) -> Project:
+        return service.project_for(s, auth.user(s), pid, admin=True)[0]
 
-    return await run_in_threadpool(st.db.transact, work)
+    def work() -> dict[str, int]:
+        with st.db.session() as s:
+            task = project(s).task
+        records = service.parse_upload(filename, body, task)  # before the write transaction: see import_items
+        return st.db.transact(lambda s: service.import_items(s, project(s), records))
+
+    return await run_in_threadpool(work)
 
 
 @router.get("/projects/{pid}/next")

@@ -331,12 +331,11 @@ def admin_import(pid: int, request: Request, posted: PagePost) -> Response:
     if not isinstance(upload, UploadFile) or not upload.filename:
         raise service.Invalid("choose a JSONL file to import")
     data = upload.file.read()
-
-    def work(s: Session) -> dict[str, int]:
-        project = _admin_project(s, posted.auth, pid)
-        return service.import_items(s, project, service.parse_upload(upload.filename or "", data, project.task))
-
-    result = state(request).db.transact(work)
+    db = state(request).db
+    with db.session() as s:
+        task = _admin_project(s, posted.auth, pid).task
+    records = service.parse_upload(upload.filename or "", data, task)  # before the write transaction
+    result = db.transact(lambda s: service.import_items(s, _admin_project(s, posted.auth, pid), records))
     return redirect(f"/p/{pid}/admin", **result)
 
 
