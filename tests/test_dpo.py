@@ -192,3 +192,19 @@ def test_sequence_logps_sum_the_response_tokens_only(root):
         for row, (ids, start) in enumerate(examples)
     ]
     torch.testing.assert_close(got, torch.tensor(want), atol=1e-5, rtol=0)
+
+
+def test_kto_takes_unpaired_rows_as_they_are_and_dpo_pairs_them(root, tmp_path):
+    rows = [
+        {"prompt": "Say hi.", "completion": "hi good", "label": True},
+        {"prompt": "Say hi.", "completion": "hi ok", "label": True},
+        {"prompt": "Say hi.", "completion": "hi bad", "label": False},
+        {"prompt": "Say yo.", "completion": "yo bad", "label": False},  # no desirable answer: no pair
+    ]
+    (tmp_path / "kto.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [f"model.path={root / 'model'}", "data.valid_fraction=0", "train.max_steps=1"]
+    assert main(["kto", f"output_dir={tmp_path / 'kto'}", f"data.pairs={tmp_path / 'kto.jsonl'}", *common]) == 0
+    r = results(tmp_path / "kto")
+    assert r["train_examples"] == 4 and r["desirable_examples"] == 2
+    assert main(["dpo", f"output_dir={tmp_path / 'dpo'}", f"data.pairs={tmp_path / 'kto.jsonl'}", *common]) == 0
+    assert results(tmp_path / "dpo")["train_pairs"] == 2  # good > bad, ok > bad

@@ -6,7 +6,8 @@ frozen reference model, beta * log(pi/pi_ref), acts as the reward (math in `rlhf
 Data: the pair files `rlhfkit rm` trains on (`data.pairs` {prompt, chosen, rejected, margin?}, from
 `rlhfkit aggregate` or `rlhfkit cai label`), or `data.rankings` + `data.completions` (every ranking
 gives all C(K,2) pairs). KTO uses the same files unpaired: every distinct chosen answer is a
-desirable example, every distinct rejected one an undesirable example.
+desirable example, every distinct rejected one an undesirable example; and it takes unpaired rows
+`{prompt, completion, label}` (`rlhfkit aggregate`'s kto.jsonl) as they are, where DPO pairs them up.
 
 Sequences are encoded like SFT's (`rlhfkit.data.chat.encode_example`: prompt template, EOS, the
 prompt keeps its end and the response its start when longer than `data.max_length`); the
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +37,7 @@ from torch import Tensor
 from rlhfkit.config import StrictModel, atomic_write_text, save_config
 from rlhfkit.data.batching import IGNORE_INDEX, SFTExample, sft_collate, split_by_prompt
 from rlhfkit.data.chat import PROMPT_TEMPLATE, encode_example
-from rlhfkit.data.formats import Pair, Text, text_key
+from rlhfkit.data.formats import Pair, Text, Unpaired, read_records, text_key
 from rlhfkit.engine.trainer import Engine, TrainConfig
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import (
@@ -57,7 +59,11 @@ REFERENCE_FILE = "reference_logps.pt"
 
 
 class PairDataConfig(StrictModel):
-    pairs: str = Field("", description="pairs file {prompt, chosen, rejected, margin?} (as `rlhfkit rm` reads)")
+    pairs: str = Field(
+        "",
+        description="pairs {prompt, chosen, rejected, margin?} or any shape `rlhfkit rm` reads (unpaired "
+        "{prompt, completion, label} rows: paired up for DPO, used as they are by KTO)",
+    )
     rankings: str = Field("", description="rankings file {prompt_id, labeler, ranking}; needs data.completions")
     completions: str = Field("", description="the completions the rankings refer to")
     valid: str = Field("", description="held-out file in the training format; empty = split valid_fraction off")
@@ -116,7 +122,8 @@ class KTOOptions(StrictModel):
 
 class KTOConfig(StrictModel):
     """KTO (Ethayarajh et al. 2024) on unpaired examples: each distinct chosen answer of the pair data is
-    desirable, each distinct rejected one undesirable. The reference point is the batch's KL estimate
+    desirable, each distinct rejected one undesirable; unpaired rows {prompt, completion, label} (`rlhfkit aggregate`'s
+    kto.jsonl, TRL's unpaired preference) are used as they are. The reference point is the batch's KL estimate
     from mismatched (prompt, answer) pairs. Reference log-probs are computed once, as in `rlhfkit dpo`."""
 
     output_dir: str = "runs/kto"
@@ -132,16 +139,26 @@ class KTOConfig(StrictModel):
 # -------------------------------------------------------------------------------------- data
 
 
-def read_pairs(d: PairDataConfig, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """(train, held-out) pairs; a file without a usable pair is an error naming it."""
+def read_pairs(d: PairDataConfig, seed: int, pair_unpaired: bool = True) -> tuple[list[Any], list[Any]]:
+    """(train, held-out) pairs; a file without a usable record is an error naming it.
+
+    `pair_unpaired=False` (KTO) keeps unpaired rows `{prompt, completion, label}` (e.g. `rlhfkit
+    aggregate`'s kto.jsonl) as `Unpaired` records instead of pairing them up.
+    """
     if not (d.pairs or d.rankings):
         raise UserError("data.pairs: no preference data given; set data.pairs=FILE.jsonl (or data.rankings)")
-    completions = d.completions if d.rankings else ""
-    train, counts = load_pairs(d.pairs or d.rankings, completions, d.strict)
+
+    def load(source: str) -> tuple[list[Any], Counter]:
+        if d.rankings or pair_unpaired:
+            return load_pairs(source, d.completions if d.rankings else "", d.strict)
+        records = read_records(source, "pairs", strict=d.strict, pair_unpaired=False)
+        return records, Counter(records=len(records))
+
+    train, counts = load(d.pairs or d.rankings)
     if not train:
         raise UserError(f"{d.pairs or d.rankings}: no usable preference pairs ({dict(counts)})")
     if d.valid:
-        return train, load_pairs(d.valid, completions, d.strict)[0]
+        return train, load(d.valid)[0]
     return split_by_prompt(train, d.valid_fraction, seed)
 
 
@@ -348,11 +365,13 @@ def run(cfg: Config) -> Path:
 # --------------------------------------------------------------------------------------- KTO
 
 
-def unpaired(pairs: list[Pair]) -> list[tuple[Text, Text, bool]]:
-    """(prompt, answer, desirable) for every distinct chosen and every distinct rejected answer."""
+def kto_examples(records: list[Pair | Unpaired]) -> list[tuple[Text, Text, bool]]:
+    """(prompt, answer, desirable) for every distinct labelled answer, chosen and rejected answers of
+    pairs included; an answer both chosen and rejected (the middle of a ranking) appears once with each label."""
     seen: dict[tuple[str, str, bool], tuple[Text, Text, bool]] = {}
-    for x in pairs:
-        for answer, good in ((x.chosen, True), (x.rejected, False)):
+    for x in records:
+        labelled = ((x.completion, x.label),) if isinstance(x, Unpaired) else ((x.chosen, True), (x.rejected, False))
+        for answer, good in labelled:
             seen.setdefault((text_key(x.prompt), text_key(answer), good), (x.prompt, answer, good))
     return list(seen.values())
 
@@ -401,10 +420,10 @@ def kto_stats(losses: Tensor, rewards: Tensor, desirable: Tensor, prefix: str = 
 
 
 def run_kto(cfg: KTOConfig) -> Path:
-    train_pairs, valid_pairs = read_pairs(cfg.data, cfg.train.seed)
+    train_records, valid_records = read_pairs(cfg.data, cfg.train.seed, pair_unpaired=False)
     p = Prepared(cfg)
     engine = p.engine
-    examples = {"train": unpaired(train_pairs), "valid": unpaired(valid_pairs)}
+    examples = {"train": kto_examples(train_records), "valid": kto_examples(valid_records)}
     encoded = {
         name: ([p.encode(q, a) for q, a, _ in ex], [p.encode(q, a) for q, a in mismatched(ex)])
         for name, ex in examples.items()
