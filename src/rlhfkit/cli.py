@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import sys
 from dataclasses import dataclass
@@ -77,6 +78,10 @@ COMMANDS: dict[str, Command] = {
     ),  # fmt: skip
     "aggregate": Command("rlhfkit.stages.aggregate", "consensus, agreement and pairs from human rankings"),
     "rm": Command("rlhfkit.stages.rm", "train a reward model on pairs, rankings or ratings"),
+    "dpo": Command("rlhfkit.stages.dpo", "DPO / IPO / hinge on preference pairs, against a frozen reference"),
+    "kto": Command(
+        "rlhfkit.stages.dpo", "KTO on unpaired desirable/undesirable answers (from pairs)", "KTOConfig", "run_kto"
+    ),
     "ppo": Command("rlhfkit.stages.ppo", "PPO against a reward, with a KL penalty to the starting model"),
     "eval": Command("rlhfkit.stages.eval", "compare models on held-out prompts: reward, gold utility, toxicity, KL"),
     "cai revise": Command(
@@ -123,7 +128,7 @@ def _command_help(name: str, command: Command, module: Any) -> str:
     cls = getattr(module, command.config)
     args = "".join(f" [{p.upper()}]" for p in command.positional)
     lines = [f"usage: rlhfkit {name}{args} [--config FILE.yaml] [--resume] [KEY=VALUE ...]", ""]
-    doc = (cls.__doc__ if command.config != "Config" else module.__doc__) or command.help
+    doc = inspect.cleandoc((cls.__doc__ if command.config != "Config" else module.__doc__) or command.help)
     lines += [doc.strip(), "", "Config fields (set in the YAML file or as KEY=VALUE overrides, e.g. train.lr=1e-4):"]
     rows = describe_fields(cls)
     width = max(len(r[0]) for r in rows) if rows else 10

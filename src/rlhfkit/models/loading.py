@@ -61,6 +61,20 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False, eos_pad: b
     return tok
 
 
+def check_same_tokenizer(tokenizer: Any, path: str, setting: str, trust_remote_code: bool = False) -> None:
+    """Refuse a reference model whose tokenizer differs from the policy's.
+
+    Why: the KL and the DPO/KTO log-ratios compare both models' log-probs of the *same token ids*;
+    under another vocabulary those ids are other strings, and the numbers are silently meaningless.
+    """
+    other = load_tokenizer(path, trust_remote_code)
+    if other.get_vocab() != tokenizer.get_vocab():
+        raise UserError(
+            f"{setting}: {path!r} has a different tokenizer from model.path ({len(other)} vs {len(tokenizer)} "
+            "tokens or other ids); the reference must share the policy's tokenizer"
+        )
+
+
 def _fit_embeddings(model: Any, tokenizer: Any) -> None:
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)

@@ -52,14 +52,16 @@ class PolicyAndValue(nn.Module):
 
     `critic=None`: a zero-initialised linear value head on the policy's last hidden state.
     `critic=` a sequence-classification model (e.g. the reward model): its score head on its own
-    trunk gives the values.
+    trunk gives the values. `value=False` (RLOO, GRPO: the other samples of a prompt are the
+    baseline): no value function at all, no head trained or saved; the values are 0.
     """
 
-    def __init__(self, policy: Any, critic: Any | None = None) -> None:
+    def __init__(self, policy: Any, critic: Any | None = None, value: bool = True) -> None:
         super().__init__()
         self.policy = policy
         self.critic = critic
-        if critic is None:
+        self.value_head: nn.Linear | None = None
+        if critic is None and value:
             self.value_head = nn.Linear(policy.get_output_embeddings().in_features, 1)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
@@ -77,8 +79,10 @@ class PolicyAndValue(nn.Module):
         """Logits and values from the policy's last hidden states at the response positions (the
         critic, if any, reads the tokens itself)."""
         logits = self.policy.get_output_embeddings()(hidden)
-        if self.critic is None:
+        if self.value_head is not None:
             values = self.value_head(hidden.float())
+        elif self.critic is None:
+            return logits, torch.zeros(hidden.shape[:-1], dtype=torch.float32, device=hidden.device)
         else:
             critic_hidden = trunk_hidden(self.critic.base_model, input_ids, attention_mask, start)
             values = self.critic.score(critic_hidden).float()

@@ -6,6 +6,12 @@ the last token, -beta * KL to the reference model at every token) -> GAE advanta
 epochs of clipped minibatch updates of the policy and its value head. The math is in `rlhfkit.rl.core`; this file is
 the loop, readable top to bottom in `train_ppo`.
 
+`ppo.algorithm=rloo|grpo` runs the same loop critic-free: K = `ppo.num_generations` responses per
+prompt, and instead of GAE on a value function each response's advantage is its return (score minus
+beta * its summed KL, in kl.mode=reward) against the other responses to its prompt: the mean of the
+others (RLOO) or the group's mean and std (GRPO); math in `rlhfkit.rl.group`. No value head is
+trained, loaded or saved. The KL may instead be a k3 loss term (kl.mode=loss), as in GRPO.
+
 The reference model is a frozen copy of the starting policy; with LoRA it is the same network with
 the adapter switched off (no second copy in memory). Outputs: OUTPUT_DIR/model (merged policy),
 metrics.jsonl (one row per step), samples.jsonl (responses every `log_samples_every` steps),
@@ -32,7 +38,7 @@ from rlhfkit.engine.metrics import truncate_jsonl
 from rlhfkit.engine.progress import Progress
 from rlhfkit.engine.trainer import Engine, EngineConfig, NonFiniteError
 from rlhfkit.errors import UserError
-from rlhfkit.models.loading import ModelConfig, disable_dropout, load_causal_lm, save_model
+from rlhfkit.models.loading import ModelConfig, check_same_tokenizer, disable_dropout, load_causal_lm, save_model
 from rlhfkit.models.sampling import ROLLOUT_TEMPERATURE, SamplingConfig, check_length_budget, sample
 from rlhfkit.models.value import PolicyAndValue, load_critic, response_logits
 from rlhfkit.rewards.base import RewardSource
@@ -55,6 +61,7 @@ from rlhfkit.rl.core import (
     value_loss,
     zero_padding,
 )
+from rlhfkit.rl.group import grpo_advantages, rloo_advantages
 from rlhfkit.rl.rollout import Rollout, pass_cost_on
 
 # ------------------------------------------------------------------------------------ config
@@ -95,7 +102,7 @@ class KLConfig(StrictModel):
 
 
 class PPOConfig(StrictModel):
-    batch_size: int = Field(64, gt=0, description="prompts (= responses) per rollout")
+    batch_size: int = Field(64, gt=0, description="responses per rollout (prompts x ppo.num_generations)")
     mini_batch_size: int = Field(16, gt=0, description="responses per optimizer step")
     micro_batch_size: int = Field(
         0, ge=0, description="most responses per forward/backward (bounds memory); 0 = mini_batch_size"
@@ -121,6 +128,32 @@ class PPOConfig(StrictModel):
     )
     critic_path: str = Field("", description="reward-model folder for value_init=reward_model (default: the reward)")
     kl: KLConfig = KLConfig()
+    algorithm: Literal["ppo", "rloo", "grpo"] = Field(
+        "ppo",
+        description="ppo: GAE on a value function; rloo: leave-one-out baseline; grpo: group-normalised "
+        "advantages (rloo and grpo: no critic, ppo.num_generations responses per prompt)",
+    )
+    num_generations: int = Field(
+        1, ge=1, description="responses per prompt (K; rloo/grpo need K >= 2); ppo.batch_size counts responses"
+    )
+    scale_advantages: bool = Field(True, description="grpo: divide by the group's std (false: only subtract the mean)")
+
+    @model_validator(mode="after")
+    def _algorithm(self) -> PPOConfig:
+        """Critic-free algorithms need a group to compare with and have no value function to initialise."""
+        k, algo = self.num_generations, self.algorithm
+        if algo != "ppo" and k < 2:
+            raise ValueError(
+                f"algorithm={algo} compares each response with the other responses to its prompt: set "
+                f"ppo.num_generations to 2 or more (it is {k})"
+            )
+        if algo == "ppo" and k != 1:
+            raise ValueError(f"num_generations={k} is for algorithm=rloo or grpo; ppo samples one response per prompt")
+        if self.batch_size % k:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of num_generations {k}")
+        if algo != "ppo" and self.value_init != "zero":
+            raise ValueError(f"value_init={self.value_init}: algorithm={algo} has no critic; leave value_init unset")
+        return self
 
     @model_validator(mode="after")
     def _sizes(self) -> PPOConfig:
@@ -305,7 +338,9 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
         check_length_budget(ref.config, cfg.sampling)
     updates_per_step = p.epochs * (p.batch_size // p.mini_batch_size)
     mixed = cfg.train.mixed_precision != "no"  # the rollout is then scored by the update's forward (score_tokens)
-    model = engine.setup(PolicyAndValue(policy, critic), total_steps=cfg.stop.max_steps * updates_per_step)
+    critic_free = p.algorithm != "ppo"
+    model = PolicyAndValue(policy, critic, value=not critic_free)
+    model = engine.setup(model, total_steps=cfg.stop.max_steps * updates_per_step)
     kl_ctl = (
         AdaptiveKLController(p.kl.beta, p.kl.adaptive.target, p.kl.adaptive.horizon)
         if p.kl.adaptive
@@ -330,7 +365,11 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     engine.print(
         f"ppo: {n_params / 1e6:.2f}M params ({n_train / 1e6:.2f}M trained), {len(records)} prompts, "
         f"reference = {'base with LoRA adapter disabled' if adapter_off else 'frozen copy'}, "
-        f"{'critic from the reward model' if critic is not None else 'value head on the policy'}"
+        + (
+            f"{p.algorithm}: no critic, {p.num_generations} responses per prompt"
+            if critic_free
+            else f"{'critic from the reward model' if critic is not None else 'value head on the policy'}"
+        )
     )
     last: dict[str, float] = {}
     # a bar on a terminal; the loop prints its own line every train.log_every steps
@@ -338,8 +377,9 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     try:
         while stop_reason is None and step < cfg.stop.max_steps:
             t0 = time.perf_counter()
-            # 1. rollout: sample one response per prompt
-            index = prompt_indices(len(records), p.batch_size, step, cfg.train.seed)
+            # 1. rollout: sample K = num_generations responses per prompt (rows grouped by prompt)
+            picked = prompt_indices(len(records), p.batch_size // p.num_generations, step, cfg.train.seed)
+            index = [i for i in picked for _ in range(p.num_generations)]
             batch = sample(policy, tokenizer, [rendered[i] for i in index], cfg.sampling, keep_hidden=not mixed)
             hidden = None if mixed else batch.hidden.to(engine.device)  # type: ignore[union-attr]  (keep_hidden)
 
@@ -385,8 +425,12 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
             )
             if p.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False)
-            advantages, returns = gae(rewards, tok["values"], mask, p.gamma, p.lam)
-            tok["advantages"], tok["returns"] = masked_whiten(advantages, mask), returns
+            if critic_free:
+                tok["advantages"] = group_advantages(rewards.sum(1), mask, p)
+                tok["returns"] = returns = torch.zeros_like(rewards)
+            else:
+                advantages, returns = gae(rewards, tok["values"], mask, p.gamma, p.lam)
+                tok["advantages"], tok["returns"] = masked_whiten(advantages, mask), returns
             kl_per_response = float(kl.sum(1).mean())
             metrics = {
                 "reward": float(raw.mean()),
@@ -397,11 +441,12 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
                 "kl_k3": float(zero_padding(kl_penalty(tok["logp"], tok["ref_logp"], "k3"), mask).sum(1).mean()),
                 "beta": beta,
                 "entropy": float(masked_mean(tok["entropy"], mask)),
-                "explained_variance": float(explained_variance(tok["values"], returns, mask)),
                 "response_length": float(mask.sum(1).float().mean()),
                 "ended": float(batch.ended.float().mean()),
                 "prompts_truncated": batch.prompts_truncated,
             }
+            if not critic_free:
+                metrics["explained_variance"] = float(explained_variance(tok["values"], returns, mask))
             bad = nonfinite({k: zero_padding(v, mask) for k, v in tok.items() if k != "mask"})
             if bad:
                 engine.skip_step(f"non-finite {', '.join(bad)} in the rollout")
@@ -507,21 +552,35 @@ def _update(
 def ppo_loss(
     model: Any, ro: Rollout, rows: Tensor, n_tokens: Tensor, beta: float, temperature: float, p: PPOConfig
 ) -> tuple[Tensor, dict[str, float]]:
-    """The PPO loss of the rows `rows`: clipped policy loss + vf_coef * clipped value loss
+    """The PPO loss of the rows `rows`: clipped policy loss + vf_coef * clipped value loss (ppo only)
     (- entropy bonus, + KL loss in kl.mode=loss), scaled by the rows' share of the `n_tokens` tokens
     of their minibatch, so that the micro-batches' losses add up to exactly the minibatch's."""
     ids, mask, start, tok = ro.rows(rows)
     logits, values = model(ids, mask, start)
     logp = logprobs_from_logits(logits, tok["response_ids"], temperature)
     pg_loss, pg_stats = policy_loss(logp, tok["logp"], tok["advantages"], tok["mask"], p.clip)
-    vf_loss, vf_clipfrac = value_loss(values, tok["values"], tok["returns"], tok["mask"], p.value_clip)
-    loss = pg_loss + p.vf_coef * vf_loss
+    loss, stats = pg_loss, {"policy_loss": pg_loss, **pg_stats}
+    if p.algorithm == "ppo":
+        vf_loss, vf_clipfrac = value_loss(values, tok["values"], tok["returns"], tok["mask"], p.value_clip)
+        loss = loss + p.vf_coef * vf_loss
+        stats.update(value_loss=vf_loss, value_clipfrac=vf_clipfrac)
     if p.ent_coef:
         loss = loss - p.ent_coef * masked_mean(entropy_from_logits(logits, temperature), tok["mask"])
     if p.kl.mode == "loss":
         loss = loss + beta * kl_loss(logp, tok["ref_logp"], tok["mask"], p.kl.estimator)
-    stats = {"policy_loss": pg_loss, "value_loss": vf_loss, "value_clipfrac": vf_clipfrac, **pg_stats}
     return loss * tok["mask"].sum() / n_tokens, {k: float(v.detach()) for k, v in stats.items()}
+
+
+def group_advantages(returns: Tensor, mask: Tensor, p: PPOConfig) -> Tensor:
+    """RLOO/GRPO advantages of the responses' returns (batch,), the same for every token of a response:
+    rows come in groups of `num_generations` consecutive responses to one prompt."""
+    k = p.num_generations
+    groups = torch.arange(len(returns) // k, device=returns.device).repeat_interleave(k)
+    if p.algorithm == "rloo":
+        advantages = rloo_advantages(returns, groups)
+    else:
+        advantages = grpo_advantages(returns, groups, scale=p.scale_advantages)
+    return zero_padding(advantages[:, None].expand_as(mask), mask)
 
 
 def normalization_mismatches(cfg: Config) -> list[str]:
@@ -560,6 +619,8 @@ def load_models(cfg: Config, device: Any) -> tuple[Any, Any, Any, Any]:
     policy, tokenizer = load_causal_lm(cfg.model)
     disable_dropout(policy)
     ref = policy
+    if cfg.ref_model not in ("", cfg.model.path):
+        check_same_tokenizer(tokenizer, cfg.ref_model, "ref_model", cfg.model.trust_remote_code)
     if cfg.model.lora is None or cfg.ref_model not in ("", cfg.model.path):
         ref_cfg = cfg.model.model_copy(update={"path": cfg.ref_model or cfg.model.path, "lora": None})
         ref = load_causal_lm(ref_cfg, tokenizer)[0].requires_grad_(False).eval().to(device)

@@ -129,11 +129,13 @@ class Config(StrictModel):
 
 
 # ---- data -----------------------------------------------------------------------------------
-def load_pairs(source: str, cfg: DataConfig) -> tuple[list[Pair], Counter]:
-    if cfg.rankings:
-        rankings = read_records(source, "rankings", strict=cfg.strict)
-        return pairs_with_counts(rankings, read_records(cfg.completions, "completions", strict=cfg.strict))
-    pairs = read_records(source, "pairs", strict=cfg.strict)
+def load_pairs(source: str, completions: str = "", strict: bool = False) -> tuple[list[Pair], Counter]:
+    """Pairs from a pairs file, or from a rankings file when `completions` (the ranked candidates) is
+    given; with the counts of what was used and dropped. DPO and KTO read their pairs here too."""
+    if completions:
+        rankings = read_records(source, "rankings", strict=strict)
+        return pairs_with_counts(rankings, read_records(completions, "completions", strict=strict))
+    pairs = read_records(source, "pairs", strict=strict)
     return pairs, Counter(pairs=len(pairs))
 
 
@@ -145,11 +147,12 @@ def load_data(d: DataConfig, seed: int) -> tuple[list[Any], list[Any], Counter]:
         if d.valid:
             return train, read_records(d.valid, "ratings", strict=d.strict), counts
         return *split_by_prompt(train, d.valid_fraction, seed), counts
-    train, counts = load_pairs(d.pairs or d.rankings, d)
+    completions = d.completions if d.rankings else ""
+    train, counts = load_pairs(d.pairs or d.rankings, completions, d.strict)
     if not train:
         raise UserError(f"{d.pairs or d.rankings}: no usable preference pairs ({dict(counts)})")
     if d.valid:
-        return train, load_pairs(d.valid, d)[0], counts
+        return train, load_pairs(d.valid, completions, d.strict)[0], counts
     return *split_by_prompt(train, d.valid_fraction, seed), counts
 
 

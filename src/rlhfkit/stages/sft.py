@@ -75,13 +75,15 @@ def encode_all(tokenizer: Any, demos: list[Demonstration], cfg: DataConfig) -> t
     return [(e.ids, e.response_start) for e in encoded], sum(e.truncated for e in encoded)
 
 
-def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token loss over labelled tokens, with the LM head run on those positions only.
+def labelled_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (n, V) of the n positions whose next token is labelled, in row-major order; those tokens (n,)),
+    with the LM head run on those positions only.
 
     Why: with a real vocabulary the LM head and its softmax are a large share of the compute and
     of the activation memory, and prompt tokens and padding need neither. A pre-hook on the output
     layer hands it only the hidden states whose next token is labelled, so the model's own forward
     (and any logit post-processing it does, e.g. soft-capping) runs unchanged on fewer rows.
+    SFT's loss and DPO/KTO's response log-probs both read their logits here.
 
     Packed batches pass position ids and neither an attention mask nor a KV cache: only then does
     `transformers` turn the position restarts into the per-example (block-diagonal) causal mask.
@@ -100,7 +102,13 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
         ).logits
     finally:
         hook.remove()
-    return torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][labels[:, 1:] != IGNORE_INDEX])
+    return logits, labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token loss over labelled tokens (the LM head run on those positions only)."""
+    logits, targets = labelled_logits(model, batch)
+    return torch.nn.functional.cross_entropy(logits.float(), targets)
 
 
 def run(cfg: Config) -> Path:
