@@ -249,13 +249,11 @@ class Pair(Record):
         return v
 
 
-class Unpaired(Record):
-    """One judged completion (TRL's unpaired preference, KTO's input): `label` true = desirable.
-    Not a format of its own: a prompt's desirable and undesirable completions are paired."""
+class _Completion(Record):
+    """A prompt and one completion of it: what unpaired preferences and ratings share."""
 
     prompt: Text
     completion: Text
-    label: bool
 
     @field_validator("prompt")
     @classmethod
@@ -266,6 +264,13 @@ class Unpaired(Record):
     @classmethod
     def _completion(cls, v: Text) -> Text:
         return _check_text(v, "completion", allow_empty=True)
+
+
+class Unpaired(_Completion):
+    """One judged completion (TRL's unpaired preference, KTO's input): `label` true = desirable.
+    Not a format of its own: a prompt's desirable and undesirable completions are paired."""
+
+    label: bool
 
 
 def unpaired_to_pairs(rows: Sequence[Unpaired]) -> tuple[list[Pair], int]:
@@ -285,20 +290,10 @@ def unpaired_to_pairs(rows: Sequence[Unpaired]) -> tuple[list[Pair], int]:
     return pairs, sum(not good or not bad for _, good, bad in by_prompt.values())
 
 
-class Rating(Record):
-    prompt: Text
-    completion: Text
+class Rating(_Completion):
+    """A completion scored on a scale (regression reward models learn the score)."""
+
     score: float
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: Text) -> Text:
-        return _check_text(v, "prompt")
-
-    @field_validator("completion")
-    @classmethod
-    def _completion(cls, v: Text) -> Text:
-        return _check_text(v, "completion", allow_empty=True)
 
     @field_validator("score")
     @classmethod
