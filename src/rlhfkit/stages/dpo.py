@@ -246,6 +246,42 @@ class Prepared:
                 f"{self.max_length} tokens and were cut (the prompt keeps its end, the response its start and EOS)[/]"
             )
 
+    def fit(
+        self,
+        sets: dict[str, list[dict[str, Any]]],
+        collate: Callable[[list[dict[str, Any]]], dict[str, Tensor]],
+        loss_fn: Callable[[Any, dict[str, Tensor]], tuple[Tensor, dict[str, float]]],
+        stats_fn: Callable[[Any, dict[str, Tensor]], tuple[Tensor, ...]],
+        summarize: Callable[..., dict[str, float]],
+        desc: str,
+    ) -> dict[str, Any]:
+        """Train on sets["train"] (held-out stats on sets["valid"] at each eval), then score the
+        trained model on the train set. `stats_fn` gives a batch's per-example tensors and
+        `summarize(*tensors, prefix=...)` turns them, concatenated over batches, into figures."""
+        engine, size = self.engine, self.cfg.train.batch_size
+
+        def evaluate(model: Any, items: list[dict[str, Any]], prefix: str) -> dict[str, float]:
+            parts = [
+                stats_fn(model, {k: v.to(engine.device) for k, v in collate(items[i : i + size]).items()})
+                for i in range(0, len(items), size)
+            ]
+            return summarize(*(torch.cat(t) for t in zip(*parts, strict=True)), prefix=prefix)
+
+        final = engine.fit(
+            self.policy, sets["train"], collate, loss_fn,
+            eval_fn=(lambda model: evaluate(model, sets["valid"], "valid_")) if sets["valid"] else None, desc=desc,
+        )  # fmt: skip
+        model = engine.unwrap()
+        model.eval()
+        with torch.no_grad():
+            on_train = evaluate(model, sets["train"], "train_")
+        return {
+            **{k: v for k, v in final.items() if k.startswith("valid_")},
+            **on_train,
+            "truncated_sequences": self.truncated,
+            "steps": engine.step,
+        }
+
     def finish(self, results: dict[str, Any]) -> Path:
         model_dir = self.out / "model"
         engine = self.engine
@@ -298,7 +334,6 @@ def pair_stats(losses: Tensor, chosen: Tensor, rejected: Tensor, prefix: str = "
 def run(cfg: Config) -> Path:
     train_pairs, valid_pairs = read_pairs(cfg.data, cfg.train.seed)
     p = Prepared(cfg)
-    engine = p.engine
     encoded = {
         name: ([p.encode(x.prompt, x.chosen) for x in pairs], [p.encode(x.prompt, x.rejected) for x in pairs])
         for name, pairs in (("train", train_pairs), ("valid", valid_pairs))
@@ -321,7 +356,7 @@ def run(cfg: Config) -> Path:
         for name, pairs in (("train", train_pairs), ("valid", valid_pairs))
     }
     collate = dpo_collate(p.collate)
-    engine.print(
+    p.engine.print(
         f"dpo ({cfg.dpo.loss}, beta={cfg.dpo.beta}): {cfg.model.path}, {len(train_pairs)} train / "
         f"{len(valid_pairs)} held-out pairs"
     )
@@ -332,34 +367,11 @@ def run(cfg: Config) -> Path:
         del stats["loss"]
         return losses.mean(), stats
 
-    def evaluate(model: Any, items: list[dict[str, Any]], prefix: str) -> dict[str, float]:
-        parts = [
-            dpo_terms(
-                model,
-                {k: v.to(engine.device) for k, v in collate(items[i : i + cfg.train.batch_size]).items()},
-                cfg.dpo,
-            )
-            for i in range(0, len(items), cfg.train.batch_size)
-        ]
-        return pair_stats(*(torch.cat(t) for t in zip(*parts, strict=True)), prefix=prefix)
+    def stats(model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        return dpo_terms(model, batch, cfg.dpo)
 
-    final = engine.fit(
-        p.policy, sets["train"], collate, loss_fn,
-        eval_fn=(lambda model: evaluate(model, sets["valid"], "valid_")) if sets["valid"] else None, desc="dpo",
-    )  # fmt: skip
-    model = engine.unwrap()
-    model.eval()
-    with torch.no_grad():
-        on_train = evaluate(model, sets["train"], "train_")
-    results = {
-        **{k: v for k, v in final.items() if k.startswith("valid_")},
-        **on_train,
-        "train_pairs": len(train_pairs),
-        "valid_pairs": len(valid_pairs),
-        "truncated_sequences": p.truncated,
-        "steps": engine.step,
-    }
-    return p.finish(results)
+    results = p.fit(sets, collate, loss_fn, stats, pair_stats, "dpo")
+    return p.finish({**results, "train_pairs": len(train_pairs), "valid_pairs": len(valid_pairs)})
 
 
 # --------------------------------------------------------------------------------------- KTO
@@ -422,7 +434,6 @@ def kto_stats(losses: Tensor, rewards: Tensor, desirable: Tensor, prefix: str = 
 def run_kto(cfg: KTOConfig) -> Path:
     train_records, valid_records = read_pairs(cfg.data, cfg.train.seed, pair_unpaired=False)
     p = Prepared(cfg)
-    engine = p.engine
     examples = {"train": kto_examples(train_records), "valid": kto_examples(valid_records)}
     encoded = {
         name: ([p.encode(q, a) for q, a, _ in ex], [p.encode(q, a) for q, a in mismatched(ex)])
@@ -446,7 +457,7 @@ def run_kto(cfg: KTOConfig) -> Path:
         for name, ex in examples.items()
     }
     n_good = sum(good for _, _, good in examples["train"])
-    engine.print(
+    p.engine.print(
         f"kto (beta={cfg.kto.beta}): {cfg.model.path}, {n_good} desirable / {len(examples['train']) - n_good} "
         f"undesirable train examples, {len(examples['valid'])} held-out"
     )
@@ -458,29 +469,10 @@ def run_kto(cfg: KTOConfig) -> Path:
         del stats["loss"]
         return losses.mean(), {**stats, "kl": float(z0)}
 
-    def evaluate(model: Any, items: list[dict[str, Any]], prefix: str) -> dict[str, float]:
-        parts = []
-        for i in range(0, len(items), cfg.train.batch_size):
-            batch = {k: v.to(engine.device) for k, v in collate(items[i : i + cfg.train.batch_size]).items()}
-            losses, rewards, _ = kto_terms(model, batch, cfg.kto)
-            parts.append((losses, rewards, batch["desirable"]))
-        return kto_stats(*(torch.cat(t) for t in zip(*parts, strict=True)), prefix=prefix)
+    def stats(model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        losses, rewards, _ = kto_terms(model, batch, cfg.kto)
+        return losses, rewards, batch["desirable"]
 
-    final = engine.fit(
-        p.policy, sets["train"], collate, loss_fn,
-        eval_fn=(lambda model: evaluate(model, sets["valid"], "valid_")) if sets["valid"] else None, desc="kto",
-    )  # fmt: skip
-    model = engine.unwrap()
-    model.eval()
-    with torch.no_grad():
-        on_train = evaluate(model, sets["train"], "train_")
-    results = {
-        **{k: v for k, v in final.items() if k.startswith("valid_")},
-        **on_train,
-        "train_examples": len(examples["train"]),
-        "desirable_examples": n_good,
-        "valid_examples": len(examples["valid"]),
-        "truncated_sequences": p.truncated,
-        "steps": engine.step,
-    }
-    return p.finish(results)
+    results = p.fit(sets, collate, loss_fn, stats, kto_stats, "kto")
+    counts = {"train_examples": len(examples["train"]), "desirable_examples": n_good}
+    return p.finish({**results, **counts, "valid_examples": len(examples["valid"])})
