@@ -36,7 +36,7 @@ from torch import Tensor
 
 from rlhfkit.config import StrictModel, atomic_write_text, save_config
 from rlhfkit.data.batching import IGNORE_INDEX, SFTExample, sft_collate, split_by_prompt
-from rlhfkit.data.chat import PROMPT_TEMPLATE, encode_example
+from rlhfkit.data.chat import encode_example
 from rlhfkit.data.formats import Pair, Text, Unpaired, read_records, text_key
 from rlhfkit.engine.trainer import Engine, TrainConfig
 from rlhfkit.errors import UserError
@@ -49,36 +49,13 @@ from rlhfkit.models.loading import (
     save_model,
 )
 from rlhfkit.rl.preference import DPOLossKind, dpo_loss, kto_loss, kto_reference_point
-from rlhfkit.stages.rm import load_pairs
+from rlhfkit.stages.rm import PairDataConfig, load_pairs
 from rlhfkit.stages.sft import labelled_logits
 
 REFERENCE_FILE = "reference_logps.pt"
 
 
 # ------------------------------------------------------------------------------------ config
-
-
-class PairDataConfig(StrictModel):
-    pairs: str = Field(
-        "",
-        description="pairs {prompt, chosen, rejected, margin?} or any shape `rlhfkit rm` reads (unpaired "
-        "{prompt, completion, label} rows: paired up for DPO, used as they are by KTO)",
-    )
-    rankings: str = Field("", description="rankings file {prompt_id, labeler, ranking}; needs data.completions")
-    completions: str = Field("", description="the completions the rankings refer to")
-    valid: str = Field("", description="held-out file in the training format; empty = split valid_fraction off")
-    valid_fraction: float = Field(0.1, ge=0, lt=1, description="share of prompts held out")
-    max_length: int = Field(512, gt=1, description="tokens per sequence; longer ones are cut like SFT's, and counted")
-    prompt_template: str = Field(PROMPT_TEMPLATE, description="'{prompt}' pattern, or 'chat'; as in SFT")
-    strict: bool = Field(False, description="unused columns are an error (default: ignored, named once in the log)")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> PairDataConfig:
-        if self.pairs and self.rankings:
-            raise ValueError("give one of data.pairs / data.rankings, not both")
-        if self.rankings and not self.completions:
-            raise ValueError("data.rankings needs data.completions (the candidates that were ranked)")
-        return self
 
 
 class PreferenceTrainConfig(TrainConfig):

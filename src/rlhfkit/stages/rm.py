@@ -69,15 +69,17 @@ class RMModelConfig(StrictModel):
     trust_remote_code: bool = False
 
 
-class DataConfig(StrictModel):
+class PairDataConfig(StrictModel):
+    """Where preference pairs come from: what `rlhfkit rm`, `dpo` and `kto` read alike."""
+
     pairs: str = Field(
         "",
         description="pairs {prompt, chosen, rejected, margin?}, or TRL's implicit-prompt {chosen, rejected} "
-        "or unpaired {prompt, completion, label} (JSONL or datasets folder, `path:split`)",
+        "or unpaired {prompt, completion, label} (JSONL or datasets folder, `path:split`; DPO pairs unpaired "
+        "rows up, KTO uses them as they are)",
     )
     rankings: str = Field("", description="rankings file {prompt_id, labeler, ranking}; needs data.completions")
     completions: str = Field("", description="the completions the rankings refer to")
-    ratings: str = Field("", description="ratings file {prompt, completion, score} (MSE regression)")
     valid: str = Field("", description="held-out data in the training format (`path:split`); empty = split off")
     valid_fraction: float = Field(0.1, ge=0, lt=1, description="share of prompts held out")
     max_length: int = Field(512, gt=1, description="tokens per sequence; longer ones are cut, counted in results.json")
@@ -85,13 +87,20 @@ class DataConfig(StrictModel):
     strict: bool = Field(False, description="unused columns are an error (default: ignored, named once in the log)")
 
     @model_validator(mode="after")
-    def _one_source(self) -> DataConfig:
-        given = [k for k in ("pairs", "rankings", "ratings") if getattr(self, k)]
+    def _one_source(self) -> PairDataConfig:
+        sources = [k for k in ("pairs", "rankings", "ratings") if k in type(self).model_fields]
+        given = [k for k in sources if getattr(self, k)]
         if len(given) > 1:
-            raise ValueError(f"give one of data.pairs / data.rankings / data.ratings, not {' and '.join(given)}")
+            raise ValueError(f"give one of {' / '.join(f'data.{k}' for k in sources)}, not {' and '.join(given)}")
         if self.rankings and not self.completions:
             raise ValueError("data.rankings needs data.completions (the candidates that were ranked)")
         return self
+
+
+class DataConfig(PairDataConfig):
+    """The reward model also learns from scalar ratings (regression)."""
+
+    ratings: str = Field("", description="ratings file {prompt, completion, score} (MSE regression)")
 
 
 class NormalizeConfig(StrictModel):
