@@ -22,6 +22,24 @@ import httpx
 from rlhfkit.feedback.choices import DEFAULT_ROLE, DEFAULT_TASK, Role, Task
 
 
+def judgment_body(
+    ranking: dict[int, int] | None,
+    unusable: bool,
+    comment: str | None,
+    response: str | None,
+    strength: int | None,
+    client_token: str | None = None,
+) -> dict[str, Any]:
+    """The JSON of a judgment, new or edited; the client token makes a retried request idempotent."""
+    return {
+        "ranking": ranking,
+        "unusable": unusable,
+        "comment": comment,
+        "response": response,
+        "strength": strength,
+        "client_token": client_token or secrets.token_urlsafe(16),
+    }
+
 class FeedbackError(Exception):
     """The server refused a request; `status` is the HTTP status, the message says why."""
 
@@ -115,14 +133,7 @@ class FeedbackClient:
 
         Returns the stored judgment with "created": False when the server already had it.
         """
-        body = {
-            "ranking": ranking,
-            "unusable": unusable,
-            "comment": comment,
-            "response": response,
-            "strength": strength,
-            "client_token": client_token or secrets.token_urlsafe(16),
-        }
+        body = judgment_body(ranking, unusable, comment, response, strength, client_token)
         for attempt in range(retries):
             try:
                 r = self.request("POST", f"/api/projects/{project_id}/items/{item_id}/judgments", json=body)
@@ -152,14 +163,7 @@ class FeedbackClient:
         strength: int | None = None,
     ) -> dict[str, Any]:
         """Replace your own judgment of an item (the server keeps the earlier version)."""
-        body = {
-            "ranking": ranking,
-            "unusable": unusable,
-            "comment": comment,
-            "response": response,
-            "strength": strength,
-            "client_token": secrets.token_urlsafe(16),
-        }
+        body = judgment_body(ranking, unusable, comment, response, strength)
         return self.call("PUT", f"/api/projects/{project_id}/items/{item_id}/judgment", json=body)
 
     def history(self, project_id: int, page: int = 1) -> dict[str, Any]:
