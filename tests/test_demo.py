@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 
 import pytest
 
 from rlhfkit.config import load_config
-from rlhfkit.stages import demo
+from rlhfkit.data.corpus import build_default_data
+from rlhfkit.errors import UserError
+from rlhfkit.models.loading import ModelConfig, load_causal_lm
+from rlhfkit.stages import demo, pretrain
 
 SMALL = [
+    "base_model=pretrain",  # a smaller base model than the shipped one, trained in the run
     "pretrain.vocab_size=1024",
     "pretrain.model.n_layer=2",
     "pretrain.model.d_model=64",
@@ -27,6 +33,7 @@ SMALL = [
     "ppo.ppo.mini_batch_size=8",
     "ppo.sampling.max_new_tokens=16",
     "ppo.log_samples_every=1",
+    "dpo.train.max_steps=3",
     "eval.limit=8",
     "eval.samples_per_prompt=2",
     "eval.bootstrap=50",
@@ -36,7 +43,7 @@ SMALL = [
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
-    cfg = load_config(demo.Config, None, [f"output_dir={tmp_path}", *SMALL])
+    cfg = load_config(demo.Config, None, [f"output_dir={tmp_path}", *SMALL, "algorithms=[ppo,rloo,dpo]"])
     report = demo.run(cfg)
     for path in [
         "pretrain/model/config.json",
@@ -46,6 +53,8 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
         "aggregate/pairs.jsonl",
         "rm/model/config.json",
         "ppo/model/config.json",
+        "rloo/model/config.json",
+        "dpo/model/config.json",
         "eval/results.json",
     ]:
         assert (tmp_path / path).exists(), path
@@ -56,16 +65,91 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     feedback = json.loads((tmp_path / "feedback/summary.json").read_text())
     assert sum(feedback["judgments"].values()) == 10 * 2  # every item got exactly `overlap` judgments
     results = json.loads((tmp_path / "eval/results.json").read_text())
-    assert set(results["models"]) == {"sft", "ppo"} and "ppo_vs_sft" in results["comparisons"]
+    assert list(results["models"]) == ["sft", "ppo", "rloo", "dpo"] and "dpo_vs_sft" in results["comparisons"]
+    # the comparison: every algorithm from the same SFT model, with CIs and its training time
+    summary = json.loads((tmp_path / "results.json").read_text())["algorithms"]
+    assert list(summary) == ["ppo", "rloo", "dpo"]
+    for a in summary.values():
+        assert a["kl"]["ci_low"] <= a["kl"]["mean"] <= a["kl"]["ci_high"]
+        assert a["gold_vs_sft"]["ci_low"] <= a["gold_vs_sft"]["mean_diff"] <= a["gold_vs_sft"]["ci_high"]
+        assert a["train_cpu_seconds"] > 0
     rows = [json.loads(line) for line in (tmp_path / "eval/samples.jsonl").read_text().splitlines()]
     assert [(r["prompt_id"], r["sample"]) for r in rows[:3]] == [(rows[0]["prompt_id"], 0), (rows[0]["prompt_id"], 1),
                                                                  (rows[2]["prompt_id"], 0)]  # fmt: skip
     assert len(rows) == 8 * 2 and all("gold" in r["ppo"] for r in rows)
     page = report.read_text()
     assert "reward-hacking monitor" in page and "Labeler agreement" in page and "data:image/png" in page
+    assert "Algorithms compared" in page
 
     capsys.readouterr()
     demo.run(cfg)  # everything is cached: only the report is rebuilt
     out = capsys.readouterr().out
-    for stage in ("pretrain", "sft", "generate", "feedback", "aggregate", "rm", "ppo", "eval"):
+    for stage in ("pretrain", "sft", "generate", "feedback", "aggregate", "rm", "ppo", "rloo", "dpo", "eval"):
         assert f"[demo] {stage}: reusing" in out
+    # the timings of the first run survive the resumed one
+    assert json.loads((tmp_path / "results.json").read_text())["algorithms"]["dpo"]["train_cpu_seconds"] > 0
+
+    capsys.readouterr()
+    demo.run(cfg.model_copy(update={"algorithms": ["ppo", "dpo"]}))  # another set of models: only eval is redone
+    out = capsys.readouterr().out
+    assert "[demo] dpo: reusing" in out and "[demo] ===== eval =====" in out
+    assert list(json.loads((tmp_path / "eval/results.json").read_text())["models"]) == ["sft", "ppo", "dpo"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["pretrain.model.n_layer=2"], "differ from the shipped base model's recipe"),
+        (["pretrain.data.corpus_seed=1"], "add base_model=pretrain"),
+        (["algorithms=[ppo,ppo]"], "at most once"),
+        (["algorithms=[]"], "at most once"),
+        (["algorithms=[sac]"], "algorithms"),
+    ],
+)
+def test_demo_config_errors(overrides, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(demo.Config, None, overrides)
+
+
+def test_pretrain_settings_apply_with_base_model_pretrain():
+    cfg = load_config(demo.Config, None, ["base_model=pretrain", "pretrain.model.n_layer=2"])
+    assert cfg.pretrain.model.n_layer == 2 and demo.base_model_recipe().model.n_layer == 4
+
+
+# `rlhfkit pretrain --config .../pretrain.yaml` shortened to a test's budget, and the held-out
+# perplexity it gave (2026-12-04); a change to the corpus, the tokenizer, the model or the training
+# loop moves it far more than floating-point differences between CPUs do.
+SHORT_RECIPE = ["train.max_steps=30", "train.batch_size=8", "train.warmup_steps=3", "train.save_every=0"]
+SHORT_RECIPE_PPL = 400.25
+
+
+def test_shipped_base_model_is_what_its_recipe_makes(tmp_path):
+    recipe = demo.base_model_recipe()
+    shipped = demo.BASE_MODEL / "model"
+    config = json.loads((shipped / "config.json").read_text())
+    m = recipe.model
+    assert config["model_type"] == m.arch
+    assert (config["n_layer"], config["n_embd"], config["n_head"], config["n_positions"]) == (
+        m.n_layer, m.d_model, m.n_head, m.max_positions,
+    )  # fmt: skip
+    recorded = json.loads((shipped / pretrain.PRETRAIN_RESULTS).read_text())
+    assert (recorded["steps"], recorded["corpus_seed"], recorded["block_size"]) == (
+        recipe.train.max_steps, recipe.data.corpus_seed, recipe.data.block_size,
+    )  # fmt: skip
+
+    # the shipped weights give the recorded held-out perplexity on the corpus they were made from
+    paths = build_default_data(tmp_path / "data", seed=recipe.data.corpus_seed)
+    model, tokenizer = load_causal_lm(ModelConfig(path=str(shipped)))
+    model.eval()
+    blocks = pretrain.to_blocks(pretrain.read_documents([str(paths["pretrain_valid"])]), tokenizer, 128)
+    assert math.exp(pretrain.held_out_loss(model, blocks, 32)) == pytest.approx(recorded["valid_ppl"], rel=1e-3)
+
+    # and the recipe still trains the same way: a shortened run lands on its reference perplexity
+    short = load_config(
+        pretrain.Config,
+        demo.BASE_MODEL / "pretrain.yaml",
+        [f"output_dir={tmp_path / 'short'}", f"model_dir={tmp_path / 'short-model'}", *SHORT_RECIPE],
+    )
+    pretrain.run(short)
+    ppl = json.loads((tmp_path / "short-model" / pretrain.PRETRAIN_RESULTS).read_text())["valid_ppl"]
+    assert ppl == pytest.approx(SHORT_RECIPE_PPL, rel=0.02)

@@ -99,6 +99,28 @@ def plot_bars(values: dict[str, float], title: str, ylabel: str, ceiling: float 
     return _png(fig)
 
 
+def plot_tradeoff(points: dict[str, tuple[float, float, float, float, float, float]], xlabel: str, ylabel: str) -> str:
+    """One point per model: (x, x_low, x_high, y, y_low, y_high), with its CIs as error bars
+    (e.g. gold utility gained vs KL spent, per algorithm)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for i, (name, (x, xl, xh, y, yl, yh)) in enumerate(points.items()):
+        ax.errorbar(
+            [x],
+            [y],
+            xerr=[[x - xl], [xh - x]],
+            yerr=[[y - yl], [yh - y]],
+            fmt="o",
+            capsize=3,
+            color=f"C{i}",
+            label=name,
+        )
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(v: Any) -> str:
         return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))

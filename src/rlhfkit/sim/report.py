@@ -14,8 +14,18 @@ from typing import Any
 
 from rlhfkit.config import atomic_write_text
 from rlhfkit.engine.metrics import read_metrics
-from rlhfkit.eval.report import Report, hacking_check, plot_bars, plot_curves, plot_overoptimisation, table
+from rlhfkit.eval.report import (
+    Report,
+    hacking_check,
+    plot_bars,
+    plot_curves,
+    plot_overoptimisation,
+    plot_tradeoff,
+    table,
+)
 from rlhfkit.sim.run_folder import RunFolder
+
+KL_BOOTSTRAP = 2000  # resamples of the held-out prompts for the KL's confidence interval
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -37,9 +47,81 @@ def gold_along_ppo(samples_path: Path) -> dict[int, float]:
     return {step: sum(v) / len(v) for step, v in sorted(by_step.items())}
 
 
-def write_demo_report(run_dir: Path, timings: dict[str, float] | None = None) -> Path:
+def algorithm_comparison(run: RunFolder, timings: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """Each trained model against the first evaluated one (SFT) on the held-out prompts: gold utility
+    and toxicity as paired differences with bootstrap CIs (eval's), KL to SFT as a mean with a
+    bootstrap CI over prompts (from eval's per-sample KL), and its training stage's time."""
+    import numpy as np
+
+    from rlhfkit.stages.eval import paired_comparison
+
+    ev = _json(run.results("eval"))
+    if not ev:
+        return {}
+    names = list(ev["models"])
+    samples = [json.loads(line) for line in (run.stage("eval") / "samples.jsonl").read_text().splitlines() if line]
+    out = {}
+    for name in names[1:]:
+        m, comp = ev["models"][name], ev["comparisons"][f"{name}_vs_{names[0]}"]
+        kl = np.array([r[name]["kl"] for r in samples]).reshape(ev["n_prompts"], -1).mean(1)  # per prompt
+        kl_ci = paired_comparison(np.zeros_like(kl), kl, KL_BOOTSTRAP, seed=0)
+        out[name] = {
+            "gold": m.get("gold"),
+            "gold_vs_sft": comp.get("gold"),
+            "toxicity": m.get("toxicity"),
+            "toxicity_vs_sft": comp.get("toxicity"),
+            "kl": {"mean": kl_ci["mean_diff"], "ci_low": kl_ci["ci_low"], "ci_high": kl_ci["ci_high"]},
+            "length": m.get("length"),
+            "train_seconds": timings.get(name, {}).get("seconds"),
+            "train_cpu_seconds": timings.get(name, {}).get("cpu_seconds"),
+        }
+    return out
+
+
+def _ci(c: dict[str, float] | None, key: str = "mean_diff") -> str:
+    return f"{c[key]:+.3f} ({c['ci_low']:+.3f} .. {c['ci_high']:+.3f})" if c else "-"
+
+
+def _triple(c: dict[str, float]) -> tuple[float, float, float]:
+    return c["mean_diff"], c["ci_low"], c["ci_high"]
+
+
+def algorithm_section(algos: dict[str, dict[str, Any]]) -> str:
+    """The comparison table and the gold-gained vs KL-spent plot."""
+    rows = []
+    for name, a in algos.items():
+        cpu, wall = a["train_cpu_seconds"], a["train_seconds"]
+        rows.append(
+            [
+                name,
+                _ci(a["gold_vs_sft"]),
+                _ci(a["toxicity_vs_sft"]),
+                _ci(a["kl"], "mean"),
+                a["length"],
+                f"{cpu:.0f} ({wall:.0f})" if cpu is not None else "reused (not timed)",
+            ]
+        )
+    headers = ["algorithm", "gold vs SFT (95% CI)", "toxicity vs SFT (95% CI)", "KL to SFT (95% CI)", "length"]
+    body = table([*headers, "training CPU s (wall s)"], rows)
+    points = {
+        name: (a["kl"]["mean"], a["kl"]["ci_low"], a["kl"]["ci_high"], *_triple(a["gold_vs_sft"]))
+        for name, a in algos.items()
+        if a["gold_vs_sft"]
+    }
+    if points:
+        body += plot_tradeoff(points, "KL to SFT per response", "gold utility vs SFT")
+    return body + (
+        "<p>Every algorithm starts from the same SFT model and learns from the same labels: PPO, RLOO and GRPO "
+        "through the same reward model, DPO from the aggregated pairs directly. Gold utility and toxicity are "
+        "paired differences with SFT per held-out prompt; up and to the left is better (more gold for less "
+        "KL). CPU time is the training stage's process time, all threads.</p>"
+    )
+
+
+def write_demo_report(run_dir: Path) -> Path:
     run = RunFolder(Path(run_dir))
     report = Report("rlhfkit demo: RLHF end to end on the embedded default")
+    timings = _json(run.timings)
     ev = _json(run.results("eval"))
     agreement = _json(run.agreement)
     rm = _json(run.results("rm"))
@@ -60,7 +142,11 @@ def write_demo_report(run_dir: Path, timings: dict[str, float] | None = None) ->
                 )
         n = ev.get("samples_per_prompt", 1)
         each = f", {n} samples each (compared per prompt)" if n > 1 else ""
-        report.add(f"Baseline (SFT) vs aligned (PPO) on {ev['n_prompts']} held-out prompts{each}", body)
+        aligned = ", ".join(list(ev["models"])[1:])
+        report.add(f"Baseline (SFT) vs aligned ({aligned}) on {ev['n_prompts']} held-out prompts{each}", body)
+    algos = algorithm_comparison(run, timings)
+    if len(algos) > 1:
+        report.add("Algorithms compared: the same SFT model, the same labels", algorithm_section(algos))
 
     # ---- over-optimisation picture
     metrics_file = run.stage("ppo") / "metrics.jsonl"
@@ -143,10 +229,11 @@ def write_demo_report(run_dir: Path, timings: dict[str, float] | None = None) ->
         info.append(
             ["pretraining perplexity (held-out / unigram)", f"{pre['valid_ppl']:.2f} / {pre['unigram_ppl']:.2f}"]
         )
-    for k, v in (timings or {}).items():
-        info.append([f"time: {k}", f"{v:.0f} s"])
+    for k, v in timings.items():
+        info.append([f"time: {k}", f"{v['seconds']:.0f} s (CPU {v['cpu_seconds']:.0f} s)"])
     if info:
         report.add("Run", table(["", ""], info))
+    atomic_write_text(run.summary, json.dumps({"algorithms": algos, "timings": timings}, indent=2))
     path = run.report
     atomic_write_text(path, report.html())
     return path

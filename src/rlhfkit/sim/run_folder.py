@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGES = ("pretrain", "sft", "generate", "feedback", "aggregate", "rm", "ppo", "eval")
+STAGES = ("pretrain", "sft", "generate", "feedback", "aggregate", "rm", "ppo", "rloo", "grpo", "dpo", "eval")
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class RunFolder:
         return self.stage(name) / "results.json"
 
     def model(self, name: str) -> Path:
-        """The model a training stage (pretrain, sft, rm, ppo) saved."""
+        """The model a training stage (pretrain, sft, rm, ppo, rloo, grpo, dpo) saved."""
         return self.stage(name) / "model"
 
     @property
@@ -42,6 +42,16 @@ class RunFolder:
     @property
     def agreement(self) -> Path:
         return self.stage("aggregate") / "agreement.json"
+
+    @property
+    def timings(self) -> Path:
+        """Wall-clock and CPU seconds of each stage that ran."""
+        return self.root / "timings.json"
+
+    @property
+    def summary(self) -> Path:
+        """The report's numbers, machine-readable (the algorithm comparison, the stage times)."""
+        return self.root / "results.json"
 
     @property
     def report(self) -> Path:

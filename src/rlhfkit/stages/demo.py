@@ -1,30 +1,43 @@
 """The whole RLHF loop on the embedded default data, offline, in one run folder.
 
-    data → pretrain → sft → generate K candidates → feedback (the real server; a simulated panel
-    ranks over HTTP) → aggregate → reward model → ppo → eval → report.html
+    data → base model → sft → generate K candidates → feedback (the real server; a simulated panel
+    ranks over HTTP) → aggregate → reward model → ppo (and rloo, grpo, dpo) → eval → report.html
+
+The base model is the one shipped in the package (`rlhfkit/data/base_model`, made by `rlhfkit
+pretrain --config` on its `pretrain.yaml`: pretraining was ~40% of the demo's time), or with
+`base_model=pretrain` trained again in the run folder from the same recipe (`pretrain.*`).
+`algorithms=[ppo,rloo,dpo]` trains each algorithm from the same SFT model and the same labels
+(rloo/grpo/ppo with the same reward model, dpo on the pairs directly) and compares them on the
+held-out prompts (gold utility, toxicity, KL to SFT, CPU time): a table and a plot in the report
+and `OUTPUT_DIR/results.json`.
 
 Each stage writes into `OUTPUT_DIR/<stage>/` and is skipped when its output already exists, so a
 re-run resumes where the last one stopped (`resume=false` redoes everything). Every stage's
-settings are reachable as overrides, e.g. `ppo.stop.max_steps=60` or `sft.train.lr=3e-4`.
+settings are reachable as overrides, e.g. `ppo.stop.max_steps=60` or `sft.train.lr=3e-4`; `seed`
+is every stage's seed (training order, initialisation, sampling, the panel), while the data split
+is the corpus seed the base model was pretrained on (`pretrain.data.corpus_seed`), so that the
+held-out prompts stay unseen by the base model.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from rlhfkit.config import StrictModel, atomic_write_text, save_config
+from rlhfkit.config import StrictModel, atomic_write_text, load_config, save_config
 from rlhfkit.data.formats import read_records
 from rlhfkit.models.sampling import SamplingConfig
 from rlhfkit.rewards.build import RewardConfig, RewardSpec
 from rlhfkit.sim.run_folder import RunFolder
 from rlhfkit.stages import aggregate as aggregate_stage
+from rlhfkit.stages import dpo as dpo_stage
 from rlhfkit.stages import eval as eval_stage
 from rlhfkit.stages import generate as generate_stage
 from rlhfkit.stages import ppo as ppo_stage
@@ -65,19 +78,35 @@ def _sampling(cfg: SamplingConfig) -> SamplingConfig:
 
 ROLLOUT = _sampling(ppo_stage.PPOSamplingConfig())  # how PPO samples, and so how the reward model is normalised
 
+# The shipped base model: `model/` and the recipe that made it (`pretrain.yaml`, its one source:
+# `base_model=pretrain` trains the same recipe, and a test checks the shipped files against it).
+BASE_MODEL = Path(__file__).resolve().parent.parent / "data" / "base_model"
+ALGORITHMS = ("ppo", "rloo", "grpo", "dpo")
+Algorithm = Literal["ppo", "rloo", "grpo", "dpo"]
+
+
+def base_model_recipe() -> pretrain_stage.Config:
+    """The pretraining config of the shipped base model, as `rlhfkit pretrain --config` reads it."""
+    return load_config(pretrain_stage.Config, BASE_MODEL / "pretrain.yaml")
+
+
+def _recipe_settings(cfg: pretrain_stage.Config) -> dict[str, Any]:
+    """What decides the model a pretraining config makes (not where it writes or whether it resumes)."""
+    return cfg.model_dump(exclude={"output_dir", "model_dir", "resume"})
+
 
 class Config(StrictModel):
     output_dir: str = "runs/demo"
-    seed: int = 0
+    seed: int = Field(0, description="every stage's seed (the data split is pretrain.data.corpus_seed)")
     resume: bool = Field(True, description="reuse finished stages (false = redo everything)")
-    # Sizes for 2 CPU cores and about 10 minutes in all; tiny models learn with larger LRs.
-    pretrain: pretrain_stage.Config = pretrain_stage.Config(
-        vocab_size=2048,  # the corpus has under 2,000 word types; a larger vocabulary only costs time
-        model=pretrain_stage.PretrainModelConfig(
-            arch="gpt2", n_layer=4, d_model=128, n_head=4, max_positions=POSITIONS
-        ),
-        train=pretrain_stage.Config().train.model_copy(update={"max_steps": 500}),
+    base_model: Literal["shipped", "pretrain"] = Field(
+        "shipped", description="shipped = the package's base model; pretrain = train it again with `pretrain`"
     )
+    algorithms: list[Algorithm] = Field(
+        default_factory=lambda: ["ppo"], description="trained from the same SFT model and labels, then compared"
+    )
+    # Sizes for 2 CPU cores and about 10 minutes in all; tiny models learn with larger LRs.
+    pretrain: pretrain_stage.Config = base_model_recipe()
     # A small demonstration budget (12 steps of 16 = 192 demonstrations): demonstrations are the
     # expensive kind of feedback. The SFT model then still shows some of the base model's failures
     # (rude about once in 30 answers), which the cheaper rankings and PPO have to fix.
@@ -103,27 +132,56 @@ class Config(StrictModel):
         stop=ppo_stage.StopConfig(max_steps=20, kl_ceiling=30.0),
         train=ppo_stage.PPOTrainConfig(lr=5e-5),
     )
+    # rloo/grpo: PPO's settings with K responses per prompt and no critic (same batch of 64 responses).
+    group_size: int = Field(4, ge=2, description="rloo/grpo: responses per prompt (ppo.ppo.num_generations)")
+    # DPO from the same SFT model on the aggregated pairs. A model this small needs a far larger lr than
+    # DPO's default for real models (1e-6); one epoch, as the reward model's first.
+    dpo: dpo_stage.Config = dpo_stage.Config(
+        train=dpo_stage.PreferenceTrainConfig(lr=5e-5, epochs=1, batch_size=16, warmup_steps=5, log_every=10)
+    )
     # 4 samples per held-out prompt: rude answers are rare, and the toxicity comparison needs them.
     eval: eval_stage.Config = eval_stage.Config(samples_per_prompt=4, sampling=_sampling(eval_stage.Config().sampling))
 
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if not self.algorithms or len(set(self.algorithms)) != len(self.algorithms):
+            raise ValueError(f"algorithms={self.algorithms}: name each of {', '.join(ALGORITHMS)} at most once")
+        if self.base_model == "shipped" and _recipe_settings(self.pretrain) != _recipe_settings(base_model_recipe()):
+            raise ValueError(
+                "pretrain.* settings differ from the shipped base model's recipe "
+                f"({BASE_MODEL / 'pretrain.yaml'}): add base_model=pretrain to train a base model with them"
+            )
+        return self
+
+
+def rl_config(cfg: Config, algorithm: str) -> ppo_stage.Config:
+    """The demo's PPO settings run as `algorithm` (ppo, rloo or grpo), validated like a `ppo.*` override."""
+    data = cfg.ppo.model_dump()
+    data["ppo"].update(algorithm=algorithm, num_generations=1 if algorithm == "ppo" else cfg.group_size)
+    return ppo_stage.Config.model_validate(data)
+
 
 class Runner:
-    """Runs stages in order, skipping finished ones, and times each."""
+    """Runs stages in order, skipping finished ones, and times each (wall clock and this process's
+    CPU time, all threads): kept in `timings.json`, so a resumed run still reports every stage."""
 
     def __init__(self, run: RunFolder, resume: bool):
         self.run, self.resume = run, resume
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, dict[str, float]] = (
+            json.loads(run.timings.read_text()) if resume and run.timings.exists() else {}
+        )
 
-    def stage(self, name: str, done: Path, fn: Callable[[], Any]) -> Path:
-        """Run stage `name` unless resuming and `done` (the file it writes last) exists."""
+    def stage(self, name: str, done: Path | bool, fn: Callable[[], Any]) -> Path:
+        """Run stage `name` unless resuming and it is `done` (the file it writes last exists)."""
         folder = self.run.stage(name)
-        if self.resume and done.exists():
+        if self.resume and (done.exists() if isinstance(done, Path) else done):
             print(f"[demo] {name}: reusing {folder}")
             return folder
         print(f"\n[demo] ===== {name} =====")
-        t = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn()
-        self.timings[name] = time.perf_counter() - t
+        self.timings[name] = {"seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu}
+        atomic_write_text(self.run.timings, json.dumps(self.timings, indent=2))
         return folder
 
 
@@ -179,22 +237,26 @@ def run(cfg: Config) -> Path:
     runner = Runner(run, cfg.resume)
     from rlhfkit.data.corpus import build_default_data
 
-    data = build_default_data(run.stage("data"), seed=cfg.seed)
+    # The corpus of the base model's pretraining: its held-out prompts are the ones it never saw.
+    data = build_default_data(run.stage("data"), seed=cfg.pretrain.data.corpus_seed)
 
     def pretrain() -> None:
         d = cfg.pretrain.data.model_copy(
             update={"train_files": [str(data["pretrain_train"])], "valid_files": [str(data["pretrain_valid"])]}
         )
         c = cfg.pretrain.model_copy(deep=True)
-        c.output_dir, c.data = str(run.stage("pretrain")), d
+        c.output_dir, c.model_dir, c.data = str(run.stage("pretrain")), "", d
         c.resume = cfg.resume and (run.stage("pretrain") / "checkpoints").exists()
         pretrain_stage.run(c)
 
-    runner.stage("pretrain", run.results("pretrain"), pretrain)
+    if cfg.base_model == "pretrain":
+        runner.stage("pretrain", run.results("pretrain"), pretrain)
+    base = run.model("pretrain") if cfg.base_model == "pretrain" else BASE_MODEL / "model"
 
     def sft() -> None:
         c = cfg.sft.model_copy(deep=True)
-        c.output_dir, c.model.path, c.data.train = str(run.stage("sft")), str(run.model("pretrain")), str(data["sft"])
+        c.output_dir, c.model.path, c.data.train = str(run.stage("sft")), str(base), str(data["sft"])
+        c.train.seed = cfg.seed
         sft_stage.run(c)
 
     runner.stage("sft", run.model("sft") / "config.json", sft)
@@ -233,28 +295,39 @@ def run(cfg: Config) -> Path:
     runner.stage("rm", run.model("rm") / "config.json", rm)
     reward = RewardConfig(sources=[RewardSpec(model=str(run.model("rm")))])
 
-    def ppo() -> None:
-        c = cfg.ppo.model_copy(deep=True)
-        c.output_dir, c.prompts, c.model.path = str(run.stage("ppo")), str(data["prompts_ppo"]), str(sft_model)
-        c.reward = reward
-        c.resume = cfg.resume and (run.stage("ppo") / "checkpoints").exists()
+    def rl(algorithm: str) -> None:
+        c = rl_config(cfg, algorithm)
+        c.output_dir, c.prompts, c.model.path = str(run.stage(algorithm)), str(data["prompts_ppo"]), str(sft_model)
+        c.reward, c.train.seed = reward, cfg.seed
+        c.resume = cfg.resume and (run.stage(algorithm) / "checkpoints").exists()
         ppo_stage.run(c)
 
-    runner.stage("ppo", run.results("ppo"), ppo)
+    def dpo() -> None:
+        c = cfg.dpo.model_copy(deep=True)
+        c.output_dir, c.model.path, c.data.pairs = str(run.stage("dpo")), str(sft_model), str(run.pairs)
+        c.train.seed = cfg.seed
+        c.resume = cfg.resume and (run.stage("dpo") / "checkpoints").exists()
+        dpo_stage.run(c)
+
+    for algorithm in cfg.algorithms:
+        train = dpo if algorithm == "dpo" else functools.partial(rl, algorithm)
+        runner.stage(algorithm, run.results(algorithm), train)
+
+    models = {"sft": str(sft_model), **{a: str(run.model(a)) for a in cfg.algorithms}}
 
     def evaluate() -> None:
         c = cfg.eval.model_copy(deep=True)
         c.output_dir, c.prompts, c.seed = str(run.stage("eval")), str(data["prompts_heldout"]), cfg.seed
-        c.models = {"sft": str(sft_model), "ppo": str(run.model("ppo"))}
-        c.reference = str(sft_model)
-        c.reward = reward
+        c.models, c.reference, c.reward = models, str(sft_model), reward
         eval_stage.run(c)
 
-    runner.stage("eval", run.results("eval"), evaluate)
+    evaluated = json.loads(run.results("eval").read_text())["models"] if run.results("eval").exists() else {}
+    runner.stage("eval", list(evaluated) == list(models), evaluate)
 
     from rlhfkit.sim.report import write_demo_report
 
-    report = write_demo_report(out, runner.timings)
-    print(f"\n[demo] report: {report}")
-    print("[demo] stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in runner.timings.items()))
+    report = write_demo_report(out)
+    print(f"\n[demo] report: {report} (numbers in {run.summary})")
+    times = ", ".join(f"{k} {v['seconds']:.0f} (CPU {v['cpu_seconds']:.0f})" for k, v in runner.timings.items())
+    print(f"[demo] stage times (s): {times}")
     return report

@@ -5,8 +5,10 @@ tokenizer is kept, so the result still fits everything built for the original).
 Text files hold one document per paragraph (documents are separated by a blank line). With no
 files given, the embedded default corpus is generated (offline, from a seed). Documents are
 joined with EOS and cut into blocks of `data.block_size` tokens. The result is a plain
-`save_pretrained` folder at `OUTPUT_DIR/model`, with held-out perplexity next to the unigram
-baseline in `OUTPUT_DIR/results.json` (and, when continuing, the held-out loss before training).
+`save_pretrained` folder at `OUTPUT_DIR/model` (or `model_dir`), with held-out perplexity next to
+the unigram baseline in `OUTPUT_DIR/results.json` (and, when continuing, the held-out loss before
+training); the same numbers go into the model folder as `rlhfkit_pretrain.json`, so a model that
+travels (like the demo's shipped base model) still says how good it was.
 The default `train.lr` suits a tiny model from scratch; continuing a real model wants a far
 smaller one (e.g. `train.lr=5e-5`).
 """
@@ -28,6 +30,8 @@ from rlhfkit.errors import UserError
 from rlhfkit.models.loading import ModelConfig, load_causal_lm, load_tokenizer, model_positions, save_model
 from rlhfkit.models.tiny import TinyModelConfig, build_tiny_model, train_tokenizer
 
+PRETRAIN_RESULTS = "rlhfkit_pretrain.json"  # the held-out numbers, saved with the model
+
 
 class DataConfig(StrictModel):
     train_files: list[str] = Field(default_factory=list, description="text files; empty = embedded corpus")
@@ -45,6 +49,7 @@ class PretrainModelConfig(TinyModelConfig):
 
 class Config(StrictModel):
     output_dir: str = "runs/pretrain"
+    model_dir: str = Field("", description="where the final model is saved; empty = OUTPUT_DIR/model")
     resume: bool = False
     vocab_size: int = Field(4096, gt=256, description="of the new tokenizer (not used with model.path)")
     data: DataConfig = DataConfig()
@@ -88,6 +93,16 @@ def unigram_perplexity(train: torch.Tensor, valid: torch.Tensor, vocab_size: int
     total = train.numel() + vocab_size
     nll = -sum(math.log((counts.get(t, 0) + 1) / total) for t in valid.flatten().tolist())
     return math.exp(nll / valid.numel())
+
+
+def held_out_loss(model: Any, blocks: torch.Tensor, batch_size: int, device: Any = "cpu") -> float:
+    """Mean next-token loss over the blocks (exp of it = the held-out perplexity results.json reports)."""
+    losses = []
+    with torch.no_grad():
+        for i in range(0, len(blocks), batch_size):
+            ids = blocks[i : i + batch_size].to(device)
+            losses.append(float(model(input_ids=ids, labels=ids).loss) * len(ids))
+    return sum(losses) / len(blocks)
 
 
 def load_model(cfg: Config, tokenizer: Any) -> Any:
@@ -144,11 +159,7 @@ def run(cfg: Config) -> Path:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     def eval_fn(model) -> dict[str, float]:
-        losses = []
-        for i in range(0, len(valid_blocks), cfg.train.batch_size):
-            ids = valid_blocks[i : i + cfg.train.batch_size].to(engine.device)
-            losses.append(float(model(input_ids=ids, labels=ids).loss) * len(ids))
-        loss = sum(losses) / len(valid_blocks)
+        loss = held_out_loss(model, valid_blocks, cfg.train.batch_size, engine.device)
         return {"valid_loss": loss, "valid_ppl": math.exp(loss)}
 
     before: dict[str, float] = {}
@@ -169,9 +180,11 @@ def run(cfg: Config) -> Path:
         "params": n_params,
         "steps": engine.step,
     }
-    model_dir = out / "model"
+    model_dir = Path(cfg.model_dir) if cfg.model_dir else out / "model"
     if engine.is_main:
         save_model(engine.unwrap(), tokenizer, model_dir)
+        recipe = {"corpus_seed": cfg.data.corpus_seed, "block_size": cfg.data.block_size}
+        atomic_write_text(model_dir / PRETRAIN_RESULTS, json.dumps({**results, **recipe}, indent=2))
         atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     engine.accelerator.wait_for_everyone()
     engine.print(
