@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from rlhfkit.config import StrictModel, atomic_write_text
 from rlhfkit.engine.metrics import MetricsLogger
 from rlhfkit.engine.progress import Progress
 from rlhfkit.errors import UserError
+from rlhfkit.rl.core import Reduce
 
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
@@ -120,12 +122,19 @@ class Engine:
 
     def __init__(self, cfg: EngineConfig, out_dir: str | Path, resume: bool = False):
         from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, set_seed
+        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.accelerator = Accelerator(
+            # Processes started by `accelerate launch`/torchrun on a machine without an accelerator:
+            # accelerate forms a gloo (CPU) group only when told `cpu`, else each process runs alone.
+            cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available(),
+            # No buffer broadcast at every forward: our models' buffers (position ids, rotary
+            # frequencies) never change, and PPO's processes run different numbers of forwards per
+            # step (micro-batches are cut by length), which a per-forward collective would deadlock.
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
             mixed_precision=cfg.mixed_precision,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             log_with=make_trackers(cfg.report_to, self.out_dir, cfg.tracker_project) or None,
@@ -158,6 +167,24 @@ class Engine:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def all_sum(self) -> Reduce | None:
+        """Sums a tensor over the processes (an all-reduce); None in a single process, where the
+        statistics functions of `rlhfkit.rl.core` then run their single-process arithmetic."""
+        if self.num_processes == 1:
+            return None
+
+        def reduce(x: torch.Tensor) -> torch.Tensor:
+            total = x.detach().clone()
+            torch.distributed.all_reduce(total)
+            return total
+
+        return reduce
 
     def print(self, *args: Any) -> None:
         if self.is_main:
@@ -250,6 +277,7 @@ class Engine:
                 "window": self.window,
                 "skipped": self.skipped,
                 "last": self.last,
+                "num_processes": self.num_processes,
                 "extra": extra or {},
             }
             atomic_write_text(tmp / "trainer_state.json", json.dumps(state))
@@ -281,8 +309,16 @@ class Engine:
                 shutil.rmtree(self.ckpt_dir, ignore_errors=True)
             self.metrics.truncate_after(-1)
             return None
-        self.accelerator.load_state(str(path))
         state = json.loads((path / "trainer_state.json").read_text())
+        saved = state.get("num_processes", self.num_processes)  # absent from checkpoints written before it was kept
+        if saved != self.num_processes:
+            raise UserError(
+                f"--resume: {path} was written by {saved} process(es), this run has {self.num_processes}: each "
+                "process's share of the data, its RNG state and the per-process batch sizes depend on the "
+                f"number; resume with {saved} process(es) (`accelerate launch --num_processes {saved}`), or start "
+                "a fresh run (without --resume) in another output_dir"
+            )
+        self.accelerator.load_state(str(path))
         self.step, self.micro_step = state["step"], state["micro_step"]
         self.window, self.last = state["window"], state["last"]
         self.skipped = state.get("skipped", 0)  # absent from checkpoints written before it was kept
