@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from rlhfkit.cli import main
 from rlhfkit.engine.metrics import read_metrics
 from rlhfkit.errors import UserError
 from rlhfkit.stages.ppo import PPOConfig, process_share
-from testutil import make_test_model, ppo_config, subprocess_env, write_prompts
+from testutil import accelerate_launch, finish, make_test_model, ppo_config, write_prompts
 
 TESTS = Path(__file__).resolve().parent
 TIMING = ("time", "time_rollout", "time_step", "tokens_per_s")
@@ -42,29 +40,11 @@ def e_frequency(prompt, completion):
 """
 
 
-def launch(cfg: Path, *args: str, processes: int = 2, **env: str) -> subprocess.Popen:
-    """`accelerate launch --multi_gpu --num_processes N -m rlhfkit.cli ppo --config CFG` (on a CPU-only
-    machine the engine forms a gloo group)."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
-    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    command += ["-m", "rlhfkit.cli", "ppo", "--config", str(cfg), *args]
-    child_env = subprocess_env(**env)
-    child_env["PYTHONPATH"] = os.pathsep.join([str(cfg.parent), child_env["PYTHONPATH"]])
-    return subprocess.Popen(command, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
 def kill_tree(child: subprocess.Popen) -> None:
     """SIGKILL the launcher and every process under it (torchrun starts its workers in sessions of
     their own, so a process-group kill would leave them running)."""
     for process in [*psutil.Process(child.pid).children(recursive=True), psutil.Process(child.pid)]:
         process.send_signal(signal.SIGKILL)
-
-
-def finish(child: subprocess.Popen) -> str:
-    out, _ = child.communicate(timeout=300)
-    text = out.decode()
-    assert child.returncode == 0, text[-4000:]
-    return text
 
 
 def write_config(root: Path, name: str, model: Path, prompts: Path, **sections) -> Path:
@@ -111,7 +91,7 @@ def test_two_processes_match_one_killed_and_resumed(files, monkeypatch, capsys):
 
     # two processes, killed (all of them, no chance to clean up) once a checkpoint exists
     cfg = write_config(root, "two", model, prompts)
-    child = launch(cfg, PPO_TEST_SLOW="0.5")
+    child = accelerate_launch(["ppo", "--config", str(cfg)], path=root, PPO_TEST_SLOW="0.5")
     ckpts = root / "two" / "checkpoints"
     deadline = time.monotonic() + 180
     while not list(ckpts.glob("step-*")) and child.poll() is None and time.monotonic() < deadline:
@@ -121,7 +101,7 @@ def test_two_processes_match_one_killed_and_resumed(files, monkeypatch, capsys):
     assert child.returncode == -signal.SIGKILL, out.decode()[-4000:]
     assert not (root / "two" / "results.json").exists()
 
-    printed = finish(launch(cfg, "--resume"))
+    printed = finish(accelerate_launch(["ppo", "--config", str(cfg), "--resume"], path=root))
     assert "resumed from" in printed
 
     one, two = (read_metrics(root / run / "metrics.jsonl") for run in ("one", "two"))
@@ -147,7 +127,11 @@ def test_grpo_groups_stay_in_a_process(files, monkeypatch):
     group = {"algorithm": "grpo", "num_generations": 4, "batch_size": 8, "mini_batch_size": 8}
     sections = {"ppo": group, "stop": {"max_steps": 1}, "train": {"lr": 2e-3}}
     assert main(["ppo", "--config", str(write_config(root, "grpo-one", model, prompts, **sections))]) == 0
-    finish(launch(write_config(root, "grpo-two", model, prompts, **sections)))
+    finish(
+        accelerate_launch(
+            ["ppo", "--config", str(write_config(root, "grpo-two", model, prompts, **sections))], path=root
+        )
+    )
     one, two = (read_metrics(root / run / "metrics.jsonl") for run in ("grpo-one", "grpo-two"))
     assert_same_rows(one, two)
     assert responses(root / "grpo-two") == responses(root / "grpo-one")

@@ -117,6 +117,25 @@ def make_trackers(names: list[Tracker] | None, out_dir: Path, project: str) -> l
     return [made[n]() for n in dict.fromkeys(names)]
 
 
+def cpu_process_group() -> bool:
+    """Whether this process is one of several launched (`accelerate launch`, torchrun) on a machine
+    without an accelerator, so that accelerate must form a gloo (CPU) group: it does so only when
+    told `cpu`, else each process runs alone, unaware of the others (and all write the same files).
+
+    FSDP and DeepSpeed through accelerate need an accelerator: on CPU accelerate would silently fall
+    back to plain data parallelism, so the sharded configs are refused there instead.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or torch.accelerator.is_available():
+        return False
+    for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(flag, "false").lower() == "true":
+            raise UserError(
+                f"{name} was asked for (accelerate config) but this machine has no GPU: accelerate shards models "
+                "only across accelerators. On CPU, launch with configs/accelerate/ddp.yaml (data parallel)"
+            )
+    return True
+
+
 class Engine:
     """Accelerator + optimizer + schedule + checkpoints + metrics for one training run."""
 
@@ -128,9 +147,7 @@ class Engine:
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.accelerator = Accelerator(
-            # Processes started by `accelerate launch`/torchrun on a machine without an accelerator:
-            # accelerate forms a gloo (CPU) group only when told `cpu`, else each process runs alone.
-            cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available(),
+            cpu=cpu_process_group(),
             # No buffer broadcast at every forward: our models' buffers (position ids, rotary
             # frequencies) never change, and PPO's processes run different numbers of forwards per
             # step (micro-batches are cut by length), which a per-forward collective would deadlock.
