@@ -606,28 +606,34 @@ def _update(
 
     With several processes, `rows` is this process's share of the minibatch: the losses are shares of
     the *global* minibatch's tokens (times the number of processes, since DDP averages their
-    gradients), the stats are summed over processes, and the gradients are all-reduced once, at each
-    process's last micro-batch (processes may cut different numbers of micro-batches). Every
-    process votes on finiteness once, before that all-reduce, so all of them skip or none does.
+    gradients) and the stats are summed over processes. Processes may cut different numbers of
+    micro-batches, so all but each one's last run forward and backward under `no_sync` (local
+    accumulation) and the last one all-reduces the gradients, on every process, after a vote on
+    finiteness: a non-finite loss anywhere skips the step everywhere (its gradients are dropped).
     """
     stats: dict[str, float] = {}
     reduce, world = engine.all_sum, engine.num_processes
     n_tokens = ro.tokens["mask"][rows].sum()
     n_tokens = n_tokens if reduce is None else reduce(n_tokens)
     parts = ro.micro_batches(rows, p.micro)
+    finite = True
     for i, part in enumerate(parts):
-        loss, part_stats = ppo_loss(model, ro, part, n_tokens, beta, temperature, p)
-        loss = loss * world
-        last, finite = i == len(parts) - 1, bool(torch.isfinite(loss))
-        if (last or not finite) and not all_processes(finite, reduce):
-            engine.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
-            engine.skip_step("non-finite loss")
-            return None
+        last = i == len(parts) - 1
+        if not (finite or last):
+            continue  # the step is lost; only the last micro-batch still runs, for the all-reduce
         with nullcontext() if last else engine.accelerator.no_sync(model):
-            engine.backward(loss)
+            loss, part_stats = ppo_loss(model, ro, part, n_tokens, beta, temperature, p)
+            finite = finite and bool(torch.isfinite(loss))
+            if last:
+                finite = all_processes(finite, reduce)
+            engine.backward(loss * world)
         share = float(ro.tokens["mask"][part].sum() / n_tokens)
         for k, v in part_stats.items():
             stats[k] = stats.get(k, 0.0) + share * v
+    if not finite:
+        engine.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+        engine.skip_step("non-finite loss")
+        return None
     if reduce is not None:
         summed = reduce(torch.tensor(list(stats.values()), dtype=torch.float64)).tolist()
         stats = dict(zip(stats, summed, strict=True))
