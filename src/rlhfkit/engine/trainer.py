@@ -192,14 +192,17 @@ class Engine:
     @property
     def all_sum(self) -> Reduce | None:
         """Sums a tensor over the processes (an all-reduce); None in a single process, where the
-        statistics functions of `rlhfkit.rl.core` then run their single-process arithmetic."""
+        statistics functions of `rlhfkit.rl.core` then run their single-process arithmetic.
+
+        The sum is taken on the engine's device (NCCL reduces only GPU tensors; the rollout's scores
+        live on the CPU) and handed back where the tensor was."""
         if self.num_processes == 1:
             return None
 
         def reduce(x: torch.Tensor) -> torch.Tensor:
-            total = x.detach().clone()
+            total = x.detach().to(self.device, copy=True)
             torch.distributed.all_reduce(total)
-            return total
+            return total.to(x.device)
 
         return reduce
 
