@@ -630,7 +630,7 @@ def load_models(cfg: Config, device: Any) -> tuple[Any, Any, Any, Any]:
         path = cfg.ppo.critic_path or next((s.model for s in cfg.reward.sources if s.model), "")
         if not path:
             raise UserError("ppo.value_init=reward_model: set ppo.critic_path (or use a reward model as the reward)")
-        critic = load_critic(path, len(tokenizer), cfg.model.lora, policy.dtype, cfg.model.trust_remote_code)
+        critic = load_critic(path, len(tokenizer), cfg.model)
     return policy, tokenizer, ref, critic
 
 
