@@ -174,7 +174,11 @@ def prepare_for_training(model: Any, opts: BackboneOptions) -> None:
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif opts.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if opts.gradient_checkpointing:
         model.config.use_cache = False
 
