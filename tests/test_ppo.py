@@ -308,7 +308,10 @@ def fresh_accelerator_state():
 
 
 @pytest.mark.usefixtures("fresh_accelerator_state")
-def test_bf16_ratio_is_exactly_one_at_the_first_update(tmp_path):
+@pytest.mark.parametrize(
+    "algorithm", [{}, {"algorithm": "rloo", "num_generations": 2}, {"algorithm": "grpo", "num_generations": 4}]
+)
+def test_bf16_ratio_is_exactly_one_at_the_first_update(tmp_path, algorithm):
     """Under mixed precision the update's forward runs in bf16 autocast: the rollout's "old" numbers
     must come from that same forward, in the same micro-batches (in bf16 a row's result depends on
     how wide its batch-mates make the batch: 1e-3 apart at this model width), or the ratio is off by
@@ -322,7 +325,7 @@ def test_bf16_ratio_is_exactly_one_at_the_first_update(tmp_path):
         tmp_path / "out",
         model_dir,
         prompts,
-        ppo={"batch_size": 16, "mini_batch_size": 8, "micro_batch_size": 2, "epochs": 1},
+        ppo={"batch_size": 16, "mini_batch_size": 8, "micro_batch_size": 2, "epochs": 1, **algorithm},
         stop={"max_steps": 1},
         train={"mixed_precision": "bf16", "lr": 1e-30},
     )
