@@ -209,7 +209,8 @@ class Prepared:
             ref_cfg = cfg.model.model_copy(update={"path": cfg.ref_model or cfg.model.path, "lora": None})
             ref = load_causal_lm(ref_cfg, self.tokenizer)[0].to(device)
         self.engine.print(f"reference log-probs of {sum(map(len, named.values()))} sequences under {name}")
-        logps = {k: reference_logps(ref, v, self.collate, cfg.train.batch_size, device) for k, v in named.items()}
+        with self.engine.accelerator.autocast():  # the policy's log-probs are computed under it too (a no-op without)
+            logps = {k: reference_logps(ref, v, self.collate, cfg.train.batch_size, device) for k, v in named.items()}
         del ref
         if self.engine.is_main:
             torch.save({"fingerprint": fingerprint, "logps": logps}, path)
