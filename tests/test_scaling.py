@@ -235,3 +235,19 @@ def test_reward_model_loads_in_bfloat16(files):
     scores = half.score(PROMPTS, RESPONSES)
     assert scores.dtype == torch.float32
     torch.testing.assert_close(scores, full.score(PROMPTS, RESPONSES), rtol=0.05, atol=0.05)
+
+
+def test_the_gpu_check_runs_on_the_cpu(tmp_path):
+    """bench/gpu_check.py's own assertions (ratio 1 at the first bf16 update, finite losses, eval on
+    the resolved device) on a 2-layer model: the script a GPU machine runs is exercised here."""
+    import subprocess
+    import sys
+
+    from testutil import subprocess_env
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
+    cmd = [sys.executable, str(script), "--device", "cpu", "--tiny", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["device"] == "cpu" and report["first_update_approx_kl"] < 1e-10 and report["ppo_tokens_per_s"] > 0
