@@ -35,7 +35,7 @@ class BackboneOptions(StrictModel):
     lora: LoraConfig | None = Field(None, description="train a LoRA adapter instead of all weights")
     trust_remote_code: bool = False
     gradient_checkpointing: bool = Field(
-        False, description="recompute activations in the backward pass: less memory for ~30% more compute"
+        False, description="recompute each layer's activations in the backward pass: less memory, one more forward"
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="attention kernel; flash_attention_2 needs the flash-attn package and a CUDA GPU"
