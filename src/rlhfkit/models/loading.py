@@ -31,6 +31,7 @@ class BackboneOptions(StrictModel):
     """How a pretrained network is loaded and trained: shared by the policy (`model.*`) and the
     reward model (`rm`'s `model.*`), so a big policy, its reward model and its critic fit the same way."""
 
+    path: str = Field("", description="local folder or hub id")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     lora: LoraConfig | None = Field(None, description="train a LoRA adapter instead of all weights")
     trust_remote_code: bool = False
