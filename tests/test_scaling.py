@@ -159,7 +159,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_loss_and_gradients
         loss.backward()
         trunk_hidden(model.get_decoder(), ids, torch.ones_like(ids), 4).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        results.append((float(loss), grads, len(calls)))
+        results.append((float(loss.detach()), grads, len(calls)))
         if checkpointing:
             assert model.config.use_cache is False
             s = sample(model, tok, ["tea"], SamplingConfig(max_new_tokens=3, max_prompt_tokens=8))
