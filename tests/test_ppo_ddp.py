@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import time
@@ -144,3 +145,45 @@ def test_the_batch_must_split_into_whole_prompts_per_process():
         process_share(PPOConfig(algorithm="rloo", num_generations=2, batch_size=6, mini_batch_size=6), 2)
     with pytest.raises(UserError, match="mini_batch_size=3"):
         process_share(PPOConfig(batch_size=6, mini_batch_size=3), 2)
+
+
+def _update_worker(rank: int, model_dir: str, out: str, port: int, rows: list[int]) -> None:
+    """One process of `test_processes_that_cut_different_numbers_of_micro_batches_stay_in_step`."""
+    import torch
+
+    from rlhfkit.engine.trainer import Engine
+    from rlhfkit.models.loading import ModelConfig, load_causal_lm
+    from rlhfkit.models.value import PolicyAndValue
+    from rlhfkit.rl.rollout import Rollout
+    from rlhfkit.stages.ppo import PPOTrainConfig, _update
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    os.environ["LOCAL_RANK"] = str(rank)
+    torch.manual_seed(rank)  # different rollouts in the two processes
+    engine = Engine(PPOTrainConfig(lr=1e-2, report_to=[]), Path(out) / str(rank))
+    model = engine.setup(PolicyAndValue(load_causal_lm(ModelConfig(path=model_dir))[0]), total_steps=1)
+    n, width = rows[rank], 6
+    ids = torch.randint(5, 50, (n, 4 + width))
+    mask = torch.ones(n, width, dtype=torch.bool)
+    tokens = {k: torch.randn(n, width) for k in ("logp", "ref_logp", "values", "advantages", "returns")}
+    ro = Rollout(ids, torch.ones_like(ids), 4, {"response_ids": ids[:, 4:], "mask": mask, **tokens})
+    stats = _update(
+        engine, model, ro, torch.arange(n), 0.1, 1.0, PPOConfig(batch_size=8, mini_batch_size=8, micro_batch_size=1)
+    )
+    assert stats is not None and math.isfinite(stats["grad_norm"])
+    flat = torch.cat([p.detach().flatten() for p in engine.unwrap().parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(2)]
+    torch.distributed.all_gather(gathered, flat)
+    assert torch.equal(gathered[0], gathered[1])  # the same update in both processes
+    torch.distributed.destroy_process_group()
+
+
+def test_processes_that_cut_different_numbers_of_micro_batches_stay_in_step(files, tmp_path):
+    """Process 0 runs 3 micro-batches, process 1 one: the gradients are all-reduced once per
+    optimizer step in each (the others accumulate under no_sync), so neither waits for a collective
+    the other never makes, and both end with the same weights."""
+    import torch.multiprocessing as mp
+
+    _, model, _ = files
+    port = 29500 + os.getpid() % 1000
+    mp.start_processes(_update_worker, args=(str(model), str(tmp_path), port, [3, 1]), nprocs=2, start_method="spawn")
