@@ -227,7 +227,8 @@ def main() -> None:
             curves[seed][method], hits[seed][method] = run_method(pool, held, held_pairs[seed], method, args, seed)
         everything = [p for turn in range(len(pool.sets)) for p in label(pool, turn, turn, seed)]
         ceiling[seed] = float(correct(held, fit(pool, everything, seed), held_pairs[seed]).mean())
-        print(f"seed {seed}: {time.time() - started:.0f} s", file=sys.stderr)
+        per_method = ", ".join(f"{m} {curves[seed][m]}" for m in METHODS)
+        print(f"seed {seed}: {time.time() - started:.0f} s; accuracy by judgments: {per_method}", file=sys.stderr)
 
     budgets = sorted(curves[0]["random"])
     lines = [
