@@ -81,6 +81,9 @@ class Project(Base):
     overlap: Mapped[int]  # N: each item goes to N distinct labelers
     # Locked: the data is final (e.g. exported for training): no submits, skips, edits or send-backs.
     locked: Mapped[bool] = mapped_column(default=False)
+    # A rating project's criteria: [{name, min, max, guideline}] (schemas.Criterion); None for
+    # the other tasks (a thumbs project's one 0-1 criterion is fixed: service.criteria_of).
+    criteria: Mapped[list[dict[str, Any]] | None] = mapped_column(NullableJSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -177,6 +180,9 @@ class Judgment(Base):
     unusable: Mapped[bool] = mapped_column(default=False)
     comment: Mapped[str | None] = mapped_column(Text)
     response: Mapped[Any | None] = mapped_column(NullableJSON)  # the written demonstration
+    # Rating and thumbs tasks: criterion name -> score of the candidate with idx i (like `ranking`,
+    # by import index); thumbs is the one criterion "thumbs", 1 up and 0 down. None for the others.
+    scores: Mapped[dict[str, list[int]] | None] = mapped_column(NullableJSON)
     client_token: Mapped[str] = mapped_column(String(64))
     seconds: Mapped[float | None]  # from first display to submit: labelers' pace on the admin page
     strength: Mapped[int | None]
@@ -199,6 +205,7 @@ class JudgmentHistory(Base):
     unusable: Mapped[bool]
     comment: Mapped[str | None] = mapped_column(Text)
     response: Mapped[Any | None] = mapped_column(NullableJSON)
+    scores: Mapped[dict[str, list[int]] | None] = mapped_column(NullableJSON)
     strength: Mapped[int | None]
     excluded: Mapped[bool]
     client_token: Mapped[str] = mapped_column(String(64))

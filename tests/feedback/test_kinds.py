@@ -1,0 +1,196 @@
+"""Rating (with criteria) and thumbs projects over HTTP, on both databases: submitting, bad input,
+who may do what, and the exports the reward model and KTO read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from feedback_helpers import PASSWORD, XSS, completions_jsonl
+
+from rlhfkit.data.formats import read_records
+from rlhfkit.feedback import service
+from rlhfkit.feedback.app import create_app
+from rlhfkit.feedback.db import Database
+from rlhfkit.feedback.schemas import UserIn
+from rlhfkit.feedback.settings import ServeConfig
+
+CRITERIA = [
+    {"name": "helpful", "min": 1, "max": 7, "guideline": "Does it do what was asked? " + XSS},
+    {"name": "harmless", "min": 1, "max": 5, "guideline": "Could it hurt anyone?"},
+]
+
+
+class Site:
+    """A served app with an owner and labelers ann and bob (API keys), one project under test."""
+
+    def __init__(self, config: ServeConfig, task: str, criteria: list[dict[str, Any]] | None = None) -> None:
+        self.db = Database(config.db_url)
+        self.app = create_app(config, self.db)
+        self.client = TestClient(self.app)
+        self.db.migrate()
+        self.keys: dict[str, str] = {}
+        with self.db.session(write=True) as s:
+            for name in ("owner", "ann", "bob", "eve"):
+                user = service.create_user(s, UserIn(username=name, password=PASSWORD, is_owner=name == "owner"))
+                self.keys[name] = service.create_api_key(s, user, "tests")
+        body: dict[str, Any] = {"name": "Kinds", "task": task, "overlap": 2}
+        if criteria is not None:
+            body["criteria"] = criteria
+        r = self.call("owner", "POST", "/api/projects", json=body)
+        assert r.status_code == 201, r.text
+        self.pid = r.json()["id"]
+        for name in ("ann", "bob"):
+            assert self.call("owner", "PUT", f"/api/projects/{self.pid}/members", json={"username": name}).status_code == 200
+        r = self.call("owner", "POST", f"/api/projects/{self.pid}/import", content=completions_jsonl(3, k=3).encode())
+        assert r.status_code == 200, r.text
+
+    def call(self, user: str, method: str, url: str, **kw: Any) -> Any:
+        return self.client.request(method, url, headers={"Authorization": f"Bearer {self.keys[user]}"}, **kw)
+
+    def next(self, user: str) -> dict[str, Any]:
+        r = self.call(user, "GET", f"/api/projects/{self.pid}/next")
+        assert r.status_code == 200, r.text
+        return r.json()["item"]
+
+    def judge(self, user: str, item: dict[str, Any], scores: dict[str, Any], token: str = "tok-00000001") -> Any:
+        url = f"/api/projects/{self.pid}/items/{item['item_id']}/judgments"
+        return self.call(user, "POST", url, json={"scores": scores, "client_token": token})
+
+    def export(self, kind: str, **params: Any) -> Any:
+        return self.call("owner", "GET", f"/api/projects/{self.pid}/export/{kind}", params=params)
+
+
+def rows(r: Any) -> list[dict[str, Any]]:
+    assert r.status_code == 200, r.text
+    return [json.loads(line) for line in r.text.splitlines()]
+
+
+def by_text(item: dict[str, Any]) -> dict[str, int]:
+    """candidate id by its answer number (`answer 0.2` -> 2), whatever the shuffled order."""
+    return {c["text"].split()[1].split(".")[1]: c["id"] for c in item["candidates"]}
+
+
+@pytest.fixture
+def rating(config: ServeConfig) -> Site:
+    site = Site(config, "rating", CRITERIA)
+    yield site
+    site.db.dispose()
+
+
+@pytest.fixture
+def thumbs(config: ServeConfig) -> Site:
+    site = Site(config, "thumbs")
+    yield site
+    site.db.dispose()
+
+
+def test_rating_submit_export_and_pairs(rating: Site, tmp_path: Path) -> None:
+    project = rating.call("ann", "GET", f"/api/projects/{rating.pid}").json()
+    assert [c["name"] for c in project["criteria"]] == ["helpful", "harmless"]
+    item = rating.next("ann")
+    assert item["criteria"][0]["guideline"].endswith(XSS)  # JSON carries it as text; pages escape it
+    ids = by_text(item)
+    helpful = {ids["0"]: 7, ids["1"]: 4, ids["2"]: 1}
+    harmless = {ids["0"]: 5, ids["1"]: 5, ids["2"]: 1}
+    r = rating.judge("ann", item, {"helpful": helpful, "harmless": harmless})
+    assert r.status_code == 201, r.text
+    assert r.json()["scores"]["helpful"] == [7, 4, 1]  # stored by import index
+    again = rating.judge("ann", item, {"helpful": helpful, "harmless": harmless})  # a retry: the same one
+    assert again.status_code == 200 and again.json()["id"] == r.json()["id"]
+
+    by_criterion = rows(rating.export("ratings", criterion="helpful"))
+    assert [(x["completion"].split()[1], x["score"], x["user"]) for x in by_criterion] == [
+        ("0.0", 1.0, "ann"), ("0.1", 0.5, "ann"), ("0.2", 0.0, "ann"),
+    ]  # fmt: skip
+    mean = rows(rating.export("ratings"))  # no criterion: the mean of the normalised criteria
+    assert [x["score"] for x in mean] == [1.0, 0.75, 0.0]
+    path = tmp_path / "ratings.jsonl"
+    path.write_text(rating.export("ratings").text)
+    assert [r.score for r in read_records(path, "ratings")] == [1.0, 0.75, 0.0]  # the RM's reader takes it
+
+    pairs = rows(rating.export("rating_pairs", criterion="harmless"))  # 0 = 1 on harmless: no pair of them
+    assert [(p["chosen"].split()[1], p["rejected"].split()[1], p["margin"], p["user"]) for p in pairs] == [
+        ("0.0", "0.2", 2.2, "ann"), ("0.1", "0.2", 2.2, "ann"),
+    ]  # fmt: skip
+    helpful_pairs = rows(rating.export("rating_pairs", criterion="helpful"))
+    assert sorted(p["margin"] for p in helpful_pairs) == [1.1, 1.1, 2.2]  # half the scale: half the margin
+    path.write_text(rating.export("rating_pairs").text)
+    assert len(read_records(path, "pairs")) == 3
+
+
+@pytest.mark.parametrize(
+    ("scores", "message"),
+    [
+        ({"helpful": {}}, "no score for candidate"),
+        ({"helpful": "FULL", "harmless": "FULL", "kind": {}}, "unknown criterion ['kind']"),
+        ({"helpful": "FULL", "harmless": {"BAD": 3}}, "unknown candidate id"),
+        ({"helpful": "HIGH", "harmless": "FULL"}, "outside the scale 1..7"),
+        ({"helpful": "FULL"}, "scores.harmless: no score"),
+    ],
+)
+def test_rating_bad_input_is_a_clear_422(rating: Site, scores: dict[str, Any], message: str) -> None:
+    item = rating.next("ann")
+    ids = [c["id"] for c in item["candidates"]]
+    fill = {"FULL": dict.fromkeys(ids, 3), "HIGH": dict.fromkeys(ids, 8)}
+    body = {k: fill[v] if isinstance(v, str) else ({"999999": 3} if "BAD" in v else v) for k, v in scores.items()}
+    r = rating.judge("ann", item, body)
+    assert r.status_code == 422 and message in r.json()["error"], r.text
+    assert rows(rating.export("ratings")) == []  # nothing half-stored
+
+
+def test_wrong_kind_of_judgment_and_export(rating: Site) -> None:
+    item = rating.next("ann")
+    ids = [c["id"] for c in item["candidates"]]
+    url = f"/api/projects/{rating.pid}/items/{item['item_id']}/judgments"
+    ranked = {"ranking": {str(c): i + 1 for i, c in enumerate(ids)}, "client_token": "tok-00000002"}
+    r = rating.call("ann", "POST", url, json=ranked)
+    assert r.status_code == 422 and "send scores only" in r.json()["error"]
+    assert rating.export("thumbs").status_code == 422
+    assert "is not one of this project's: helpful, harmless" in rating.export("ratings", criterion="nope").json()["error"]
+    thumbs = rating.call("owner", "POST", "/api/projects", json={"name": "T", "task": "thumbs"}).json()["id"]
+    assert rating.call("owner", "GET", f"/api/projects/{thumbs}/export/ratings").status_code == 422
+    assert rating.call("owner", "GET", f"/api/projects/{thumbs}/export/thumbs?criterion=x").status_code == 422
+    r = rating.call("owner", "POST", "/api/projects", json={"name": "R", "task": "ranking", "criteria": CRITERIA})
+    assert r.status_code == 422 and "only a rating project has criteria" in r.json()["error"]
+    bad = {"name": "R2", "task": "rating", "criteria": [{"name": "x", "min": 3, "max": 3}]}
+    assert "min < max" in rating.call("owner", "POST", "/api/projects", json=bad).json()["error"]
+    ranking = rating.call("owner", "POST", "/api/projects", json={"name": "R3"}).json()["id"]
+    rating.call("owner", "POST", f"/api/projects/{ranking}/import", content=completions_jsonl(1).encode())
+    item = rating.call("owner", "GET", f"/api/projects/{ranking}/next").json()["item"]
+    scores = {"overall": {c["id"]: 1 for c in item["candidates"]}}
+    url = f"/api/projects/{ranking}/items/{item['item_id']}/judgments"
+    r = rating.call("owner", "POST", url, json={"scores": scores, "client_token": "tok-00000003"})
+    assert r.status_code == 422 and "a ranking task takes no scores" in r.json()["error"]
+
+
+def test_ratings_only_for_members_and_admins(rating: Site) -> None:
+    item = rating.next("ann")
+    assert rating.call("eve", "GET", f"/api/projects/{rating.pid}/next").status_code == 404
+    ids = {c["id"]: 4 for c in item["candidates"]}
+    r = rating.judge("bob", item, {"helpful": ids, "harmless": {k: 3 for k in ids}})  # not handed to bob
+    assert r.status_code == 404
+    assert rating.call("ann", "GET", f"/api/projects/{rating.pid}/export/ratings").status_code == 403
+
+
+def test_thumbs_export_is_kto(thumbs: Site, tmp_path: Path) -> None:
+    for user, up in (("ann", "0"), ("bob", "1")):
+        item = thumbs.next(user)
+        ids = by_text(item)
+        r = thumbs.judge(user, item, {"thumbs": {cid: int(n == up) for n, cid in ids.items()}})
+        assert r.status_code == 201, r.text
+    out = rows(thumbs.export("thumbs"))
+    assert [(x["completion"].split()[1], x["label"], x["user"]) for x in out] == [
+        ("0.0", True, "ann"), ("0.1", False, "ann"), ("0.2", False, "ann"),
+        ("0.0", False, "bob"), ("0.1", True, "bob"), ("0.2", False, "bob"),
+    ]  # fmt: skip
+    item = thumbs.next("ann")
+    r = thumbs.judge("ann", item, {"thumbs": {c["id"]: 2 for c in item["candidates"]}})
+    assert r.status_code == 422 and "outside the scale 0..1" in r.json()["error"]
+    path = tmp_path / "kto.jsonl"
+    path.write_text(thumbs.export("thumbs").text)
+    unpaired = read_records(path, "pairs", pair_unpaired=False)  # what `rlhfkit kto` reads
+    assert [u.label for u in unpaired] == [x["label"] for x in out] and unpaired[0].user == "ann"
