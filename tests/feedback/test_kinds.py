@@ -44,7 +44,10 @@ class Site:
         assert r.status_code == 201, r.text
         self.pid = r.json()["id"]
         for name in ("ann", "bob"):
-            assert self.call("owner", "PUT", f"/api/projects/{self.pid}/members", json={"username": name}).status_code == 200
+            assert (
+                self.call("owner", "PUT", f"/api/projects/{self.pid}/members", json={"username": name}).status_code
+                == 200
+            )
         r = self.call("owner", "POST", f"/api/projects/{self.pid}/import", content=completions_jsonl(3, k=3).encode())
         assert r.status_code == 200, r.text
 
@@ -150,7 +153,9 @@ def test_wrong_kind_of_judgment_and_export(rating: Site) -> None:
     r = rating.call("ann", "POST", url, json=ranked)
     assert r.status_code == 422 and "send scores only" in r.json()["error"]
     assert rating.export("thumbs").status_code == 422
-    assert "is not one of this project's: helpful, harmless" in rating.export("ratings", criterion="nope").json()["error"]
+    assert (
+        "is not one of this project's: helpful, harmless" in rating.export("ratings", criterion="nope").json()["error"]
+    )
     thumbs = rating.call("owner", "POST", "/api/projects", json={"name": "T", "task": "thumbs"}).json()["id"]
     assert rating.call("owner", "GET", f"/api/projects/{thumbs}/export/ratings").status_code == 422
     assert rating.call("owner", "GET", f"/api/projects/{thumbs}/export/thumbs?criterion=x").status_code == 422

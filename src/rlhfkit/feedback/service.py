@@ -34,8 +34,8 @@ from rlhfkit.data.formats import (
     STRENGTHS,
     Completions,
     Demonstration,
-    PromptRecord,
     Pair,
+    PromptRecord,
     Ranking,
     Rating,
     Unpaired,
@@ -923,7 +923,9 @@ def _check_scores(project: Project, idx_of: dict[int, int], data: JudgmentIn) ->
             raise Invalid(f"scores.{name}: unknown candidate id(s) {unknown_ids}; this item's are {sorted(idx_of)}")
         missing = sorted(set(idx_of) - set(given))
         if missing:
-            raise Invalid(f"scores.{name}: no score for candidate(s) {missing}; score every response on every criterion")
+            raise Invalid(
+                f"scores.{name}: no score for candidate(s) {missing}; score every response on every criterion"
+            )
         row = [0] * len(idx_of)
         for cid, score in given.items():
             if not c.min <= score <= c.max:
@@ -1780,7 +1782,9 @@ def rating_pairs_rows(s: Session, project: Project, criterion: str | None) -> li
                 continue
             hi, lo = (a, b) if values[a] > values[b] else (b, a)
             margin = round(RATING_MARGIN * (values[hi] - values[lo]), 4)
-            rows.append(Pair(prompt=j.prompt, chosen=j.texts[hi], rejected=j.texts[lo], margin=margin, user=j.user).to_json())
+            rows.append(
+                Pair(prompt=j.prompt, chosen=j.texts[hi], rejected=j.texts[lo], margin=margin, user=j.user).to_json()
+            )
     return rows
 
 
