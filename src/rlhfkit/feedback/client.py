@@ -40,7 +40,6 @@ def judgment_body(
         "client_token": client_token or secrets.token_urlsafe(16),
     }
 
-
 class FeedbackError(Exception):
     """The server refused a request; `status` is the HTTP status, the message says why."""
 
@@ -188,6 +187,7 @@ class FeedbackClient:
         """Leave a labeler's judgments out (or take them back in); returns how many changed."""
         body = {"excluded": excluded}
         return self.call("PUT", f"/api/projects/{project_id}/labelers/{user_id}/excluded", json=body)["changed"]
+
 
     def create_user(self, username: str, password: str | None = None, is_owner: bool = False) -> dict[str, Any]:
         return self.call("POST", "/api/users", json={"username": username, "password": password, "is_owner": is_owner})

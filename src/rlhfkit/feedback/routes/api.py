@@ -139,7 +139,9 @@ def get_project(pid: int, request: Request, auth: ApiAuth) -> dict[str, Any]:
 
 
 @router.patch("/projects/{pid}")
-def update_project(pid: int, data: ProjectSettingsIn, request: Request, auth: ApiAuth) -> dict[str, Any]:
+def update_project(
+    pid: int, data: ProjectSettingsIn, request: Request, auth: ApiAuth
+) -> dict[str, Any]:
     with state(request).db.session(write=True) as s:
         project, role = service.project_for(s, auth.user(s), pid, admin=True)
         service.update_project(s, project, data)
@@ -174,7 +176,9 @@ def remove_member(pid: int, user_id: int, request: Request, auth: ApiAuth) -> Re
 
 
 @router.post("/projects/{pid}/import")
-async def import_items(pid: int, request: Request, auth: ApiAuth, filename: str = "upload.jsonl") -> dict[str, int]:
+async def import_items(
+    pid: int, request: Request, auth: ApiAuth, filename: str = "upload.jsonl"
+) -> dict[str, int]:
     """Body: a JSONL file (completions, or prompts for demonstration projects)."""
     body = await request.body()
     st = state(request)
@@ -273,7 +277,9 @@ def history(pid: int, request: Request, auth: ApiAuth, page: int = 1) -> dict[st
 
 
 @router.get("/projects/{pid}/review/items")
-def review_items(pid: int, request: Request, f: Annotated[ReviewFilterIn, Query()], auth: ApiAuth) -> dict[str, Any]:
+def review_items(
+    pid: int, request: Request, f: Annotated[ReviewFilterIn, Query()], auth: ApiAuth
+) -> dict[str, Any]:
     """Filters: status (unlabeled, partial, complete, sent_back), min_disagreement (0-1),
     has_comment, labeler (a username), page (25 items a page, in import order)."""
     with state(request).db.session() as s:
