@@ -4,6 +4,7 @@ who may do what, and the exports the reward model and KTO read."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -199,3 +200,54 @@ def test_thumbs_export_is_kto(thumbs: Site, tmp_path: Path) -> None:
     path.write_text(thumbs.export("thumbs").text)
     unpaired = read_records(path, "pairs", pair_unpaired=False)  # what `rlhfkit kto` reads
     assert [u.label for u in unpaired] == [x["label"] for x in out] and unpaired[0].user == "ann"
+
+
+def page_login(site: Site, user: str) -> tuple[TestClient, str]:
+    client = TestClient(site.app)
+    r = client.post("/api/login", json={"username": user, "password": PASSWORD})
+    assert r.status_code == 200
+    return client, r.json()["csrf_token"]
+
+
+def checked(html: str, value: str) -> int:
+    """How many radio buttons with this value the page shows chosen."""
+    return len(re.findall(rf'<input type="radio"[^>]*value="{value}"[^>]*checked', html))
+
+
+def test_rating_page_without_javascript(rating: Site) -> None:
+    """The form posts a radio button per candidate and criterion; a refused submit keeps what was
+    chosen; guideline text is escaped; CSRF is required."""
+    client, csrf = page_login(rating, "ann")
+    page = client.get(f"/p/{rating.pid}/next")
+    assert page.status_code == 200 and 'name="score_helpful_' in page.text
+    assert XSS not in page.text and "&lt;script&gt;" in page.text  # the criterion's guideline, escaped
+    item_id = int(str(page.url).rsplit("/", 1)[1])
+    ids = [int(x) for x in re.findall(r'name="score_harmless_(\d+)" value="1"', page.text)]
+    assert len(ids) == 3
+    url = f"/p/{rating.pid}/items/{item_id}"
+    partial = {f"score_helpful_{cid}": "6" for cid in ids} | {f"score_harmless_{ids[0]}": "2"}
+    r = client.post(url, data=partial | {"csrf_token": csrf, "client_token": "page-0000001"})
+    assert r.status_code == 422 and "scores.harmless: no score for candidate" in r.text
+    assert checked(r.text, "6") == 3 and checked(r.text, "2") == 1  # nothing chosen is lost
+    full = partial | {f"score_harmless_{cid}": "4" for cid in ids[1:]}
+    assert client.post(url, data=full | {"client_token": "page-0000002"}).status_code == 403  # no CSRF token
+    r = client.post(url, data=full | {"csrf_token": csrf, "client_token": "page-0000003"}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    reopened = client.get(url)  # the submitted judgment, reopened to change it
+    assert checked(reopened.text, "6") == 3 and "helpful 6" in reopened.text
+    assert sorted(x["score"] for x in rows(rating.export("ratings", criterion="harmless"))) == [0.25, 0.75, 0.75]
+
+
+def test_new_rating_project_from_the_form(rating: Site) -> None:
+    client, csrf = page_login(rating, "owner")
+    criteria = "helpful 1-7: Does it *help*?\n\nhonest 0..4\nharmless"
+    form = {"name": "Form", "task": "rating", "overlap": "1", "criteria": criteria, "csrf_token": csrf}
+    r = client.post("/projects", data=form, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    pid = int(r.headers["location"].split("/")[2])
+    got = rating.call("owner", "GET", f"/api/projects/{pid}").json()["criteria"]
+    assert [(c["name"], c["min"], c["max"], c["guideline"]) for c in got] == [
+        ("helpful", 1, 7, "Does it *help*?"), ("honest", 0, 4, ""), ("harmless", 1, 7, ""),
+    ]  # fmt: skip
+    r = client.post("/projects", data=form | {"name": "Bad", "criteria": "Helpful 1-7"})
+    assert r.status_code == 422 and "criteria.0.name" in r.text
