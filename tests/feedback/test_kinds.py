@@ -251,3 +251,41 @@ def test_new_rating_project_from_the_form(rating: Site) -> None:
     ]  # fmt: skip
     r = client.post("/projects", data=form | {"name": "Bad", "criteria": "Helpful 1-7"})
     assert r.status_code == 422 and "criteria.0.name" in r.text
+
+
+def test_the_kinds_migration_keeps_every_row_both_ways(rating: Site) -> None:
+    """Down below 0005 on a populated database and up again: every item, candidate and judgment
+    is still there (no SQLite table rebuild cascade-deleted them); the scores come back empty."""
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import func, select, text
+
+    from rlhfkit.feedback.db import MIGRATIONS
+    from rlhfkit.feedback.models import Candidate, Item, Judgment
+
+    for user in ("ann", "bob"):
+        item = rating.next(user)
+        ids = [c["id"] for c in item["candidates"]]
+        assert (
+            rating.judge(user, item, {"helpful": dict.fromkeys(ids, 5), "harmless": dict.fromkeys(ids, 2)}).status_code
+            == 201
+        )
+
+    def counts(s: Any) -> list[int]:
+        return [s.scalar(select(func.count()).select_from(m)) for m in (Item, Candidate, Judgment)]
+
+    with rating.db.session() as s:
+        before = counts(s)
+    assert before == [3, 9, 2]
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    previous = ScriptDirectory.from_config(cfg).get_revision("0005").down_revision
+    with rating.db.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, previous)
+        assert conn.execute(text("SELECT count(*) FROM judgments")).scalar() == 2
+    rating.db.migrate()
+    with rating.db.session() as s:
+        assert counts(s) == before
+        assert [j.scores for j in s.scalars(select(Judgment))] == [None, None]
