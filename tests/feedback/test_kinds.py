@@ -289,3 +289,42 @@ def test_the_kinds_migration_keeps_every_row_both_ways(rating: Site) -> None:
     with rating.db.session() as s:
         assert counts(s) == before
         assert [j.scores for j in s.scalars(select(Judgment))] == [None, None]
+
+
+def test_kto_and_the_reward_model_train_on_the_exports(tmp_path: Path) -> None:
+    """The thumbs export is what `rlhfkit kto` reads; the ratings and rating_pairs exports are what
+    `rlhfkit rm` reads (a few steps of a tiny model each: the shapes, not the learning)."""
+    from rlhfkit.cli import main
+    from testutil import make_test_model
+
+    files = {}
+    for task, criteria in (("thumbs", None), ("rating", CRITERIA)):
+        folder = tmp_path / task
+        folder.mkdir()
+        site = Site(
+            ServeConfig(db_url=f"sqlite:///{folder}/f.db", secret_key_file=str(folder / "secret")), task, criteria
+        )
+        for user, best in (("ann", "0"), ("bob", "1")):
+            while (r := site.call(user, "GET", f"/api/projects/{site.pid}/next")).json()["item"]:
+                item = r.json()["item"]
+                if task == "thumbs":
+                    scores = {"thumbs": {cid: int(n == best) for n, cid in by_text(item).items()}}
+                else:
+                    scores = {
+                        c["name"]: {cid: 1 + 3 * (n == best) for n, cid in by_text(item).items()} for c in CRITERIA
+                    }
+                assert site.judge(user, item, scores).status_code == 201
+        for kind in ("thumbs",) if task == "thumbs" else ("ratings", "rating_pairs"):
+            files[kind] = tmp_path / f"{kind}.jsonl"
+            files[kind].write_text(site.export(kind).text)
+        site.db.dispose()
+    assert len(files["thumbs"].read_text().splitlines()) == 18  # 2 labelers x 3 items x 3 answers
+    model = make_test_model("gpt2", tmp_path / "model", texts=files["thumbs"].read_text().splitlines())
+    common = [f"model.path={model}", "data.valid_fraction=0", "train.max_steps=2", "train.batch_size=4"]
+    assert main(["kto", f"output_dir={tmp_path / 'kto'}", f"data.pairs={files['thumbs']}", *common]) == 0
+    kto = json.loads((tmp_path / "kto" / "results.json").read_text())
+    # Distinct (prompt, answer, label): both labelers' thumbs down on answer 2 count once per item.
+    assert (kto["train_examples"], kto["desirable_examples"]) == (15, 6)
+    rm = [*common, "normalize.enabled=false"]
+    assert main(["rm", f"output_dir={tmp_path / 'rm'}", f"data.ratings={files['ratings']}", *rm]) == 0
+    assert main(["rm", f"output_dir={tmp_path / 'rm2'}", f"data.pairs={files['rating_pairs']}", *rm]) == 0
