@@ -113,8 +113,9 @@ def test_rating_by_keyboard_with_draft_and_refusal(served: tuple[str, Database, 
         log_in(phone, url, f"/p/{rating}/next")
         shot(phone, "kinds-03-rating-phone")
         wide = phone.evaluate(
-            """Array.from(document.querySelectorAll('.score-row, .score-row *, .criteria *')).filter((e) => e.getBoundingClientRect().right >
-               document.documentElement.clientWidth + 1).map((e) => e.tagName + '.' + e.className)"""
+            """Array.from(document.querySelectorAll('.score-row, .score-row *, .criteria *'))
+               .filter((e) => e.getBoundingClientRect().right > document.documentElement.clientWidth + 1)
+               .map((e) => e.tagName + '.' + e.className)"""
         )
         assert wide == [], wide
         browser.close()
