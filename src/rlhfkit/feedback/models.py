@@ -212,3 +212,39 @@ class JudgmentHistory(Base):
     created_at: Mapped[datetime]  # when that version was submitted
     superseded_at: Mapped[datetime] = mapped_column(default=utcnow)
     reason: Mapped[str] = mapped_column(String(16))  # one of choices.HISTORY_REASONS
+
+
+class Conversation(Base):
+    """A chat on the playground page: one user talking to the served model. Only its user may see
+    it (everyone else gets 404, as for a project they are not in)."""
+
+    __tablename__ = "conversations"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    user: Mapped[User] = relationship()
+    messages: Mapped[list[ChatMessage]] = relationship(order_by="ChatMessage.position")
+
+
+class ChatMessage(Base):
+    """One turn of a conversation. An assistant turn records which model wrote it (`model`: the
+    folder, `fingerprint`: a hash of its files, so a retrained policy in the same folder is told
+    apart) and the user's feedback on it: `thumbs` (True up, False down), or, when the user asked
+    for two answers, both in `candidates` and the one they picked in `content` (`picked` its index;
+    until they pick, `content` is None and the conversation waits)."""
+
+    __tablename__ = "chat_messages"
+    __table_args__ = (UniqueConstraint("conversation_id", "position"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    position: Mapped[int]  # 0, 1, 2, ...: the unique constraint stops two concurrent turns in one place
+    role: Mapped[str] = mapped_column(String(16))  # user or assistant
+    content: Mapped[str | None] = mapped_column(Text)
+    candidates: Mapped[list[str] | None] = mapped_column(NullableJSON)
+    picked: Mapped[int | None]
+    thumbs: Mapped[bool | None]
+    model: Mapped[str | None] = mapped_column(String(1000))
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    rated_at: Mapped[datetime | None]

@@ -207,3 +207,28 @@ class ReviewFilterIn(In):
     has_comment: bool | None = None
     labeler: Username | None = None
     page: int = Field(1, ge=1, le=1_000_000)
+
+
+MAX_CHAT_MESSAGE = 10_000
+
+
+class ChatIn(In):
+    """A message to the chat model; `two`: ask for two answers to pick the better from."""
+
+    content: text(MAX_CHAT_MESSAGE, 1)
+    two: StrictBool = False
+
+    @field_validator("content")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("write a message first")
+        return v
+
+
+class ThumbsIn(In):
+    up: StrictBool | None  # True 👍, False 👎, None: no rating
+
+
+class PickIn(In):
+    choice: Literal[0, 1]  # the first or the second of the two answers

@@ -1,6 +1,23 @@
 // rlhfkit feedback: rank buttons and keyboard ranking, long responses folded, plain-text view,
 // pairwise shortcuts (with strength of preference), score and thumbs keys, skip, and draft autosave.
 // Progressive enhancement: without this file every task page still works as a plain form.
+// The chat page: Ctrl+Enter sends; a send shows that the model is writing (it takes a while).
+(function () {
+  "use strict";
+  const chat = document.getElementById("chat-form");
+  if (!chat) return;
+  const conversation = document.getElementById("conversation");
+  if (conversation) conversation.lastElementChild.scrollIntoView({ block: "end" });
+  chat.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); chat.requestSubmit(); }
+  });
+  chat.addEventListener("submit", () => {
+    const send = document.getElementById("send");
+    send.disabled = true;
+    send.textContent = "The model is writing…";
+  });
+})();
+
 (function () {
   "use strict";
   const form = document.getElementById("task-form");

@@ -25,9 +25,38 @@ def upgrade() -> None:
     op.add_column("projects", sa.Column("criteria", sa.JSON(), nullable=True))
     op.add_column("judgments", sa.Column("scores", sa.JSON(), nullable=True))
     op.add_column("judgment_history", sa.Column("scores", sa.JSON(), nullable=True))
+    op.create_table(
+        "conversations",
+        sa.Column("id", sa.Integer(), primary_key=True),
+        sa.Column("user_id", sa.Integer(), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(), nullable=False),
+    )
+    op.create_index("ix_conversations_user_id", "conversations", ["user_id"])
+    op.create_table(
+        "chat_messages",
+        sa.Column("id", sa.Integer(), primary_key=True),
+        sa.Column(
+            "conversation_id", sa.Integer(), sa.ForeignKey("conversations.id", ondelete="CASCADE"), nullable=False
+        ),
+        sa.Column("position", sa.Integer(), nullable=False),
+        sa.Column("role", sa.String(16), nullable=False),
+        sa.Column("content", sa.Text(), nullable=True),
+        sa.Column("candidates", sa.JSON(), nullable=True),
+        sa.Column("picked", sa.Integer(), nullable=True),
+        sa.Column("thumbs", sa.Boolean(), nullable=True),
+        sa.Column("model", sa.String(1000), nullable=True),
+        sa.Column("fingerprint", sa.String(64), nullable=True),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("rated_at", sa.DateTime(), nullable=True),
+        sa.UniqueConstraint("conversation_id", "position"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("chat_messages")
+    op.drop_index("ix_conversations_user_id", "conversations")
+    op.drop_table("conversations")
     op.drop_column("judgment_history", "scores")
     op.drop_column("judgments", "scores")
     op.drop_column("projects", "criteria")
