@@ -165,3 +165,52 @@ def test_without_a_model_the_page_says_so(config: ServeConfig, tmp_path: Path) -
     r = missing.call("ann", "POST", "/api/chat", json={"content": "Hello?"})
     assert r.status_code == 503 and "no model there" in r.json()["error"]
     missing.db.dispose()
+
+
+def test_other_requests_stay_fast_while_the_model_writes(tiny_model: Path, tmp_path: Path) -> None:
+    """The model loads and writes in the thread pool: requests that arrive meanwhile are answered
+    at once, not after the answer (on the event loop they would all wait for it)."""
+    import threading
+    import time
+
+    import httpx
+
+    from rlhfkit.feedback.live import LiveServer
+
+    config = ServeConfig(
+        db_url=f"sqlite:///{tmp_path}/f.db",
+        secret_key_file=str(tmp_path / "secret"),
+        chat_model=str(tiny_model),
+        chat_max_new_tokens=200,
+        chat_max_prompt_tokens=32,
+        chat_temperature=2.0,  # a flat distribution: EOS rarely ends the answer early
+    )
+    db = Database(config.db_url)
+    db.migrate()
+    with db.session(write=True) as s:
+        key = service.create_api_key(s, service.create_user(s, UserIn(username="ann", password=PASSWORD)), "t")
+    headers = {"Authorization": f"Bearer {key}"}
+    with LiveServer(config, db) as server:
+        done: dict[str, float] = {}
+
+        def talk() -> None:
+            start = time.perf_counter()
+            r = httpx.post(
+                f"{server.url}/api/chat", json={"content": "Tell me a long story."}, headers=headers, timeout=120
+            )
+            assert r.status_code == 201, r.text
+            done["chat"] = time.perf_counter() - start
+
+        writer = threading.Thread(target=talk)
+        writer.start()
+        latencies = []
+        while writer.is_alive():
+            start = time.perf_counter()
+            assert httpx.get(f"{server.url}/api/me", headers=headers, timeout=60).status_code == 200
+            latencies.append(time.perf_counter() - start)
+        writer.join()
+    db.dispose()
+    typical = sorted(latencies)[len(latencies) // 2]
+    print(f"chat answer in {done['chat']:.2f} s; {len(latencies)} requests meanwhile, median {typical:.3f} s")
+    # On the event loop every request would wait for the whole answer: a few at most, each as slow.
+    assert len(latencies) >= 3 and typical < done["chat"] / 4, (done, latencies)

@@ -145,3 +145,51 @@ def test_thumbs_by_mouse_and_keys(served: tuple[str, Database, int, int]) -> Non
         assert sorted(scores["thumbs"]) == [0, 0, 1]
         browser.close()
     assert problems == []
+
+
+def test_chat_thumbs_and_a_pick(tmp_path: Path) -> None:
+    """A conversation in the browser: Ctrl+Enter sends, 👍 on the answer, two answers side by side,
+    the pick, and the reply box locked until the pick. Screenshots kinds-05/06-chat*.png."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from testutil import make_test_model
+
+    require_chromium()
+    model = make_test_model("gpt2", tmp_path / "policy", texts=["User: Hi\nAssistant: Hello there!"] * 8)
+    config = ServeConfig(
+        db_url=f"sqlite:///{tmp_path}/feedback.db",
+        secret_key_file=str(tmp_path / "secret"),
+        chat_model=str(model),
+        chat_max_new_tokens=8,
+    )
+    db = Database(config.db_url)
+    db.migrate()
+    with db.session(write=True) as s:
+        service.create_user(s, UserIn(username="ann", password=PASSWORD))
+    problems: list[str] = []
+    with LiveServer(config, db) as server, sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_context(viewport=DESKTOP).new_page()
+        watch(page, problems)
+        log_in(page, server.url, "/chat")
+        page.fill("textarea[name=content]", f"How do I keep basil alive? {XSS}")
+        page.keyboard.press("Control+Enter")
+        expect(page.locator(".msg-assistant")).to_have_count(1)
+        expect(page.locator(".msg-user")).to_contain_text(XSS)  # shown as text, never run
+        page.get_by_role("button", name="👍 Good").click()
+        expect(page.get_by_role("button", name="👍 Good")).to_have_attribute("aria-pressed", "true")
+
+        page.fill("textarea[name=content]", "And in winter?")
+        page.get_by_label("Two answers, I pick the better").check()
+        page.get_by_role("button", name="Send").click()
+        expect(page.locator(".pick .candidate")).to_have_count(2)
+        expect(page.locator("textarea[name=content]")).to_be_disabled()
+        shot(page, "kinds-05-chat-pick")
+        page.get_by_role("button", name="B is better").click()
+        expect(page.locator(".msg-assistant")).to_have_count(2)
+        expect(page.locator(".msg-assistant").nth(1)).to_contain_text("you picked B of two")
+        expect(page.locator("textarea[name=content]")).to_be_enabled()
+        shot(page, "kinds-06-chat")
+        browser.close()
+    db.dispose()
+    assert problems == []
