@@ -86,7 +86,7 @@ def test_a_conversation_thumbs_and_a_pick_become_training_data(site: Site, tiny_
 
     # The third turn's context is the whole conversation, the picked answer included.
     with site.db.session() as s:
-        stored = chat.own_conversation(s, s.get(service.User, 2), cid)
+        stored = chat.own_conversation(s, service.get_user(s, "ann"), cid)
         context = chat.context(stored, "Thanks!")
     assert [m["role"] for m in context] == ["user", "assistant", "user", "assistant", "user"]
     assert context[3]["content"] == pair["candidates"][1] and context[-1]["content"] == "Thanks!"
@@ -214,3 +214,23 @@ def test_other_requests_stay_fast_while_the_model_writes(tiny_model: Path, tmp_p
     print(f"chat answer in {done['chat']:.2f} s; {len(latencies)} requests meanwhile, median {typical:.3f} s")
     # On the event loop every request would wait for the whole answer: a few at most, each as slow.
     assert len(latencies) >= 3 and typical < done["chat"] / 4, (done, latencies)
+
+
+def test_an_answer_to_a_conversation_that_moved_on_is_refused(config: ServeConfig) -> None:
+    """Two tabs send at once: the second answer was written for a conversation that has changed
+    since, so it is refused (409) instead of being stored out of place."""
+    from rlhfkit.feedback.playground import Answer
+
+    site = Site(config, "")
+    answer = Answer(["Hello!"], "policy", "0123456789abcdef")
+    with site.db.session(write=True) as s:
+        ann = service.get_user(s, "ann")
+        cid = chat.add_turn(s, ann, None, 0, "Hi", answer).id
+    with site.db.session(write=True) as s:
+        chat.add_turn(s, service.get_user(s, "ann"), cid, 2, "First tab", answer)
+    with pytest.raises(service.Conflict, match="changed meanwhile"), site.db.session(write=True) as s:
+        chat.add_turn(s, service.get_user(s, "ann"), cid, 2, "Second tab", answer)
+    with site.db.session() as s:
+        messages = chat.own_conversation(s, service.get_user(s, "ann"), cid).messages
+        assert [m.content for m in messages] == ["Hi", "Hello!", "First tab", "Hello!"]
+    site.db.dispose()
