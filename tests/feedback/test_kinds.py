@@ -328,3 +328,34 @@ def test_kto_and_the_reward_model_train_on_the_exports(tmp_path: Path) -> None:
     rm = [*common, "normalize.enabled=false"]
     assert main(["rm", f"output_dir={tmp_path / 'rm'}", f"data.ratings={files['ratings']}", *rm]) == 0
     assert main(["rm", f"output_dir={tmp_path / 'rm2'}", f"data.pairs={files['rating_pairs']}", *rm]) == 0
+
+
+def test_the_cli_creates_a_rating_project_and_exports_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from rlhfkit.cli import main
+    from rlhfkit.feedback.schemas import JudgmentIn
+
+    db_url = f"db_url=sqlite:///{tmp_path}/fb.db"
+    (tmp_path / "criteria.txt").write_text("helpful 1-7: Does it help?\nharmless 1-3\n")
+    (tmp_path / "items.jsonl").write_text(completions_jsonl(1, k=2))
+    assert main(["serve", "create-project", "R", "task=rating", f"criteria={tmp_path / 'criteria.txt'}", db_url]) == 0
+    assert main(["serve", "import", "R", str(tmp_path / "items.jsonl"), db_url]) == 0
+    db = Database(db_url.removeprefix("db_url="))
+    with db.session(write=True) as s:
+        project = service.find_project(s, "R")
+        user = service.create_user(s, UserIn(username="ann"))
+        a = service.next_assignment(s, project, user, service.timedelta(hours=1))
+        scores = {
+            "helpful": {cid: 7 - 6 * idx for cid, idx, _ in a.candidates},
+            "harmless": {cid: 2 for cid, _, _ in a.candidates},
+        }
+        service.submit(s, project, user, a.item_id, JudgmentIn(scores=scores, client_token="cli-00001"))
+    db.dispose()
+    out = tmp_path / "ratings.jsonl"
+    assert main(["serve", "export", "R", "ratings", str(out), "criterion=harmless", db_url]) == 0
+    assert [json.loads(x)["score"] for x in out.read_text().splitlines()] == [0.5, 0.5]
+    assert main(["serve", "export", "R", "rating_pairs", str(out), db_url]) == 0
+    assert [json.loads(x)["margin"] for x in out.read_text().splitlines()] == [1.1]  # helpful 7 vs 1, harmless equal
+    assert main(["serve", "export-chat", "thumbs", str(out), db_url]) == 0 and out.read_text() == ""
+    capsys.readouterr()
+    assert main(["serve", "export", "R", "ratings", str(out), "criterion=kind", db_url]) == 2
+    assert "'kind' is not one of this project's: helpful, harmless" in capsys.readouterr().err

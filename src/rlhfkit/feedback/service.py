@@ -314,6 +314,28 @@ def criteria_of(project: Project) -> list[Criterion]:
     return []
 
 
+_CRITERION_LINE = re.compile(r"^\s*(\S+?)\s*(?:(-?\d+)\s*(?:-|–|\.\.)\s*(-?\d+))?\s*(?::\s*(.*?))?\s*$")
+
+
+def criteria_from_text(text: str) -> list[dict[str, Any]] | None:
+    """The new-project form's criteria box, one per line: `helpful 1-7: Does it do what was
+    asked?` (scale and guideline optional: 1-7, none). Empty: None (one "overall" 1-7 scale).
+    The names and scales are then checked by ProjectIn like the API's. The new-project
+    form and `rlhfkit serve create-project criteria=FILE` read the same lines."""
+    criteria = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        m = _CRITERION_LINE.match(line)
+        if m is None:
+            raise Invalid(f"criteria line {n}: {line.strip()[:60]!r} is not `name 1-7: guideline`")
+        name, low, high, guideline = m.groups()
+        criteria.append(
+            {"name": name, "guideline": guideline or ""} | ({"min": int(low), "max": int(high)} if low else {})
+        )
+    return criteria or None
+
+
 def find_project(s: Session, name: str) -> Project:
     project = s.scalar(select(Project).where(Project.name == name))
     if project is None:

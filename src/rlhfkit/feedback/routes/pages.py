@@ -6,7 +6,6 @@ adds rank buttons on each card, keyboard shortcuts, folding of long answers and 
 
 from __future__ import annotations
 
-import re
 from typing import Any
 from urllib.parse import urlencode
 
@@ -386,27 +385,6 @@ def admin_remove_member(pid: int, user_id: int, request: Request, posted: PagePo
 
 # ---------------------------------------------------------------- site owner: projects and users
 
-_CRITERION_LINE = re.compile(r"^\s*(\S+?)\s*(?:(-?\d+)\s*(?:-|–|\.\.)\s*(-?\d+))?\s*(?::\s*(.*?))?\s*$")
-
-
-def criteria_from_text(text: str) -> list[dict[str, Any]] | None:
-    """The new-project form's criteria box, one per line: `helpful 1-7: Does it do what was
-    asked?` (scale and guideline optional: 1-7, none). Empty: None (one "overall" 1-7 scale).
-    The names and scales are then checked by ProjectIn like the API's."""
-    criteria = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        m = _CRITERION_LINE.match(line)
-        if m is None:
-            raise service.Invalid(f"criteria line {n}: {line.strip()[:60]!r} is not `name 1-7: guideline`")
-        name, low, high, guideline = m.groups()
-        criteria.append(
-            {"name": name, "guideline": guideline or ""} | ({"min": int(low), "max": int(high)} if low else {})
-        )
-    return criteria or None
-
-
 @router.post("/projects")
 def create_project(request: Request, posted: OwnerPost) -> Response:
     form = posted.form
@@ -416,7 +394,7 @@ def create_project(request: Request, posted: OwnerPost) -> Response:
         task=form.get("task", DEFAULT_TASK),
         guidelines=str(form.get("guidelines", "")),
         overlap=form_int(form, "overlap", 3),
-        criteria=criteria_from_text(str(form.get("criteria", ""))) if form.get("task") == "rating" else None,
+        criteria=service.criteria_from_text(str(form.get("criteria", ""))) if form.get("task") == "rating" else None,
     )
     project_id = state(request).db.transact(lambda s: service.create_project(s, data).id)
     return redirect(f"/p/{project_id}/admin")
