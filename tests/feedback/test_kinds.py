@@ -359,3 +359,11 @@ def test_the_cli_creates_a_rating_project_and_exports_it(tmp_path: Path, capsys:
     capsys.readouterr()
     assert main(["serve", "export", "R", "ratings", str(out), "criterion=kind", db_url]) == 2
     assert "'kind' is not one of this project's: helpful, harmless" in capsys.readouterr().err
+
+
+def test_the_admin_page_offers_the_projects_own_exports(rating: Site) -> None:
+    client, _ = page_login(rating, "owner")
+    page = client.get(f"/p/{rating.pid}/admin")
+    assert page.status_code == 200, page.text
+    assert "/export/ratings?criterion=harmless" in page.text and '/export/rating_pairs"' in page.text
+    assert "/export/consensus" not in page.text and "/export/thumbs" not in page.text

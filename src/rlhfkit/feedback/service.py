@@ -1837,6 +1837,16 @@ EXPORTS = {
 SCORED_EXPORTS = {"ratings": ("rating",), "rating_pairs": ("rating",), "thumbs": ("thumbs",)}
 
 
+def exports_for(project: Project) -> dict[str, str]:
+    """The exports that hold this project's judgments (the admin page lists these): a rating or
+    thumbs project's own, else every other one; the items themselves for all."""
+    if project.task in SCORED_TASKS:
+        kinds = [k for k, tasks in SCORED_EXPORTS.items() if project.task in tasks] + ["completions"]
+    else:
+        kinds = [k for k in EXPORTS if k not in SCORED_EXPORTS]
+    return {k: EXPORTS[k] for k in kinds}
+
+
 def jsonl_line(row: dict[str, Any]) -> str:
     """One line of a JSONL export, non-ASCII text as is; but escaped (\\ud800) where the row holds
     text that is not valid Unicode (stored before imports refused it), which keeps it exactly and

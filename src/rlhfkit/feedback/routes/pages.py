@@ -319,7 +319,8 @@ def submit_page(pid: int, item_id: int, request: Request, posted: PagePost) -> R
 def admin_page(pid: int, request: Request, auth: PageAuth, added: int = -1, skipped: int = 0) -> Response:
     with state(request).db.session() as s:
         project, role = service.project_for(s, auth.user(s), pid, admin=True)
-        report = agreement_report(service.rankings_of(s, project)) if project.task != "demonstration" else None
+        ranked = project.task in ("ranking", "pairwise")
+        report = agreement_report(service.rankings_of(s, project)) if ranked else None
         return render(
             request,
             "admin.html",
@@ -329,7 +330,8 @@ def admin_page(pid: int, request: Request, auth: PageAuth, added: int = -1, skip
                 "progress": service.progress(s, project),
                 "agreement": report,
                 "members": service.members(s, project),
-                "exports": service.EXPORTS,
+                "exports": service.exports_for(project),
+                "criteria": service.criteria_of(project),
                 "roles": ROLES,
                 "default_role": DEFAULT_ROLE,
                 "added": added,
