@@ -8,7 +8,7 @@ drops and recreates the table, which would cascade-delete the rows hanging off i
 get NULL: no criteria, no scores; every existing project keeps its task.
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-04
 """
 
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005"
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
