@@ -367,3 +367,14 @@ def test_the_admin_page_offers_the_projects_own_exports(rating: Site) -> None:
     assert page.status_code == 200, page.text
     assert "/export/ratings?criterion=harmless" in page.text and '/export/rating_pairs"' in page.text
     assert "/export/consensus" not in page.text and "/export/thumbs" not in page.text
+
+
+def test_thumbs_export_of_one_batch(thumbs: Site) -> None:
+    late = completions_jsonl(1, k=2, prefix="late").encode()
+    r = thumbs.call("owner", "POST", f"/api/projects/{thumbs.pid}/import", params={"batch": "late"}, content=late)
+    assert r.status_code == 200, r.text
+    while (item := thumbs.call("ann", "GET", f"/api/projects/{thumbs.pid}/next").json()["item"]) is not None:
+        assert thumbs.judge("ann", item, {"thumbs": {c["id"]: 1 for c in item["candidates"]}}).status_code == 201
+    assert len(rows(thumbs.export("thumbs"))) == 11  # 3 items x 3 answers + 1 x 2
+    assert [x["prompt"].split(":")[0] for x in rows(thumbs.export("thumbs", batch="late"))] == ["Question 0"] * 2
+    assert thumbs.export("thumbs", batch="nope").status_code == 404
