@@ -637,8 +637,10 @@ def _in_batches(batches: Sequence[str] | None) -> ColumnElement[bool]:
 def check_batches(s: Session, project: Project, batches: Sequence[str] | None) -> None:
     """404 for a batch the project has no item in: a mistyped name would otherwise export nothing,
     or report an empty batch as complete."""
+    if not batches:
+        return
     known = set(s.scalars(select(Item.batch).where(Item.project_id == project.id).distinct()))
-    missing = [b for b in batches or () if b not in known]
+    missing = [b for b in batches if b not in known]
     if missing:
         names = ", ".join(sorted(b for b in known if b is not None)) or "none yet"
         raise NotFound(

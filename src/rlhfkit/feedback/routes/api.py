@@ -353,7 +353,8 @@ def export(
     with state(request).db.session() as s:
         project, _ = service.project_for(s, auth.user(s), pid, admin=True)
         rows = service.export(s, project, kind, margin=margin, batches=batches, criterion=criterion)
-        name = f"{project.id}-{'+'.join(batches or [])}{'-' if batches else ''}{kind}.jsonl"
+        stem = f"{project.id}-{'+'.join(batches)}" if batches else str(project.id)
+        name = f"{stem}-{kind}.jsonl"
 
     def lines() -> Iterator[str]:
         for row in rows:
