@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from rlhfkit.errors import UserError
-from rlhfkit.models.loading import LoraConfig, disable_dropout
+from rlhfkit.models.loading import LoraConfig, disable_dropout, fuse_gelu
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -121,6 +121,7 @@ def load_critic(
             f"tokenizer has {vocab_size}; initialise the critic from a reward model trained on this policy"
         )
     disable_dropout(critic)
+    fuse_gelu(critic)  # the policy's kernels: the critic trains as much as it does
     if lora is None:
         return critic
     from peft import LoraConfig as PeftLoraConfig
