@@ -11,11 +11,13 @@ GRPO: group-normalised advantages, KL as a k3 loss term (TRL's `beta`; `loss_typ
 `kl.mode=loss kl.kind=k3`). RLOO: leave-one-out baseline, KL in the reward (k1, as TRL's RLOO).
 
 Each configuration runs in its own subprocess (so its peak memory is its own), the configurations
-are interleaved and repeated, and the medians are reported: seconds per step (after one warm-up
-step), response tokens/s, response tokens per CPU-second (process CPU time, the figure to trust on
-a shared machine), peak RSS, and MFU (model FLOPs per step, counted as in `ppo_vs_trl.model_flops`:
-generation + reference forward + one forward and backward; / seconds per step / the float32 matmul
-peak measured here with the same threads).
+are interleaved and repeated, and the medians are reported: seconds and CPU-seconds per step (the
+time between two calls of the reward function, which both call once per step; the first step is a
+warm-up), response tokens per second and per CPU-second (process CPU time: the figure to trust on a
+shared machine, where wall-clock time also measures the neighbours), peak RSS (VmHWM), and MFU
+(model FLOPs per step, counted as in `ppo_vs_trl.model_flops`: generation + reference forward +
+one forward and backward; / CPU-seconds per step / the float32 matmul peak per CPU-second measured
+here with the same threads).
 
 GRPOTrainer and RLOOTrainer need trl >= 1.0 (this was measured with trl 1.16.0, the newest; `make
 bench-venv-new` builds `.venv-bench-new` with it):
@@ -234,7 +236,8 @@ def main() -> None:
         prompt_len = statistics.mean(
             len(tok(PROMPT_TEMPLATE.format(prompt=p), add_special_tokens=False)["input_ids"]) for p in prompts
         )
-        peak = matmul_peak_gflops(a.threads)
+        # per CPU-second, like the steps' MFU below: on a shared machine wall-clock time also measures the neighbours
+        peak = matmul_peak_gflops(a.threads, clock=time.process_time)
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in a.impls}
         for _ in range(a.repeats):  # interleaved, so a busy moment of the machine hits all alike
             for impl in a.impls:
@@ -246,20 +249,25 @@ def main() -> None:
         f"response <= {a.response_length} tokens; {a.threads} thread(s); trl {trl.__version__}; "
         f"median of {a.repeats} runs x {a.steps} steps"
     )
-    print(f"measured float32 matmul peak: {peak:.1f} GFLOP/s\n")
+    print(f"measured float32 matmul peak: {peak:.1f} GFLOP per CPU-second\n")
     flops_args = argparse.Namespace(batch=a.batch, epochs=1, lora=False)
-    columns = ["s/step", "resp len", "tokens/s", "tok/CPU-s", "peak MB", "MFU", "vs TRL GRPO"]
-    print(f"{'':<11}" + "".join(f"{c:>{w}}" for c, w in zip(columns, (9, 9, 10, 11, 9, 8, 13), strict=True)))
-    trl_grpo = statistics.median(r["step_s"] for r in runs["trl-grpo"]) if "trl-grpo" in runs else float("nan")
+    columns = ["s/step", "CPU-s", "resp len", "tokens/s", "tok/CPU-s", "peak MB", "MFU", "vs TRL GRPO (wall, CPU)"]
+    widths = (9, 9, 9, 10, 11, 9, 8, 26)
+    print(f"{'':<11}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True)))
+    trl_grpo, trl_grpo_cpu = (
+        statistics.median(r[k] for r in runs["trl-grpo"]) if "trl-grpo" in runs else float("nan")
+        for k in ("step_s", "cpu_step_s")
+    )
     for impl, rows in runs.items():
         step = statistics.median(r["step_s"] for r in rows)
         resp = statistics.mean(r["response_tokens"] for r in rows)
-        per_cpu = a.batch * resp / statistics.median(r["cpu_step_s"] for r in rows)
+        cpu_step = statistics.median(r["cpu_step_s"] for r in rows)
         mem = max(r["peak_rss_mb"] for r in rows)
-        mfu = model_flops("ours", n_pol, 0, flops_args, prompt_len, resp) / step / (peak * 1e9)
+        mfu = model_flops("ours", n_pol, 0, flops_args, prompt_len, resp) / cpu_step / (peak * 1e9)
         print(
-            f"{impl:<11}{step:>9.3f}{resp:>9.1f}{a.batch * resp / step:>10.0f}{per_cpu:>11.0f}{mem:>9.0f}"
-            f"{100 * mfu:>7.1f}%{trl_grpo / step:>12.2f}x"
+            f"{impl:<11}{step:>9.3f}{cpu_step:>9.3f}{resp:>9.1f}{a.batch * resp / step:>10.0f}"
+            f"{a.batch * resp / cpu_step:>11.0f}{mem:>9.0f}{100 * mfu:>7.1f}%{trl_grpo / step:>9.2f}x"
+            f"{trl_grpo_cpu / cpu_step:>9.2f}x"
         )
 
 
