@@ -223,6 +223,7 @@ def test_shared_prompt_batches_give_the_rewards_and_gradients_of_separate_rows(r
     rewards, loss and gradients as one right-padded row per sequence, on fewer tokens."""
     from transformers.activations import NewGELUActivation
 
+    from rlhfkit.models.loading import LoraConfig, apply_lora
     from rlhfkit.models.value import load_critic
     from rlhfkit.rewards.model import reward_logits
     from rlhfkit.stages.rm import pair_loss
@@ -256,6 +257,9 @@ def test_shared_prompt_batches_give_the_rewards_and_gradients_of_separate_rows(r
         model.save_pretrained(root / "tiny-rm")
         critic = load_critic(str(root / "tiny-rm"), len(tokenizer))
         assert not any(isinstance(m, NewGELUActivation) for m in critic.modules())
+    lora = apply_lora(model, LoraConfig(r=4), "SEQ_CLS")  # `rlhfkit rm model.lora.r=...` shares prompts too
+    with torch.no_grad():
+        torch.testing.assert_close(reward_logits(lora, shared), reward_logits(lora, separate), rtol=0, atol=1e-5)
 
 
 def test_rm_stage_on_rankings_reports_counts(root, tmp_path, capsys):
