@@ -247,7 +247,7 @@ def main() -> None:
         f"\ncritic-free RL step, gpt2 policy {n_pol / 1e6:.2f}M matmul params; {a.batch} responses per step "
         f"({a.batch // a.k} prompts x {a.k}), one optimizer step on all of them; prompt ~{prompt_len:.0f} + "
         f"response <= {a.response_length} tokens; {a.threads} thread(s); trl {trl.__version__}; "
-        f"median of {a.repeats} runs x {a.steps} steps"
+        f"median of {a.repeats} runs x {a.steps - 1} timed steps"
     )
     print(f"measured float32 matmul peak: {peak:.1f} GFLOP per CPU-second\n")
     flops_args = argparse.Namespace(batch=a.batch, epochs=1, lora=False)
