@@ -23,6 +23,7 @@ from rlhfkit.eval.report import (
     plot_tradeoff,
     table,
 )
+from rlhfkit.models.device import resolve_device
 from rlhfkit.sim.run_folder import RunFolder
 
 KL_BOOTSTRAP = 2000  # resamples of the held-out prompts for the KL's confidence interval
@@ -39,7 +40,7 @@ def gold_along_ppo(samples_path: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
     if not rows:
         return {}
-    judge = GoldJudge()
+    judge = GoldJudge(device=resolve_device("auto"))
     scores = judge.score([r["prompt"] for r in rows], [r["response"] for r in rows]).tolist()
     by_step: dict[int, list[float]] = defaultdict(list)
     for r, s in zip(rows, scores, strict=True):

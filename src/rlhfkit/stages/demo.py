@@ -33,6 +33,7 @@ from pydantic import Field, model_validator
 
 from rlhfkit.config import StrictModel, atomic_write_text, load_config, save_config
 from rlhfkit.data.formats import read_records
+from rlhfkit.models.device import Device, resolve_device
 from rlhfkit.models.sampling import SamplingConfig
 from rlhfkit.rewards.build import RewardConfig, RewardSpec
 from rlhfkit.sim.run_folder import RunFolder
@@ -185,8 +186,9 @@ class Runner:
         return folder
 
 
-def collect_feedback(out: Path, completions: Path, cfg: FeedbackConfig, seed: int) -> dict[str, Any]:
-    """Start the real feedback server (SQLite), set up a project, and let the panel rank over HTTP."""
+def collect_feedback(out: Path, completions: Path, cfg: FeedbackConfig, seed: int, device: Device) -> dict[str, Any]:
+    """Start the real feedback server (SQLite), set up a project, and let the panel rank over HTTP;
+    the hidden gold judge runs on `device` (eval's)."""
     from rlhfkit.eval.gold import GoldJudge
     from rlhfkit.feedback import service
     from rlhfkit.feedback.client import FeedbackClient
@@ -199,7 +201,7 @@ def collect_feedback(out: Path, completions: Path, cfg: FeedbackConfig, seed: in
     out.mkdir(parents=True, exist_ok=True)
     records = read_records(completions, "completions")
     print(f"[demo] gold utility of {sum(len(r.completions) for r in records)} candidates (hidden from training)")
-    judge = GoldJudge()
+    judge = GoldJudge(device=resolve_device(device))
     flat = [(r.prompt_id, r.prompt, c) for r in records for c in r.completions]
     scores = judge.score([p for _, p, _ in flat], [c for _, _, c in flat]).tolist()
     utility = {(pid, c): s for (pid, _, c), s in zip(flat, scores, strict=True)}
@@ -272,7 +274,7 @@ def run(cfg: Config) -> Path:
     runner.stage("generate", run.completions, generate)
 
     def feedback() -> None:
-        info = collect_feedback(run.stage("feedback"), run.completions, cfg.feedback, cfg.seed)
+        info = collect_feedback(run.stage("feedback"), run.completions, cfg.feedback, cfg.seed, cfg.eval.device)
         atomic_write_text(run.feedback_summary, json.dumps(info, indent=2))
 
     runner.stage("feedback", run.feedback_summary, feedback)
