@@ -4,7 +4,9 @@ HTTP), resumed after kill -9, and its bad-input errors. Tiny untrained models ke
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ TINY = [
     "rm.normalize.max_prompts=4",
     "rm.normalize.samples_per_prompt=1",
     "rm.normalize.sampling.max_new_tokens=8",
-    "ppo.stop.max_steps=2",
+    "ppo.stop.max_steps=3",
     "ppo.ppo.batch_size=4",
     "ppo.ppo.mini_batch_size=4",
     "ppo.sampling.max_new_tokens=8",
@@ -71,15 +73,33 @@ def final(out: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory, inputs: dict[str, Path]) -> Path:
+def runs(tmp_path_factory: pytest.TempPathFactory, inputs: dict[str, Path]) -> dict[str, Path]:
+    """An uninterrupted 2-round run, and a copy of its folder (database included) after round 1."""
     out = tmp_path_factory.mktemp("loop-straight")
-    loop.run(config(out, inputs))
-    return out
+    loop.run(config(out, inputs, "rounds=1"))
+    after1 = tmp_path_factory.mktemp("loop-after-1") / "run"
+    shutil.copytree(out, after1)
+    loop.run(config(out, inputs))  # round 2 (round 1 is done: a re-run with more rounds continues)
+    return {"straight": out, "after1": after1}
+
+
+def start_cli(out: Path, inputs: dict[str, Path], *extra: str) -> subprocess.Popen:
+    log = (out.parent / f"{out.name}.log").open("w")
+    cmd = [*CLI, "loop", *overrides(out, inputs, *extra)]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(PYTHONUNBUFFERED="1"))
+
+
+def wait_for(proc: subprocess.Popen, ready: Any, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the loop exited before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout}s"
+        time.sleep(0.05)
 
 
 @pytest.mark.slow
-def test_two_rounds_on_the_embedded_server(uninterrupted: Path) -> None:
-    out = uninterrupted
+def test_two_rounds_on_the_embedded_server(runs: dict[str, Path]) -> None:
+    out = runs["straight"]
     results = json.loads((out / "results.json").read_text())
     rows = results["rounds"]
     assert [r["round"] for r in rows] == [1, 2] and results["stopped"] is None
@@ -105,3 +125,55 @@ def test_two_rounds_on_the_embedded_server(uninterrupted: Path) -> None:
     assert set(ev["models"]) == {"sft", "round-1", "round-2"}
     assert {"round-2_vs_sft", "round-2_vs_round-1"} <= set(ev["comparisons"])
     assert "Rounds" in (out / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_kill_during_labeling_then_rerun_gives_the_same_labels_and_metrics(
+    runs: dict[str, Path], inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    from rlhfkit.data.formats import read_records
+    from rlhfkit.feedback.client import FeedbackClient
+    from rlhfkit.sim.panel import default_panel, gold_utility, label_over_http
+
+    out = tmp_path / "run"
+    shutil.copytree(runs["after1"], out)
+    # round 2 with people labeling: the loop imports the batch and waits; two of them label it all
+    proc = start_cli(out, inputs, "labels.labelers=human")
+    try:
+        wait_for(proc, (out / "round-2/labels/imported.json").exists, "round 2's batch")
+        log = (out.parent / "run.log").read_text()
+        url = log.split("embedded labeling server on ")[-1].split()[0]
+        server = json.loads((out / "server/server.json").read_text())
+        utility = gold_utility(read_records(out / "round-2/candidates/completions.jsonl", "completions"))
+        label_over_http(url, server["project"], default_panel()[:2], server["password"], utility, seed=0 + 2)
+        with FeedbackClient(url, api_key=server["api_key"]) as owner:
+            p = owner.progress(server["project"], batch="round-2")
+        assert (p["judgments"], p["items_complete"]) == (8, 0)  # half-labeled: 2 of 5 labelers
+    finally:
+        proc.kill()  # kill -9
+        proc.wait()
+    assert not (out / "round-2/labels/completions.jsonl").exists()
+    # as if killed between the import and its record: the server is asked, nothing is imported twice
+    (out / "round-2/labels/imported.json").unlink()
+    loop.run(config(out, inputs))  # the simulated panel's other three finish the batch
+    assert final(out) == final(runs["straight"])
+
+
+@pytest.mark.slow
+def test_kill_during_ppo_then_rerun_gives_the_same_metrics(
+    runs: dict[str, Path], inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(runs["after1"], out)
+    proc = start_cli(out, inputs)
+    try:
+        wait_for(proc, lambda: any((out / "round-2/ppo/checkpoints").glob("step-*")), "PPO checkpoint in round 2")
+        proc.kill()  # kill -9
+        proc.wait()
+    finally:
+        proc.kill()
+    assert not (out / "round-2/ppo/results.json").exists(), "PPO finished before the kill: the test proves nothing"
+    capsys.readouterr()
+    loop.run(config(out, inputs))
+    assert "resumed from" in capsys.readouterr().out  # PPO went on from its checkpoint
+    assert final(out) == final(runs["straight"])

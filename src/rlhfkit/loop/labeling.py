@@ -118,8 +118,11 @@ class Labeling:
 
     def fetch(self, batch: str, folder: Path) -> tuple[Path, Path]:
         """The batch's raw judgments and its items as files (`rlhfkit aggregate`'s inputs); the
-        completions file is written last, so its presence means both are whole."""
-        judgments = write_jsonl(folder / "judgments.jsonl", self.export(batch, "judgments"))
+        completions file is written last, so its presence means both are whole. Judgments are
+        sorted by (item, labeler), not kept in the order they came in: the same labels give the
+        same file, and so the same consensus to the last bit, however the labeling was interrupted."""
+        rows = sorted(self.export(batch, "judgments"), key=lambda r: (r["prompt_id"], r["labeler"]))
+        judgments = write_jsonl(folder / "judgments.jsonl", rows)
         completions = write_jsonl(folder / "completions.jsonl", self.export(batch, "completions"))
         return judgments, completions
 

@@ -370,10 +370,10 @@ def run_rounds(cfg: Config, sft: Path) -> dict[str, Any]:
     check_inputs(cfg.model_copy(update={"sft": str(sft)}))
     loop = Loop(cfg, sft)
     root = loop.root
-    save_config(cfg, root)
     rows: list[dict[str, Any]] = []
     stopped = None
     with connect(cfg.server, root / "server") as lab:
+        save_config(cfg, root)
         for n in range(1, cfg.rounds + 1):
             rows.append(loop.run_round(Round(root, n), lab))
             results = {"rounds": rows, "stopped": None}
