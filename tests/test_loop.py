@@ -11,58 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from testutil import CLI, make_test_model, subprocess_env, write_prompts
 
 from rlhfkit.config import load_config
 from rlhfkit.errors import UserError
 from rlhfkit.stages import loop
-
-TINY = [
-    "rounds=2",
-    "prompts_per_round=4",
-    "candidates=[{model: current, k: 1, sampling: {max_new_tokens: 8}}, "
-    "{model: previous, k: 1, sampling: {max_new_tokens: 8}}, {model: sft, k: 1, sampling: {max_new_tokens: 8}}]",
-    "labels.poll_s=0.05",
-    "rm.train.max_steps=3",
-    "rm.train.batch_size=4",
-    "rm.data.valid_fraction=0.25",
-    "rm.normalize.max_prompts=4",
-    "rm.normalize.samples_per_prompt=1",
-    "rm.normalize.sampling.max_new_tokens=8",
-    "ppo.stop.max_steps=3",
-    "ppo.ppo.batch_size=4",
-    "ppo.ppo.mini_batch_size=4",
-    "ppo.sampling.max_new_tokens=8",
-    "ppo.train.save_every=1",
-    "eval.samples_per_prompt=1",
-    "eval.bootstrap=20",
-    "eval.sampling.max_new_tokens=8",
-]
+from testutil import CLI, loop_inputs, loop_overrides, subprocess_env
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("loop-inputs")
-    return {
-        "sft": make_test_model("gpt2", root / "sft"),
-        "pool": write_prompts(root / "pool.jsonl", 10),
-        "heldout": write_prompts(root / "heldout.jsonl", 4),
-    }
-
-
-def overrides(out: Path, inputs: dict[str, Path], *extra: str) -> list[str]:
-    return [
-        f"output_dir={out}",
-        f"sft={inputs['sft']}",
-        f"pool={inputs['pool']}",
-        f"eval.prompts={inputs['heldout']}",
-        *TINY,
-        *extra,
-    ]
+    return loop_inputs(tmp_path_factory.mktemp("loop-inputs"))
 
 
 def config(out: Path, inputs: dict[str, Path], *extra: str) -> loop.Config:
-    return load_config(loop.Config, None, overrides(out, inputs, *extra))
+    return load_config(loop.Config, None, loop_overrides(out, inputs, *extra))
 
 
 def final(out: Path) -> dict[str, Any]:
@@ -85,7 +47,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, inputs: dict[str, Path]) -> d
 
 def start_cli(out: Path, inputs: dict[str, Path], *extra: str) -> subprocess.Popen:
     log = (out.parent / f"{out.name}.log").open("w")
-    cmd = [*CLI, "loop", *overrides(out, inputs, *extra)]
+    cmd = [*CLI, "loop", *loop_overrides(out, inputs, *extra)]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(PYTHONUNBUFFERED="1"))
 
 
@@ -108,7 +70,8 @@ def test_two_rounds_on_the_embedded_server(runs: dict[str, Path]) -> None:
         prompts = [json.loads(line)["id"] for line in (d / "prompts.jsonl").read_text().splitlines()]
         assert len(prompts) == 4
         items = [json.loads(line) for line in (d / "labels/completions.jsonl").read_text().splitlines()]
-        assert sorted(i["prompt_id"] for i in items) == sorted(prompts) and all(len(i["completions"]) == 3 for i in items)
+        assert sorted(i["prompt_id"] for i in items) == sorted(prompts)
+        assert all(len(i["completions"]) == 3 for i in items)
         assert rows[n - 1]["judgments"] == 4 * 5  # every item by the whole panel, this batch only
         for path in ("rm/model/config.json", "ppo/model/config.json", "eval/results.json"):
             assert (d / path).exists(), path
@@ -177,3 +140,64 @@ def test_kill_during_ppo_then_rerun_gives_the_same_metrics(
     loop.run(config(out, inputs))
     assert "resumed from" in capsys.readouterr().out  # PPO went on from its checkpoint
     assert final(out) == final(runs["straight"])
+
+
+# ---- bad input: one line naming the problem, nothing half-written, resumable after the fix
+
+
+def test_unknown_candidate_source(inputs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"candidates\[1\]\.model: 'nope' is neither one of current, previous, sft"):
+        loop.run(config(out, inputs, "candidates=[{model: sft, k: 2}, {model: nope}]"))
+    assert not out.exists()
+
+
+def test_server_down(inputs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    server = ["server.url=http://127.0.0.1:9", "server.api_key=k", "server.project=1"]
+    with pytest.raises(UserError, match=r"^server\.url: cannot reach http://127\.0\.0\.1:9 .*start the server") as e:
+        loop.run(config(out, inputs, *server))
+    assert "\n" not in str(e.value) and not out.exists()
+
+
+def test_wrong_api_key_and_project(inputs: dict[str, Path], tmp_path: Path) -> None:
+    from rlhfkit.feedback.client import FeedbackClient
+    from rlhfkit.sim.embedded import OWNER, live_server, new_database, panel_project
+
+    db, _, password = new_database(tmp_path / "server")
+    with live_server(tmp_path / "server", db) as server, FeedbackClient.login(server.url, OWNER, password) as owner:
+        project = panel_project(owner, "p", 2, [], password)["id"]
+        key = owner.create_api_key()
+        out = tmp_path / "run"
+        bad = [f"server.url={server.url}", "server.api_key=not-the-key", f"server.project={project}"]
+        with pytest.raises(UserError, match=r"^server\.api_key: .* refused it \(401"):
+            loop.run(config(out, inputs, *bad))
+        with pytest.raises(UserError, match=r"^server\.project: .* has no project 999"):
+            loop.run(config(out, inputs, f"server.url={server.url}", f"server.api_key={key}", "server.project=999"))
+    db.dispose()
+    assert not out.exists()
+
+
+def test_pool_runs_out(runs: dict[str, Path], inputs: dict[str, Path], tmp_path: Path) -> None:
+    out, pool = tmp_path / "run", tmp_path / "pool.jsonl"
+    shutil.copytree(runs["straight"], out)
+    shutil.copy(inputs["pool"], pool)
+    cfg = config(out, inputs, "rounds=3", f"pool={pool}")
+    with pytest.raises(UserError, match=r"^pool: round 3 needs 4 fresh prompts, but only 2 of the 10 .* were never"):
+        loop.run(cfg)
+    assert not (out / "round-3").exists()
+    with pool.open("a") as f:  # the fix: more prompts
+        f.writelines(json.dumps({"id": f"new{i}", "prompt": f"New question {i}?"}) + "\n" for i in range(2))
+    fresh = loop.fresh_prompts(cfg, loop.Round(out, 3))
+    used = {json.loads(x)["id"] for n in (1, 2) for x in (out / f"round-{n}/prompts.jsonl").read_text().splitlines()}
+    assert len(fresh) == 4 and not {p.id for p in fresh} & used
+
+
+@pytest.mark.slow
+def test_batch_timeout_then_resume(inputs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"^labels: batch round-1 has 0 of 4 items labeled after labels\.timeout_s="):
+        loop.run(config(out, inputs, "rounds=1", "labels.labelers=human", "labels.timeout_s=0.3"))
+    assert (out / "round-1/labels/imported.json").exists() and not (out / "round-1/labels/completions.jsonl").exists()
+    results = loop.run(config(out, inputs, "rounds=1"))  # the fix: someone labels (here the simulated panel)
+    assert results["rounds"][0]["items"] == 4 and results["rounds"][0]["judgments"] == 4 * 5  # imported once
