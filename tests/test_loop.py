@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -120,6 +121,13 @@ def test_kill_during_labeling_then_rerun_gives_the_same_labels_and_metrics(
     (out / "round-2/labels/imported.json").unlink()
     loop.run(config(out, inputs))  # the simulated panel's other three finish the batch
     assert final(out) == final(runs["straight"])
+    # the labels given before the kill were kept (not relabeled in a new database), none twice
+    with sqlite3.connect(out / "server/feedback.db") as con:
+        rows = con.execute(
+            "SELECT u.username, j.id FROM judgments j JOIN users u ON u.id = j.user_id "
+            "JOIN items i ON i.id = j.item_id WHERE i.batch = 'round-2' ORDER BY j.id"
+        ).fetchall()
+    assert [name for name, _ in rows[:8]] == ["alice"] * 4 + ["bob"] * 4 and len(rows) == 20
 
 
 @pytest.mark.slow
