@@ -209,3 +209,31 @@ def test_batch_timeout_then_resume(inputs: dict[str, Path], tmp_path: Path) -> N
     assert (out / "round-1/labels/imported.json").exists() and not (out / "round-1/labels/completions.jsonl").exists()
     results = loop.run(config(out, inputs, "rounds=1"))  # the fix: someone labels (here the simulated panel)
     assert results["rounds"][0]["items"] == 4 and results["rounds"][0]["judgments"] == 4 * 5  # imported once
+
+
+def test_uncertainty_selection_labels_the_sets_the_last_reward_model_is_least_sure_about(
+    runs: dict[str, Path], inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    from itertools import combinations
+
+    from rlhfkit.data.formats import read_records
+    from rlhfkit.rewards.model import RewardModel
+
+    out = tmp_path / "run"
+    shutil.copytree(runs["straight"], out)
+    cfg = config(out, inputs, "rounds=3", "select=uncertainty", "prompts_per_round=1", "select_from=2")
+    run, r = loop.Loop(cfg, inputs["sft"]), loop.Round(out, 3)
+    run.choose_prompts(r)
+    run.generate(r)
+    run.select(r)
+    sets = read_records(r.offered_candidates, "completions")
+    assert len(sets) == 2  # the 2 prompts the pool has left
+    rm = RewardModel.load(out / "round-2/rm/model")
+
+    def smallest_margin(s: Any) -> float:
+        scores = rm.score([s.prompt] * len(s.completions), s.completions).tolist()
+        return min(abs(a - b) for a, b in combinations(scores, 2))
+
+    expected = min(sets, key=smallest_margin).prompt_id
+    assert [p.id for p in read_records(r.prompts, "prompts")] == [expected]
+    assert [c.prompt_id for c in read_records(r.candidates, "completions")] == [expected]

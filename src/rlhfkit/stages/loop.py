@@ -10,7 +10,10 @@ policy writes, which is where it is wrong. Comparing the current, the previous a
 answers to new prompts teaches it the new distribution (InstructGPT; Bai et al. 2022).
 
 - prompts: `prompts_per_round` of `pool` never labeled in an earlier round (each round's are in
-  `round-N/prompts.jsonl`); when the pool runs out, the run stops with an error saying so.
+  `round-N/prompts.jsonl`); when the pool runs out, the run stops with an error saying so. With
+  `select=random|uncertainty`, candidates are sampled for `select_from` fresh prompts and
+  `prompts_per_round` of them are labeled (`rlhfkit.labels.select`; uncertainty: the smallest
+  margin of the previous round's reward model); the others stay fresh.
 - reward model: `rm.mode=retrain` trains from the SFT model on every round's pairs; `continue`
   trains the last round's reward model on this round's pairs plus `rm.replay` of the earlier ones.
   Each round's pairs are split by prompt (`rm.data.valid_fraction`): the held-out part measures the
@@ -97,7 +100,10 @@ class Config(StrictModel):
     rounds: int = Field(2, ge=1, description="rounds to run (a re-run with more continues)")
     prompts_per_round: int = Field(100, gt=0)
     candidates: list[CandidateSource] = Field(default_factory=_default_candidates, description="who answers prompts")
-    select: Literal["all"] = Field("all", description="which candidates go to the labelers (all)")
+    select: Literal["all", "random", "uncertainty"] = Field(
+        "all", description="which prompts' candidates are labeled: all, or prompts_per_round of select_from"
+    )
+    select_from: int = Field(0, ge=0, description="select: fresh prompts sampled per round (0 = 2 x prompts_per_round)")
     server: ServerConfig = ServerConfig()
     labels: LabelsConfig = LabelsConfig()
     rm: RoundRMConfig = RoundRMConfig()
@@ -137,7 +143,9 @@ class Round:
         self.n, self.root = n, root
         self.dir = root / f"round-{n}"
         self.batch = f"round-{n}"
+        self.offered = self.dir / "offered.jsonl"
         self.prompts = self.dir / "prompts.jsonl"
+        self.offered_candidates = self.dir / "candidates" / "offered.jsonl"
         self.candidates = self.dir / "candidates" / "completions.jsonl"
         self.imported = self.dir / "labels" / "imported.json"
         self.labels = self.dir / "labels"
@@ -156,8 +164,9 @@ class Round:
 
 
 def fresh_prompts(cfg: Config, r: Round) -> list[Any]:
-    """Round r's prompts: the next `prompts_per_round` of the (seeded) shuffled pool that no
-    earlier round used."""
+    """Round r's offered prompts: the next ones of the (seeded) shuffled pool that no earlier round
+    had labeled; `prompts_per_round` of them, or up to `select_from` when selecting (those not
+    selected stay fresh)."""
     pool = read_records(cfg.pool, "prompts")
     random.Random(cfg.seed).shuffle(pool)
     used = {p.id for k in range(1, r.n) for p in read_records(Round(r.root, k).prompts, "prompts")}
@@ -167,7 +176,13 @@ def fresh_prompts(cfg: Config, r: Round) -> list[Any]:
             f"pool: round {r.n} needs {cfg.prompts_per_round} fresh prompts, but only {len(fresh)} of the "
             f"{len(pool)} in {cfg.pool} were never labeled; add prompts to the pool or lower prompts_per_round"
         )
-    return fresh[: cfg.prompts_per_round]
+    return fresh[: offered_count(cfg)]
+
+
+def offered_count(cfg: Config) -> int:
+    if cfg.select == "all":
+        return cfg.prompts_per_round
+    return max(cfg.prompts_per_round, cfg.select_from or 2 * cfg.prompts_per_round)
 
 
 def split_pairs(cfg: Config, r: Round) -> tuple[list[Pair], list[Pair]]:
@@ -233,10 +248,10 @@ class Loop:
     # ---- the steps of round r
 
     def choose_prompts(self, r: Round) -> None:
-        write_records(r.prompts, fresh_prompts(self.cfg, r))
+        write_records(r.offered, fresh_prompts(self.cfg, r))
 
     def generate(self, r: Round) -> None:
-        records = read_records(r.prompts, "prompts")
+        records = read_records(r.offered, "prompts")
         per_source = []
         for i, src in enumerate(self.cfg.candidates):
             path = self.source_path(src, r.n)
@@ -247,7 +262,29 @@ class Loop:
             Completions(prompt_id=p.id, prompt=p.prompt, completions=[t for texts in per_source for t in texts[j]])
             for j, p in enumerate(records)
         ]
-        write_records(r.candidates, rows)
+        write_records(r.offered_candidates, rows)
+
+    def select(self, r: Round) -> None:
+        """`prompts_per_round` of the offered candidate sets for the labelers (`select`): all, a
+        random share, or those the previous round's reward model is least sure about (round 1 has
+        none yet: random). The round's `prompts.jsonl` (the labeled ones) is written first, the
+        candidates file, which marks the step done, last."""
+        from rlhfkit.labels.select import select_prompts, sources_scorer
+
+        sets = read_records(r.offered_candidates, "completions")
+        method = self.cfg.select if self.cfg.select != "uncertainty" or r.n > 1 else "random"
+        scorer = None
+        if method == "uncertainty":
+            from rlhfkit.rewards.build import build_reward
+
+            rm = RewardConfig(sources=[RewardSpec(model=str(r.previous().rm / "model"))])
+            scorer = sources_scorer([build_reward(rm)])
+        chosen = sorted(select_prompts(sets, self.cfg.prompts_per_round, method, scorer, self.cfg.seed + r.n))
+        if method != "all":
+            print(f"[loop] select={method}: {len(chosen)} of {len(sets)} candidate sets go to the labelers")
+        offered = read_records(r.offered, "prompts")
+        write_records(r.prompts, [offered[i] for i in chosen])
+        write_records(r.candidates, [sets[i] for i in chosen])
 
     def collect(self, r: Round, lab: Any) -> None:
         """Import once, wait for the labels (the simulated panel labels meanwhile), export them."""
@@ -309,8 +346,9 @@ class Loop:
         atomic_write_text(r.row, json.dumps(round_row(self, r), indent=2) + "\n")
 
     def run_round(self, r: Round, lab: Any) -> dict[str, Any]:
-        self.step(r, "prompts", r.prompts, lambda: self.choose_prompts(r))
-        self.step(r, "candidates", r.candidates, lambda: self.generate(r))
+        self.step(r, "prompts", r.offered, lambda: self.choose_prompts(r))
+        self.step(r, "candidates", r.offered_candidates, lambda: self.generate(r))
+        self.step(r, "select", r.candidates, lambda: self.select(r))
         self.step(r, "labels", r.labeled, lambda: self.collect(r, lab))
         self.step(r, "aggregate", r.aggregate / "agreement.json", lambda: self.aggregate(r))
         self.step(r, "rm", r.rm / "results.json", lambda: self.reward_model(r))
