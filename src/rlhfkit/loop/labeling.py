@@ -28,6 +28,7 @@ from rlhfkit.config import StrictModel, atomic_write_text
 from rlhfkit.data.formats import read_records, write_jsonl
 from rlhfkit.errors import UserError
 from rlhfkit.feedback.client import FeedbackClient, FeedbackError
+from rlhfkit.models.device import Device
 
 
 class ServerConfig(StrictModel):
@@ -177,14 +178,14 @@ def _embedded(cfg: ServerConfig, folder: Path) -> Iterator[Labeling]:
         db.dispose()
 
 
-def simulated_labeling(lab: Labeling, completions: Path, seed: int) -> Callable[[], None]:
+def simulated_labeling(lab: Labeling, completions: Path, seed: int, device: Device = "auto") -> Callable[[], None]:
     """The simulated panel ranking whatever the server hands out (this round's batch), over HTTP."""
     from rlhfkit.sim.panel import default_panel, gold_utility, label_over_http
 
     def label() -> None:
         if not lab.panel_password:
             raise UserError("server.panel_password: simulated labelers on an external server need their password")
-        utility = gold_utility(read_records(completions, "completions"))
+        utility = gold_utility(read_records(completions, "completions"), device)
         panel, password = default_panel(), lab.panel_password
         counts = lab._call(lambda: label_over_http(lab.url, lab.project, panel, password, utility, seed))
         print(f"[loop] simulated panel: {sum(counts.values())} judgments {counts}")

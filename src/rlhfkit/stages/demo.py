@@ -20,6 +20,7 @@ from pydantic import Field
 
 from rlhfkit.config import StrictModel, atomic_write_text, save_config
 from rlhfkit.data.formats import read_records
+from rlhfkit.models.device import Device
 from rlhfkit.models.sampling import SamplingConfig
 from rlhfkit.rewards.build import RewardConfig, RewardSpec
 from rlhfkit.sim.run_folder import RunFolder
@@ -113,13 +114,14 @@ class Runner:
         return folder
 
 
-def collect_feedback(out: Path, completions: Path, cfg: FeedbackConfig, seed: int) -> dict[str, Any]:
-    """Start the real feedback server (SQLite), set up a project, and let the panel rank over HTTP."""
+def collect_feedback(out: Path, completions: Path, cfg: FeedbackConfig, seed: int, device: Device) -> dict[str, Any]:
+    """Start the real feedback server (SQLite), set up a project, and let the panel rank over HTTP;
+    the hidden gold judge runs on `device` (eval's)."""
     from rlhfkit.feedback.client import FeedbackClient
     from rlhfkit.sim.embedded import OWNER, live_server, new_database, panel_project
     from rlhfkit.sim.panel import default_panel, gold_utility, label_over_http
 
-    utility = gold_utility(read_records(completions, "completions"))
+    utility = gold_utility(read_records(completions, "completions"), device)
     db, db_url, password = new_database(out)
     panel = default_panel()
     with live_server(out, db) as server:
@@ -175,7 +177,7 @@ def run(cfg: Config) -> Path:
     runner.stage("generate", run.completions, generate)
 
     def feedback() -> None:
-        info = collect_feedback(run.stage("feedback"), run.completions, cfg.feedback, cfg.seed)
+        info = collect_feedback(run.stage("feedback"), run.completions, cfg.feedback, cfg.seed, cfg.eval.device)
         atomic_write_text(run.feedback_summary, json.dumps(info, indent=2))
 
     runner.stage("feedback", run.feedback_summary, feedback)

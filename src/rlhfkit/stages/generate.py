@@ -22,6 +22,7 @@ from rlhfkit.config import StrictModel, save_config
 from rlhfkit.data.chat import render_prompt
 from rlhfkit.data.formats import Completions, read_records, write_records
 from rlhfkit.engine.progress import track
+from rlhfkit.models.device import DEVICE_HELP, Device, place, resolve_device
 from rlhfkit.models.loading import ModelConfig, load_causal_lm
 from rlhfkit.models.sampling import SamplingConfig, check_length_budget, sample, truncation_warning
 
@@ -36,14 +37,16 @@ class Config(StrictModel):
     model: ModelConfig = ModelConfig()
     extra_models: list[str] = Field(default_factory=list, description="more model folders, k completions each")
     sampling: SamplingConfig = SamplingConfig()
+    device: Device = Field("auto", description=DEVICE_HELP)
 
 
 def sample_completions(
-    model_cfg: ModelConfig, records: list[Any], k: int, sampling: SamplingConfig, seed: int
+    model_cfg: ModelConfig, records: list[Any], k: int, sampling: SamplingConfig, seed: int, device: Device = "auto"
 ) -> list[list[str]]:
     """`k` completions of every prompt by one model (seeded: the same for the same inputs).
     `rlhfkit loop` calls it once per candidate source, each with its own k and sampling."""
     model, tokenizer = load_causal_lm(model_cfg)
+    place(model, resolve_device(device))
     check_length_budget(model.config, sampling)
     torch.manual_seed(seed)
     rendered = [render_prompt(tokenizer, r.prompt, sampling.prompt_template) for r in records]
@@ -70,7 +73,7 @@ def run(cfg: Config) -> Path:
     out = Path(cfg.output_dir)
     save_config(cfg, out)
     models = [cfg.model, *(cfg.model.model_copy(update={"path": p}) for p in cfg.extra_models)]
-    per_model = [sample_completions(m, records, cfg.k, cfg.sampling, cfg.seed) for m in models]
+    per_model = [sample_completions(m, records, cfg.k, cfg.sampling, cfg.seed, cfg.device) for m in models]
     results = [
         Completions(prompt_id=rec.id, prompt=rec.prompt, completions=[t for texts in per_model for t in texts[i]])
         for i, rec in enumerate(records)

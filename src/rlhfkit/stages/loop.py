@@ -49,6 +49,7 @@ from rlhfkit.data.batching import split_by_prompt
 from rlhfkit.data.formats import Completions, Pair, read_records, write_records
 from rlhfkit.errors import UserError
 from rlhfkit.loop.labeling import LabelsConfig, ServerConfig, connect, simulated_labeling
+from rlhfkit.models.device import DEVICE_HELP, Device, resolve_device
 from rlhfkit.models.loading import ModelConfig
 from rlhfkit.models.sampling import SamplingConfig
 from rlhfkit.rewards.build import RewardConfig, RewardSpec
@@ -94,6 +95,9 @@ class StopConfig(StrictModel):
 class Config(StrictModel):
     output_dir: str = "runs/loop"
     seed: int = 0
+    device: Device = Field(
+        "auto", description="candidates, the previous RM's accuracy, the simulated panel: " + DEVICE_HELP
+    )
     sft: str = Field("", description="the SFT model folder (KL anchor, a candidate source, the RM's start)")
     policy: str = Field("", description="the policy round 1 starts from (empty = the SFT model)")
     pool: str = Field("", description="prompts to label ({id, prompt}); each round takes fresh ones")
@@ -202,14 +206,14 @@ def rm_training_pairs(cfg: Config, r: Round) -> list[Pair]:
 
 
 @torch.no_grad()
-def rm_accuracy(rm_dir: Path, pairs: list[Pair]) -> float | None:
+def rm_accuracy(rm_dir: Path, pairs: list[Pair], device: Device = "auto") -> float | None:
     """Share of pairs a reward model orders like the labelers' consensus (a tie counts as wrong)."""
     from rlhfkit.rewards.losses import pairwise_accuracy
     from rlhfkit.rewards.model import RewardModel
 
     if not pairs:
         return None
-    rm = RewardModel.load(rm_dir / "model")
+    rm = RewardModel.load(rm_dir / "model", device=resolve_device(device))
     prompts = [p.prompt for p in pairs]
     chosen = rm.score(prompts, [p.chosen for p in pairs])
     rejected = rm.score(prompts, [p.rejected for p in pairs])
@@ -257,7 +261,8 @@ class Loop:
             path = self.source_path(src, r.n)
             print(f"[loop] {src.k} candidate(s) per prompt from {src.model} ({path})")
             seed = self.cfg.seed + 1000 * r.n + i
-            per_source.append(sample_completions(ModelConfig(path=str(path)), records, src.k, src.sampling, seed))
+            model = ModelConfig(path=str(path))
+            per_source.append(sample_completions(model, records, src.k, src.sampling, seed, self.cfg.device))
         rows = [
             Completions(prompt_id=p.id, prompt=p.prompt, completions=[t for texts in per_source for t in texts[j]])
             for j, p in enumerate(records)
@@ -278,7 +283,7 @@ class Loop:
             from rlhfkit.rewards.build import build_reward
 
             rm = RewardConfig(sources=[RewardSpec(model=str(r.previous().rm / "model"))])
-            scorer = sources_scorer([build_reward(rm)])
+            scorer = sources_scorer([build_reward(rm, resolve_device(self.cfg.device))])
         chosen = sorted(select_prompts(sets, self.cfg.prompts_per_round, method, scorer, self.cfg.seed + r.n))
         if method != "all":
             print(f"[loop] select={method}: {len(chosen)} of {len(sets)} candidate sets go to the labelers")
@@ -290,7 +295,7 @@ class Loop:
         """Import once, wait for the labels (the simulated panel labels meanwhile), export them."""
         lab.import_once(r.batch, r.candidates, r.imported)
         simulated = self.cfg.labels.labelers == "simulated"
-        label = simulated_labeling(lab, r.candidates, self.cfg.seed + r.n) if simulated else None
+        label = simulated_labeling(lab, r.candidates, self.cfg.seed + r.n, self.cfg.device) if simulated else None
         lab.wait(r.batch, self.cfg.labels, label)
         lab.fetch(r.batch, r.labels)
 
@@ -320,8 +325,8 @@ class Loop:
         info: dict[str, Any] = {"rm_accuracy_heldout": _json(r.rm / "results.json").get("valid_accuracy")}
         if r.n > 1:
             train, heldout = split_pairs(self.cfg, r)
-            info["previous_rm_accuracy"] = rm_accuracy(r.previous().rm, train + heldout)
-            info["previous_rm_accuracy_heldout"] = rm_accuracy(r.previous().rm, heldout)
+            info["previous_rm_accuracy"] = rm_accuracy(r.previous().rm, train + heldout, self.cfg.device)
+            info["previous_rm_accuracy_heldout"] = rm_accuracy(r.previous().rm, heldout, self.cfg.device)
         atomic_write_text(r.shift, json.dumps(info, indent=2) + "\n")
 
     def ppo(self, r: Round) -> None:

@@ -50,7 +50,8 @@ from rlhfkit.data.formats import (
 from rlhfkit.engine.trainer import Engine, TrainConfig
 from rlhfkit.errors import UserError
 from rlhfkit.labels.pairs import pairs_with_counts
-from rlhfkit.models.loading import ModelConfig, fit_to_positions, load_causal_lm
+from rlhfkit.models.device import place
+from rlhfkit.models.loading import BackboneOptions, ModelConfig, apply_lora, fit_to_positions, load_causal_lm
 from rlhfkit.models.sampling import (
     ROLLOUT_TEMPERATURE,
     SamplingConfig,
@@ -62,11 +63,13 @@ from rlhfkit.rewards.losses import mean_margin, mse_loss, pairwise_accuracy, pai
 from rlhfkit.rewards.model import RewardMeta, RewardModel, init_reward_head, load_backbone, reward_logits
 
 
-class RMModelConfig(StrictModel):
+class RMModelConfig(BackboneOptions):
+    """The policy's loading options (`lora`, `dtype`, `gradient_checkpointing`, ...) plus where the
+    reward model starts from. With `lora`, an adapter and the score head train; the saved model is
+    merged (a plain sequence classifier)."""
+
     path: str = Field("", description="SFT model folder (decoder) or an encoder such as all-MiniLM-L6-v2")
     kind: Literal["auto", "decoder", "encoder"] = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False
 
 
 class PairDataConfig(StrictModel):
@@ -227,8 +230,12 @@ def reference_samples(
     prompts = [r.prompt for r in read_records(n.prompts, "prompts")] if n.prompts else list(train_prompts)
     random.Random(n.seed).shuffle(prompts)
     prompts = prompts[: n.max_prompts]
-    model, tokenizer = load_causal_lm(ModelConfig(path=policy, trust_remote_code=cfg.model.trust_remote_code))
-    model.to(device)
+    m = cfg.model
+    policy_cfg = ModelConfig(
+        path=policy, dtype=m.dtype, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code
+    )
+    model, tokenizer = load_causal_lm(policy_cfg)
+    place(model, device)
     torch.manual_seed(n.seed)
     rendered = [render_prompt(tokenizer, p, cfg.data.prompt_template) for p in prompts]
     samples = sample(
@@ -295,7 +302,7 @@ def run(cfg: Config) -> Path:
     engine.print("data: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
     # Model.
-    model, tokenizer, kind = load_backbone(cfg.model.path, cfg.model.kind, cfg.model.dtype, cfg.model.trust_remote_code)
+    model, tokenizer, kind = load_backbone(cfg.model.path, cfg.model.kind, cfg.model)
     policy = reference_policy(cfg, kind) if cfg.normalize.enabled else ""
     if policy:  # normalisation samples after training: a budget the policy cannot hold must fail before it
         from transformers import AutoConfig
@@ -308,6 +315,8 @@ def run(cfg: Config) -> Path:
     if RewardMeta.read(cfg.model.path) is None:  # a fresh head; an existing reward model keeps its trained one
         torch.manual_seed(cfg.train.seed)
         init_reward_head(model)
+    if cfg.model.lora is not None:  # after the head's initialisation: the adapter trains it as it is
+        model = apply_lora(model, cfg.model.lora, "SEQ_CLS")
     max_length, note = fit_to_positions(model.config, d.max_length, "data.max_length")
     if note:
         engine.print(f"[yellow]note: {note}[/]")
