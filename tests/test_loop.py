@@ -160,6 +160,11 @@ def test_unknown_candidate_source(inputs: dict[str, Path], tmp_path: Path) -> No
     assert not out.exists()
 
 
+def test_resume_false_refuses_an_existing_run(runs: dict[str, Path], inputs: dict[str, Path]) -> None:
+    with pytest.raises(UserError, match=r"^resume=false: .* already holds rounds; give a new output_dir"):
+        loop.run(config(runs["straight"], inputs, "resume=false"))
+
+
 def test_server_down(inputs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "run"
     server = ["server.url=http://127.0.0.1:9", "server.api_key=k", "server.project=1"]

@@ -48,7 +48,7 @@ from rlhfkit.config import StrictModel, atomic_write_text, save_config
 from rlhfkit.data.batching import split_by_prompt
 from rlhfkit.data.formats import Completions, Pair, read_records, write_records
 from rlhfkit.errors import UserError
-from rlhfkit.loop.labeling import LabelsConfig, ServerConfig, connect, simulated_labeling
+from rlhfkit.loop.labeling import Labeling, LabelsConfig, ServerConfig, connect, simulated_labeling
 from rlhfkit.models.device import DEVICE_HELP, Device, resolve_device
 from rlhfkit.models.loading import ModelConfig
 from rlhfkit.models.sampling import SamplingConfig
@@ -94,6 +94,7 @@ class StopConfig(StrictModel):
 
 class Config(StrictModel):
     output_dir: str = "runs/loop"
+    resume: bool = Field(True, description="continue the run in output_dir (false: refuse to touch an existing one)")
     seed: int = 0
     device: Device = Field(
         "auto", description="candidates, the previous RM's accuracy, the simulated panel: " + DEVICE_HELP
@@ -136,6 +137,8 @@ def check_inputs(cfg: Config) -> None:
             raise UserError(
                 f"candidates[{i}].model: {src.model!r} is neither one of {', '.join(NAMED_SOURCES)} nor a model folder"
             )
+    if not cfg.resume and (Path(cfg.output_dir) / "round-1").exists():
+        raise UserError(f"resume=false: {cfg.output_dir} already holds rounds; give a new output_dir")
     if sum(s.k for s in cfg.candidates) < 2:
         raise UserError("candidates: labelers compare answers; give at least 2 candidates per prompt in all")
 
@@ -227,7 +230,6 @@ class Loop:
         self.cfg, self.sft = cfg, sft
         self.root = Path(cfg.output_dir)
         self.start = Path(cfg.policy) if cfg.policy else sft
-        self.timings: dict[str, float] = {}
 
     def policy_after(self, n: int) -> Path:
         """The policy after round n (round 0: the start)."""
@@ -243,7 +245,7 @@ class Loop:
         print(f"\n[loop] ===== round {r.n}: {name} =====")
         t = time.perf_counter()
         fn()
-        self.timings[f"round-{r.n}/{name}"] = time.perf_counter() - t
+        print(f"[loop] round {r.n} {name}: {time.perf_counter() - t:.0f}s")
 
     def source_path(self, src: CandidateSource, n: int) -> Path:
         named = {"current": self.policy_after(n - 1), "previous": self.policy_after(max(0, n - 2)), "sft": self.sft}
@@ -291,7 +293,7 @@ class Loop:
         write_records(r.prompts, [offered[i] for i in chosen])
         write_records(r.candidates, [sets[i] for i in chosen])
 
-    def collect(self, r: Round, lab: Any) -> None:
+    def collect(self, r: Round, lab: Labeling) -> None:
         """Import once, wait for the labels (the simulated panel labels meanwhile), export them."""
         lab.import_once(r.batch, r.candidates, r.imported)
         simulated = self.cfg.labels.labelers == "simulated"
@@ -350,7 +352,7 @@ class Loop:
     def row(self, r: Round) -> None:
         atomic_write_text(r.row, json.dumps(round_row(self, r), indent=2) + "\n")
 
-    def run_round(self, r: Round, lab: Any) -> dict[str, Any]:
+    def run_round(self, r: Round, lab: Labeling) -> dict[str, Any]:
         self.step(r, "prompts", r.offered, lambda: self.choose_prompts(r))
         self.step(r, "candidates", r.offered_candidates, lambda: self.generate(r))
         self.step(r, "select", r.candidates, lambda: self.select(r))
