@@ -35,6 +35,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,7 @@ import torch
 
 from rlhfkit.config import atomic_write_text
 from rlhfkit.data.corpus import KINDS, RESPONDERS, all_prompts, decorate
-from rlhfkit.eval.gold import GoldJudge
+from rlhfkit.eval.gold import GoldJudge, MiniLM
 from rlhfkit.labels.select import CandidateSet, Method, select_prompts
 from rlhfkit.rewards.ensemble import HeadEnsemble
 from rlhfkit.sim.panel import default_panel, judge
@@ -73,12 +74,27 @@ def candidate_sets(rng: random.Random, prompts: list, n: int, tag: str) -> list[
     return out
 
 
+class CachedEmbeddings:
+    """The gold judge's MiniLM, each text embedded once: the features reuse the gold's embeddings
+    (the bench's cost is embedding, on a shared 2-core machine)."""
+
+    def __init__(self, minilm: MiniLM):
+        self.minilm = minilm
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        new = list(dict.fromkeys(t for t in texts if t not in self.seen))
+        if new:
+            self.seen.update(zip(new, self.minilm.embed(new), strict=True))
+        return torch.stack([self.seen[t] for t in texts]) if texts else torch.zeros(0, 384)
+
+
 def build_world(sets: list[CandidateSet], gold: GoldJudge) -> World:
     prompts = [s.prompt for s in sets for _ in s.completions]
     texts = [c for s in sets for c in s.completions]
     utility = gold.score(prompts, texts).numpy().reshape(len(sets), K)
     p_emb = gold.minilm.embed([s.prompt for s in sets]).numpy()
-    r_emb = gold.minilm.embed(texts).numpy().reshape(len(sets), K, -1)
+    r_emb = gold.minilm.embed([t.strip() or "." for t in texts]).numpy().reshape(len(sets), K, -1)
     features = np.concatenate([r_emb, p_emb[:, None, :] * r_emb], axis=-1)
     return World(sets, utility, features)
 
@@ -182,7 +198,7 @@ def bootstrap_diff(
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--pool", type=int, default=300, help="candidate sets that may be sent for labeling")
+    p.add_argument("--pool", type=int, default=250, help="candidate sets that may be sent for labeling")
     p.add_argument("--heldout", type=int, default=100, help="held-out candidate sets (other prompts)")
     p.add_argument("--start", type=int, default=20, help="random judgments before the first selection")
     p.add_argument("--round", type=int, default=20, help="judgments chosen per round")
@@ -193,6 +209,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.time()
     gold = GoldJudge()
+    gold.minilm = CachedEmbeddings(gold.minilm)  # type: ignore[assignment]
     prompts = list(all_prompts())
     curves: dict[int, dict[str, dict[int, float]]] = {}
     hits: dict[int, dict[str, np.ndarray]] = {}
@@ -210,7 +227,8 @@ def main() -> None:
             curves[seed][method], hits[seed][method] = run_method(pool, held, held_pairs[seed], method, args, seed)
         everything = [p for turn in range(len(pool.sets)) for p in label(pool, turn, turn, seed)]
         ceiling[seed] = float(correct(held, fit(pool, everything, seed), held_pairs[seed]).mean())
-        print(f"seed {seed}: {time.time() - started:.0f} s", file=sys.stderr)
+        per_method = ", ".join(f"{m} {curves[seed][m]}" for m in METHODS)
+        print(f"seed {seed}: {time.time() - started:.0f} s; accuracy by judgments: {per_method}", file=sys.stderr)
 
     budgets = sorted(curves[0]["random"])
     lines = [
