@@ -10,7 +10,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint chromium venv bench-venv
+.PHONY: demo test lint chromium venv bench-venv bench-venv-new
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,3 +40,9 @@ bench-venv:
 	test -x .venv-bench/bin/python || $(PY) -m venv .venv-bench
 	.venv-bench/bin/pip install -q -c constraints.txt torch==2.13.0 $(QUIET)
 	.venv-bench/bin/pip install -q -c constraints.txt -e . trl==1.12.0 $(QUIET)
+
+# The newest TRL (1.16.0: GRPOTrainer, RLOOTrainer; no PPO any more) for bench/grpo_vs_trl.py.
+bench-venv-new:
+	test -x .venv-bench-new/bin/python || $(PY) -m venv .venv-bench-new
+	.venv-bench-new/bin/pip install -q -c constraints.txt torch==2.13.0 $(QUIET)
+	.venv-bench-new/bin/pip install -q -c constraints.txt -e . trl==1.16.0 $(QUIET)

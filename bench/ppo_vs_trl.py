@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -81,8 +80,9 @@ def build_assets(root: Path, arch: str, layers: int, d_model: int, vocab: int, p
         (root / "dialogues.txt").write_text("\n\n".join(texts))
         data = pretrain.DataConfig(train_files=[str(root / "dialogues.txt")], block_size=64)
         train = TrainConfig(lr=3e-3, batch_size=16, max_steps=pretrain_steps, warmup_steps=10, log_every=50)
+        model = pretrain.PretrainModelConfig(**size.model_dump())
         policy = pretrain.run(pretrain.Config(output_dir=str(root / "pretrain"), vocab_size=vocab, data=data,
-                                              model=size, train=train))  # fmt: skip
+                                              model=model, train=train))  # fmt: skip
     else:  # untrained (for memory measurements, where only the size matters)
         tok = train_tokenizer(texts, vocab_size=vocab)
         policy = root / "policy"
@@ -134,7 +134,12 @@ class SequenceClassifierReward:
 
 
 def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak resident memory so far (MB).
+
+    Why VmHWM and not `getrusage(...).ru_maxrss`: Linux carries ru_maxrss over fork and exec, so a
+    worker spawned by a parent that built bigger assets would report the parent's peak."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024  # kB
 
 
 def run_ours(a: argparse.Namespace, assets: dict[str, str], out: Path) -> dict[str, Any]:
@@ -279,8 +284,10 @@ def worker(a: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------- measurement
 
 
-def matmul_peak_gflops(threads: int, n: int = 1024, repeats: int = 20) -> float:
-    """Best float32 GEMM throughput of this CPU with `threads` threads (the MFU denominator)."""
+def matmul_peak_gflops(threads: int, n: int = 1024, repeats: int = 20, clock: Any = time.perf_counter) -> float:
+    """Best float32 GEMM throughput of this CPU with `threads` threads (the MFU denominator).
+
+    `clock=time.process_time` (one thread): GFLOP per CPU-second, which a busy machine hardly moves."""
     import torch
 
     torch.set_num_threads(threads)
@@ -289,9 +296,9 @@ def matmul_peak_gflops(threads: int, n: int = 1024, repeats: int = 20) -> float:
         x @ y
     best = float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = clock()
         x @ y
-        best = min(best, time.perf_counter() - t)
+        best = min(best, clock() - t)
     return 2 * n**3 / best / 1e9
 
 

@@ -3,6 +3,7 @@ RewardTrainer, on the same data, model, batch size, steps and sequence length.
 
     .venv/bin/python bench/sft_rm_vs_trl.py            # defaults: GPT-2 4x256, 8k vocab, batch 8, 40 steps
     .venv/bin/python bench/sft_rm_vs_trl.py --steps 80 --repeats 5 --threads 1
+    .venv/bin/python bench/sft_rm_vs_trl.py --stages rm        # the reward models only
 
 (needs the dev dependencies, TRL included: `pip install -e '.[dev]'`, or PYTHONPATH=src with them installed).
 
@@ -179,7 +180,7 @@ def ours_rm(args: argparse.Namespace, root: Path, out: Path) -> PeakRSS:
     groups = [PairGroup([{"input_ids": c}, {"input_ids": r}], [0], [1], [0.0]) for c, r in pairs]
     engine = Engine(train_config(args), out)
     with PeakRSS() as m:
-        engine.fit(model, groups, pair_collate(tok.pad_token_id), pair_loss)
+        engine.fit(model, groups, pair_collate(tok.pad_token_id, share_prefix=True), pair_loss)  # as `rlhfkit rm`
     return m
 
 
@@ -236,6 +237,7 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--stages", nargs="+", choices=["sft", "rm"], default=["sft", "rm"])
     p.add_argument("--worker", choices=list(RUNS), help=argparse.SUPPRESS)
     p.add_argument("--assets", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -245,11 +247,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         make_assets(Path(tmp), args)
-        common = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if v is not None and k != "worker"]
+        skip = ("worker", "stages")
+        common = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if v is not None and k not in skip]
         env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
-        results: dict[str, list[dict[str, float]]] = {name: [] for name in RUNS}
+        names = [name for name in RUNS if name.split("-")[1] in args.stages]
+        results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
         for r in range(args.repeats):
-            for name in RUNS:
+            for name in names:
                 cmd = [sys.executable, __file__, f"--worker={name}", f"--assets={tmp}", *common]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -265,7 +269,7 @@ def main() -> None:
     )
     header = f"{'stage':<6}{'metric':<30}{'rlhfkit':>10}{'TRL':>10}{'rlhfkit/TRL':>13}"
     print(header + "\n" + "-" * len(header))
-    for stage in ("sft", "rm"):
+    for stage in args.stages:
         ours, trl = med[f"rlhfkit-{stage}"], med[f"trl-{stage}"]
         for key, label in (
             ("samples_per_s", "samples/s (wall clock)"),

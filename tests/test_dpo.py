@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from rlhfkit.data.batching import sft_collate
 from rlhfkit.data.chat import PROMPT_TEMPLATE, encode_example
 from rlhfkit.engine.metrics import read_metrics
 from rlhfkit.stages.dpo import PairDataConfig, read_pairs, sequence_logps
-from testutil import make_test_model
+from testutil import kill_after_first_checkpoint, make_test_model
 
 GOOD = ["good", "great", "kind", "clear"]
 BAD = ["bad", "awful", "rude", "wrong"]
@@ -105,15 +104,14 @@ def test_lora_reference_is_the_base_model_with_the_adapter_off(root, tmp_path):
         torch.testing.assert_close(a[key], b[key])
 
 
-def test_resumed_dpo_run_ends_where_an_uninterrupted_run_ends(root, tmp_path, capsys):
+@pytest.mark.slow
+def test_killed_dpo_run_resumes_to_where_an_uninterrupted_run_ends(root, tmp_path, capsys):
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     extra = ("train.max_steps=6", "train.save_every=3", "dpo.beta=0.5")
     assert main(["dpo", *settings(root, straight, *extra)]) == 0
-    assert main(["dpo", *settings(root, cut, *extra)]) == 0
-    # leave what a run killed just after its step-3 checkpoint leaves behind
-    shutil.rmtree(cut / "checkpoints" / "step-0000006")
-    shutil.rmtree(cut / "model")
-    (cut / "results.json").unlink()
+    # the same run in a child process, SIGKILLed once its step-3 checkpoint exists
+    assert kill_after_first_checkpoint(["dpo", *settings(root, cut, *extra)], cut / "checkpoints") == 3
+    assert not (cut / "results.json").exists()
     capsys.readouterr()
     assert main(["dpo", *settings(root, cut, *extra), "--resume"]) == 0
     printed = capsys.readouterr().out.replace("\n", "")

@@ -5,7 +5,6 @@ config error naming the setting."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from rlhfkit.engine.metrics import read_metrics
 from rlhfkit.errors import UserError
 from rlhfkit.rewards.base import FunctionReward
 from rlhfkit.stages.ppo import train_ppo
-from testutil import e_frequency, make_test_model, ppo_config, write_prompts
+from testutil import config_file, e_frequency, kill_after_first_checkpoint, make_test_model, ppo_config, write_prompts
 
 STEPS = 30
 
@@ -69,22 +68,34 @@ def test_group_rollouts_sample_k_responses_per_prompt(files, tmp_path):
     assert prompts_seen == [prompts_seen[0]] * 4 + [prompts_seen[4]] * 4 and prompts_seen[0] != prompts_seen[4]
 
 
-def test_resumed_grpo_run_ends_where_an_uninterrupted_run_ends(files, tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("algorithm", "ppo"),
+    [
+        ("grpo", {"algorithm": "grpo", "num_generations": 2, "scale_advantages": False, "kl": {"mode": "loss"}}),
+        ("rloo", {"algorithm": "rloo", "num_generations": 4}),
+    ],
+)
+def test_killed_group_run_resumes_to_where_an_uninterrupted_run_ends(files, tmp_path, capsys, algorithm, ppo):
+    from rlhfkit.cli import main
+
     model, prompts = files
 
-    def config(name, resume=False):
-        return ppo_config(
-            tmp_path / name, model, prompts,
-            ppo={"algorithm": "grpo", "num_generations": 2, "scale_advantages": False, "kl": {"mode": "loss"}},
-            stop={"max_steps": 4}, train={"save_every": 2}, resume=resume,
+    def config(name):
+        cfg = ppo_config(
+            tmp_path / name, model, prompts, ppo=ppo, reward={"sources": [{"function": "testutil:e_frequency"}]},
+            stop={"max_steps": 4}, train={"save_every": 2},
         )  # fmt: skip
+        return str(config_file(cfg, tmp_path / f"{name}.yaml"))
 
-    reward = FunctionReward(e_frequency)
-    train_ppo(config("straight"), reward=reward)
-    train_ppo(config("cut"), reward=reward)
-    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-0000016")  # 4 steps x 2 epochs x 2 minibatches
-    shutil.rmtree(tmp_path / "cut" / "model")
-    train_ppo(config("cut", resume=True), reward=reward)
+    assert main(["ppo", "--config", config("straight")]) == 0
+    saved = kill_after_first_checkpoint(["ppo", "--config", config("cut")], tmp_path / "cut" / "checkpoints")
+    final = max(p.name for p in (tmp_path / "straight" / "checkpoints").glob("step-*"))
+    assert f"step-{saved:07d}" < final  # killed before the end
+    assert not (tmp_path / "cut" / "results.json").exists()
+    capsys.readouterr()
+    assert main(["ppo", "--config", config("cut"), "--resume"]) == 0
+    assert f"(step {saved})" in capsys.readouterr().out.replace("\n", "")
     a, b = (read_metrics(tmp_path / run / "metrics.jsonl") for run in ("straight", "cut"))
     skip = ("time", "time_rollout", "time_step", "tokens_per_s")
     assert [{k: v for k, v in r.items() if k not in skip} for r in a] == [

@@ -7,29 +7,15 @@ adaptive KL coefficient, reward baseline, RNG (sampling) and the position in the
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from rlhfkit.cli import main
 from rlhfkit.engine.metrics import read_metrics
-from testutil import make_test_model, ppo_config, write_prompts
-
-REWARD_MODULE = """
-import os, time
-
-def e_frequency(prompt, completion):
-    time.sleep(float(os.environ.get("PPO_TEST_SLOW", "0")))  # lets the test kill the run mid-way
-    return 10 * completion.count("e") / max(1, len(completion))
-"""
+from testutil import config_file, kill_after_first_checkpoint, make_test_model, ppo_config, write_prompts
 
 
 def write_config(tmp_path: Path, name: str, model: Path, prompts: Path) -> Path:
@@ -37,21 +23,17 @@ def write_config(tmp_path: Path, name: str, model: Path, prompts: Path) -> Path:
         tmp_path / name,
         model,
         prompts,
-        reward={"sources": [{"function": "ppo_resume_reward:e_frequency"}]},
+        reward={"sources": [{"function": "testutil:e_frequency"}]},
         ppo={"kl": {"beta": 0.1, "adaptive": {"target": 0.5, "horizon": 64}}, "normalize_rewards": True},
         stop={"max_steps": 6},
         # a decaying LR: a schedule that is not restored shows in `lr` and everything after it
         train={"lr": 2e-3, "save_every": 2, "scheduler": "linear", "min_lr_ratio": 0.0},
     )
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
-    return path
+    return config_file(cfg, tmp_path / f"{name}.yaml")
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch, capsys):
-    (tmp_path / "ppo_resume_reward.py").write_text(REWARD_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
+def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, capsys):
     model = make_test_model("llama", tmp_path / "model")
     prompts = write_prompts(tmp_path / "prompts.jsonl", 12)
 
@@ -59,30 +41,11 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, m
 
     # the same run in a child process, killed (no chance to clean up) once a checkpoint exists
     killed_cfg = write_config(tmp_path, "killed", model, prompts)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path("src").resolve())]),
-        "PPO_TEST_SLOW": "0.3",
-        "OMP_NUM_THREADS": str(torch.get_num_threads()),
-    }
-    child = subprocess.Popen(
-        [sys.executable, "-m", "rlhfkit.cli", "ppo", "--config", str(killed_cfg)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
     ckpts = tmp_path / "killed" / "checkpoints"
-    deadline = time.monotonic() + 120
-    # a `step-*` folder exists only once completely written (it is renamed from a temp folder)
-    while not list(ckpts.glob("step-*")) and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    child.send_signal(signal.SIGKILL)
-    _, stderr = child.communicate()
-    assert child.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
-    assert max(p.name for p in ckpts.glob("step-*")) != "step-0000048"  # killed before the end (6 steps x 8 updates)
+    saved_step = kill_after_first_checkpoint(["ppo", "--config", str(killed_cfg)], ckpts)  # optimizer steps
+    assert saved_step < 48  # killed before the end (6 steps x 8 updates)
     assert not (tmp_path / "killed" / "results.json").exists()
 
-    saved_step = int(max(p.name for p in ckpts.glob("step-*")).removeprefix("step-"))  # optimizer steps
     capsys.readouterr()
     assert main(["ppo", "--config", str(killed_cfg), "--resume"]) == 0
     # it picked the checkpoint up (a run that silently starts afresh would end the same way: deterministic)

@@ -13,7 +13,7 @@ import torch
 
 from rlhfkit.cli import main
 from rlhfkit.data.batching import group_by_prompt, make_pair_group, pair_collate
-from rlhfkit.data.formats import Completions, Ranking
+from rlhfkit.data.formats import Completions, Pair, Ranking
 from rlhfkit.engine.metrics import read_metrics
 from rlhfkit.labels.pairs import pairs_with_counts
 from rlhfkit.rewards.model import RewardMeta, RewardModel, init_reward_head, load_backbone
@@ -215,6 +215,51 @@ def test_rankings_give_all_pairs_of_a_prompt_in_one_batch_with_ties_counted(root
     assert batch["input_ids"].shape[0] == 6
     assert batch["chosen_idx"].tolist() == [0, 0, 0, 2, 3, 4, 4]  # p2's rows start after p1's four
     assert batch["rejected_idx"].tolist() == [1, 2, 3, 1, 1, 5, 5]
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
+def test_shared_prompt_batches_give_the_rewards_and_gradients_of_separate_rows(root, name):
+    """Chosen and rejected (and a ranking's K candidates) run their prompt's tokens once: the same
+    rewards, loss and gradients as one right-padded row per sequence, on fewer tokens."""
+    from transformers.activations import NewGELUActivation
+
+    from rlhfkit.models.loading import LoraConfig, apply_lora
+    from rlhfkit.models.value import load_critic
+    from rlhfkit.rewards.model import reward_logits
+    from rlhfkit.stages.rm import pair_loss
+
+    model, tokenizer, _ = load_backbone(str(root / name))
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())  # the fused GELU, as the policy's
+    init_reward_head(model)
+    rm = RewardModel(model, tokenizer, RewardMeta(kind="decoder"))
+    completions, rankings = rankings_fixture()
+    pairs = pairs_with_counts(rankings, completions)[0] + [Pair(**p) for p in preference_pairs(3)]
+    groups = [make_pair_group(g, rm.encode) for g in group_by_prompt(pairs)]
+    separate, shared = (pair_collate(tokenizer.pad_token_id, share_prefix=s)(groups) for s in (False, True))
+    assert shared["input_ids"].shape[0] == len(groups) < separate["input_ids"].shape[0]
+    assert shared["attention_mask"].sum() < separate["attention_mask"].sum()  # the prompts' tokens once
+    grads = []
+    for batch in (separate, shared):
+        model.zero_grad()
+        loss, stats = pair_loss(model, batch)
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        with torch.no_grad():
+            rewards = reward_logits(model, batch)
+        if batch is separate:
+            expected, expected_loss, expected_stats = rewards, loss, stats
+    torch.testing.assert_close(rewards, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=1e-6)
+    assert stats == pytest.approx(expected_stats, abs=1e-5)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    if name == "tiny":  # a critic initialised from a reward model gets the fused GELU too
+        model.save_pretrained(root / "tiny-rm")
+        critic = load_critic(str(root / "tiny-rm"), len(tokenizer))
+        assert not any(isinstance(m, NewGELUActivation) for m in critic.modules())
+    lora = apply_lora(model, LoraConfig(r=4), "SEQ_CLS")  # `rlhfkit rm model.lora.r=...` shares prompts too
+    with torch.no_grad():
+        torch.testing.assert_close(reward_logits(lora, shared), reward_logits(lora, separate), rtol=0, atol=1e-5)
 
 
 def test_rm_stage_on_rankings_reports_counts(root, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,6 +32,82 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 CLI = [sys.executable, "-m", "rlhfkit.cli"]
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
+
+def accelerate_launch(
+    args: list[str], config: str = "ddp.yaml", path: Path | None = None, **env: str
+) -> subprocess.Popen:
+    """`accelerate launch --config_file configs/accelerate/CONFIG -m rlhfkit.cli ARGS` in a child process
+    (2 processes; on a CPU-only machine the engine forms a gloo group); `path` goes first on PYTHONPATH
+    (e.g. a reward module). Output: stdout, with stderr in it."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / config)]
+    command += ["--main_process_port", "0", "-m", "rlhfkit.cli", *args]
+    child_env = subprocess_env(**env)
+    if path is not None:
+        child_env["PYTHONPATH"] = os.pathsep.join([str(path), child_env["PYTHONPATH"]])
+    return subprocess.Popen(command, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def finish(child: subprocess.Popen, timeout: float = 300) -> str:
+    """Wait for a child process; its output, after checking that it succeeded."""
+    out, _ = child.communicate(timeout=timeout)
+    text = out.decode()
+    assert child.returncode == 0, text[-4000:]
+    return text
+
+
+# ---- runs killed mid-way (resume tests)
+
+# `rlhfkit ARGS` with a pause before every optimizer step, so that a test can kill it between two
+# checkpoints; the pause changes no number the run computes.
+PAUSED_CLI = """
+import os, sys, time
+from rlhfkit.engine.trainer import Engine
+from rlhfkit.cli import main
+step = Engine.optimizer_step
+def paused_step(self):
+    time.sleep(float(os.environ["RLHFKIT_TEST_STEP_PAUSE"]))
+    return step(self)
+Engine.optimizer_step = paused_step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def kill_after_first_checkpoint(args: list[str], checkpoints: Path, pause: float = 0.2, timeout: float = 120) -> int:
+    """Run `rlhfkit ARGS` in a child process, SIGKILL it (no chance to clean up) as soon as its first
+    checkpoint exists, and return the optimizer step that checkpoint holds.
+
+    The child uses the test process's thread count, so that its numbers are bit-identical to an
+    uninterrupted run in this process."""
+    import signal
+    import time
+
+    import torch
+
+    env = subprocess_env(
+        RLHFKIT_TEST_STEP_PAUSE=str(pause),
+        OMP_NUM_THREADS=str(torch.get_num_threads()),
+        PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(SRC), os.environ.get("PYTHONPATH", "")]),
+    )
+    child = subprocess.Popen([sys.executable, "-c", PAUSED_CLI, *args], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + timeout
+    # a `step-*` folder exists only once completely written (it is renamed from a temporary folder)
+    while not list(checkpoints.glob("step-*")) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    _, stderr = child.communicate()
+    assert child.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    return int(max(p.name for p in checkpoints.glob("step-*")).removeprefix("step-"))
+
+
+def config_file(cfg: Any, path: Path) -> Path:
+    """A stage's config object written as the YAML file `--config` reads."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+    return path
 
 
 # ---- PPO runs (test_ppo*.py)
@@ -52,6 +129,7 @@ def ppo_config(out: Path, model_dir: Path, prompts: Path, **sections: Any) -> An
     """A small, fast PPO config (`rlhfkit.stages.ppo.Config`); `sections` override whole keys (dicts
     are merged one level deep)."""
     from rlhfkit.stages.ppo import Config
+
     data: dict[str, Any] = {
         "output_dir": str(out),
         "prompts": str(prompts),

@@ -72,6 +72,10 @@ COMMANDS: dict[str, Command] = {
         "rlhfkit.stages.serve", "export a project's data as JSONL", "ExportConfig", "run_export",
         positional=("project", "kind", "out"),
     ),  # fmt: skip
+    "serve export-chat": Command(
+        "rlhfkit.stages.serve", "export the chat page's feedback as JSONL", "ExportChatConfig", "run_export_chat",
+        positional=("kind", "out"),
+    ),  # fmt: skip
     "serve api-key": Command(
         "rlhfkit.stages.serve", "print a new API key for a user", "ApiKeyConfig", "run_api_key",
         positional=("username",),

@@ -141,7 +141,7 @@ def test_serve_sub_commands_speak_the_cli_dialect(
     code, _, err = cli(capsys, "serve", "create-prjoect", "Tea")
     assert code == 2 and "unknown command `serve create-prjoect`; one of: run, init, create-owner" in err
     code, _, err = cli(capsys, "serve", "create-project", "Tea", "task=ranked")
-    assert code == 2 and "task: Input should be 'ranking', 'pairwise' or 'demonstration'" in err
+    assert code == 2 and "task: Input should be 'ranking', 'pairwise', 'demonstration', 'rating' or 'thumbs'" in err
     code, _, err = cli(capsys, "serve", "create-owner", "root", "password=typed-on-the-command-line")
     assert code == 2 and "password" in err  # passwords never go where `ps` shows them
     assert cli(capsys, "serve", "create-project", "Tea", "overlap=2", "task=pairwise")[0] == 0

@@ -173,8 +173,58 @@ def make_pair_group(pairs: Sequence[Pair], encode: Callable[[Text, Text], Encode
     return group
 
 
-def pair_collate(pad_id: int) -> Callable[[list[PairGroup]], dict[str, torch.Tensor]]:
-    """One batch of prompt groups: all their sequences, and which rows are chosen/rejected."""
+def shared_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """How many tokens all `seqs` start with, leaving each at least its last token of its own."""
+    first, limit = seqs[0], min(len(s) for s in seqs) - 1
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in seqs):
+        n += 1
+    return n
+
+
+def collate_shared_prefix(groups: Sequence[Sequence[Encoded]], pad_id: int) -> dict[str, torch.Tensor]:
+    """One row per group: the tokens its sequences share once, then each sequence's own tokens.
+
+    Why: the sequences of one prompt (chosen and rejected, or a ranking's K responses) share the
+    prompt's tokens, and a causal model's hidden states there do not depend on what follows, so
+    running them once per group instead of once per sequence saves that work (and the padding of
+    the longest sequence). `segments` says which part a token is (0: shared, i + 1: the group's
+    i-th sequence, -1: padding) and `position_ids` restart after the shared part for every
+    sequence, so that `rewards.model.segment_attention_mask` lets each sequence see exactly the
+    tokens it would see alone: the rewards equal those of `collate_sequences` up to float rounding.
+    `ends` (row, column) is the last token of every sequence, in group order: where it is scored.
+    """
+    rows: list[list[int]] = []
+    positions: list[list[int]] = []
+    segments: list[list[int]] = []
+    ends: list[tuple[int, int]] = []
+    for r, group in enumerate(groups):
+        ids = [s["input_ids"] for s in group]
+        n = shared_prefix(ids)
+        row, pos, seg = list(ids[0][:n]), list(range(n)), [0] * n
+        for i, s in enumerate(ids, start=1):
+            row += s[n:]
+            pos += range(n, len(s))
+            seg += [i] * (len(s) - n)
+            ends.append((r, len(row) - 1))
+        rows.append(row)
+        positions.append(pos)
+        segments.append(seg)
+    return {
+        "input_ids": pad_right(rows, pad_id),
+        "attention_mask": pad_right([[1] * len(r) for r in rows], 0),  # real tokens (counted), not the model's mask
+        "position_ids": pad_right(positions, 0),
+        "segments": pad_right(segments, -1),
+        "ends": torch.tensor(ends, dtype=torch.long),
+    }
+
+
+def pair_collate(pad_id: int, share_prefix: bool = False) -> Callable[[list[PairGroup]], dict[str, torch.Tensor]]:
+    """One batch of prompt groups: all their sequences, and which rows are chosen/rejected.
+
+    `share_prefix` (decoder reward models): a group's shared prompt tokens run once for all its
+    sequences (`collate_shared_prefix`); otherwise every sequence is its own right-padded row.
+    """
 
     def collate(groups: list[PairGroup]) -> dict[str, torch.Tensor]:
         seqs: list[Encoded] = []
@@ -187,7 +237,10 @@ def pair_collate(pad_id: int) -> Callable[[list[PairGroup]], dict[str, torch.Ten
             chosen += [offset + i for i in g.chosen]
             rejected += [offset + i for i in g.rejected]
             margins += g.margins
-        batch = collate_sequences(seqs, pad_id)
+        if share_prefix:
+            batch = collate_shared_prefix([g.sequences for g in groups], pad_id)
+        else:
+            batch = collate_sequences(seqs, pad_id)
         batch["chosen_idx"] = torch.tensor(chosen, dtype=torch.long)
         batch["rejected_idx"] = torch.tensor(rejected, dtype=torch.long)
         batch["margin"] = torch.tensor(margins, dtype=torch.float32)

@@ -8,11 +8,13 @@ One record type per format (JSONL, one object per line, or a Hugging Face `datas
     rankings         {"prompt_id": "p1", "labeler": "ann", "ranking": [2, 1, 1], "unusable": false,
                       "strength": 3}
     pairs            {"prompt": "...", "chosen": "...", "rejected": "...", "margin": 0.5}
-    ratings          {"prompt": "...", "completion": "...", "score": 0.7}
+    ratings          {"prompt": "...", "completion": "...", "score": 0.7, "user": "ann"}
 
 A ranking gives candidate i the rank `ranking[i]` (1 = best); equal ranks are ties; ranks are dense
 (1, 2, 2, 3 but never 1, 3). The optional `strength` says how much better each rank is than the
-next one (STRENGTHS: 1 slightly, 2 better, 3 much better; absent = 2). Wherever a prompt or
+next one (STRENGTHS: 1 slightly, 2 better, 3 much better; absent = 2). The optional `user` of a
+pair, rating or unpaired row is whose judgment it is (the labeler, or the user who chatted with
+the model on the feedback server's playground). Wherever a prompt or
 response is allowed, a conversation (a list of `{"role", "content"}` messages) is allowed too; it
 is rendered with the tokenizer's chat template.
 
@@ -218,6 +220,7 @@ class Pair(Record):
     chosen: Text
     rejected: Text
     margin: float | None = None
+    user: str | None = None  # whose preference (the labeler, the chatting user); kept for per-user models
     # No margin is a margin of 0 in the loss; `datasets` would read a missing one as null, and
     # TRL's RewardTrainer fails on a null (`rlhfkit cai mix` writes human pairs next to AI ones).
     fill: ClassVar[dict[str, Any]] = {"margin": 0.0}
@@ -254,6 +257,7 @@ class _Completion(Record):
 
     prompt: Text
     completion: Text
+    user: str | None = None  # whose judgment (the labeler, the chatting user); kept for per-user models
 
     @field_validator("prompt")
     @classmethod

@@ -28,7 +28,8 @@ from rlhfkit.feedback import service
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.deps import LoginRequired, State, authenticate, is_api, render, state
 from rlhfkit.feedback.markdown_safe import render_markdown
-from rlhfkit.feedback.routes import api, pages, review
+from rlhfkit.feedback.playground import Playground
+from rlhfkit.feedback.routes import api, chat, pages, review
 from rlhfkit.feedback.schemas import problems_text
 from rlhfkit.feedback.security import HashingGate, LoginThrottle, load_secret
 from rlhfkit.feedback.settings import ServeConfig
@@ -174,12 +175,14 @@ def create_app(config: ServeConfig, db: Database | None = None) -> FastAPI:
             config.login_backoff_max_seconds,
         ),
         HashingGate(config.password_hash_concurrency, config.password_hash_wait_seconds),
+        Playground(config),
     )
     _install_error_handlers(app)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.include_router(api.router)
     app.include_router(pages.router)
     app.include_router(review.router)
+    app.include_router(chat.router)
     app.add_middleware(
         Guard,  # type: ignore[arg-type]
         max_body=config.max_body_kb * 1024,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-Task = Literal["ranking", "pairwise", "demonstration"]
+Task = Literal["ranking", "pairwise", "demonstration", "rating", "thumbs"]
+# Tasks whose judgment scores each candidate on its own (Judgment.scores), not relative to the others.
+SCORED_TASKS: tuple[str, ...] = ("rating", "thumbs")
 Role = Literal["admin", "labeler"]
 TASKS: tuple[str, ...] = get_args(Task)
 ROLES: tuple[str, ...] = get_args(Role)

@@ -24,6 +24,7 @@ from starlette.datastructures import FormData
 from rlhfkit.feedback import service
 from rlhfkit.feedback.db import Database
 from rlhfkit.feedback.models import User
+from rlhfkit.feedback.playground import Playground
 from rlhfkit.feedback.security import HashingBusy, HashingGate, LoginThrottle, csrf_ok, csrf_token, retry_after_header
 from rlhfkit.feedback.settings import ServeConfig
 
@@ -41,6 +42,7 @@ class State:
     templates: Jinja2Templates
     throttle: LoginThrottle
     hashing: HashingGate
+    playground: Playground  # the chat page's model, loaded on first use
 
     @property
     def lease(self) -> timedelta:

@@ -81,6 +81,9 @@ class Project(Base):
     overlap: Mapped[int]  # N: each item goes to N distinct labelers
     # Locked: the data is final (e.g. exported for training): no submits, skips, edits or send-backs.
     locked: Mapped[bool] = mapped_column(default=False)
+    # A rating project's criteria: [{name, min, max, guideline}] (schemas.Criterion); None for
+    # the other tasks (a thumbs project's one 0-1 criterion is fixed: service.criteria_of).
+    criteria: Mapped[list[dict[str, Any]] | None] = mapped_column(NullableJSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -181,6 +184,9 @@ class Judgment(Base):
     unusable: Mapped[bool] = mapped_column(default=False)
     comment: Mapped[str | None] = mapped_column(Text)
     response: Mapped[Any | None] = mapped_column(NullableJSON)  # the written demonstration
+    # Rating and thumbs tasks: criterion name -> score of the candidate with idx i (like `ranking`,
+    # by import index); thumbs is the one criterion "thumbs", 1 up and 0 down. None for the others.
+    scores: Mapped[dict[str, list[int]] | None] = mapped_column(NullableJSON)
     client_token: Mapped[str] = mapped_column(String(64))
     seconds: Mapped[float | None]  # from first display to submit: labelers' pace on the admin page
     strength: Mapped[int | None]
@@ -203,9 +209,46 @@ class JudgmentHistory(Base):
     unusable: Mapped[bool]
     comment: Mapped[str | None] = mapped_column(Text)
     response: Mapped[Any | None] = mapped_column(NullableJSON)
+    scores: Mapped[dict[str, list[int]] | None] = mapped_column(NullableJSON)
     strength: Mapped[int | None]
     excluded: Mapped[bool]
     client_token: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime]  # when that version was submitted
     superseded_at: Mapped[datetime] = mapped_column(default=utcnow)
     reason: Mapped[str] = mapped_column(String(16))  # one of choices.HISTORY_REASONS
+
+
+class Conversation(Base):
+    """A chat on the playground page: one user talking to the served model. Only its user may see
+    it (everyone else gets 404, as for a project they are not in)."""
+
+    __tablename__ = "conversations"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    user: Mapped[User] = relationship()
+    messages: Mapped[list[ChatMessage]] = relationship(order_by="ChatMessage.position")
+
+
+class ChatMessage(Base):
+    """One turn of a conversation. An assistant turn records which model wrote it (`model`: the
+    folder, `fingerprint`: a hash of its files, so a retrained policy in the same folder is told
+    apart) and the user's feedback on it: `thumbs` (True up, False down), or, when the user asked
+    for two answers, both in `candidates` and the one they picked in `content` (`picked` its index;
+    until they pick, `content` is None and the conversation waits)."""
+
+    __tablename__ = "chat_messages"
+    __table_args__ = (UniqueConstraint("conversation_id", "position"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    position: Mapped[int]  # 0, 1, 2, ...: the unique constraint stops two concurrent turns in one place
+    role: Mapped[str] = mapped_column(String(16))  # user or assistant
+    content: Mapped[str | None] = mapped_column(Text)
+    candidates: Mapped[list[str] | None] = mapped_column(NullableJSON)
+    picked: Mapped[int | None]
+    thumbs: Mapped[bool | None]
+    model: Mapped[str | None] = mapped_column(String(1000))
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    rated_at: Mapped[datetime | None]

@@ -96,11 +96,51 @@ class UserIn(In):
         return password
 
 
+MAX_CRITERIA = 20
+MAX_SCALE = 100  # the most points a rating scale may have (a select box, a column of radio buttons)
+
+
+class Criterion(In):
+    """One thing a rating project scores each response on, with its own scale and guideline
+    (InstructGPT's Likert ratings: helpful, honest, harmless on 1-7)."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")]  # export's ?criterion=, form field names
+    min: StrictInt = Field(1, ge=-MAX_SCALE, le=MAX_SCALE)
+    max: StrictInt = Field(7, ge=-MAX_SCALE, le=MAX_SCALE)
+    guideline: text(5_000) = ""
+
+    @field_validator("max")
+    @classmethod
+    def _scale(cls, v: int, info: ValidationInfo) -> int:
+        low = info.data.get("min")
+        if low is not None and not low < v <= low + MAX_SCALE:
+            raise ValueError(f"the scale {low}..{v} must have min < max and at most {MAX_SCALE + 1} points")
+        return v
+
+
+DEFAULT_CRITERION = Criterion(name="overall")
+
+
 class ProjectIn(In):
     name: text(100, 1)
     task: Task = DEFAULT_TASK
     guidelines: text(MAX_GUIDELINES) = ""
     overlap: StrictInt = Field(3, ge=1, le=100)
+    # Rating projects only: what each response is scored on (default: one "overall" 1-7 scale).
+    criteria: list[Criterion] | None = Field(None, min_length=1, max_length=MAX_CRITERIA)
+
+    @field_validator("criteria")
+    @classmethod
+    def _criteria(cls, v: list[Criterion] | None, info: ValidationInfo) -> list[Criterion] | None:
+        if v is None:
+            return v
+        if info.data.get("task") != "rating":
+            raise ValueError("only a rating project has criteria")
+        names = [c.name for c in v]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"criterion name(s) {twice} appear more than once")
+        return v
 
 
 class ProjectSettingsIn(In):
@@ -126,10 +166,17 @@ class DraftIn(In):
     comment: text(MAX_COMMENT) = ""
     response: text(MAX_RESPONSE) = ""
     strength: Literal[1, 2, 3] | None = None
+    scores: dict[str, dict[int, StrictInt | None]] = Field(default_factory=dict, max_length=MAX_CRITERIA)
+
+
+# criterion name -> candidate id -> score (rating and thumbs tasks; thumbs: {"thumbs": {id: 1 up / 0 down}})
+Scores = dict[str, dict[int, StrictInt]]
 
 
 class JudgmentIn(In):
-    """A submitted judgment. `ranking` maps candidate id -> rank (1 = best, equal = tie, dense).
+    """A submitted judgment. `ranking` maps candidate id -> rank (1 = best, equal = tie, dense);
+    a rating or thumbs task sends `scores` instead: criterion -> candidate id -> score, every
+    candidate on every criterion of the project (thumbs: the one criterion "thumbs", 1 up, 0 down).
 
     `client_token` makes submits idempotent: send the same token again (a retry, a double
     click) and you get the stored judgment back instead of a second one.
@@ -141,6 +188,7 @@ class JudgmentIn(In):
     response: text(MAX_RESPONSE) | None = None
     # How much better each rank is than the next: 1 slightly, 2 better, 3 much (formats.STRENGTHS).
     strength: Literal[1, 2, 3] | None = None
+    scores: Scores | None = Field(None, max_length=MAX_CRITERIA)
     client_token: ClientToken
 
 
@@ -159,3 +207,28 @@ class ReviewFilterIn(In):
     has_comment: bool | None = None
     labeler: Username | None = None
     page: int = Field(1, ge=1, le=1_000_000)
+
+
+MAX_CHAT_MESSAGE = 10_000
+
+
+class ChatIn(In):
+    """A message to the chat model; `two`: ask for two answers to pick the better from."""
+
+    content: text(MAX_CHAT_MESSAGE, 1)
+    two: StrictBool = False
+
+    @field_validator("content")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("write a message first")
+        return v
+
+
+class ThumbsIn(In):
+    up: StrictBool | None  # True 👍, False 👎, None: no rating
+
+
+class PickIn(In):
+    choice: Literal[0, 1]  # the first or the second of the two answers

@@ -30,18 +30,22 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, contains_eager, selectinload
 
 from rlhfkit.data.formats import (
+    STRENGTH_MARGINS,
     STRENGTHS,
     Completions,
     Demonstration,
+    Pair,
     PromptRecord,
     Ranking,
+    Rating,
+    Unpaired,
     check_ranks,
     detect_kind,
     read_records,
     text_to_json,
 )
 from rlhfkit.errors import UserError
-from rlhfkit.feedback.choices import DEFAULT_ROLE
+from rlhfkit.feedback.choices import DEFAULT_ROLE, SCORED_TASKS
 from rlhfkit.feedback.models import (
     ApiKey,
     Assignment,
@@ -56,7 +60,9 @@ from rlhfkit.feedback.models import (
     utcnow,
 )
 from rlhfkit.feedback.schemas import (
+    DEFAULT_CRITERION,
     MAX_CANDIDATES,
+    Criterion,
     DraftIn,
     JudgmentIn,
     MemberIn,
@@ -287,9 +293,47 @@ def create_project(s: Session, data: ProjectIn) -> Project:
     if s.scalar(select(Project.id).where(Project.name == data.name)) is not None:
         raise Conflict(f"a project named {data.name!r} already exists")
     project = Project(name=data.name, task=data.task, guidelines=data.guidelines, overlap=data.overlap)
+    if data.task == "rating":
+        project.criteria = [c.model_dump() for c in data.criteria or [DEFAULT_CRITERION]]
     s.add(project)
     s.flush()
     return project
+
+
+# A thumbs project is a rating project with one fixed two-point criterion: one way to store, check
+# and export a score per candidate serves both.
+THUMBS = Criterion(name="thumbs", min=0, max=1, guideline="👍 good or 👎 bad")
+
+
+def criteria_of(project: Project) -> list[Criterion]:
+    """What each candidate of this project is scored on; empty for ranking, pairwise and demonstration."""
+    if project.task == "thumbs":
+        return [THUMBS]
+    if project.task == "rating":
+        return [Criterion(**c) for c in project.criteria or [DEFAULT_CRITERION.model_dump()]]
+    return []
+
+
+_CRITERION_LINE = re.compile(r"^\s*(\S+?)\s*(?:(-?\d+)\s*(?:-|–|\.\.)\s*(-?\d+))?\s*(?::\s*(.*?))?\s*$")
+
+
+def criteria_from_text(text: str) -> list[dict[str, Any]] | None:
+    """The new-project form's criteria box, one per line: `helpful 1-7: Does it do what was
+    asked?` (scale and guideline optional: 1-7, none). Empty: None (one "overall" 1-7 scale).
+    The names and scales are then checked by ProjectIn like the API's. The new-project
+    form and `rlhfkit serve create-project criteria=FILE` read the same lines."""
+    criteria = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        m = _CRITERION_LINE.match(line)
+        if m is None:
+            raise Invalid(f"criteria line {n}: {line.strip()[:60]!r} is not `name 1-7: guideline`")
+        name, low, high, guideline = m.groups()
+        criteria.append(
+            {"name": name, "guideline": guideline or ""} | ({"min": int(low), "max": int(high)} if low else {})
+        )
+    return criteria or None
 
 
 def find_project(s: Session, name: str) -> Project:
@@ -845,6 +889,7 @@ def item_view(a: AssignedItem, project: Project) -> dict[str, Any]:
             {"id": cid, "label": chr(ord("A") + i) if i < 26 else str(i + 1), "text": by_id[cid]}
             for i, cid in enumerate(a.display_order)
         ],
+        "criteria": [c.model_dump() for c in criteria_of(project)],  # empty unless a rating or thumbs task
         "draft": a.draft,
         "submitted": a.done and not a.skipped,
         "skipped": a.skipped,
@@ -937,11 +982,49 @@ def _check_ranking(idx_of: dict[int, int], data: JudgmentIn) -> list[int]:
     return ranks
 
 
+def _check_scores(project: Project, idx_of: dict[int, int], data: JudgmentIn) -> dict[str, list[int]] | None:
+    """criterion -> candidate id -> score  =>  criterion -> score per candidate idx (the stored
+    and exported form); None for an item flagged unusable without scores."""
+    for name, given in (("ranking", data.ranking), ("response", data.response), ("strength", data.strength)):
+        if given is not None:
+            raise Invalid(f"{name}: a {project.task} task scores each response on its own; send scores only")
+    if data.scores is None:
+        if data.unusable:
+            return None
+        raise Invalid("scores: missing; score every response, or flag the item as unusable")
+    criteria = {c.name: c for c in criteria_of(project)}
+    unknown = sorted(set(data.scores) - set(criteria))
+    if unknown:
+        raise Invalid(f"scores: unknown criterion {unknown}; this project's criteria are {sorted(criteria)}")
+    scores: dict[str, list[int]] = {}
+    for name, c in criteria.items():
+        given = data.scores.get(name, {})
+        unknown_ids = sorted(set(given) - set(idx_of))
+        if unknown_ids:
+            raise Invalid(f"scores.{name}: unknown candidate id(s) {unknown_ids}; this item's are {sorted(idx_of)}")
+        missing = sorted(set(idx_of) - set(given))
+        if missing:
+            raise Invalid(
+                f"scores.{name}: no score for candidate(s) {missing}; score every response on every criterion"
+            )
+        row = [0] * len(idx_of)
+        for cid, score in given.items():
+            if not c.min <= score <= c.max:
+                raise Invalid(f"scores.{name}: {score} for candidate {cid} is outside the scale {c.min}..{c.max}")
+            row[idx_of[cid]] = score
+        scores[name] = row
+    return scores
+
+
 def _judgment_fields(project: Project, idx_of: dict[int, int], data: JudgmentIn) -> dict[str, Any]:
     """The checked fields of a judgment as stored (submitted anew or edited); `idx_of`: the
     item's candidate id -> idx."""
-    ranking, response = None, None
-    if project.task == "demonstration":
+    ranking, response, scores = None, None, None
+    if data.scores is not None and project.task not in SCORED_TASKS:
+        raise Invalid(f"scores: a {project.task} task takes no scores (only rating and thumbs tasks do)")
+    if project.task in SCORED_TASKS:
+        scores = _check_scores(project, idx_of, data)
+    elif project.task == "demonstration":
         if data.ranking is not None:
             raise Invalid("ranking: a demonstration task takes a written response, not a ranking")
         if data.strength is not None:
@@ -959,6 +1042,7 @@ def _judgment_fields(project: Project, idx_of: dict[int, int], data: JudgmentIn)
         "comment": (data.comment or "").strip() or None,
         "response": response,
         "strength": data.strength,
+        "scores": scores,
     }
 
 
@@ -1032,6 +1116,7 @@ def judgment_view(j: Judgment) -> dict[str, Any]:
         "comment": j.comment,
         "response": j.response,
         "strength": j.strength,
+        "scores": j.scores,
         "excluded": j.excluded,
         "client_token": j.client_token,
         "created_at": iso(j.created_at),
@@ -1100,6 +1185,7 @@ def _archive(s: Session, j: Judgment, reason: str) -> None:
             unusable=j.unusable,
             comment=j.comment,
             response=j.response,
+            scores=j.scores,
             strength=j.strength,
             excluded=j.excluded,
             client_token=j.client_token,
@@ -1165,7 +1251,8 @@ def editing_view(
     idx_of = _candidate_indexes(s, item_id)
     id_of = {idx: cid for cid, idx in idx_of.items()}
     ranks = {id_of[idx]: rank for idx, rank in enumerate(j.ranking)} if j.ranking and not j.unusable else {}
-    decision = decision_text(project.task, j.ranking, _display_indexes(display_order, idx_of), j.strength)
+    scores = {name: {id_of[idx]: v for idx, v in enumerate(row)} for name, row in (j.scores or {}).items()}
+    decision = decision_text(project.task, j.ranking, _display_indexes(display_order, idx_of), j.strength, j.scores)
     return {
         "draft": {
             "ranks": ranks,
@@ -1173,6 +1260,7 @@ def editing_view(
             "comment": j.comment or "",
             "response": j.response or "",
             "strength": j.strength,
+            "scores": scores,
         },
         "created_at": iso(j.created_at),
         "decision": "both bad / not rankable" if j.unusable else decision,
@@ -1198,12 +1286,25 @@ def plain_snippet(value: Any, length: int = 140) -> str:
     return line if len(line) <= length else line[: length - 1] + "…"
 
 
-def decision_text(task: str, ranking: list[int] | None, order: Sequence[int], strength: int | None) -> str:
-    """A judgment in the letters its labeler saw: "B › A = C (much better)". `order`: the
-    candidates' import indexes in display order (A first)."""
+def decision_text(
+    task: str,
+    ranking: list[int] | None,
+    order: Sequence[int],
+    strength: int | None,
+    scores: dict[str, list[int]] | None = None,
+) -> str:
+    """A judgment in the letters its labeler saw: "B › A = C (much better)", "A 👍 · B 👎",
+    "A: helpful 6, honest 7 · B: ...". `order`: the candidates' import indexes in display order
+    (A first)."""
+    labels = {idx: chr(ord("A") + n) if n < 26 else str(n + 1) for n, idx in enumerate(order)}
+    if scores is not None:
+        if task == "thumbs":
+            return " · ".join(f"{labels[idx]} {'👍' if scores['thumbs'][idx] else '👎'}" for idx in order)
+        return " · ".join(
+            f"{labels[idx]}: " + ", ".join(f"{name} {row[idx]}" for name, row in scores.items()) for idx in order
+        )
     if ranking is None:
         return "written response"
-    labels = {idx: chr(ord("A") + n) if n < 26 else str(n + 1) for n, idx in enumerate(order)}
     groups: dict[int, list[str]] = {}
     for idx in order:
         groups.setdefault(ranking[idx], []).append(labels[idx])
@@ -1264,6 +1365,7 @@ def history(s: Session, project: Project, user: User, page: int = 1) -> dict[str
                     j.ranking,
                     _display_indexes(a.display_order if a else None, {c.id: c.idx for c in j.item.candidates}),
                     j.strength,
+                    j.scores,
                 )
                 if not j.unusable
                 else "flagged: not rankable / unusable",
@@ -1435,7 +1537,7 @@ def review_item(s: Session, project: Project, item_id: int) -> dict[str, Any]:
             "username": username,
             "user_id": j.user_id,
             "ranking": j.ranking,
-            "decision": decision_text(project.task, j.ranking, order, j.strength)
+            "decision": decision_text(project.task, j.ranking, order, j.strength, j.scores)
             if not j.unusable
             else "flagged: not rankable / unusable",
             "strength": j.strength,
@@ -1746,6 +1848,93 @@ def demonstrations_of(s: Session, project: Project, batches: Sequence[str] | Non
     return [Demonstration(prompt=prompt, response=response) for prompt, response in rows]
 
 
+# A rating-derived pair's margin: the normalised score gap (0..1) times this, so a whole-scale gap
+# is "much better" (90% preference odds, STRENGTH_MARGINS) and one point of a 1-7 scale (0.37)
+# about "slightly better" (0.4): the same log-odds units as the ranking exports' margins.
+RATING_MARGIN = STRENGTH_MARGINS[3]
+
+
+@dataclass
+class Scored:
+    """One labeler's scores of one item's candidates (a rating or thumbs judgment that counts)."""
+
+    prompt: Any
+    texts: list[Any]  # the candidates, by import index
+    user: str
+    scores: dict[str, list[int]]
+
+
+def scored_of(s: Session, project: Project, batches: Sequence[str] | None = None) -> list[Scored]:
+    """Every judgment with scores that counts (current, not excluded, not flagged unusable), in
+    item order; of these batches' items where given."""
+    rows = s.execute(
+        select(Judgment.scores, Item, User.username)
+        .join(Item, Item.id == Judgment.item_id)
+        .join(User, User.id == Judgment.user_id)
+        .options(selectinload(Item.candidates))
+        .where(
+            Item.project_id == project.id,
+            _in_batches(batches),
+            Judgment.scores.is_not(None),
+            Judgment.excluded.is_(False),
+            Judgment.unusable.is_(False),
+        )
+        .order_by(Item.position, Judgment.id)
+    )
+    return [Scored(item.prompt, [c.text for c in item.candidates], name, scores) for scores, item, name in rows]
+
+
+def normalised(criteria: Sequence[Criterion], scores: dict[str, list[int]], criterion: str | None) -> list[float]:
+    """Each candidate's score mapped onto 0..1 ((score - min) / (max - min)), so scales of any
+    length train the same regression target: `criterion`'s score, or (None) the mean over all of
+    the project's criteria."""
+    chosen = [c for c in criteria if criterion is None or c.name == criterion]
+    per = [[(v - c.min) / (c.max - c.min) for v in scores[c.name]] for c in chosen]
+    return [round(sum(col) / len(col), 6) for col in zip(*per, strict=True)]
+
+
+def ratings_rows(
+    s: Session, project: Project, criterion: str | None, batches: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """`ratings` records, one per labeler and candidate (MSE against each labeler's score fits
+    their mean); `user` is the labeler."""
+    criteria = criteria_of(project)
+    return [
+        Rating(prompt=j.prompt, completion=text_, score=score, user=j.user).to_json()
+        for j in scored_of(s, project, batches)
+        for text_, score in zip(j.texts, normalised(criteria, j.scores, criterion), strict=True)
+    ]
+
+
+def rating_pairs_rows(
+    s: Session, project: Project, criterion: str | None, batches: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """Preference pairs from each labeler's scores: for every two candidates they scored
+    differently, the higher one is chosen, margin = RATING_MARGIN x the normalised gap."""
+    criteria = criteria_of(project)
+    rows: list[dict[str, Any]] = []
+    for j in scored_of(s, project, batches):
+        values = normalised(criteria, j.scores, criterion)
+        for a, b in combinations(range(len(values)), 2):
+            if values[a] == values[b]:
+                continue
+            hi, lo = (a, b) if values[a] > values[b] else (b, a)
+            margin = round(RATING_MARGIN * (values[hi] - values[lo]), 4)
+            rows.append(
+                Pair(prompt=j.prompt, chosen=j.texts[hi], rejected=j.texts[lo], margin=margin, user=j.user).to_json()
+            )
+    return rows
+
+
+def thumbs_rows(s: Session, project: Project, batches: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """KTO records {prompt, completion, label, user}: label true for a thumbs up."""
+    return [
+        Unpaired(prompt=j.prompt, completion=text_, label=bool(up), user=j.user).to_json()
+        for j in scored_of(s, project, batches)
+        for text_, up in zip(j.texts, j.scores["thumbs"], strict=True)
+    ]
+
+
 EXPORTS = {
     "judgments": "raw rankings, one per labeler and item: ranks, ties, flags and comments exactly",
     "pairs": "TRL preference pairs from the per-item consensus, preferred first (?margin=true adds margins)",
@@ -1754,7 +1943,24 @@ EXPORTS = {
     "kto": "KTO-style {prompt, completion, label} from the consensus",
     "demonstrations": "written demonstrations {prompt, response} for SFT",
     "completions": "the items themselves (completions format), to pair with the raw judgments",
+    "ratings": "rating projects: {prompt, completion, score, user}, score normalised to 0..1 (?criterion=NAME: "
+    "that criterion's, else the mean over criteria)",
+    "rating_pairs": "rating projects: TRL preference pairs from each labeler's score differences, with margins "
+    "(?criterion=NAME as for ratings)",
+    "thumbs": "thumbs projects: KTO records {prompt, completion, label, user}, label true = thumbs up",
 }
+# The exports that read a task's own kind of judgment; the others read rankings (or demonstrations).
+SCORED_EXPORTS = {"ratings": ("rating",), "rating_pairs": ("rating",), "thumbs": ("thumbs",)}
+
+
+def exports_for(project: Project) -> dict[str, str]:
+    """The exports that hold this project's judgments (the admin page lists these): a rating or
+    thumbs project's own, else every other one; the items themselves for all."""
+    if project.task in SCORED_TASKS:
+        kinds = [k for k, tasks in SCORED_EXPORTS.items() if project.task in tasks] + ["completions"]
+    else:
+        kinds = [k for k in EXPORTS if k not in SCORED_EXPORTS]
+    return {k: EXPORTS[k] for k in kinds}
 
 
 def jsonl_line(row: dict[str, Any]) -> str:
@@ -1770,13 +1976,33 @@ def jsonl_line(row: dict[str, Any]) -> str:
 
 
 def export(
-    s: Session, project: Project, kind: str, margin: bool = False, batches: Sequence[str] | None = None
+    s: Session,
+    project: Project,
+    kind: str,
+    margin: bool = False,
+    batches: Sequence[str] | None = None,
+    criterion: str | None = None,
 ) -> list[dict[str, Any]]:
     """JSON-ready records of one export kind (see EXPORTS), of these batches' items where given.
     The records do not name their batch: every format is strict about its fields (TRL's too)."""
     if kind not in EXPORTS:
         raise NotFound(f"no export {kind!r}; one of: {', '.join(EXPORTS)}")
     check_batches(s, project, batches)
+    tasks = SCORED_EXPORTS.get(kind)
+    if tasks is not None and project.task not in tasks:
+        raise Invalid(f"the {kind} export is for {' and '.join(tasks)} projects; this one is a {project.task} project")
+    if criterion is not None:
+        if kind not in ("ratings", "rating_pairs"):
+            raise Invalid(f"criterion: only the ratings and rating_pairs exports select a criterion, not {kind}")
+        names = [c.name for c in criteria_of(project)]
+        if criterion not in names:
+            raise Invalid(f"criterion: {criterion!r} is not one of this project's: {', '.join(names)}")
+    if kind == "ratings":
+        return ratings_rows(s, project, criterion, batches)
+    if kind == "rating_pairs":
+        return rating_pairs_rows(s, project, criterion, batches)
+    if kind == "thumbs":
+        return thumbs_rows(s, project, batches)
     if kind == "demonstrations":
         return [d.to_json() for d in demonstrations_of(s, project, batches)]
     if kind == "completions":

@@ -81,6 +81,15 @@ class ServeConfig(StrictModel):
     max_body_kb: int = Field(512, ge=16, description="largest request body, except imports")
     max_upload_mb: int = Field(50, ge=1, description="largest JSONL import")
     log_level: str = Field("warning", description="uvicorn log level")
+    chat_model: str = Field(
+        "", description="policy folder the chat page (/chat) talks to, loaded on first use; empty: no chat"
+    )
+    chat_max_new_tokens: int = Field(128, ge=1, le=4096, description="longest chat answer, in tokens")
+    chat_temperature: float = Field(0.8, gt=0, description="chat sampling temperature")
+    chat_top_p: float = Field(0.95, gt=0, le=1, description="chat nucleus sampling; 1 = off")
+    chat_max_prompt_tokens: int = Field(
+        1024, ge=16, description="longest conversation the model sees; a longer one keeps its end"
+    )
     workers: int = Field(
         1,
         ge=1,

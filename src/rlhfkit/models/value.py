@@ -21,7 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from rlhfkit.errors import UserError
-from rlhfkit.models.loading import BackboneOptions, apply_lora, disable_dropout, prepare_for_training, pretrained_kwargs
+from rlhfkit.models.loading import (
+    BackboneOptions,
+    apply_lora,
+    disable_dropout,
+    fuse_gelu,
+    prepare_for_training,
+    pretrained_kwargs,
+)
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -116,6 +123,7 @@ def load_critic(path: str, vocab_size: int, opts: BackboneOptions | None = None)
             f"tokenizer has {vocab_size}; initialise the critic from a reward model trained on this policy"
         )
     disable_dropout(critic)
+    fuse_gelu(critic)  # the policy's kernels: the critic trains as much as it does
     prepare_for_training(critic, opts)
     if opts.lora is None:
         return critic

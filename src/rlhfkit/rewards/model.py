@@ -36,6 +36,7 @@ from rlhfkit.models.device import place
 from rlhfkit.models.loading import (
     BackboneOptions,
     disable_dropout,
+    fuse_gelu,
     is_peft,
     load_tokenizer,
     prepare_for_training,
@@ -86,7 +87,8 @@ def load_backbone(
     loaded as `opts` say (dtype, attention kernel, 4-bit, gradient checkpointing); `opts.lora` is
     the caller's to apply, once the head is initialised (`rlhfkit rm`).
 
-    Dropout is switched off: a reward must be a deterministic function of the text.
+    Dropout is switched off: a reward must be a deterministic function of the text. GPT-2's GELU
+    runs as one fused kernel (`fuse_gelu`), as in every model rlhfkit trains.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -113,6 +115,7 @@ def load_backbone(
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.config.pad_token_id = tokenizer.pad_token_id  # the head finds the last non-pad token with it
     disable_dropout(model)
+    fuse_gelu(model)  # the same kernels as the policy's: reward models train and score as fast
     prepare_for_training(model, opts)
     return model, tokenizer, kind
 
@@ -168,9 +171,30 @@ def fold_normalization(model: torch.nn.Module, probe: torch.Tensor, gain: float,
 
 
 def reward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Raw (unnormalised) reward of every row of a collated batch, shape (N,)."""
+    """Raw (unnormalised) reward of every sequence of a collated batch, shape (N,): one per row, or
+    one per `ends` entry for groups collated with their shared prefix (`collate_shared_prefix`)."""
+    if "segments" in batch:
+        inner = model.get_base_model() if is_peft(model) else model  # a LoRA RM: the layers hold the adapter
+        mask = segment_attention_mask(batch["segments"], next(model.parameters()).dtype)
+        trunk = inner.base_model(
+            input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False
+        )
+        ends = batch["ends"]
+        return inner.score(trunk.last_hidden_state[ends[:, 0], ends[:, 1]])[:, 0].float()
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
     return model(**inputs).logits[:, 0].float()
+
+
+def segment_attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask (B, 1, L, L) for rows of a shared prefix (segment 0) followed by
+    sequences (segments 1, 2, ...): causal, and a sequence's token sees the prefix and its own
+    sequence, never another's. Padding (-1) sees the prefix and padding: never an empty row, whose
+    softmax would be NaN (and NaN gradients, although its outputs are never read)."""
+    q, k = segments[:, None, :, None], segments[:, None, None, :]
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+    allowed = causal & ((k == 0) | (k == q))
+    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 class RewardModel:

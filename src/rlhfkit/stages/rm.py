@@ -13,8 +13,9 @@ Data, exactly one of:
   are dropped, identical candidate texts skipped, rankings marked unusable skipped (all counted).
 - `data.ratings`: `{prompt, completion, score}`; mean squared error against the score.
 Pairs are grouped by prompt and a prompt's group is one batch element, so all its pairs are in
-the same batch. A malformed pair (identical chosen and rejected, empty text) stops the run with
-`file:line` before training starts; fix or remove that line.
+the same batch; a decoder runs the prompt tokens a group's sequences share once for all of them
+(`share_prompt`, `data.batching.collate_shared_prefix`). A malformed pair (identical chosen and
+rejected, empty text) stops the run with `file:line` before training starts; fix or remove that line.
 
 After training, rewards are normalised: gain and bias are fitted so that the reference (SFT)
 policy's own samples on training prompts score mean 0, std 1 (`normalize.*`; by default the policy
@@ -136,6 +137,12 @@ class Config(StrictModel):
     model: RMModelConfig = RMModelConfig()
     data: DataConfig = DataConfig()
     use_margins: bool = Field(True, description="use per-pair margins where the data gives them")
+    share_prompt: bool = Field(
+        True,
+        description="decoders: run the tokens a prompt's sequences share once for all of them (same rewards, "
+        "less work; one process, sdpa/eager attention); off for remote-code models that ignore position_ids or "
+        "4D attention masks",
+    )
     normalize: NormalizeConfig = NormalizeConfig()
     train: RMTrainConfig = RMTrainConfig()
 
@@ -330,7 +337,10 @@ def run(cfg: Config) -> Path:
     else:
         train_set = [make_pair_group(g, rm.encode) for g in group_by_prompt(train)]
         valid_set = [make_pair_group(g, rm.encode) for g in group_by_prompt(valid)]
-        collate = pair_collate(pad)
+        # a 4D mask, and the trunk called directly: not with flash attention, nor under DDP (whose
+        # gradient sync hooks into the wrapped model's forward)
+        share = cfg.share_prompt and kind == "decoder" and cfg.model.attn_implementation != "flash_attention_2"
+        collate = pair_collate(pad, share_prefix=share and engine.accelerator.num_processes == 1)
     truncated = rm.truncated  # read now: normalisation encodes more sequences
     if truncated:
         n_seqs = len(train_set) + len(valid_set) if regression else sum(len(g.sequences) for g in train_set + valid_set)

@@ -6,11 +6,12 @@
     rlhfkit serve add-user USERNAME [project=NAME] [role=labeler|admin] [no_password=true]
     rlhfkit serve add-users FILE.csv [passwords_out=FILE]   many at once: username,role,project[,password]
     rlhfkit serve add-member USERNAME PROJECT [role=labeler|admin]   an existing user joins a project
-    rlhfkit serve create-project NAME [task=ranking|pairwise|demonstration] [overlap=N]
-                                              [guidelines=FILE.md]
+    rlhfkit serve create-project NAME [task=ranking|pairwise|demonstration|rating|thumbs] [overlap=N]
+                                              [guidelines=FILE.md] [criteria=FILE.txt]
     rlhfkit serve import PROJECT FILE.jsonl [batch=NAME]   completions from `rlhfkit generate` (or prompts); in a
                                               pairwise project K > 2 completions become their C(K,2) pairs
-    rlhfkit serve export PROJECT KIND OUT.jsonl [margin=true] [batch=NAME[,NAME...]]
+    rlhfkit serve export PROJECT KIND OUT.jsonl [margin=true] [batch=NAME[,NAME...]] [criterion=NAME]
+    rlhfkit serve export-chat thumbs|pairs OUT.jsonl   the chat page's feedback (KTO records, pairs)
     rlhfkit serve api-key USERNAME [name=NAME]   prints a new API key for scripts
 
 Every command also takes `--config FILE.yaml` and the server's KEY=VALUE settings (db_url=... above
@@ -37,7 +38,10 @@ from rlhfkit.feedback.settings import DB_FILE, SECRET_FILE, ServeConfig, default
 
 Config = ServeConfig
 PASSWORD_ENV = "RLHFKIT_PASSWORD"
-EXPORT_KINDS = "judgments, pairs, labeler_pairs, consensus, kto, demonstrations, completions"
+EXPORT_KINDS = (
+    "judgments, pairs, labeler_pairs, consensus, kto, demonstrations, completions; ratings, rating_pairs (rating "
+    "projects), thumbs (thumbs projects)"
+)
 
 
 class InitConfig(ServeConfig):
@@ -87,6 +91,9 @@ class CreateProjectConfig(ServeConfig):
     task: Task = Field(DEFAULT_TASK, description="what labelers do with each item")
     overlap: int = Field(3, description="N: labelers per item")
     guidelines: str | None = Field(None, description="a Markdown file, shown beside every task")
+    criteria: str | None = Field(
+        None, description="rating projects: a text file, one criterion a line, `helpful 1-7: guideline`"
+    )
 
 
 class ImportConfig(ServeConfig):
@@ -106,6 +113,14 @@ class ExportConfig(ServeConfig):
     out: str = Field(description="the JSONL file to write")
     margin: bool = Field(False, description="pairs: add the consensus margin")
     batch: str | None = Field(None, description="only these batches' items (comma-separated names)")
+    criterion: str | None = Field(None, description="ratings, rating_pairs: this criterion's scores (else the mean)")
+
+
+class ExportChatConfig(ServeConfig):
+    """`rlhfkit serve export-chat KIND OUT.jsonl`: every user's chat feedback as JSONL."""
+
+    kind: str = Field(description="thumbs (KTO records) or pairs (picks of two answers)")
+    out: str = Field(description="the JSONL file to write")
 
 
 class ApiKeyConfig(ServeConfig):
@@ -298,16 +313,19 @@ def run_create_project(config: CreateProjectConfig) -> None:
     from rlhfkit.feedback import service
     from rlhfkit.feedback.schemas import ProjectIn
 
-    guidelines = ""
-    if config.guidelines:
+    def read(path: str | None, what: str) -> str:
         try:
             # utf-8-sig: a BOM would hide the first heading
-            guidelines = Path(config.guidelines).read_text(encoding="utf-8-sig")
+            return Path(path).read_text(encoding="utf-8-sig") if path else ""
         except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"{config.guidelines}: cannot read the guidelines ({e})") from None
+            raise UserError(f"{path}: cannot read the {what} ({e})") from None
+
+    guidelines, criteria = read(config.guidelines, "guidelines"), read(config.criteria, "criteria")
 
     def work(s: Any) -> int:
         fields = {"name": config.name, "task": config.task, "overlap": config.overlap, "guidelines": guidelines}
+        if criteria:
+            fields["criteria"] = service.criteria_from_text(criteria)
         return service.create_project(s, service.checked(ProjectIn, **fields)).id
 
     project_id = _in_db(config, work)
@@ -337,9 +355,20 @@ def run_export(config: ExportConfig) -> None:
 
     def work(s: Any) -> list[dict[str, Any]]:
         batches = service.batch_names([config.batch] if config.batch is not None else None, "batch=")
-        return service.export(s, service.find_project(s, config.project), config.kind, config.margin, batches)
+        return service.export(
+            s, service.find_project(s, config.project), config.kind, config.margin, batches, config.criterion
+        )
 
     rows = _in_db(config, work)
+    atomic_write_text(config.out, "".join(service.jsonl_line(r) for r in rows))
+    print(f"wrote {len(rows)} records to {config.out}")
+
+
+def run_export_chat(config: ExportChatConfig) -> None:
+    from rlhfkit.config import atomic_write_text
+    from rlhfkit.feedback import chat, service
+
+    rows = _in_db(config, lambda s: chat.export(s, config.kind))
     atomic_write_text(config.out, "".join(service.jsonl_line(r) for r in rows))
     print(f"wrote {len(rows)} records to {config.out}")
 

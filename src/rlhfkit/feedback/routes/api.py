@@ -4,6 +4,8 @@ A labeler's loop is two calls:
     GET  /api/projects/{pid}/next                        -> {"item": {..., "candidates": [{id, label, text}]}}
     POST /api/projects/{pid}/items/{item_id}/judgments   <- {"ranking": {cand_id: rank}, "unusable",
                                                              "comment", "client_token"}
+(a rating or thumbs project sends {"scores": {criterion: {cand_id: score}}} instead of a ranking;
+its criteria are in GET /api/projects/{pid}).
 Candidates come in this labeler's shuffled order; their ids are stable. Errors are
 {"error": "message"} with a 4xx status.
 """
@@ -51,7 +53,10 @@ Batches = Annotated[list[str] | None, Query(description="limit to these batches 
 
 
 def project_json(p: Project, role: str) -> dict[str, Any]:
-    return {"id": p.id, "name": p.name, "task": p.task, "overlap": p.overlap, "role": role}
+    criteria = [c.model_dump() for c in service.criteria_of(p)]
+    return {"id": p.id, "name": p.name, "task": p.task, "overlap": p.overlap, "role": role} | (
+        {"criteria": criteria} if criteria else {}
+    )
 
 
 @router.post("/login")
@@ -335,13 +340,19 @@ def agreement(pid: int, request: Request, auth: ApiAuth, batch: Batches = None) 
 
 @router.get("/projects/{pid}/export/{kind}")
 def export(
-    pid: int, kind: str, request: Request, auth: ApiAuth, margin: bool = False, batch: Batches = None
+    pid: int,
+    kind: str,
+    request: Request,
+    auth: ApiAuth,
+    margin: bool = False,
+    batch: Batches = None,
+    criterion: str | None = None,
 ) -> Response:
     """JSONL download; `kind` is one of service.EXPORTS."""
     batches = service.batch_names(batch)
     with state(request).db.session() as s:
         project, _ = service.project_for(s, auth.user(s), pid, admin=True)
-        rows = service.export(s, project, kind, margin=margin, batches=batches)
+        rows = service.export(s, project, kind, margin=margin, batches=batches, criterion=criterion)
         stem = f"{project.id}-{'+'.join(batches)}" if batches else str(project.id)
         name = f"{stem}-{kind}.jsonl"
 

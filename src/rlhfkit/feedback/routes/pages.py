@@ -231,6 +231,8 @@ def _task_page(
                 "saved": saved,
                 "undo": service.last_judgment(s, project, user) if saved else None,
                 "ranks": {int(k): v for k, v in (draft.get("ranks") or {}).items()},
+                # An autosaved draft comes back from JSON with text keys.
+                "scores": {n: {int(k): v for k, v in row.items()} for n, row in (draft.get("scores") or {}).items()},
                 "draft": draft,
                 "client_token": new_token()[:32],
                 "progress": service.my_progress(s, project, user),
@@ -245,11 +247,15 @@ def task_page(pid: int, item_id: int, request: Request, auth: PageAuth, saved: i
     return _task_page(request, auth, pid, item_id, saved=saved)
 
 
-def _draft_from_form(form: Any, display_order: list[int]) -> dict[str, Any]:
+def _draft_from_form(form: Any, display_order: list[int], project: Project) -> dict[str, Any]:
     """The posted form as a draft: what the page shows again if the submit is refused."""
     ranks: dict[int, int | None] = {}
     for cid in display_order:
         ranks[cid] = small_int(str(form.get(f"rank_{cid}", "")))
+    scores = {
+        c.name: {cid: small_int(str(form.get(f"score_{c.name}_{cid}", ""))) for cid in display_order}
+        for c in service.criteria_of(project)
+    }
     # Browsers send textarea line breaks as CRLF; training data wants plain newlines.
     return {
         "ranks": ranks,
@@ -257,14 +263,18 @@ def _draft_from_form(form: Any, display_order: list[int]) -> dict[str, Any]:
         "comment": str(form.get("comment", "")).replace("\r\n", "\n"),
         "response": str(form.get("response", "")).replace("\r\n", "\n"),
         "strength": small_int(str(form.get("strength", ""))),
+        "scores": scores,
     }
 
 
 def _judgment(draft: dict[str, Any], form: Any) -> JudgmentIn:
     chosen = {cid: r for cid, r in draft["ranks"].items() if r is not None}
+    scores = {name: {cid: v for cid, v in row.items() if v is not None} for name, row in draft["scores"].items()}
     return service.checked(
         JudgmentIn,
         ranking=chosen or None,
+        # Nothing scored at all: no scores (the service then asks for them, unless flagged unusable).
+        scores=scores if any(scores.values()) else None,
         unusable=draft["unusable"],
         comment=draft["comment"] or None,
         response=draft["response"] if "response" in form else None,
@@ -283,7 +293,7 @@ def submit_page(pid: int, item_id: int, request: Request, posted: PagePost) -> R
         user = auth.user(s)
         project, _ = service.project_for(s, user, pid)
         a = service.assignment_for(s, project, user, item_id)
-        draft = _draft_from_form(form, a.display_order)
+        draft = _draft_from_form(form, a.display_order, project)
         choice = form.get("choice")
         if project.task == "pairwise" and choice:  # quick mode: one click is the whole judgment
             draft["ranks"] = service.pairwise_choice(a, str(choice))
@@ -309,7 +319,8 @@ def submit_page(pid: int, item_id: int, request: Request, posted: PagePost) -> R
 def admin_page(pid: int, request: Request, auth: PageAuth, added: int = -1, skipped: int = 0) -> Response:
     with state(request).db.session() as s:
         project, role = service.project_for(s, auth.user(s), pid, admin=True)
-        report = agreement_report(service.rankings_of(s, project)) if project.task != "demonstration" else None
+        ranked = project.task in ("ranking", "pairwise")
+        report = agreement_report(service.rankings_of(s, project)) if ranked else None
         return render(
             request,
             "admin.html",
@@ -319,7 +330,8 @@ def admin_page(pid: int, request: Request, auth: PageAuth, added: int = -1, skip
                 "progress": service.progress(s, project),
                 "agreement": report,
                 "members": service.members(s, project),
-                "exports": service.EXPORTS,
+                "exports": service.exports_for(project),
+                "criteria": service.criteria_of(project),
                 "roles": ROLES,
                 "default_role": DEFAULT_ROLE,
                 "added": added,
@@ -378,7 +390,6 @@ def admin_remove_member(pid: int, user_id: int, request: Request, posted: PagePo
 
 # ---------------------------------------------------------------- site owner: projects and users
 
-
 @router.post("/projects")
 def create_project(request: Request, posted: OwnerPost) -> Response:
     form = posted.form
@@ -388,6 +399,7 @@ def create_project(request: Request, posted: OwnerPost) -> Response:
         task=form.get("task", DEFAULT_TASK),
         guidelines=str(form.get("guidelines", "")),
         overlap=form_int(form, "overlap", 3),
+        criteria=service.criteria_from_text(str(form.get("criteria", ""))) if form.get("task") == "rating" else None,
     )
     project_id = state(request).db.transact(lambda s: service.create_project(s, data).id)
     return redirect(f"/p/{project_id}/admin")

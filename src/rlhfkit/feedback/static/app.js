@@ -1,6 +1,23 @@
 // rlhfkit feedback: rank buttons and keyboard ranking, long responses folded, plain-text view,
-// pairwise shortcuts (with strength of preference), skip, and draft autosave.
+// pairwise shortcuts (with strength of preference), score and thumbs keys, skip, and draft autosave.
 // Progressive enhancement: without this file every task page still works as a plain form.
+// The chat page: Ctrl+Enter sends; a send shows that the model is writing (it takes a while).
+(function () {
+  "use strict";
+  const chat = document.getElementById("chat-form");
+  if (!chat) return;
+  const conversation = document.getElementById("conversation");
+  if (conversation) conversation.lastElementChild.scrollIntoView({ block: "end" });
+  chat.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); chat.requestSubmit(); }
+  });
+  chat.addEventListener("submit", () => {
+    const send = document.getElementById("send");
+    send.disabled = true;
+    send.textContent = "The model is writing…";
+  });
+})();
+
 (function () {
   "use strict";
   const form = document.getElementById("task-form");
@@ -14,6 +31,7 @@
   const actionbar = document.getElementById("actionbar");
   const cards = Array.from(document.querySelectorAll(".candidate"));
   const rankFields = Array.from(form.querySelectorAll("input[data-cid]"));
+  const scoreRows = Array.from(form.querySelectorAll(".score-row"));  // rating and thumbs: one per candidate and criterion
   const field = (name) => form.elements.namedItem(name);
   const rankField = (card) => card.querySelector("input[data-cid]");
   // Keys are shortcuts except while typing (a checked radio button keeps the focus: not typing).
@@ -44,7 +62,12 @@
   function collectDraft() {
     const ranks = {};
     rankFields.forEach((f) => { ranks[f.dataset.cid] = /^\d+$/.test(f.value.trim()) ? Number(f.value) : null; });
+    const scores = {};
+    form.querySelectorAll("input[data-criterion]:checked").forEach((r) => {
+      (scores[r.dataset.criterion] = scores[r.dataset.criterion] || {})[r.dataset.candidate] = Number(r.value);
+    });
     return {
+      scores: scores,
       ranks: ranks,
       unusable: !!(field("unusable") && field("unusable").checked),
       comment: field("comment") ? field("comment").value : "",
@@ -98,6 +121,19 @@
     if (submitting) { e.preventDefault(); return; }  // a double click sends once (the server is idempotent too)
     if (skipButton && e.submitter === skipButton) { submitting = true; clearTimeout(timer); return; }
     const unusable = field("unusable") && field("unusable").checked;
+    if (scoreRows.length && !unusable) {
+      const missing = scoreRows.filter((row) => !row.querySelector("input:checked"));
+      if (missing.length) {
+        e.preventDefault();
+        clearError();
+        const cardsMissing = Array.from(new Set(missing.map((row) => row.closest(".candidate"))));
+        cardsMissing.forEach((c) => c.classList.add("needs-rank"));
+        showError((task === "thumbs" ? "Give every response 👍 or 👎 first (" : "Score every response on every criterion first (") +
+          cardsMissing.map((c) => c.dataset.label).join(", ") + " still missing), or tick “Cannot be judged”.");
+        focusRow(missing[0]);
+        return;
+      }
+    }
     if (task === "ranking" && !unusable) {
       const missing = cards.filter((c) => !/^[1-9]\d*$/.test(rankField(c).value.trim()));
       if (missing.length) {
@@ -302,6 +338,54 @@
       if (!choice) return;
       e.preventDefault();
       form.requestSubmit(form.querySelector('button[name="choice"][value="' + choice + '"]'));
+    });
+  }
+
+  // ---------------------------------------------------------------- ratings and thumbs
+  // The unit the keys move between is a score row (one candidate on one criterion): its radio
+  // buttons already work with Tab and the arrow keys; digits set the score and move on.
+  function focusRow(row) {
+    const target = row.querySelector("input:checked") || row.querySelector("input");
+    target.focus({ preventScroll: true });
+    reveal(row.closest(".candidate"));
+  }
+  if (scoreRows.length) {
+    form.addEventListener("change", (e) => {
+      const card = e.target.closest(".candidate");
+      if (card && e.target.matches("input[data-criterion]")) {
+        card.classList.toggle("ranked", Array.from(card.querySelectorAll(".score-row")).every((r) => r.querySelector("input:checked")));
+        if (!Array.from(card.querySelectorAll(".score-row")).some((r) => !r.querySelector("input:checked"))) card.classList.remove("needs-rank");
+      }
+    });
+    document.addEventListener("keydown", (e) => {
+      if (e.ctrlKey || e.metaKey || e.altKey || e.target.closest("textarea, input:not([type=radio]):not([type=checkbox])")) return;
+      const row = e.target.closest(".score-row");
+      const current = e.target.closest(".candidate");
+      if (e.key === "ArrowDown" || e.key === "ArrowUp" || e.key === "j" || e.key === "k") {
+        if (row && (e.key === "ArrowDown" || e.key === "ArrowUp")) return;  // the radio group's own arrows
+        e.preventDefault();
+        const step = (e.key === "ArrowDown" || e.key === "j") ? 1 : -1;
+        const i = row ? scoreRows.indexOf(row) : (current ? scoreRows.indexOf(current.querySelector(".score-row")) - 1 : -1);
+        focusRow(scoreRows[Math.min(scoreRows.length - 1, Math.max(0, i + step))]);
+      } else if (/^[0-9]$/.test(e.key)) {
+        const target = row || (current ? current.querySelector(".score-row") : scoreRows[0]);
+        const radio = target.querySelector('input[value="' + e.key + '"]');
+        if (!radio) return;
+        e.preventDefault();
+        radio.checked = true;
+        radio.dispatchEvent(new Event("change", { bubbles: true }));
+        const next = scoreRows.slice(scoreRows.indexOf(target) + 1).find((r) => !r.querySelector("input:checked"));
+        focusRow(next || target);
+      } else if (e.key === "e" && current) {
+        e.preventDefault();
+        toggleExpanded(current);
+      } else if (e.key === "s") {
+        e.preventDefault();
+        skip();
+      } else if (e.key === "Enter" && !e.target.closest("button, a, summary")) {
+        e.preventDefault();
+        form.requestSubmit();
+      }
     });
   }
 
