@@ -145,6 +145,46 @@ def ppo_config(out: Path, model_dir: Path, prompts: Path, **sections: Any) -> An
     return Config.model_validate(data)
 
 
+# ---- `rlhfkit loop` runs (test_loop.py, feedback/test_loop_server.py)
+
+LOOP_TINY = [
+    "rounds=2",
+    "prompts_per_round=4",
+    "candidates=[{model: current, k: 1, sampling: {max_new_tokens: 8}}, "
+    "{model: previous, k: 1, sampling: {max_new_tokens: 8}}, {model: sft, k: 1, sampling: {max_new_tokens: 8}}]",
+    "labels.poll_s=0.05",
+    "rm.train.max_steps=3",
+    "rm.train.batch_size=4",
+    "rm.data.valid_fraction=0.25",
+    "rm.normalize.max_prompts=4",
+    "rm.normalize.samples_per_prompt=1",
+    "rm.normalize.sampling.max_new_tokens=8",
+    "ppo.stop.max_steps=3",
+    "ppo.ppo.batch_size=4",
+    "ppo.ppo.mini_batch_size=4",
+    "ppo.sampling.max_new_tokens=8",
+    "ppo.train.save_every=1",
+    "eval.samples_per_prompt=1",
+    "eval.bootstrap=20",
+    "eval.sampling.max_new_tokens=8",
+]
+
+
+def loop_inputs(root: Path) -> dict[str, Path]:
+    """A tiny SFT model, a pool of 10 prompts (2 rounds of 4 leave 2) and 4 held-out prompts."""
+    heldout = root / "heldout.jsonl"
+    rows = [{"id": f"h{i}", "prompt": f"How do I fix bike {i}?"} for i in range(4)]
+    heldout.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pool = write_prompts(root / "pool.jsonl", 10)
+    return {"sft": make_test_model("gpt2", root / "sft"), "pool": pool, "heldout": heldout}
+
+
+def loop_overrides(out: Path, inputs: dict[str, Path], *extra: str) -> list[str]:
+    """A tiny 2-round `rlhfkit loop` (KEY=VALUE overrides; `extra` come last and win)."""
+    paths = [f"output_dir={out}", f"sft={inputs['sft']}", f"pool={inputs['pool']}", f"eval.prompts={inputs['heldout']}"]
+    return [*paths, *LOOP_TINY, *extra]
+
+
 # ---- tiny models
 
 

@@ -96,6 +96,7 @@ COMMANDS: dict[str, Command] = {
         "run_label",
     ),  # fmt: skip
     "cai mix": Command("rlhfkit.stages.cai", "human + AI preference pairs, AI pairs weighted", "MixConfig", "run_mix"),
+    "loop": Command("rlhfkit.stages.loop", "rounds: fresh prompts -> labeling server -> RM -> PPO -> eval, resumable"),
     "demo": Command("rlhfkit.stages.demo", "run the whole loop on the embedded default data"),
     "data validate": Command(
         "rlhfkit.stages.data", "check a data file: the record count or the first error", "ValidateConfig",

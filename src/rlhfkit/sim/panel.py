@@ -22,8 +22,10 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+from rlhfkit.data.formats import Completions
 from rlhfkit.feedback.client import FeedbackClient
 from rlhfkit.labels.consensus import dense_ranks
+from rlhfkit.models.device import Device
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,18 @@ def judge(labeler: SimulatedLabeler, utilities: Sequence[float], rng: random.Ran
     noisy = [u + rng.gauss(0.0, labeler.noise) for u in utilities]
     unusable = max(noisy) < labeler.unusable_below
     return dense_ranks(noisy, tol=labeler.tie_margin), unusable
+
+
+def gold_utility(records: list[Completions], device: Device = "auto") -> dict[tuple[str, str], float]:
+    """The hidden gold utility of every candidate, `(prompt_id, text) -> utility`: what the simulated
+    panel ranks by (never shown to training); the judge runs on `device`."""
+    from rlhfkit.eval.gold import GoldJudge
+    from rlhfkit.models.device import resolve_device
+
+    flat = [(r.prompt_id, r.prompt, c) for r in records for c in r.completions]
+    print(f"gold utility of {len(flat)} candidates (hidden from training)")
+    scores = GoldJudge(device=resolve_device(device)).score([p for _, p, _ in flat], [c for _, _, c in flat]).tolist()
+    return {(pid, c): s for (pid, _, c), s in zip(flat, scores, strict=True)}
 
 
 def label_over_http(

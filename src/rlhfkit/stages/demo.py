@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +32,7 @@ from pydantic import Field, model_validator
 
 from rlhfkit.config import StrictModel, atomic_write_text, load_config, save_config
 from rlhfkit.data.formats import read_records
-from rlhfkit.models.device import Device, resolve_device
+from rlhfkit.models.device import Device
 from rlhfkit.models.sampling import SamplingConfig
 from rlhfkit.rewards.build import RewardConfig, RewardSpec
 from rlhfkit.sim.run_folder import RunFolder
@@ -45,19 +44,6 @@ from rlhfkit.stages import ppo as ppo_stage
 from rlhfkit.stages import pretrain as pretrain_stage
 from rlhfkit.stages import rm as rm_stage
 from rlhfkit.stages import sft as sft_stage
-
-GUIDELINES = """\
-# How to rank
-
-Rank the answers from **best (1)** to **worst**. A good answer:
-
-1. **answers the question that was asked** (an answer about something else is bad, however nice);
-2. is **kind and polite** (rudeness or insults make an answer the worst);
-3. is **informative** and does not **repeat itself**.
-
-Give two answers the same rank when you cannot tell them apart. Tick *not rankable* when every
-answer is unusable.
-"""
 
 
 class FeedbackConfig(StrictModel):
@@ -189,38 +175,17 @@ class Runner:
 def collect_feedback(out: Path, completions: Path, cfg: FeedbackConfig, seed: int, device: Device) -> dict[str, Any]:
     """Start the real feedback server (SQLite), set up a project, and let the panel rank over HTTP;
     the hidden gold judge runs on `device` (eval's)."""
-    from rlhfkit.eval.gold import GoldJudge
-    from rlhfkit.feedback import service
     from rlhfkit.feedback.client import FeedbackClient
-    from rlhfkit.feedback.db import Database
-    from rlhfkit.feedback.live import LiveServer
-    from rlhfkit.feedback.schemas import UserIn
-    from rlhfkit.feedback.settings import ServeConfig
-    from rlhfkit.sim.panel import default_panel, label_over_http
+    from rlhfkit.sim.embedded import OWNER, live_server, new_database, panel_project
+    from rlhfkit.sim.panel import default_panel, gold_utility, label_over_http
 
-    out.mkdir(parents=True, exist_ok=True)
-    records = read_records(completions, "completions")
-    print(f"[demo] gold utility of {sum(len(r.completions) for r in records)} candidates (hidden from training)")
-    judge = GoldJudge(device=resolve_device(device))
-    flat = [(r.prompt_id, r.prompt, c) for r in records for c in r.completions]
-    scores = judge.score([p for _, p, _ in flat], [c for _, _, c in flat]).tolist()
-    utility = {(pid, c): s for (pid, _, c), s in zip(flat, scores, strict=True)}
-
-    db_url = f"sqlite:///{out / 'feedback.db'}"
-    password = secrets.token_hex(12)  # hex digits cannot spell any of the users' names (see password_problem)
-    db = Database(db_url)
-    db.migrate()
-    with db.session(write=True) as s:
-        service.create_user(s, UserIn(username="owner", password=password, is_owner=True))
+    utility = gold_utility(read_records(completions, "completions"), device)
+    db, db_url, password = new_database(out)
     panel = default_panel()
-    config = ServeConfig(db_url=db_url, secret_key_file=str(out / "secret.key"))
-    with LiveServer(config, db) as server:
+    with live_server(out, db) as server:
         print(f"[demo] feedback server on {server.url} (database {out / 'feedback.db'})")
-        with FeedbackClient.login(server.url, "owner", password) as owner:
-            project = owner.create_project("demo", overlap=cfg.overlap, guidelines=GUIDELINES)
-            for labeler in panel:
-                owner.create_user(labeler.name, password)
-                owner.set_member(project["id"], labeler.name)
+        with FeedbackClient.login(server.url, OWNER, password) as owner:
+            project = panel_project(owner, "demo", cfg.overlap, panel, password)
             owner.import_jsonl(project["id"], completions)
             t = time.perf_counter()
             counts = label_over_http(server.url, project["id"], panel, password, utility, seed)

@@ -4,7 +4,7 @@ For each model: sample `samples_per_prompt` responses per prompt (same seed for 
 reward-model score (if a reward is given), the gold utility and its parts (if `gold=true`: the
 independent judges of `rlhfkit.eval.gold`; toxicity is the profanity classifier's probability),
 KL to the reference model on the model's own samples, response length and distinct-n diversity.
-Each later model is compared with the first (the baseline) prompt by prompt (each model's mean
+Each later model is compared with the first (the baseline; `baselines` adds more) prompt by prompt (each model's mean
 over its samples of that prompt): win rate by gold utility and by reward, and the mean paired
 difference with a bootstrap 95% confidence interval over prompts. Several samples per prompt
 narrow the interval at the cost of generation time: a rare failure (a rude answer once in 25)
@@ -39,6 +39,9 @@ from rlhfkit.rl.core import logprobs_from_logits, zero_padding
 class Config(StrictModel):
     output_dir: str = "runs/eval"
     models: dict[str, str] = Field(default_factory=dict, description="name -> model folder; first = baseline")
+    baselines: list[str] = Field(
+        default_factory=list, description="more baselines: every model listed after one is compared with it too"
+    )
     reference: str = Field("", description="model folder for KL; default: the first model")
     prompts: str = Field("", description="held-out prompts (JSONL or datasets, `path:split`): {id, prompt} or {prompt}")
     strict: bool = Field(False, description="unused columns are an error (default: ignored, named once in the log)")
@@ -98,6 +101,9 @@ def run(cfg: Config) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     save_config(cfg, out)
     names = list(cfg.models)
+    unknown = [b for b in cfg.baselines if b not in cfg.models]
+    if unknown:
+        raise UserError(f"baselines: {', '.join(unknown)} not among models ({', '.join(names)})")
     device = resolve_device(cfg.device)
     ref_model, ref_tok = load_causal_lm(ModelConfig(path=cfg.reference or cfg.models[names[0]]))
     place(ref_model, device).eval()
@@ -139,18 +145,18 @@ def run(cfg: Config) -> dict[str, Any]:
         summary[name]["distinct_1"] = distinct_n(s.texts, 1)
         summary[name]["distinct_2"] = distinct_n(s.texts, 2)
         summary[name]["prompts_truncated"] = s.prompts_truncated
-    base = names[0]
 
     def per_prompt(name: str, key: str) -> np.ndarray:  # rows are grouped by prompt
         return per_model[name][key].reshape(len(records), cfg.samples_per_prompt).mean(1)
 
     comparisons = {
-        f"{name}_vs_{base}": {
-            key: paired_comparison(per_prompt(base, key), per_prompt(name, key), cfg.bootstrap, cfg.seed)
+        f"{name}_vs_{b}": {
+            key: paired_comparison(per_prompt(b, key), per_prompt(name, key), cfg.bootstrap, cfg.seed)
             for key in ("gold", "reward", "toxicity")
             if key in per_model[name]
         }
-        for name in names[1:]
+        for b in [names[0], *cfg.baselines]
+        for name in names[names.index(b) + 1 :]
     }
     results = {
         "n_prompts": len(records),

@@ -40,22 +40,25 @@ class Config(StrictModel):
     device: Device = Field("auto", description=DEVICE_HELP)
 
 
-def sample_completions(model_cfg: ModelConfig, records: list[Any], cfg: Config) -> list[list[str]]:
-    """`cfg.k` completions of every prompt by one model (seeded: the same for the same inputs)."""
+def sample_completions(
+    model_cfg: ModelConfig, records: list[Any], k: int, sampling: SamplingConfig, seed: int, device: Device = "auto"
+) -> list[list[str]]:
+    """`k` completions of every prompt by one model (seeded: the same for the same inputs).
+    `rlhfkit loop` calls it once per candidate source, each with its own k and sampling."""
     model, tokenizer = load_causal_lm(model_cfg)
-    place(model, resolve_device(cfg.device))
-    check_length_budget(model.config, cfg.sampling)
-    torch.manual_seed(cfg.seed)
-    rendered = [render_prompt(tokenizer, r.prompt, cfg.sampling.prompt_template) for r in records]
-    chunk = max(1, cfg.sampling.batch_size // cfg.k)
+    place(model, resolve_device(device))
+    check_length_budget(model.config, sampling)
+    torch.manual_seed(seed)
+    rendered = [render_prompt(tokenizer, r.prompt, sampling.prompt_template) for r in records]
+    chunk = max(1, sampling.batch_size // k)
     out: list[list[str]] = []
     truncated = 0
     for start in track(range(0, len(records), chunk), f"generate ({model_cfg.path})"):
-        s = sample(model, tokenizer, rendered[start : start + chunk], cfg.sampling, num_samples=cfg.k)
-        out += [s.texts[i : i + cfg.k] for i in range(0, len(s.texts), cfg.k)]
+        s = sample(model, tokenizer, rendered[start : start + chunk], sampling, num_samples=k)
+        out += [s.texts[i : i + k] for i in range(0, len(s.texts), k)]
         truncated += s.prompts_truncated
     if truncated:
-        print(truncation_warning(truncated, len(records), cfg.sampling))
+        print(truncation_warning(truncated, len(records), sampling))
     return out
 
 
@@ -69,8 +72,8 @@ def run(cfg: Config) -> Path:
         records = records[: cfg.limit]
     out = Path(cfg.output_dir)
     save_config(cfg, out)
-    per_model = [sample_completions(cfg.model, records, cfg)]
-    per_model += [sample_completions(cfg.model.model_copy(update={"path": p}), records, cfg) for p in cfg.extra_models]
+    models = [cfg.model, *(cfg.model.model_copy(update={"path": p}) for p in cfg.extra_models)]
+    per_model = [sample_completions(m, records, cfg.k, cfg.sampling, cfg.seed, cfg.device) for m in models]
     results = [
         Completions(prompt_id=rec.id, prompt=rec.prompt, completions=[t for texts in per_model for t in texts[i]])
         for i, rec in enumerate(records)
