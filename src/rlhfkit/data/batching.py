@@ -26,7 +26,8 @@ import torch
 from rlhfkit.data.formats import Demonstration, Pair, Text, text_key
 
 IGNORE_INDEX = -100  # label of a token that does not count in the loss
-Encoded = dict[str, list[int]]  # "input_ids" (and "token_type_ids" for BERT-style pair inputs)
+# "input_ids" (and "token_type_ids" for BERT-style pair inputs; "user": [column] for a personalised RM)
+Encoded = dict[str, list[int]]
 T = TypeVar("T")  # any record with a `prompt`: Demonstration, Pair, Rating
 
 
@@ -134,6 +135,8 @@ def collate_sequences(seqs: Sequence[Encoded], pad_id: int) -> dict[str, torch.T
     }
     if "token_type_ids" in seqs[0]:
         out["token_type_ids"] = pad_right([s["token_type_ids"] for s in seqs], 0)
+    if "user" in seqs[0]:  # a personalised reward model's output column per sequence
+        out["user"] = torch.tensor([s["user"][0] for s in seqs], dtype=torch.long)
     return out
 
 

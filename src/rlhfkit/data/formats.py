@@ -2,17 +2,19 @@
 
 One record type per format (JSONL, one object per line, or a Hugging Face `datasets` folder):
 
-    prompts          {"id": "p1", "prompt": "How do I brew coffee?"}
+    prompts          {"id": "p1", "prompt": "How do I brew coffee?", "user": "ann"}
     demonstrations   {"prompt": "...", "response": "..."}
     completions      {"prompt_id": "p1", "prompt": "...", "completions": ["...", "..."]}
     rankings         {"prompt_id": "p1", "labeler": "ann", "ranking": [2, 1, 1], "unusable": false,
                       "strength": 3}
-    pairs            {"prompt": "...", "chosen": "...", "rejected": "...", "margin": 0.5}
+    pairs            {"prompt": "...", "chosen": "...", "rejected": "...", "margin": 0.5, "user": "ann"}
     ratings          {"prompt": "...", "completion": "...", "score": 0.7}
 
 A ranking gives candidate i the rank `ranking[i]` (1 = best); equal ranks are ties; ranks are dense
 (1, 2, 2, 3 but never 1, 3). The optional `strength` says how much better each rank is than the
-next one (STRENGTHS: 1 slightly, 2 better, 3 much better; absent = 2). Wherever a prompt or
+next one (STRENGTHS: 1 slightly, 2 better, 3 much better; absent = 2). The optional `user` of a
+prompt or pair is whose preference it is (personalisation, docs/personalization.md): a pair's is
+the labeler who made it, a prompt's the user the policy answers. Wherever a prompt or
 response is allowed, a conversation (a list of `{"role", "content"}` messages) is allowed too; it
 is rendered with the tokenizer's chat template.
 
@@ -97,9 +99,22 @@ class Record(BaseModel):
     __hash__ = None  # type: ignore[assignment]  # mutable, like BaseModel
 
 
+def check_user(v: str | None) -> str | None:
+    """A user name as personalisation renders it into a prompt (`data.chat.with_user`): one line."""
+    if v is not None and (not v.strip() or v != v.strip() or "\n" in v or len(v) > 100):
+        raise ValueError(f"user {v!r} must be a non-empty name on one line, without surrounding spaces, ≤ 100 chars")
+    return v
+
+
 class PromptRecord(Record):
     id: str
     prompt: Text
+    user: str | None = None  # whom the policy answers (personalisation); absent = anyone
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str | None) -> str | None:
+        return check_user(v)
 
     @field_validator("id")
     @classmethod
@@ -218,6 +233,12 @@ class Pair(Record):
     chosen: Text
     rejected: Text
     margin: float | None = None
+    user: str | None = None  # whose preference (the labeler); a personalised reward model learns per user
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str | None) -> str | None:
+        return check_user(v)
     # No margin is a margin of 0 in the loss; `datasets` would read a missing one as null, and
     # TRL's RewardTrainer fails on a null (`rlhfkit cai mix` writes human pairs next to AI ones).
     fill: ClassVar[dict[str, Any]] = {"margin": 0.0}
