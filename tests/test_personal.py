@@ -124,7 +124,10 @@ def test_user_fields_are_validated_and_labeler_pairs_carry_the_labeler(tmp_path)
     assert read_records(prompts, "prompts")[0].user == "bob"
 
     completions = [Completions(prompt_id="p1", prompt="q", completions=["a", "b"])]
-    rankings = [Ranking(prompt_id="p1", labeler="ann", ranking=[1, 2]), Ranking(prompt_id="p1", labeler="bob", ranking=[2, 1])]
+    rankings = [
+        Ranking(prompt_id="p1", labeler="ann", ranking=[1, 2]),
+        Ranking(prompt_id="p1", labeler="bob", ranking=[2, 1]),
+    ]
     pairs = rankings_to_pairs(rankings, completions)
     assert [(p.user, p.chosen) for p in pairs] == [("ann", "a"), ("bob", "b")]
 

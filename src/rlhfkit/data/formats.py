@@ -239,6 +239,7 @@ class Pair(Record):
     @classmethod
     def _user(cls, v: str | None) -> str | None:
         return check_user(v)
+
     # No margin is a margin of 0 in the loss; `datasets` would read a missing one as null, and
     # TRL's RewardTrainer fails on a null (`rlhfkit cai mix` writes human pairs next to AI ones).
     fill: ClassVar[dict[str, Any]] = {"margin": 0.0}

@@ -51,9 +51,7 @@ def rankings_to_pairs(
             gap = abs(r.ranking[i] - r.ranking[j])
             m = round(STRENGTH_MARGINS[r.strength or DEFAULT_STRENGTH] * gap, 4) if margin else None
             pairs.append(
-                Pair(
-                    prompt=c.prompt, chosen=c.completions[win], rejected=c.completions[lose], margin=m, user=r.labeler
-                )
+                Pair(prompt=c.prompt, chosen=c.completions[win], rejected=c.completions[lose], margin=m, user=r.labeler)
             )
     return pairs
 

@@ -345,8 +345,10 @@ def run(cfg: Config) -> Path:
             "export or rankings (their labeler is the user)"
         )
     if users and RewardMeta.read(cfg.model.path) is not None:
-        raise UserError(f"model.path: personalize=true starts from an LM (the SFT model or an encoder), not the "
-                        f"reward model {cfg.model.path}: it adds an output per user")
+        raise UserError(
+            f"model.path: personalize=true starts from an LM (the SFT model or an encoder), not the "
+            f"reward model {cfg.model.path}: it adds an output per user"
+        )
     if users:
         engine.print(f"personalised for {len(users)} users: {', '.join(users[:10])}{' ...' if len(users) > 10 else ''}")
 
