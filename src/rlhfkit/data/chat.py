@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from rlhfkit.data.formats import Message, Text
+from rlhfkit.data.formats import Message, PromptRecord, Text
 from rlhfkit.errors import UserError
 
 PROMPT_TEMPLATE = "User: {prompt}\nAssistant:"
@@ -55,6 +55,12 @@ def with_user(prompt: Text, user: str | None) -> Text:
         return prompt
     messages = [Message(role="user", content=prompt)] if isinstance(prompt, str) else list(prompt)
     return [Message(role="system", content=USER_LINE + user), *messages]
+
+
+def asked_prompt(record: PromptRecord, user: str = "") -> Text:
+    """A prompts record as its user asks it: `user` when given (`generate`/`eval` `user=NAME`),
+    else the record's own `user`, else nobody in particular."""
+    return with_user(record.prompt, user or record.user)
 
 
 def split_user(prompt: Text) -> tuple[str | None, Text]:

@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
@@ -31,6 +31,9 @@ from rlhfkit.stages import ppo as ppo_stage
 from rlhfkit.stages import pretrain as pretrain_stage
 from rlhfkit.stages import rm as rm_stage
 from rlhfkit.stages import sft as sft_stage
+
+if TYPE_CHECKING:
+    from rlhfkit.sim.panel import SimulatedLabeler
 
 GUIDELINES = """\
 # How to rank
@@ -127,8 +130,11 @@ class Runner:
         return folder
 
 
-def collect_feedback(out: Path, completions: Path, cfg: FeedbackConfig, seed: int) -> dict[str, Any]:
-    """Start the real feedback server (SQLite), set up a project, and let the panel rank over HTTP."""
+def collect_feedback(
+    out: Path, completions: Path, cfg: FeedbackConfig, seed: int, panel: list[SimulatedLabeler] | None = None
+) -> dict[str, Any]:
+    """Start the real feedback server (SQLite), set up a project, and let the panel (default:
+    `default_panel()`) rank over HTTP."""
     from rlhfkit.eval.gold import GoldJudge
     from rlhfkit.feedback import service
     from rlhfkit.feedback.client import FeedbackClient
@@ -152,7 +158,7 @@ def collect_feedback(out: Path, completions: Path, cfg: FeedbackConfig, seed: in
     db.migrate()
     with db.session(write=True) as s:
         service.create_user(s, UserIn(username="owner", password=password, is_owner=True))
-    panel = default_panel()
+    panel = panel or default_panel()
     config = ServeConfig(db_url=db_url, secret_key_file=str(out / "secret.key"))
     with LiveServer(config, db) as server:
         print(f"[demo] feedback server on {server.url} (database {out / 'feedback.db'})")

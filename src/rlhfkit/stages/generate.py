@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 
 from rlhfkit.config import StrictModel, save_config
-from rlhfkit.data.chat import render_prompt
+from rlhfkit.data.chat import asked_prompt, render_prompt
 from rlhfkit.data.formats import Completions, read_records, write_records
 from rlhfkit.engine.progress import track
 from rlhfkit.models.loading import ModelConfig, load_causal_lm
@@ -35,6 +35,7 @@ class Config(StrictModel):
     limit: int = Field(0, ge=0, description="use only the first N prompts (0 = all)")
     model: ModelConfig = ModelConfig()
     extra_models: list[str] = Field(default_factory=list, description="more model folders, k completions each")
+    user: str = Field("", description="ask every prompt as this user (a personalised policy); empty = a prompt's own")
     sampling: SamplingConfig = SamplingConfig()
 
 
@@ -43,7 +44,7 @@ def sample_completions(model_cfg: ModelConfig, records: list[Any], cfg: Config) 
     model, tokenizer = load_causal_lm(model_cfg)
     check_length_budget(model.config, cfg.sampling)
     torch.manual_seed(cfg.seed)
-    rendered = [render_prompt(tokenizer, r.prompt, cfg.sampling.prompt_template) for r in records]
+    rendered = [render_prompt(tokenizer, asked_prompt(r, cfg.user), cfg.sampling.prompt_template) for r in records]
     chunk = max(1, cfg.sampling.batch_size // cfg.k)
     out: list[list[str]] = []
     truncated = 0
@@ -69,7 +70,11 @@ def run(cfg: Config) -> Path:
     per_model = [sample_completions(cfg.model, records, cfg)]
     per_model += [sample_completions(cfg.model.model_copy(update={"path": p}), records, cfg) for p in cfg.extra_models]
     results = [
-        Completions(prompt_id=rec.id, prompt=rec.prompt, completions=[t for texts in per_model for t in texts[i]])
+        Completions(
+            prompt_id=rec.id,
+            prompt=asked_prompt(rec, cfg.user),
+            completions=[t for texts in per_model for t in texts[i]],
+        )
         for i, rec in enumerate(records)
     ]
     path = write_records(out / "completions.jsonl", results)

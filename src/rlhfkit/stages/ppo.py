@@ -16,6 +16,10 @@ The reference model is a frozen copy of the starting policy; with LoRA it is the
 the adapter switched off (no second copy in memory). Outputs: OUTPUT_DIR/model (merged policy),
 metrics.jsonl (one row per step), samples.jsonl (responses every `log_samples_every` steps),
 results.json (summary and why training stopped), checkpoints/ (for --resume).
+
+Personalisation: a prompt with a `user` is asked as that user (`data.chat.with_user`, a system line
+naming them) and the reward scores that same prompt, so a personalised reward model scores each
+response as its user's (docs/personalization.md).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from rlhfkit.config import StrictModel, atomic_write_text, save_config
-from rlhfkit.data.chat import render_prompt
+from rlhfkit.data.chat import asked_prompt, render_prompt
 from rlhfkit.data.formats import read_records, text_to_json
 from rlhfkit.engine.metrics import truncate_jsonl
 from rlhfkit.engine.progress import Progress
@@ -325,6 +329,8 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     if engine.is_main:
         save_config(cfg, out)
     records = read_records(cfg.prompts, "prompts", strict=cfg.strict)
+    # a prompt's `user` is part of what the policy reads and what the reward scores (personalisation)
+    asked = [asked_prompt(r) for r in records]
     for warning in normalization_mismatches(cfg):
         engine.print(f"[yellow]warning: {warning}[/]")
     p = cfg.ppo
@@ -359,7 +365,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     if engine.is_main:
         truncate_jsonl(samples_log, step)
 
-    rendered = [render_prompt(tokenizer, r.prompt, cfg.sampling.prompt_template) for r in records]
+    rendered = [render_prompt(tokenizer, a, cfg.sampling.prompt_template) for a in asked]
     n_params = sum(x.numel() for x in model.parameters())
     n_train = sum(x.numel() for x in model.parameters() if x.requires_grad)
     engine.print(
@@ -384,7 +390,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
             hidden = None if mixed else batch.hidden.to(engine.device)  # type: ignore[union-attr]  (keep_hidden)
 
             # 2. score the responses
-            raw = reward.score([records[i].prompt for i in index], batch.texts).float().cpu()
+            raw = reward.score([asked[i] for i in index], batch.texts).float().cpu()
             if nonfinite({"reward": raw}):
                 engine.skip_step("non-finite reward")
                 step += 1
@@ -453,7 +459,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
                 step += 1
                 continue
             if engine.is_main and cfg.log_samples_every and (step % cfg.log_samples_every == 0):
-                prompts = [records[i].prompt for i in index]
+                prompts = [asked[i] for i in index]
                 _log_samples(samples_log, step + 1, prompts, batch.texts, raw, batch.ended, cfg.log_samples)
 
             # stop before updating: the current policy is the one that reached the threshold / ceiling
