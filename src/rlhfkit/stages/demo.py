@@ -178,14 +178,10 @@ def collect_feedback(
     return {"db_url": db_url, "judgments": counts, "progress": progress, "seconds": dt}
 
 
-def run(cfg: Config) -> Path:
-    out = Path(cfg.output_dir)
-    run = RunFolder(out)
-    save_config(cfg, out)
-    runner = Runner(run, cfg.resume)
-    from rlhfkit.data.corpus import build_default_data
-
-    data = build_default_data(run.stage("data"), seed=cfg.seed)
+def policy_stages(cfg: Config, runner: Runner, data: dict[str, Path]) -> Path:
+    """pretrain → SFT → candidates for labeling, each skipped when done; returns the SFT model.
+    The start that `rlhfkit demo` and `rlhfkit demo-personal` share."""
+    run = runner.run
 
     def pretrain() -> None:
         d = cfg.pretrain.data.model_copy(
@@ -214,6 +210,18 @@ def run(cfg: Config) -> Path:
         generate_stage.run(c)
 
     runner.stage("generate", run.completions, generate)
+    return sft_model
+
+
+def run(cfg: Config) -> Path:
+    out = Path(cfg.output_dir)
+    run = RunFolder(out)
+    save_config(cfg, out)
+    runner = Runner(run, cfg.resume)
+    from rlhfkit.data.corpus import build_default_data
+
+    data = build_default_data(run.stage("data"), seed=cfg.seed)
+    sft_model = policy_stages(cfg, runner, data)
 
     def feedback() -> None:
         info = collect_feedback(run.stage("feedback"), run.completions, cfg.feedback, cfg.seed)
