@@ -91,10 +91,15 @@ def test_unknown_users_fall_back_to_pooled_and_the_saved_model_round_trips(train
     assert torch.equal(stranger, pooled)  # an unknown user is scored exactly as no user
     assert not torch.allclose(ann, pooled)
 
+    # a further normalisation is folded into the weights on save: into output 0's bias only, so every
+    # user's reward (output 0 + theirs) and the pooled one move alike
+    rm.meta.gain, rm.meta.bias = rm.meta.gain * 2.0, rm.meta.bias + 0.5
+    prompts = [with_user(prompt, "ann"), with_user(prompt, "bob"), prompt]
+    before = [rm.score([p] * 2, [good, bad]) for p in prompts]
     again = RewardModel.load(rm.save(tmp_path / "copy"))
-    assert again.meta.users == list(USERS)
-    for p in (with_user(prompt, "ann"), with_user(prompt, "bob"), prompt):
-        assert torch.allclose(again.score([p] * 2, [good, bad]), rm.score([p] * 2, [good, bad]), atol=1e-5)
+    assert again.meta.users == list(USERS) and again._logit_map() == (1.0, 0.0)  # all of it in the weights
+    for p, expected in zip(prompts, before, strict=True):
+        assert torch.allclose(again.score([p] * 2, [good, bad]), expected, atol=1e-4)
 
 
 def test_with_user_renders_one_system_line_and_splits_back():
@@ -142,3 +147,22 @@ def test_personalize_needs_pairs_with_users(tmp_path):
 
         rm.run(load_config(rm.Config, None, [f"model.path={tmp_path / 'tiny'}", f"data.pairs={path}",
                                               f"output_dir={tmp_path / 'rm'}", "personalize=true"]))  # fmt: skip
+
+
+def test_generate_asks_as_the_user_and_eval_refuses_users_of_unknown_models(tmp_path):
+    from rlhfkit.config import load_config
+    from rlhfkit.stages import eval as eval_stage
+    from rlhfkit.stages import generate
+
+    model = make_test_model("gpt2", tmp_path / "tiny")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "p1", "prompt": "How do I make tea?", "user": "bob"}) + "\n")
+    common = [f"model.path={model}", f"prompts={prompts}", "k=2", "sampling.max_new_tokens=4"]
+    for user, expected in (("ann", "ann"), ("", "bob")):  # user=NAME, else the prompt's own
+        cfg = load_config(generate.Config, None, [*common, f"output_dir={tmp_path / user}", f"user={user}"])
+        (record,) = read_records(generate.run(cfg), "completions")
+        assert split_user(record.prompt) == (expected, "How do I make tea?")
+
+    cfg = load_config(eval_stage.Config, None, [f"prompts={prompts}", f"models={{a: {model}}}", "users={b: ann}"])
+    with pytest.raises(UserError, match="users: b not in models"):
+        eval_stage.run(cfg)
