@@ -75,8 +75,9 @@ class Config(demo.Config):
 def personal_prompts(source: Path, users: list[str], out: Path) -> Path:
     """The prompts file with every prompt asked by one of `users` in turn (the PPO prompts)."""
     records = read_records(source, "prompts")
-    asked = [r.model_copy(update={"user": users[i % len(users)]}) for i, r in enumerate(records)]
-    return write_records(out, [PromptRecord.model_validate(r.to_json()) for r in asked])
+    return write_records(
+        out, [PromptRecord(id=r.id, prompt=r.prompt, user=users[i % len(users)]) for i, r in enumerate(records)]
+    )
 
 
 def export_labeler_pairs(db_url: str, out: Path) -> Path:

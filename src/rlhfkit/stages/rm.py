@@ -243,8 +243,8 @@ def user_accuracy(rm: RewardModel, pairs: list[Pair]) -> dict[str, dict[str, flo
         acc = {}
         for mode, who in (("accuracy", user), ("pooled_accuracy", None)):
             prompts = [with_user(p.prompt, who) for p in ps]
-            chosen = rm.score(prompts, [p.chosen for p in ps])  # type: ignore[misc]
-            rejected = rm.score(prompts, [p.rejected for p in ps])  # type: ignore[misc]
+            chosen = rm.score(prompts, [p.chosen for p in ps])
+            rejected = rm.score(prompts, [p.rejected for p in ps])
             acc[mode] = float(pairwise_accuracy(chosen, rejected))
         out[user] = {"pairs": len(ps), **acc}
     return out
