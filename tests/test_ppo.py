@@ -16,7 +16,7 @@ import torch
 from rlhfkit.config import load_config
 from rlhfkit.engine.metrics import read_metrics
 from rlhfkit.errors import UserError
-from rlhfkit.models.loading import LoraConfig, ModelConfig, apply_lora, load_causal_lm
+from rlhfkit.models.loading import BackboneOptions, LoraConfig, ModelConfig, apply_lora, load_causal_lm
 from rlhfkit.models.sampling import SamplingConfig, encode_prompts, sample
 from rlhfkit.models.value import PolicyAndValue, load_critic, response_logits
 from rlhfkit.rewards.base import FunctionReward
@@ -203,7 +203,7 @@ def test_critic_from_a_reward_model_gives_its_scores_as_values(models, tmp_path)
         hidden = rm.transformer(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
     torch.testing.assert_close(values, rm.score(hidden).squeeze(-1)[:, 2:5])
     assert values.abs().min() > 0
-    lora_critic = load_critic(str(rm_dir), len(tok), lora=LoraConfig(r=4))
+    lora_critic = load_critic(str(rm_dir), len(tok), BackboneOptions(lora=LoraConfig(r=4)))
     trained = [n for n, p in lora_critic.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in n or "score" in n for n in trained)
     assert any("score" in n for n in trained)
@@ -308,7 +308,10 @@ def fresh_accelerator_state():
 
 
 @pytest.mark.usefixtures("fresh_accelerator_state")
-def test_bf16_ratio_is_exactly_one_at_the_first_update(tmp_path):
+@pytest.mark.parametrize(
+    "algorithm", [{}, {"algorithm": "rloo", "num_generations": 2}, {"algorithm": "grpo", "num_generations": 4}]
+)
+def test_bf16_ratio_is_exactly_one_at_the_first_update(tmp_path, algorithm):
     """Under mixed precision the update's forward runs in bf16 autocast: the rollout's "old" numbers
     must come from that same forward, in the same micro-batches (in bf16 a row's result depends on
     how wide its batch-mates make the batch: 1e-3 apart at this model width), or the ratio is off by
@@ -322,7 +325,7 @@ def test_bf16_ratio_is_exactly_one_at_the_first_update(tmp_path):
         tmp_path / "out",
         model_dir,
         prompts,
-        ppo={"batch_size": 16, "mini_batch_size": 8, "micro_batch_size": 2, "epochs": 1},
+        ppo={"batch_size": 16, "mini_batch_size": 8, "micro_batch_size": 2, "epochs": 1, **algorithm},
         stop={"max_steps": 1},
         train={"mixed_precision": "bf16", "lr": 1e-30},
     )

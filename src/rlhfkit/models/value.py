@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from rlhfkit.errors import UserError
-from rlhfkit.models.loading import LoraConfig, disable_dropout
+from rlhfkit.models.loading import BackboneOptions, apply_lora, disable_dropout, prepare_for_training, pretrained_kwargs
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -89,26 +89,21 @@ class PolicyAndValue(nn.Module):
         return logits, values.squeeze(-1)
 
 
-def load_critic(
-    path: str,
-    vocab_size: int,
-    lora: LoraConfig | None = None,
-    dtype: torch.dtype = torch.float32,
-    trust_remote_code: bool = False,
-) -> Any:
+def load_critic(path: str, vocab_size: int, opts: BackboneOptions | None = None) -> Any:
     """A critic initialised from a reward-model folder (a one-output sequence classifier).
 
     Why check the vocabulary: the critic reads the policy's token ids, so it must have been trained
     with the policy's tokenizer (pad token included); a different one gives meaningless values.
     With `lora`, the critic trains a LoRA adapter plus its score head, like the policy, so that
     LoRA mode stays light; the peft wrapper is dropped and the injected layers stay in place.
+    `opts` are the policy's (`model.*`): the critic is loaded in its dtype, attention kernel, 4-bit
+    and gradient-checkpointing settings, as big as the policy and fitting where it fits.
     """
     from transformers import AutoModelForSequenceClassification
 
+    opts = opts or BackboneOptions()
     try:
-        critic = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        critic = AutoModelForSequenceClassification.from_pretrained(path, **pretrained_kwargs(opts, "model"))
     except (OSError, ValueError) as e:
         raise UserError(f"ppo.critic_path: cannot load {path!r} as a sequence classifier ({e})") from None
     if critic.config.num_labels != 1:
@@ -121,16 +116,7 @@ def load_critic(
             f"tokenizer has {vocab_size}; initialise the critic from a reward model trained on this policy"
         )
     disable_dropout(critic)
-    if lora is None:
+    prepare_for_training(critic, opts)
+    if opts.lora is None:
         return critic
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    peft_cfg = PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type="SEQ_CLS",  # keeps the score head trainable
-    )
-    return get_peft_model(critic, peft_cfg).get_base_model()
+    return apply_lora(critic, opts.lora, "SEQ_CLS").get_base_model()

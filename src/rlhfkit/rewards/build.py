@@ -9,7 +9,7 @@ reward:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -24,6 +24,9 @@ class RewardSpec(StrictModel):
     label: int | str = Field(0, description="classifier class whose logit is the reward")
     function: str = Field("", description="'module:function' taking (prompt, completion) -> float")
     weight: float = 1.0
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="the reward model's weights as loaded (model sources; bfloat16 halves its memory)"
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> RewardSpec:
@@ -43,7 +46,7 @@ def build_source(spec: RewardSpec, device: Any = "cpu") -> RewardSource:
     if spec.model:
         from rlhfkit.rewards.model import RewardModel
 
-        return RewardModel.load(spec.model, device=device)
+        return RewardModel.load(spec.model, device=device, dtype=spec.dtype)
     from rlhfkit.rewards.classifier import ClassifierReward
 
     return ClassifierReward(spec.classifier, label=spec.label, device=device)

@@ -16,6 +16,7 @@ import torch
 
 from rlhfkit.data.formats import Text
 from rlhfkit.errors import UserError
+from rlhfkit.models.device import place
 
 
 def _plain(text: Text) -> str:
@@ -44,7 +45,7 @@ class ClassifierReward:
         if self.tokenizer.pad_token is None:  # decoder classifiers: no EOS is appended here, so EOS can pad
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.to(device).eval()
+        place(self.model, device).eval()
         self.label = self._label_index(path, label)
         self.batch_size, self.max_length, self.with_prompt = batch_size, max_length, with_prompt
 

@@ -8,8 +8,8 @@ Two kinds, one interface:
 - encoder (BERT-style, e.g. all-MiniLM-L6-v2): the input is the text pair
   ([CLS] rendered prompt [SEP] response [SEP]); the head reads the pooled [CLS] token.
 
-The saved folder is a plain `save_pretrained` sequence classifier (`num_labels=1`) plus
-`rlhfkit_reward.json`: the kind, the prompt template used in training, and how rewards were
+The saved folder is a plain `save_pretrained` sequence classifier (`num_labels=1`; 1 + users when
+personalised) plus `rlhfkit_reward.json`: the kind, the prompt template used in training, and how rewards were
 normalised (gain/bias fitted so the reference policy's own samples score mean 0, std 1; PPO
 detail 2). The normalisation is affine, so `save` folds it into the weights (`fold_normalization`):
 the logits of plain `AutoModelForSequenceClassification` are the normalised reward. The metadata
@@ -38,7 +38,15 @@ from rlhfkit.data.batching import Encoded, collate_sequences
 from rlhfkit.data.chat import PROMPT_TEMPLATE, encode_example, render_prompt, render_response, split_user
 from rlhfkit.data.formats import Text
 from rlhfkit.errors import UserError
-from rlhfkit.models.loading import DTYPES, disable_dropout, load_tokenizer
+from rlhfkit.models.device import place
+from rlhfkit.models.loading import (
+    BackboneOptions,
+    disable_dropout,
+    is_peft,
+    load_tokenizer,
+    prepare_for_training,
+    pretrained_kwargs,
+)
 from rlhfkit.rl.core import score_scale
 
 META_FILE = "rlhfkit_reward.json"
@@ -81,19 +89,19 @@ def detect_kind(config: Any) -> Kind:
 
 
 def load_backbone(
-    path: str,
-    kind: Kind | Literal["auto"] = "auto",
-    dtype: str = "float32",
-    trust_remote_code: bool = False,
-    outputs: int = 1,
+    path: str, kind: Kind | Literal["auto"] = "auto", opts: BackboneOptions | None = None, outputs: int = 1
 ) -> tuple[Any, Any, Kind]:
-    """(sequence classifier with `outputs` outputs, tokenizer, kind) from any LM or reward-model folder
-    (more than one output: a personalised reward model, pooled + one per user).
+    """(sequence classifier with `outputs` outputs, tokenizer, kind) from any LM or reward-model folder,
+    loaded as `opts` say (dtype, attention kernel, 4-bit, gradient checkpointing); `opts.lora` is
+    the caller's to apply, once the head is initialised (`rlhfkit rm`). More than one output: a
+    personalised reward model, pooled + one per user.
 
     Dropout is switched off: a reward must be a deterministic function of the text.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+    opts = opts or BackboneOptions()
+    trust_remote_code = opts.trust_remote_code
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -107,13 +115,15 @@ def load_backbone(
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         if tokenizer.pad_token is None:
             raise UserError(f"{path}: the encoder's tokenizer has no pad token")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=outputs, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
-    )
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=outputs, **pretrained_kwargs(opts))
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.path: cannot load {path!r} as a sequence classifier ({e})") from None
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.config.pad_token_id = tokenizer.pad_token_id  # the head finds the last non-pad token with it
     disable_dropout(model)
+    prepare_for_training(model, opts)
     return model, tokenizer, kind
 
 
@@ -197,12 +207,20 @@ class RewardModel:
         self.truncated = 0  # sequences `encode` has cut to meta.max_length (the rm stage reports them)
 
     @classmethod
-    def load(cls, path: str | Path, device: Any = "cpu", batch_size: int = 32) -> RewardModel:
+    def load(
+        cls,
+        path: str | Path,
+        device: Any = "cpu",
+        batch_size: int = 32,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    ) -> RewardModel:
+        """A saved reward model for scoring, in `dtype` (bfloat16 halves the memory of a big one
+        next to a big policy; the scores are returned in float32 either way)."""
         meta = RewardMeta.read(path)
         if meta is None:
             raise UserError(f"{path}: not a reward model trained by `rlhfkit rm` (no {META_FILE})")
-        model, tokenizer, _ = load_backbone(str(path), meta.kind, outputs=1 + len(meta.users))
-        model.to(device).eval()
+        model, tokenizer, _ = load_backbone(str(path), meta.kind, BackboneOptions(dtype=dtype), 1 + len(meta.users))
+        place(model, device).eval()
         return cls(model, tokenizer, meta, batch_size)
 
     def save(self, path: str | Path) -> Path:
@@ -212,6 +230,8 @@ class RewardModel:
         see `fold_normalization`."""
         import shutil
 
+        if is_peft(self.model):  # a LoRA-trained head: saved merged, a plain classifier like any other
+            self.model = self.model.merge_and_unload()
         scale, offset = self._logit_map()
         if (scale, offset) != (1.0, 0.0):
             device = next(self.model.parameters()).device

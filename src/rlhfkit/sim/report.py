@@ -15,6 +15,7 @@ from typing import Any
 from rlhfkit.config import atomic_write_text
 from rlhfkit.engine.metrics import read_metrics
 from rlhfkit.eval.report import Report, hacking_check, plot_bars, plot_curves, plot_overoptimisation, table
+from rlhfkit.models.device import resolve_device
 from rlhfkit.sim.run_folder import RunFolder
 
 
@@ -29,7 +30,7 @@ def gold_along_ppo(samples_path: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
     if not rows:
         return {}
-    judge = GoldJudge()
+    judge = GoldJudge(device=resolve_device("auto"))
     scores = judge.score([r["prompt"] for r in rows], [r["response"] for r in rows]).tolist()
     by_step: dict[int, list[float]] = defaultdict(list)
     for r, s in zip(rows, scores, strict=True):

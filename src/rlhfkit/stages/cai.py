@@ -29,6 +29,7 @@ from rlhfkit.cai.revise import critique_and_revise, to_records
 from rlhfkit.config import StrictModel, save_config
 from rlhfkit.data.formats import read_records, write_jsonl, write_records
 from rlhfkit.errors import UserError
+from rlhfkit.models.device import DEVICE_HELP, Device, place, resolve_device
 from rlhfkit.models.loading import ModelConfig, fit_to_positions, load_causal_lm
 from rlhfkit.models.sampling import SamplingConfig
 from rlhfkit.rewards.build import RewardConfig, build_reward
@@ -60,6 +61,7 @@ class ReviseConfig(StrictModel):
     limit: int = Field(0, ge=0, description="use only the first N prompts (0 = all)")
     model: ModelConfig = ModelConfig()
     sampling: CAISamplingConfig = CAISamplingConfig()
+    device: Device = Field("auto", description=DEVICE_HELP)
 
 
 class JudgeConfig(StrictModel):
@@ -80,6 +82,7 @@ class LabelConfig(StrictModel):
     seed: int = 0
     limit: int = Field(0, ge=0, description="use only the first N prompts (0 = all)")
     judge: JudgeConfig = JudgeConfig()
+    device: Device = Field("auto", description=DEVICE_HELP)
 
 
 class MixConfig(StrictModel):
@@ -92,11 +95,9 @@ class MixConfig(StrictModel):
     seed: int = 0
 
 
-def _device_model(cfg: ModelConfig) -> tuple[Any, Any]:
+def _device_model(cfg: ModelConfig, device: torch.device) -> tuple[Any, Any]:
     model, tokenizer = load_causal_lm(cfg)
-    if torch.cuda.is_available():
-        model.to("cuda")
-    return model, tokenizer
+    return place(model, device), tokenizer
 
 
 def run_revise(cfg: ReviseConfig) -> Path:
@@ -107,7 +108,7 @@ def run_revise(cfg: ReviseConfig) -> Path:
     records = records[: cfg.limit] if cfg.limit else records
     out = Path(cfg.output_dir)
     save_config(cfg, out)
-    model, tokenizer = _device_model(cfg.model)
+    model, tokenizer = _device_model(cfg.model, resolve_device(cfg.device))
     torch.manual_seed(cfg.seed)
     prompts = [r.prompt for r in records]
     traces = critique_and_revise(
@@ -121,16 +122,16 @@ def run_revise(cfg: ReviseConfig) -> Path:
     return out
 
 
-def build_judge(cfg: JudgeConfig) -> Judge:
+def build_judge(cfg: JudgeConfig, device: torch.device) -> Judge:
     if bool(cfg.model.path) == bool(cfg.reward.sources):
         raise UserError("judge: give exactly one judge: judge.model.path=MODEL or judge.reward.sources=[...]")
     if cfg.model.path:
-        model, tokenizer = _device_model(cfg.model)
+        model, tokenizer = _device_model(cfg.model, device)
         max_tokens, note = fit_to_positions(model.config, cfg.max_tokens, "judge.max_tokens")
         if note:
             print(f"note: {note}")
         return ModelJudge(model, tokenizer, batch_size=cfg.batch_size, max_tokens=max_tokens)
-    return RewardJudge(build_reward(cfg.reward, device="cuda" if torch.cuda.is_available() else "cpu"))
+    return RewardJudge(build_reward(cfg.reward, device))
 
 
 def run_label(cfg: LabelConfig) -> Path:
@@ -140,7 +141,7 @@ def run_label(cfg: LabelConfig) -> Path:
     records = read_records(cfg.completions, "completions")
     records = records[: cfg.limit] if cfg.limit else records
     out = Path(cfg.output_dir)
-    judge = build_judge(cfg.judge)
+    judge = build_judge(cfg.judge, resolve_device(cfg.device))
     save_config(cfg, out)
     pairs, judgements = label(judge, records, constitution, cfg.pairs, cfg.min_confidence, cfg.seed)
     if not pairs:

@@ -21,6 +21,7 @@ from pydantic import Field
 
 from rlhfkit.config import StrictModel, atomic_write_text, save_config
 from rlhfkit.data.formats import read_records
+from rlhfkit.models.device import Device, resolve_device
 from rlhfkit.models.sampling import SamplingConfig
 from rlhfkit.rewards.build import RewardConfig, RewardSpec
 from rlhfkit.sim.run_folder import RunFolder
@@ -131,10 +132,15 @@ class Runner:
 
 
 def collect_feedback(
-    out: Path, completions: Path, cfg: FeedbackConfig, seed: int, panel: list[SimulatedLabeler] | None = None
+    out: Path,
+    completions: Path,
+    cfg: FeedbackConfig,
+    seed: int,
+    device: Device,
+    panel: list[SimulatedLabeler] | None = None,
 ) -> dict[str, Any]:
     """Start the real feedback server (SQLite), set up a project, and let the panel (default:
-    `default_panel()`) rank over HTTP."""
+    `default_panel()`) rank over HTTP; the hidden gold judge runs on `device` (eval's)."""
     from rlhfkit.eval.gold import GoldJudge
     from rlhfkit.feedback import service
     from rlhfkit.feedback.client import FeedbackClient
@@ -147,7 +153,7 @@ def collect_feedback(
     out.mkdir(parents=True, exist_ok=True)
     records = read_records(completions, "completions")
     print(f"[demo] gold utility of {sum(len(r.completions) for r in records)} candidates (hidden from training)")
-    judge = GoldJudge()
+    judge = GoldJudge(device=resolve_device(device))
     flat = [(r.prompt_id, r.prompt, c) for r in records for c in r.completions]
     scores = judge.score([p for _, p, _ in flat], [c for _, _, c in flat]).tolist()
     utility = {(pid, c): s for (pid, _, c), s in zip(flat, scores, strict=True)}
@@ -224,7 +230,7 @@ def run(cfg: Config) -> Path:
     sft_model = policy_stages(cfg, runner, data)
 
     def feedback() -> None:
-        info = collect_feedback(run.stage("feedback"), run.completions, cfg.feedback, cfg.seed)
+        info = collect_feedback(run.stage("feedback"), run.completions, cfg.feedback, cfg.seed, cfg.eval.device)
         atomic_write_text(run.feedback_summary, json.dumps(info, indent=2))
 
     runner.stage("feedback", run.feedback_summary, feedback)

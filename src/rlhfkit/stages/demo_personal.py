@@ -190,7 +190,9 @@ def run(cfg: Config) -> Path:
         panel = [
             SimulatedLabeler(user, noise=cfg.noise, length_taste=g.length_taste) for g in cfg.groups for user in g.users
         ]
-        info = demo.collect_feedback(run.stage("feedback"), run.completions, cfg.feedback, cfg.seed, panel)
+        info = demo.collect_feedback(
+            run.stage("feedback"), run.completions, cfg.feedback, cfg.seed, cfg.eval.device, panel
+        )
         export_labeler_pairs(info["db_url"], pairs)
         atomic_write_text(run.feedback_summary, json.dumps(info, indent=2))
 

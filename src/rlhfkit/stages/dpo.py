@@ -40,6 +40,7 @@ from rlhfkit.data.chat import encode_example
 from rlhfkit.data.formats import Pair, Text, Unpaired, read_records, text_key
 from rlhfkit.engine.trainer import Engine, TrainConfig
 from rlhfkit.errors import UserError
+from rlhfkit.models.device import place
 from rlhfkit.models.loading import (
     ModelConfig,
     check_same_tokenizer,
@@ -204,12 +205,13 @@ class Prepared:
                 return stored["logps"]
             self.engine.print(f"[yellow]{path} was made for other data; computing the reference log-probs again[/]")
         if adapter_off:
-            ref = self.policy.to(device)
+            ref = place(self.policy, device)
         else:
             ref_cfg = cfg.model.model_copy(update={"path": cfg.ref_model or cfg.model.path, "lora": None})
-            ref = load_causal_lm(ref_cfg, self.tokenizer)[0].to(device)
+            ref = place(load_causal_lm(ref_cfg, self.tokenizer)[0], device)
         self.engine.print(f"reference log-probs of {sum(map(len, named.values()))} sequences under {name}")
-        logps = {k: reference_logps(ref, v, self.collate, cfg.train.batch_size, device) for k, v in named.items()}
+        with self.engine.accelerator.autocast():  # the policy's log-probs are computed under it too (a no-op without)
+            logps = {k: reference_logps(ref, v, self.collate, cfg.train.batch_size, device) for k, v in named.items()}
         del ref
         if self.engine.is_main:
             torch.save({"fingerprint": fingerprint, "logps": logps}, path)

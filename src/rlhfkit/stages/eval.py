@@ -32,6 +32,7 @@ from rlhfkit.config import StrictModel, atomic_write_text, save_config
 from rlhfkit.data.chat import asked_prompt, render_prompt
 from rlhfkit.data.formats import read_records, text_to_json
 from rlhfkit.errors import UserError
+from rlhfkit.models.device import DEVICE_HELP, Device, model_device, place, resolve_device
 from rlhfkit.models.loading import ModelConfig, load_causal_lm
 from rlhfkit.models.sampling import Samples, SamplingConfig, check_length_budget, sample, truncation_warning
 from rlhfkit.models.value import response_logits
@@ -52,6 +53,7 @@ class Config(StrictModel):
     reward: RewardConfig = RewardConfig()
     sampling: SamplingConfig = SamplingConfig(temperature=0.7)
     bootstrap: int = Field(2000, gt=0, description="bootstrap resamples for confidence intervals")
+    device: Device = Field("auto", description=DEVICE_HELP)
     user: str = Field("", description="ask every prompt as this user (personalised policy and reward); empty = its own")
     users: dict[str, str] = Field(
         default_factory=dict,
@@ -61,17 +63,21 @@ class Config(StrictModel):
 
 @torch.no_grad()
 def sequence_kl(model: Any, ref: Any, s: Samples, temperature: float, batch: int = 32) -> torch.Tensor:
-    """Σ_t log π(y_t) − log π_ref(y_t) over each sampled response (k1, unbiased for KL(π‖π_ref))."""
+    """Σ_t log π(y_t) − log π_ref(y_t) over each sampled response (k1, unbiased for KL(π‖π_ref)), on the CPU.
+
+    The samples are on the CPU; each batch goes to the models' device (both models are placed on
+    the same one)."""
     out = []
-    ids = torch.cat([s.prompt_ids, s.response_ids], 1)
-    mask = torch.cat([s.prompt_mask, s.response_mask], 1)
+    device = model_device(model)
+    ids = torch.cat([s.prompt_ids, s.response_ids], 1).to(device)
+    mask = torch.cat([s.prompt_mask, s.response_mask], 1).to(device)
+    labels, response_mask = s.response_ids.to(device), s.response_mask.bool().to(device)
     start = s.prompt_ids.shape[1]
     for i in range(0, len(s), batch):
         rows = slice(i, i + batch)
-        labels = s.response_ids[rows]
-        lp = logprobs_from_logits(response_logits(model, ids[rows], mask[rows], start), labels, temperature)
-        ref_lp = logprobs_from_logits(response_logits(ref, ids[rows], mask[rows], start), labels, temperature)
-        out.append(zero_padding(lp - ref_lp, s.response_mask[rows].bool()).sum(-1))
+        lp = logprobs_from_logits(response_logits(model, ids[rows], mask[rows], start), labels[rows], temperature)
+        ref_lp = logprobs_from_logits(response_logits(ref, ids[rows], mask[rows], start), labels[rows], temperature)
+        out.append(zero_padding(lp - ref_lp, response_mask[rows]).sum(-1).cpu())
     return torch.cat(out)
 
 
@@ -104,21 +110,22 @@ def run(cfg: Config) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     save_config(cfg, out)
     names = list(cfg.models)
+    device = resolve_device(cfg.device)
     ref_model, ref_tok = load_causal_lm(ModelConfig(path=cfg.reference or cfg.models[names[0]]))
-    ref_model.eval()
+    place(ref_model, device).eval()
     check_length_budget(ref_model.config, cfg.sampling)  # the reference reads every model's prompts + samples
-    reward = build_reward(cfg.reward) if cfg.reward.sources else None
+    reward = build_reward(cfg.reward, device) if cfg.reward.sources else None
     judge = None
     if cfg.gold:
         from rlhfkit.eval.gold import GoldJudge
 
-        judge = GoldJudge()
+        judge = GoldJudge(device=device)
     per_model: dict[str, dict[str, np.ndarray]] = {}
     texts: dict[str, list[str]] = {}
     summary: dict[str, dict[str, float]] = {}
     for name in names:
         model, tok = load_causal_lm(ModelConfig(path=cfg.models[name]))
-        model.eval()
+        place(model, device).eval()
         check_length_budget(model.config, cfg.sampling)
         prompts = [asked_prompt(r, cfg.users.get(name, cfg.user)) for r in records]
         per_sample = [p for p in prompts for _ in range(cfg.samples_per_prompt)]  # `sample` groups rows by prompt
@@ -160,6 +167,7 @@ def run(cfg: Config) -> dict[str, Any]:
     results = {
         "n_prompts": len(records),
         "samples_per_prompt": cfg.samples_per_prompt,
+        "device": str(device),
         "models": summary,
         "comparisons": comparisons,
     }

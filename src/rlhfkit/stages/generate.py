@@ -22,6 +22,7 @@ from rlhfkit.config import StrictModel, save_config
 from rlhfkit.data.chat import asked_prompt, render_prompt
 from rlhfkit.data.formats import Completions, read_records, write_records
 from rlhfkit.engine.progress import track
+from rlhfkit.models.device import DEVICE_HELP, Device, place, resolve_device
 from rlhfkit.models.loading import ModelConfig, load_causal_lm
 from rlhfkit.models.sampling import SamplingConfig, check_length_budget, sample, truncation_warning
 
@@ -37,11 +38,13 @@ class Config(StrictModel):
     extra_models: list[str] = Field(default_factory=list, description="more model folders, k completions each")
     user: str = Field("", description="ask every prompt as this user (a personalised policy); empty = a prompt's own")
     sampling: SamplingConfig = SamplingConfig()
+    device: Device = Field("auto", description=DEVICE_HELP)
 
 
 def sample_completions(model_cfg: ModelConfig, records: list[Any], cfg: Config) -> list[list[str]]:
     """`cfg.k` completions of every prompt by one model (seeded: the same for the same inputs)."""
     model, tokenizer = load_causal_lm(model_cfg)
+    place(model, resolve_device(cfg.device))
     check_length_budget(model.config, cfg.sampling)
     torch.manual_seed(cfg.seed)
     rendered = [render_prompt(tokenizer, asked_prompt(r, cfg.user), cfg.sampling.prompt_template) for r in records]

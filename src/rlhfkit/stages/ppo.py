@@ -42,6 +42,7 @@ from rlhfkit.engine.metrics import truncate_jsonl
 from rlhfkit.engine.progress import Progress
 from rlhfkit.engine.trainer import Engine, EngineConfig, NonFiniteError
 from rlhfkit.errors import UserError
+from rlhfkit.models.device import place
 from rlhfkit.models.loading import ModelConfig, check_same_tokenizer, disable_dropout, load_causal_lm, save_model
 from rlhfkit.models.sampling import ROLLOUT_TEMPERATURE, SamplingConfig, check_length_budget, sample
 from rlhfkit.models.value import PolicyAndValue, load_critic, response_logits
@@ -629,14 +630,14 @@ def load_models(cfg: Config, device: Any) -> tuple[Any, Any, Any, Any]:
         check_same_tokenizer(tokenizer, cfg.ref_model, "ref_model", cfg.model.trust_remote_code)
     if cfg.model.lora is None or cfg.ref_model not in ("", cfg.model.path):
         ref_cfg = cfg.model.model_copy(update={"path": cfg.ref_model or cfg.model.path, "lora": None})
-        ref = load_causal_lm(ref_cfg, tokenizer)[0].requires_grad_(False).eval().to(device)
+        ref = place(load_causal_lm(ref_cfg, tokenizer)[0].requires_grad_(False).eval(), device)
         disable_dropout(ref)
     critic = None
     if cfg.ppo.value_init == "reward_model":
         path = cfg.ppo.critic_path or next((s.model for s in cfg.reward.sources if s.model), "")
         if not path:
             raise UserError("ppo.value_init=reward_model: set ppo.critic_path (or use a reward model as the reward)")
-        critic = load_critic(path, len(tokenizer), cfg.model.lora, policy.dtype, cfg.model.trust_remote_code)
+        critic = load_critic(path, len(tokenizer), cfg.model)
     return policy, tokenizer, ref, critic
 
 

@@ -1,8 +1,9 @@
 """Stage 5, reward model: learn a scalar score of (prompt, completion) from human preferences.
 
 The model is a pretrained LM with a scalar head (`AutoModelForSequenceClassification`,
-`num_labels=1`): the SFT model (decoder; reward read at the EOS token) or an encoder such as
-all-MiniLM-L6-v2 (reward read at [CLS]). The head starts as N(0, 1/√(d+1)), bias 0; dropout is off.
+`num_labels=1`; one more per user with `personalize=true`): the SFT model (decoder; reward read at
+the EOS token) or an encoder such as all-MiniLM-L6-v2 (reward read at [CLS]). The head starts as
+N(0, 1/√(d+1)), bias 0; dropout is off.
 
 Data, exactly one of:
 - `data.pairs`: `{prompt, chosen, rejected, margin?}`; loss −log σ(r_c − r_r − margin). TRL's
@@ -56,7 +57,8 @@ from rlhfkit.data.formats import (
 from rlhfkit.engine.trainer import Engine, TrainConfig
 from rlhfkit.errors import UserError
 from rlhfkit.labels.pairs import pairs_with_counts
-from rlhfkit.models.loading import ModelConfig, fit_to_positions, load_causal_lm
+from rlhfkit.models.device import place
+from rlhfkit.models.loading import BackboneOptions, ModelConfig, apply_lora, fit_to_positions, load_causal_lm
 from rlhfkit.models.sampling import (
     ROLLOUT_TEMPERATURE,
     SamplingConfig,
@@ -68,11 +70,13 @@ from rlhfkit.rewards.losses import mean_margin, mse_loss, pairwise_accuracy, pai
 from rlhfkit.rewards.model import RewardMeta, RewardModel, init_reward_head, load_backbone, reward_logits
 
 
-class RMModelConfig(StrictModel):
+class RMModelConfig(BackboneOptions):
+    """The policy's loading options (`lora`, `dtype`, `gradient_checkpointing`, ...) plus where the
+    reward model starts from. With `lora`, an adapter and the score head train; the saved model is
+    merged (a plain sequence classifier)."""
+
     path: str = Field("", description="SFT model folder (decoder) or an encoder such as all-MiniLM-L6-v2")
     kind: Literal["auto", "decoder", "encoder"] = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False
 
 
 class PairDataConfig(StrictModel):
@@ -270,8 +274,12 @@ def reference_samples(
     prompts = [r.prompt for r in read_records(n.prompts, "prompts")] if n.prompts else list(train_prompts)
     random.Random(n.seed).shuffle(prompts)
     prompts = prompts[: n.max_prompts]
-    model, tokenizer = load_causal_lm(ModelConfig(path=policy, trust_remote_code=cfg.model.trust_remote_code))
-    model.to(device)
+    m = cfg.model
+    policy_cfg = ModelConfig(
+        path=policy, dtype=m.dtype, attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code
+    )
+    model, tokenizer = load_causal_lm(policy_cfg)
+    place(model, device)
     torch.manual_seed(n.seed)
     rendered = [render_prompt(tokenizer, p, cfg.data.prompt_template) for p in prompts]
     samples = sample(
@@ -353,9 +361,7 @@ def run(cfg: Config) -> Path:
         engine.print(f"personalised for {len(users)} users: {', '.join(users[:10])}{' ...' if len(users) > 10 else ''}")
 
     # Model.
-    model, tokenizer, kind = load_backbone(
-        cfg.model.path, cfg.model.kind, cfg.model.dtype, cfg.model.trust_remote_code, outputs=1 + len(users)
-    )
+    model, tokenizer, kind = load_backbone(cfg.model.path, cfg.model.kind, cfg.model, outputs=1 + len(users))
     policy = reference_policy(cfg, kind) if cfg.normalize.enabled else ""
     if policy:  # normalisation samples after training: a budget the policy cannot hold must fail before it
         from transformers import AutoConfig
@@ -368,6 +374,8 @@ def run(cfg: Config) -> Path:
     if RewardMeta.read(cfg.model.path) is None:  # a fresh head; an existing reward model keeps its trained one
         torch.manual_seed(cfg.train.seed)
         init_reward_head(model)
+    if cfg.model.lora is not None:  # after the head's initialisation: the adapter trains it as it is
+        model = apply_lora(model, cfg.model.lora, "SEQ_CLS")
     max_length, note = fit_to_positions(model.config, d.max_length, "data.max_length")
     if note:
         engine.print(f"[yellow]note: {note}[/]")
