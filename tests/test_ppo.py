@@ -459,8 +459,9 @@ def test_normalising_by_a_nearly_constant_first_rollout_is_floored_and_warned(mo
     train_ppo(cfg, reward=FlatThenSpread())
     assert "first rollout's scores are nearly constant" in capsys.readouterr().out
     rows = read_metrics(tmp_path / "out" / "metrics.jsonl")
-    # scores in [0, 1] minus 0.5, over the floor 0.01: within +-50 (over the measured std: ~2e5)
-    assert all(abs(r["reward_normalized"]) <= 50 for r in rows), [r["reward_normalized"] for r in rows]
+    # scores in [0, 1] minus the first mean 0.5000035, over the floor 0.01: within +-50.0004 (over the
+    # measured std: ~2e5)
+    assert all(abs(r["reward_normalized"]) <= 50.001 for r in rows), [r["reward_normalized"] for r in rows]
     assert all(r["value_loss"] < 1e4 for r in rows)
 
 

@@ -4,6 +4,8 @@ Padded positions are always filled with garbage (huge numbers, inf, NaN) to prov
 """
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import torch
 from rlhfkit.rl.core import (
     AdaptiveKLController,
     FixedKLController,
+    batch_mean,
     entropy_from_logits,
     explained_variance,
     gae,
@@ -343,3 +346,76 @@ def test_kl_controllers_resume_exactly_from_state_dict():
     assert fixed.value == 0.05 and fixed.state_dict() == {"value": 0.05}
     with pytest.raises(ValueError, match="must be positive"):
         AdaptiveKLController(0.1, target=0.0, horizon=10)
+
+
+# ------------------------------------------------------- statistics over processes (`reduce`)
+
+
+def near(actual, expected):
+    torch.testing.assert_close(torch.as_tensor(actual).double(), torch.as_tensor(expected).double(), atol=1e-6, rtol=0)
+
+
+def across_shards(fn, shards):
+    """`fn(shard, reduce)` run on every shard at once, one thread per shard, where `reduce` sums a
+    tensor over the shards as an all-reduce sums it over processes (every caller waits for the others).
+    Returns each shard's result."""
+    barrier = threading.Barrier(len(shards))
+    slots: list = [None] * len(shards)
+
+    def run(i):
+        def reduce(x):
+            slots[i] = x
+            barrier.wait()
+            total = sum(slots[1:], slots[0].clone())
+            barrier.wait()  # everyone has read the slots before they are reused
+            return total
+
+        return fn(shards[i], reduce)
+
+    with ThreadPoolExecutor(len(shards)) as pool:
+        return list(pool.map(run, range(len(shards))))
+
+
+def test_statistics_with_reduce_are_the_global_batch_ones():
+    """Rows split over 3 "processes" (uneven, with padding garbage): each one whitens, averages and
+    scales with the statistics of all the rows together, i.e. what one process holding them computes."""
+    x = torch.tensor(
+        [[1.0, 2.0, BIG], [4.0, NAN, NAN], [-3.0, 0.5, 7.0], [2.0, 2.0, NAN], [9.0, -1.0, 0.0]], dtype=torch.float64
+    )
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 1, 1]]).bool()
+    shards = [(x[:1], mask[:1]), (x[1:3], mask[1:3]), (x[3:], mask[3:])]
+    whole = masked_whiten(x, mask)
+    for shift in (True, False):
+        parts = across_shards(lambda s, r, shift=shift: masked_whiten(*s, shift_mean=shift, reduce=r), shards)
+        near(torch.cat(parts), masked_whiten(x, mask, shift_mean=shift))
+    assert not torch.allclose(masked_whiten(*shards[1]), whole[1:3])  # (the shards alone differ)
+    for fn, expected in [
+        (lambda s, r: masked_mean(*s, reduce=r), masked_mean(x, mask)),
+        (lambda s, r: masked_var(*s, reduce=r), masked_var(x, mask)),
+        (
+            lambda s, r: explained_variance(s[0].nan_to_num(), s[0].nan_to_num() * 0.5, s[1], r),
+            explained_variance(x.nan_to_num(), x.nan_to_num() * 0.5, mask),
+        ),
+    ]:
+        for part in across_shards(fn, shards):
+            near(part, expected)
+    scores = t([0.5, 2.0, -1.0, 4.0, 3.0])
+    for part in across_shards(lambda s, r: score_scale(s, 0.01, r), [scores[:2], scores[2:]]):
+        assert part == pytest.approx(score_scale(scores, 0.01))
+    for part in across_shards(lambda s, r: batch_mean(s, r), [scores[:1], scores[1:]]):
+        near(part, scores.mean())
+    with pytest.raises(ValueError, match="no `dim`"):
+        masked_mean(x, mask, dim=1, reduce=lambda v: v)
+
+
+def test_reduce_none_is_the_single_process_arithmetic_bit_for_bit():
+    """One process runs exactly the arithmetic it ran before processes existed (no ulp drift): the
+    expectations are the pre-`reduce` formulas."""
+    g = torch.Generator().manual_seed(0)
+    x, mask = torch.randn(7, 5, generator=g), torch.rand(7, 5, generator=g) > 0.3
+    mean = torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)
+    var = torch.where(mask, x - mean, 0.0).square().sum() / (mask.sum() - 1).clamp(min=1)
+    assert torch.equal(masked_whiten(x, mask), torch.where(mask, (x - mean) * torch.rsqrt(var + 1e-8), 0.0))
+    scores = torch.randn(9, generator=g)
+    assert score_scale(scores, 0.01)[:2] == (float(scores.mean()), float(scores.std()))
+    assert torch.equal(batch_mean(scores), scores.mean())

@@ -14,7 +14,7 @@ from rlhfkit.cli import main
 from rlhfkit.data.formats import read_records
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import ModelConfig, load_causal_lm
-from rlhfkit.models.sampling import SamplingConfig, check_length_budget, filter_logits, sample
+from rlhfkit.models.sampling import SamplingConfig, check_length_budget, draw, filter_logits, sample
 from rlhfkit.models.value import response_logits
 from testutil import ARCHS, make_test_model
 
@@ -80,6 +80,32 @@ def test_same_seed_same_samples_other_seed_differs(models):
     assert a.texts == b.texts and torch.equal(a.response_ids, b.response_ids)
     assert a.texts != c.texts
     assert len(set(a.texts)) > 1  # temperature 1 on an untrained model: varied samples
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_per_response_seeds_make_a_response_independent_of_its_batch(models, arch):
+    """`seeds`: each response comes from its own generator, so splitting the prompts over batches
+    (or over processes, as PPO does) or reordering them draws the same responses; the global RNG
+    plays no part."""
+    model, tok = models[arch]
+    seeds = [11, 12, 13, 14, 15, 16]
+    whole = sample(model, tok, PROMPTS, cfg(max_new_tokens=8), num_samples=2, seeds=seeds)
+    torch.manual_seed(123)
+    one_by_one = sample(model, tok, PROMPTS, cfg(max_new_tokens=8, batch_size=1), num_samples=2, seeds=seeds)
+    last = sample(model, tok, PROMPTS[2:], cfg(max_new_tokens=8), num_samples=2, seeds=seeds[4:])
+    assert rows(one_by_one) == rows(whole) and rows(last) == rows(whole)[4:]
+    assert len(set(whole.texts)) > 1  # not one deterministic answer
+    other = sample(model, tok, PROMPTS, cfg(max_new_tokens=8), num_samples=2, seeds=[s + 100 for s in seeds])
+    assert rows(other) != rows(whole)
+    with pytest.raises(ValueError, match="5 seeds for 6 responses"):
+        sample(model, tok, PROMPTS, cfg(), num_samples=2, seeds=seeds[:5])
+
+
+def test_draw_follows_the_probabilities_and_never_draws_a_zero():
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75]]).expand(4000, 4)
+    tokens = draw(probs, [torch.Generator().manual_seed(i) for i in range(4000)])
+    counts = torch.bincount(tokens, minlength=4)
+    assert counts[0] == counts[2] == 0 and abs(int(counts[1]) / 4000 - 0.25) < 0.03
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,6 +32,29 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 CLI = [sys.executable, "-m", "rlhfkit.cli"]
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
+
+def accelerate_launch(
+    args: list[str], config: str = "ddp.yaml", path: Path | None = None, **env: str
+) -> subprocess.Popen:
+    """`accelerate launch --config_file configs/accelerate/CONFIG -m rlhfkit.cli ARGS` in a child process
+    (2 processes; on a CPU-only machine the engine forms a gloo group); `path` goes first on PYTHONPATH
+    (e.g. a reward module). Output: stdout, with stderr in it."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / config)]
+    command += ["--main_process_port", "0", "-m", "rlhfkit.cli", *args]
+    child_env = subprocess_env(**env)
+    if path is not None:
+        child_env["PYTHONPATH"] = os.pathsep.join([str(path), child_env["PYTHONPATH"]])
+    return subprocess.Popen(command, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def finish(child: subprocess.Popen, timeout: float = 300) -> str:
+    """Wait for a child process; its output, after checking that it succeeded."""
+    out, _ = child.communicate(timeout=timeout)
+    text = out.decode()
+    assert child.returncode == 0, text[-4000:]
+    return text
 
 
 # ---- PPO runs (test_ppo*.py)
@@ -52,6 +76,7 @@ def ppo_config(out: Path, model_dir: Path, prompts: Path, **sections: Any) -> An
     """A small, fast PPO config (`rlhfkit.stages.ppo.Config`); `sections` override whole keys (dicts
     are merged one level deep)."""
     from rlhfkit.stages.ppo import Config
+
     data: dict[str, Any] = {
         "output_dir": str(out),
         "prompts": str(prompts),

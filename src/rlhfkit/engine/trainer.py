@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from rlhfkit.config import StrictModel, atomic_write_text
 from rlhfkit.engine.metrics import MetricsLogger
 from rlhfkit.engine.progress import Progress
 from rlhfkit.errors import UserError
+from rlhfkit.rl.core import Reduce
 
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
@@ -115,17 +117,41 @@ def make_trackers(names: list[Tracker] | None, out_dir: Path, project: str) -> l
     return [made[n]() for n in dict.fromkeys(names)]
 
 
+def cpu_process_group() -> bool:
+    """Whether this process is one of several launched (`accelerate launch`, torchrun) on a machine
+    without an accelerator, so that accelerate must form a gloo (CPU) group: it does so only when
+    told `cpu`, else each process runs alone, unaware of the others (and all write the same files).
+
+    FSDP and DeepSpeed through accelerate need an accelerator: on CPU accelerate would silently fall
+    back to plain data parallelism, so the sharded configs are refused there instead.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or torch.accelerator.is_available():
+        return False
+    for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(flag, "false").lower() == "true":
+            raise UserError(
+                f"{name} was asked for (accelerate config) but this machine has no GPU: accelerate shards models "
+                "only across accelerators. On CPU, launch with configs/accelerate/ddp.yaml (data parallel)"
+            )
+    return True
+
+
 class Engine:
     """Accelerator + optimizer + schedule + checkpoints + metrics for one training run."""
 
     def __init__(self, cfg: EngineConfig, out_dir: str | Path, resume: bool = False):
         from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, set_seed
+        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.accelerator = Accelerator(
+            cpu=cpu_process_group(),
+            # No buffer broadcast at every forward: our models' buffers (position ids, rotary
+            # frequencies) never change, and PPO's processes run different numbers of forwards per
+            # step (micro-batches are cut by length), which a per-forward collective would deadlock.
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
             mixed_precision=cfg.mixed_precision,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             log_with=make_trackers(cfg.report_to, self.out_dir, cfg.tracker_project) or None,
@@ -158,6 +184,27 @@ class Engine:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def all_sum(self) -> Reduce | None:
+        """Sums a tensor over the processes (an all-reduce); None in a single process, where the
+        statistics functions of `rlhfkit.rl.core` then run their single-process arithmetic.
+
+        The sum is taken on the engine's device (NCCL reduces only GPU tensors; the rollout's scores
+        live on the CPU) and handed back where the tensor was."""
+        if self.num_processes == 1:
+            return None
+
+        def reduce(x: torch.Tensor) -> torch.Tensor:
+            total = x.detach().to(self.device, copy=True)
+            torch.distributed.all_reduce(total)
+            return total.to(x.device)
+
+        return reduce
 
     def print(self, *args: Any) -> None:
         if self.is_main:
@@ -250,6 +297,7 @@ class Engine:
                 "window": self.window,
                 "skipped": self.skipped,
                 "last": self.last,
+                "num_processes": self.num_processes,
                 "extra": extra or {},
             }
             atomic_write_text(tmp / "trainer_state.json", json.dumps(state))
@@ -281,8 +329,16 @@ class Engine:
                 shutil.rmtree(self.ckpt_dir, ignore_errors=True)
             self.metrics.truncate_after(-1)
             return None
-        self.accelerator.load_state(str(path))
         state = json.loads((path / "trainer_state.json").read_text())
+        saved = state.get("num_processes", self.num_processes)  # absent from checkpoints written before it was kept
+        if saved != self.num_processes:
+            raise UserError(
+                f"--resume: {path} was written by {saved} process(es), this run has {self.num_processes}: each "
+                "process's share of the data, its RNG state and the per-process batch sizes depend on the "
+                f"number; resume with {saved} process(es) (`accelerate launch --num_processes {saved}`), or start "
+                "a fresh run (without --resume) in another output_dir"
+            )
+        self.accelerator.load_state(str(path))
         self.step, self.micro_step = state["step"], state["micro_step"]
         self.window, self.last = state["window"], state["last"]
         self.skipped = state.get("skipped", 0)  # absent from checkpoints written before it was kept

@@ -21,6 +21,15 @@ import httpx
 
 from rlhfkit.feedback.choices import DEFAULT_ROLE, DEFAULT_TASK, Role, Task
 
+Batch = str | list[str] | None  # one batch's name, or several
+
+
+def _batch_params(batch: Batch) -> dict[str, list[str]]:
+    """`?batch=a&batch=b`: progress, agreement and exports limited to those batches."""
+    if batch is None:
+        return {}
+    return {"batch": [batch] if isinstance(batch, str) else list(batch)}
+
 
 def judgment_body(
     ranking: dict[int, int] | None,
@@ -207,8 +216,10 @@ class FeedbackClient:
     def set_member(self, project_id: int, username: str, role: Role = DEFAULT_ROLE) -> dict[str, Any]:
         return self.call("PUT", f"/api/projects/{project_id}/members", json={"username": username, "role": role})
 
-    def import_jsonl(self, project_id: int, data: bytes | str | Path, filename: str | None = None) -> dict[str, int]:
-        """Import a completions (or prompts) JSONL file or its bytes."""
+    def import_jsonl(
+        self, project_id: int, data: bytes | str | Path, filename: str | None = None, batch: str | None = None
+    ) -> dict[str, int]:
+        """Import a completions (or prompts) JSONL file or its bytes, its items tagged with `batch`."""
         if isinstance(data, Path):
             filename, data = filename or data.name, data.read_bytes()
         content = data.encode() if isinstance(data, str) else data
@@ -216,18 +227,21 @@ class FeedbackClient:
             "POST",
             f"/api/projects/{project_id}/import",
             content=content,
-            params={"filename": filename or "upload.jsonl"},
+            params={"filename": filename or "upload.jsonl"} | ({"batch": batch} if batch is not None else {}),
             headers={"Content-Type": "application/x-ndjson"},
         )
 
-    def progress(self, project_id: int) -> dict[str, Any]:
-        return self.call("GET", f"/api/projects/{project_id}/progress")
+    def progress(self, project_id: int, batch: Batch = None) -> dict[str, Any]:
+        """The project's progress, or only that of `batch` (a name or several); `batches` lists each."""
+        return self.call("GET", f"/api/projects/{project_id}/progress", params=_batch_params(batch))
 
-    def agreement(self, project_id: int) -> dict[str, Any]:
-        return self.call("GET", f"/api/projects/{project_id}/agreement")
+    def agreement(self, project_id: int, batch: Batch = None) -> dict[str, Any]:
+        return self.call("GET", f"/api/projects/{project_id}/agreement", params=_batch_params(batch))
 
-    def export(self, project_id: int, kind: str, margin: bool = False) -> list[dict[str, Any]]:
-        return self.call("GET", f"/api/projects/{project_id}/export/{kind}", params={"margin": margin})
+    def export(self, project_id: int, kind: str, margin: bool = False, batch: Batch = None) -> list[dict[str, Any]]:
+        """One export's records, of `batch`'s items only where given (a name or several)."""
+        params = {"margin": margin} | _batch_params(batch)
+        return self.call("GET", f"/api/projects/{project_id}/export/{kind}", params=params)
 
     def close(self) -> None:
         self.http.close()

@@ -106,12 +106,16 @@ class Item(Base):
     __table_args__ = (
         UniqueConstraint("project_id", "key"),
         Index("ix_items_project_open", "project_id", "complete", "position"),
+        Index("ix_items_project_batch", "project_id", "batch"),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     key: Mapped[str] = mapped_column(String(200))
     prompt: Mapped[Any]  # text, or a list of {role, content} messages
     position: Mapped[int]  # import order: the dispatcher hands items out in this order
+    # The batch the import tagged it with (e.g. a `rlhfkit loop` round), None: imported without one.
+    # Progress and exports can be limited to batches; the dispatcher ignores them (import order).
+    batch: Mapped[str | None] = mapped_column(String(64))
     n_judgments: Mapped[int] = mapped_column(default=0)  # current judgments that count (not excluded)
     complete: Mapped[bool] = mapped_column(default=False, server_default=false())  # n_judgments >= overlap
     # When an admin last sent it back for relabeling (its judgments then went to the history).

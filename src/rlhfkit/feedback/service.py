@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import and_, exists, func, select, text, update
+from sqlalchemy import ColumnElement, and_, exists, func, select, text, true, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, contains_eager, selectinload
@@ -469,9 +469,13 @@ def _first_record_kind(path: Path) -> str:
 IMPORT_CHUNK = 1000  # items per multi-row INSERT
 
 
-def import_items(s: Session, project: Project, records: Sequence[Completions | PromptRecord]) -> dict[str, int]:
-    """Add items; all or nothing. Re-importing an identical record is skipped, so importing the
-    same file twice is harmless; a known prompt_id with different content is an error.
+def import_items(
+    s: Session, project: Project, records: Sequence[Completions | PromptRecord], batch: str | None = None
+) -> dict[str, int]:
+    """Add items, tagged with `batch` (a checked `batch_name`, or None); all or nothing. Re-importing
+    an identical record into the same batch is skipped, so importing the same file twice is
+    harmless; a known prompt_id with different content, or in another batch, is an error (an item
+    belongs to one batch: skipping it would leave it out of the new batch's progress and exports).
 
     On SQLite the caller's write transaction stops every labeler's submits while it lasts, so
     callers parse and validate the file (parse_upload) before they open it, and here the rows go
@@ -493,8 +497,14 @@ def import_items(s: Session, project: Project, records: Sequence[Completions | P
             continue
         new[key] = content
     # All of the project's keys, not `key IN (...)`: a big file would pass SQLite's variable limit.
-    existing = {key for (key,) in s.execute(select(Item.key).where(Item.project_id == project.id))}
-    known = existing & new.keys()
+    existing = dict(s.execute(select(Item.key, Item.batch).where(Item.project_id == project.id)).all())
+    known = existing.keys() & new.keys()
+    for key in sorted(known):
+        if existing[key] != batch:
+            raise Invalid(
+                f"prompt_id {key!r} was already imported {_batch_phrase(existing[key])}, not {_batch_phrase(batch)}: "
+                "an item belongs to one batch; give it a new id (e.g. prefix the round's name)"
+            )
     if known:
         for key, content in _contents(s, project, known).items():
             if content != new.pop(key):
@@ -505,7 +515,13 @@ def import_items(s: Session, project: Project, records: Sequence[Completions | P
         s.execute(
             Item.__table__.insert(),
             [
-                {"project_id": project.id, "key": key, "prompt": prompt, "position": position + start + i + 1}
+                {
+                    "project_id": project.id,
+                    "key": key,
+                    "prompt": prompt,
+                    "position": position + start + i + 1,
+                    "batch": batch,
+                }
                 for i, (key, (prompt, _)) in enumerate(rows[start : start + IMPORT_CHUNK])
             ],
         )
@@ -528,6 +544,10 @@ def import_items(s: Session, project: Project, records: Sequence[Completions | P
     return {"added": len(rows), "skipped": skipped + len(known)}
 
 
+def _batch_phrase(batch: str | None) -> str:
+    return f"in batch {batch!r}" if batch is not None else "without a batch"
+
+
 def _contents(s: Session, project: Project, keys: set[str]) -> dict[str, tuple[Any, list[Any]]]:
     """(prompt, candidate texts) of the project's items with these keys."""
     contents: dict[str, tuple[Any, list[Any]]] = {}
@@ -544,6 +564,45 @@ def _contents(s: Session, project: Project, keys: set[str]) -> dict[str, tuple[A
             if text_ is not None:
                 texts.append(text_)
     return contents
+
+
+BATCH_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def batch_name(name: str, where: str = "batch") -> str:
+    """A batch name as given to an import, checked: it goes into URLs and file names unescaped."""
+    if not BATCH_NAME.fullmatch(name):
+        raise Invalid(
+            f"{where}: {name[:70]!r} is not a batch name; use 1-64 letters, digits, '.', '_' or '-' (e.g. round-2)"
+        )
+    return name
+
+
+def batch_names(values: Sequence[str] | None, where: str = "batch") -> list[str] | None:
+    """The batches a progress or export query is limited to: repeated and/or comma-separated
+    names (names cannot hold a comma), checked; None or nothing given: no limit."""
+    names = [batch_name(n.strip(), where) for v in values or () for n in v.split(",") if n.strip()]
+    return list(dict.fromkeys(names)) or None
+
+
+def _in_batches(batches: Sequence[str] | None) -> ColumnElement[bool]:
+    """The items of these batches; all items where None."""
+    return Item.batch.in_(batches) if batches else true()
+
+
+def check_batches(s: Session, project: Project, batches: Sequence[str] | None) -> None:
+    """404 for a batch the project has no item in: a mistyped name would otherwise export nothing,
+    or report an empty batch as complete."""
+    if not batches:
+        return
+    known = set(s.scalars(select(Item.batch).where(Item.project_id == project.id).distinct()))
+    missing = [b for b in batches if b not in known]
+    if missing:
+        names = ", ".join(sorted(b for b in known if b is not None)) or "none yet"
+        raise NotFound(
+            f"batch {missing[0]!r}: no item of project {project.name!r} is in it (its batches: {names}); "
+            "import with batch=NAME first"
+        )
 
 
 def _key(rec: Completions | PromptRecord) -> str:
@@ -1448,10 +1507,11 @@ def set_excluded(s: Session, project: Project, user_id: int, excluded: bool) -> 
 # ---------------------------------------------------------------- progress
 
 
-def remaining(s: Session, project: Project, user: User) -> int:
+def remaining(s: Session, project: Project, user: User, batches: Sequence[str] | None = None) -> int:
     """How many items /next would still hand this labeler, one after the other, if nobody else
     labeled meanwhile: their unfinished items, then each item they have not seen (nor skipped)
-    with a place free now (judgments + others' live leases < N). Exactly next_assignment's rule."""
+    with a place free now (judgments + others' live leases < N). Exactly next_assignment's rule.
+    With `batches`, only those batches' items count."""
     if project.locked:
         return 0
     now = utcnow()
@@ -1465,6 +1525,7 @@ def remaining(s: Session, project: Project, user: User) -> int:
             .select_from(Item)
             .where(
                 Item.project_id == project.id,
+                _in_batches(batches),
                 Item.n_judgments < project.overlap,
                 unfinished | (~seen & (Item.n_judgments + _held(now) < project.overlap)),
             )
@@ -1490,24 +1551,29 @@ def my_progress(s: Session, project: Project, user: User) -> dict[str, int]:
     }
 
 
-def _skipped_counts(s: Session, project: Project) -> dict[int, int]:
+def _skipped_counts(s: Session, project: Project, batches: Sequence[str] | None = None) -> dict[int, int]:
     return dict(
         s.execute(
             select(Assignment.user_id, func.count())
             .join(Item)
-            .where(Item.project_id == project.id, Assignment.skipped.is_(True))
+            .where(Item.project_id == project.id, _in_batches(batches), Assignment.skipped.is_(True))
             .group_by(Assignment.user_id)
         ).all()
     )
 
 
-def project_totals(s: Session, project: Project) -> dict[str, int]:
+def _totals(project: Project) -> tuple[Any, ...]:
+    """Items, judgments that count, complete items: the columns of a progress count."""
+    return (
+        func.count(),
+        func.coalesce(func.sum(Item.n_judgments), 0),
+        func.coalesce(func.sum((Item.n_judgments >= project.overlap).cast(Item.n_judgments.type)), 0),
+    )
+
+
+def project_totals(s: Session, project: Project, batches: Sequence[str] | None = None) -> dict[str, int]:
     items, judgments, complete = s.execute(
-        select(
-            func.count(),
-            func.coalesce(func.sum(Item.n_judgments), 0),
-            func.coalesce(func.sum((Item.n_judgments >= project.overlap).cast(Item.n_judgments.type)), 0),
-        ).where(Item.project_id == project.id)
+        select(*_totals(project)).where(Item.project_id == project.id, _in_batches(batches))
     ).one()
     return {
         "items_total": items,
@@ -1517,10 +1583,33 @@ def project_totals(s: Session, project: Project) -> dict[str, int]:
     }
 
 
-def progress(s: Session, project: Project) -> dict[str, Any]:
+def batch_progress(s: Session, project: Project, batches: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One row per batch, in import order (items imported without a batch: `"batch": None`):
+    items, complete, judgments (that count) and judgments_needed (items x N)."""
+    rows = s.execute(
+        select(Item.batch, *_totals(project))
+        .where(Item.project_id == project.id, _in_batches(batches))
+        .group_by(Item.batch)
+        .order_by(func.min(Item.position))
+    )
+    return [
+        {
+            "batch": batch,
+            "items": items,
+            "complete": complete,
+            "judgments": judgments,
+            "judgments_needed": items * project.overlap,
+        }
+        for batch, items, judgments, complete in rows
+    ]
+
+
+def progress(s: Session, project: Project, batches: Sequence[str] | None = None) -> dict[str, Any]:
     """Project totals and one row per labeler (members and anyone who ever judged here): submitted
     (judgments that count), excluded, skipped, open (leased now), and remaining (what /next would
-    still hand them, see `remaining`)."""
+    still hand them, see `remaining`); and one row per batch (`batch_progress`). With `batches`,
+    every figure counts only those batches' items (404 for a batch with none: `check_batches`)."""
+    check_batches(s, project, batches)
     now = utcnow()
     people: dict[int, dict[str, Any]] = {
         m.user_id: {
@@ -1532,7 +1621,7 @@ def progress(s: Session, project: Project) -> dict[str, Any]:
             "excluded": 0,
             "open": 0,
             "skipped": 0,
-            "remaining": remaining(s, project, m.user),
+            "remaining": remaining(s, project, m.user, batches),
             "seconds": [],
             "last": None,
         }
@@ -1542,7 +1631,7 @@ def progress(s: Session, project: Project) -> dict[str, Any]:
         select(User.id, User.username, Judgment.unusable, Judgment.seconds, Judgment.created_at, Judgment.excluded)
         .join(Judgment, Judgment.user_id == User.id)
         .join(Item, Item.id == Judgment.item_id)
-        .where(Item.project_id == project.id)
+        .where(Item.project_id == project.id, _in_batches(batches))
     )
     for uid, name, unusable, seconds, at, excluded in rows:
         p = people.setdefault(
@@ -1572,13 +1661,18 @@ def progress(s: Session, project: Project) -> dict[str, Any]:
     open_rows = s.execute(
         select(Assignment.user_id, func.count())
         .join(Item)
-        .where(Item.project_id == project.id, Assignment.done.is_(False), Assignment.leased_until > now)
+        .where(
+            Item.project_id == project.id,
+            _in_batches(batches),
+            Assignment.done.is_(False),
+            Assignment.leased_until > now,
+        )
         .group_by(Assignment.user_id)
     )
     for uid, n in open_rows:
         if uid in people:
             people[uid]["open"] = n
-    for uid, n in _skipped_counts(s, project).items():
+    for uid, n in _skipped_counts(s, project, batches).items():
         if uid in people:
             people[uid]["skipped"] = n
     labelers = []
@@ -1587,14 +1681,21 @@ def progress(s: Session, project: Project) -> dict[str, Any]:
         p["median_seconds"] = round(statistics.median(secs), 1) if secs else None
         p["last"] = p["last"].isoformat() + "Z" if p["last"] else None
         labelers.append(p)
-    return {**project_totals(s, project), "overlap": project.overlap, "labelers": labelers}
+    return {
+        **project_totals(s, project, batches),
+        "overlap": project.overlap,
+        "labelers": labelers,
+        "batches": batch_progress(s, project, batches),
+    }
 
 
 # ---------------------------------------------------------------- exports
 
 
-def completions_of(s: Session, project: Project) -> list[Completions]:
-    items = s.scalars(select(Item).where(Item.project_id == project.id).order_by(Item.position)).all()
+def completions_of(s: Session, project: Project, batches: Sequence[str] | None = None) -> list[Completions]:
+    items = s.scalars(
+        select(Item).where(Item.project_id == project.id, _in_batches(batches)).order_by(Item.position)
+    ).all()
     return [
         Completions(prompt_id=i.key, prompt=i.prompt, completions=[c.text for c in i.candidates])
         for i in items
@@ -1602,14 +1703,19 @@ def completions_of(s: Session, project: Project) -> list[Completions]:
     ]
 
 
-def rankings_of(s: Session, project: Project) -> list[Ranking]:
-    """Every judgment that counts (current, not excluded) of a ranking/pairwise project as a
-    `rankings` record (the raw export)."""
+def rankings_of(s: Session, project: Project, batches: Sequence[str] | None = None) -> list[Ranking]:
+    """Every judgment that counts (current, not excluded) of a ranking/pairwise project, of these
+    batches' items where given, as a `rankings` record (the raw export)."""
     rows = s.execute(
         select(Judgment, Item.key, User.username)
         .join(Item, Item.id == Judgment.item_id)
         .join(User, User.id == Judgment.user_id)
-        .where(Item.project_id == project.id, Judgment.ranking.is_not(None), Judgment.excluded.is_(False))
+        .where(
+            Item.project_id == project.id,
+            _in_batches(batches),
+            Judgment.ranking.is_not(None),
+            Judgment.excluded.is_(False),
+        )
         .order_by(Item.position, Judgment.id)
     )
     return [
@@ -1625,11 +1731,16 @@ def rankings_of(s: Session, project: Project) -> list[Ranking]:
     ]
 
 
-def demonstrations_of(s: Session, project: Project) -> list[Demonstration]:
+def demonstrations_of(s: Session, project: Project, batches: Sequence[str] | None = None) -> list[Demonstration]:
     rows = s.execute(
         select(Item.prompt, Judgment.response)
         .join(Judgment, Judgment.item_id == Item.id)
-        .where(Item.project_id == project.id, Judgment.response.is_not(None), Judgment.excluded.is_(False))
+        .where(
+            Item.project_id == project.id,
+            _in_batches(batches),
+            Judgment.response.is_not(None),
+            Judgment.excluded.is_(False),
+        )
         .order_by(Item.position, Judgment.id)
     )
     return [Demonstration(prompt=prompt, response=response) for prompt, response in rows]
@@ -1658,18 +1769,22 @@ def jsonl_line(row: dict[str, Any]) -> str:
     return line + "\n"
 
 
-def export(s: Session, project: Project, kind: str, margin: bool = False) -> list[dict[str, Any]]:
-    """JSON-ready records of one export kind (see EXPORTS)."""
+def export(
+    s: Session, project: Project, kind: str, margin: bool = False, batches: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """JSON-ready records of one export kind (see EXPORTS), of these batches' items where given.
+    The records do not name their batch: every format is strict about its fields (TRL's too)."""
     if kind not in EXPORTS:
         raise NotFound(f"no export {kind!r}; one of: {', '.join(EXPORTS)}")
+    check_batches(s, project, batches)
     if kind == "demonstrations":
-        return [d.to_json() for d in demonstrations_of(s, project)]
+        return [d.to_json() for d in demonstrations_of(s, project, batches)]
     if kind == "completions":
-        return [c.to_json() for c in completions_of(s, project)]
-    rankings = rankings_of(s, project)
+        return [c.to_json() for c in completions_of(s, project, batches)]
+    rankings = rankings_of(s, project, batches)
     if kind == "judgments":
         return [r.to_json() for r in rankings]
-    completions = completions_of(s, project)
+    completions = completions_of(s, project, batches)
     if kind == "labeler_pairs":
         return [p.to_json() for p in rankings_to_pairs(rankings, completions, margin=margin)]
     cons = consensus.consensus(rankings)

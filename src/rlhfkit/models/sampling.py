@@ -154,8 +154,29 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
+def draw(probs: Tensor, generators: list[torch.Generator]) -> Tensor:
+    """One token per row of `probs` (rows, V), row i's from its own generator `generators[i]`.
+
+    Inverse-CDF sampling with one uniform number per row: a row's token depends only on its own
+    probabilities and generator, not on which rows share the batch (`torch.multinomial` draws the
+    whole batch from one stream). Zero-probability tokens are never drawn (`right=True`: the first
+    token whose cumulative probability exceeds u); a u rounded onto the total takes the likeliest.
+    """
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators]).to(probs.device)
+    cdf = probs.double().cumsum(-1)
+    token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+    return torch.where(token < probs.shape[-1], token, probs.argmax(-1))
+
+
 def _decode(
-    model: Any, ids: Tensor, mask: Tensor, cfg: SamplingConfig, eos: int, pad: int, keep_hidden: bool
+    model: Any,
+    ids: Tensor,
+    mask: Tensor,
+    cfg: SamplingConfig,
+    eos: int,
+    pad: int,
+    keep_hidden: bool,
+    generators: list[torch.Generator] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Sample up to `cfg.max_new_tokens` tokens after the left-padded prompts `ids`.
 
@@ -163,7 +184,8 @@ def _decode(
     hidden states (B, N, d) from which they were sampled. One trunk call per token on the KV cache;
     the LM head only on the last position. The pad token is never sampled: it is not a real token
     (the loaders give every tokenizer one of its own). A row leaves the batch (and the cache) at its
-    EOS, so a few long responses do not keep the finished ones computing.
+    EOS, so a few long responses do not keep the finished ones computing. `generators`: one per row
+    (see `draw`); None: the global RNG.
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     n_rows, n_new = ids.shape[0], cfg.max_new_tokens
@@ -178,7 +200,10 @@ def _decode(
         logits = head(hidden).float() / cfg.temperature
         logits[:, pad] = float("-inf")
         probs = filter_logits(logits, cfg.top_k, cfg.top_p).softmax(-1)
-        token = torch.multinomial(probs, 1).squeeze(1)
+        if generators is None:
+            token = torch.multinomial(probs, 1).squeeze(1)
+        else:
+            token = draw(probs, [generators[i] for i in live.tolist()])
         tokens[live, step] = token
         if keep_hidden:
             states.append(torch.zeros(n_rows, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device))
@@ -207,13 +232,21 @@ def sample(
     num_samples: int = 1,
     keep_hidden: bool = False,
     desc: str | None = None,
+    seeds: list[int] | None = None,
 ) -> Samples:
     """Generate `num_samples` responses for each rendered prompt (rows grouped by prompt).
 
     `keep_hidden`: also return, in `Samples.hidden`, the last hidden state from which each response
     token was sampled (PPO turns them into log-probs and values without another forward pass).
     `desc`: show progress over the batches under this name (a stage's one long sampling pass).
+    `seeds`: one per response (len(prompts) * num_samples, in row order): each response is drawn
+    from its own generator, so it is the same whatever batch or process it is sampled in (PPO
+    spread over processes samples what one process would). None: the global RNG (`torch.manual_seed`).
     """
+    n_rows = len(prompts) * num_samples
+    if seeds is not None and len(seeds) != n_rows:
+        raise ValueError(f"sample: {len(seeds)} seeds for {n_rows} responses")
+    generators = [torch.Generator().manual_seed(s) for s in seeds] if seeds is not None else None
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     device = next(model.parameters()).device
     was_training = model.training
@@ -226,7 +259,9 @@ def sample(
         p_ids, p_mask, cut = encode_prompts(tokenizer, prompts[start : start + per_batch], cfg.max_prompt_tokens)
         truncated += cut
         p_ids, p_mask = p_ids.repeat_interleave(num_samples, 0), p_mask.repeat_interleave(num_samples, 0)
-        new, hidden = _decode(model, p_ids.to(device), p_mask.to(device), cfg, eos, pad, keep_hidden)
+        first = start * num_samples
+        here = generators[first : first + len(p_ids)] if generators is not None else None
+        new, hidden = _decode(model, p_ids.to(device), p_mask.to(device), cfg, eos, pad, keep_hidden, here)
         parts.append((p_ids, p_mask, new.cpu(), hidden))
     model.train(was_training)
 

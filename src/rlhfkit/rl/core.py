@@ -12,11 +12,17 @@ same shape) marks the real response tokens. Every function ignores padded positi
 their values are replaced by 0 before any arithmetic (not multiplied by the mask, since
 `inf * 0 = nan`), so garbage, huge numbers or NaN in padding can neither leak into a result nor
 poison a gradient. Log-probs are per token, shape (batch, T).
+
+Batch statistics (means, variances, whitening, score scales) take an optional `reduce`: a function
+that sums a tensor over every process of a multi-process run (an all-reduce), so that with the
+rollout split over processes each one whitens and normalises with the statistics of the *global*
+batch, as one process holding all of it would. `reduce=None` (one process) runs exactly the
+single-process arithmetic, bit for bit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -24,6 +30,8 @@ from torch import Tensor
 
 KLKind = Literal["k1", "k2", "k3", "abs"]
 KL_KINDS: tuple[str, ...] = ("k1", "k2", "k3", "abs")
+# Sums a tensor over the processes of a run (an all-reduce with SUM); None = one process.
+Reduce = Callable[[Tensor], Tensor]
 
 # Largest |log ratio| that k3 exponentiates: exp(20) ~ 5e8 stays finite even in float16-ish ranges,
 # so one wild token cannot turn the whole KL into inf.
@@ -46,56 +54,88 @@ def zero_padding(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+def _summed(x: Tensor, reduce: Reduce | None) -> Tensor:
+    """x summed over the processes (x itself in one process)."""
+    return x if reduce is None else reduce(x)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None, reduce: Reduce | None = None) -> Tensor:
     """Mean of x over the real positions (all of them, or along `dim`).
 
     A selection with no real position averages to 0 rather than NaN (0/0), so an empty slice
-    cannot make a loss non-finite.
+    cannot make a loss non-finite. `reduce` (whole-tensor means only): the mean over every
+    process's real positions (sums and counts all-reduced before dividing).
     """
+    if reduce is not None and dim is not None:
+        raise ValueError("masked_mean: `reduce` averages over every position of every process; it takes no `dim`")
     mask = _bool_mask(mask, x)
-    total = zero_padding(x, mask).sum(dim=dim)
-    count = mask.sum(dim=dim).clamp(min=1)
+    total = _summed(zero_padding(x, mask).sum(dim=dim), reduce)
+    count = _summed(mask.sum(dim=dim), reduce).clamp(min=1)
     return total / count
 
 
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Variance of x over all real positions (a scalar).
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, reduce: Reduce | None = None) -> Tensor:
+    """Variance of x over all real positions (a scalar); with `reduce`, over every process's.
 
     `unbiased` applies Bessel's correction n/(n-1); with a single real value the variance is 0
-    (instead of a division by zero), so whitening such a batch gives zeros, not NaN.
+    (instead of a division by zero), so whitening such a batch gives zeros, not NaN. Two passes
+    (the mean first, then the squared deviations from it), also across processes: no
+    sum-of-squares cancellation.
     """
     mask = _bool_mask(mask, x)
-    centered = zero_padding(x - masked_mean(x, mask), mask)
-    n = mask.sum()
+    centered = zero_padding(x - masked_mean(x, mask, reduce=reduce), mask)
+    n = _summed(mask.sum(), reduce)
     denominator = (n - 1).clamp(min=1) if unbiased else n.clamp(min=1)
-    return centered.square().sum() / denominator
+    return _summed(centered.square().sum(), reduce) / denominator
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(
+    x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, reduce: Reduce | None = None
+) -> Tensor:
     """Scale x to unit variance over the real positions; padded positions become 0.
 
     shift_mean=True (advantages): also subtract the mean, so about half the tokens are pushed up
     and half down in every batch. shift_mean=False (rewards): keep the original mean and only
     rescale the spread around it, so the sign of the average reward still means something.
+    `reduce`: with the mean and variance of the global batch, spread over processes.
     """
     mask = _bool_mask(mask, x)
-    mean = masked_mean(x, mask)
-    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask) + eps)
+    mean = masked_mean(x, mask, reduce=reduce)
+    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask, reduce=reduce) + eps)
     if not shift_mean:
         whitened = whitened + mean
     return zero_padding(whitened, mask)
 
 
-def score_scale(scores: Tensor, min_std: float) -> tuple[float, float, float]:
+def batch_mean(x: Tensor, reduce: Reduce | None = None) -> Tensor:
+    """The mean of every element of x, over every process's x with `reduce` (x.mean() in one process).
+
+    For the per-response statistics of a rollout split over processes (reward, KL per response,
+    length): each process holds its share of the rows, the mean is the global batch's.
+    """
+    if reduce is None:
+        return x.mean()
+    return reduce(x.sum()) / reduce(torch.tensor(x.numel(), dtype=x.dtype, device=x.device))
+
+
+def score_scale(scores: Tensor, min_std: float, reduce: Reduce | None = None) -> tuple[float, float, float]:
     """(mean, std to divide by, measured std) of a batch of sequence scores, for normalising them.
 
     The std is floored at `min_std`: scores that are (nearly) constant on the reference policy say
     nothing about scale, and dividing by their std would blow every later difference up by orders
     of magnitude (a std of 5e-7 turns a 1.0 gain into 2e6 and a value loss into 1e12). Callers warn
     when the floor applies (measured std < min_std). One score has no spread: its std counts as 0.
+    `reduce`: the scores of every process (the global batch), so every process divides by the same.
     """
-    mean = float(scores.float().mean())
-    measured = float(scores.float().std()) if scores.numel() > 1 else 0.0
+    scores = scores.float()
+    if reduce is None:
+        mean = float(scores.mean())
+        measured = float(scores.std()) if scores.numel() > 1 else 0.0
+    else:
+        every = torch.ones_like(scores, dtype=torch.bool)
+        n = float(reduce(torch.tensor(scores.numel(), dtype=torch.float32, device=scores.device)))
+        mean = float(masked_mean(scores, every, reduce=reduce))
+        measured = float(masked_var(scores, every, reduce=reduce).sqrt()) if n > 1 else 0.0
     return mean, max(measured, min_std), measured
 
 
@@ -274,17 +314,18 @@ def kl_loss(logp: Tensor, ref_logp: Tensor, mask: Tensor, kind: KLKind = "k3") -
 # ---------------------------------------------------------------------------- diagnostics
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, reduce: Reduce | None = None) -> Tensor:
     """1 - Var[R - V] / Var[R] over real tokens: 1 = perfect critic, 0 = no better than a constant.
 
     Negative means the critic is worse than predicting the mean. NaN when the returns have no
-    variance (the ratio is undefined); it is a diagnostic to log, never a loss.
+    variance (the ratio is undefined); it is a diagnostic to log, never a loss. `reduce`: over the
+    global batch.
     """
     mask = _bool_mask(mask, values)
-    var_returns = masked_var(returns, mask)
+    var_returns = masked_var(returns, mask, reduce=reduce)
     if var_returns == 0:
         return torch.tensor(float("nan"), dtype=var_returns.dtype, device=var_returns.device)
-    return 1 - masked_var(returns - values, mask) / var_returns
+    return 1 - masked_var(returns - values, mask, reduce=reduce) / var_returns
 
 
 def nonfinite(values: Mapping[str, Any]) -> list[str]:

@@ -1,7 +1,8 @@
 """`rlhfkit aggregate`: consensus, agreement and training data from several labelers' rankings.
 
 Reads the raw judgments either from files (`rankings` JSONL, e.g. a `judgments` export, plus the
-`completions` they rank) or straight from the feedback database (`db_url` and `project`), and
+`completions` they rank) or straight from the feedback database (`db_url` and `project`, and
+`batch` to take only some batches' items: records carry no batch, so files are filtered at export), and
 writes to `output_dir`:
     consensus.jsonl   per-item consensus ranking (Bradley-Terry), with scores
     pairs.jsonl       preference pairs from the consensus, preferred first (with margins): `rlhfkit rm`'s input
@@ -44,6 +45,7 @@ class Config(StrictModel):
     completions: str | None = Field(None, description="completions JSONL the rankings refer to")
     db_url: str | None = Field(None, description="or read from the feedback database (default: rlhfkit serve's) ...")
     project: str | None = Field(None, description="... this project (by name)")
+    batch: str | None = Field(None, description="... only these batches' items (comma-separated names)")
     output_dir: str = Field("runs/aggregate", description="where the outputs go")
     margin: bool = Field(True, description="give each pair its consensus margin")
     alpha: float = Field(DEFAULT_ALPHA, gt=0, description="Bradley-Terry prior strength")
@@ -59,6 +61,11 @@ class Config(StrictModel):
             raise ValueError("rankings= and completions= go together")
         if database and self.project is None:
             raise ValueError("db_url= needs project= (the project to aggregate)")
+        if files and self.batch is not None:
+            raise ValueError(
+                "batch= filters a project in the database; rankings files do not name batches "
+                "(export one batch with `rlhfkit serve export ... batch=NAME`)"
+            )
         return self
 
 
@@ -82,7 +89,9 @@ def load(config: Config) -> tuple[list[Ranking], list[Completions]]:
     try:
         with db.session() as s:
             project = service.find_project(s, str(config.project))
-            return service.rankings_of(s, project), service.completions_of(s, project)
+            batches = service.batch_names([config.batch] if config.batch is not None else None, "batch=")
+            service.check_batches(s, project, batches)
+            return service.rankings_of(s, project, batches), service.completions_of(s, project, batches)
     except service.ServiceError as e:
         raise UserError(f"{shown}: {e.message}") from None
     finally:

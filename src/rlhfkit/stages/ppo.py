@@ -20,6 +20,13 @@ results.json (summary and why training stopped), checkpoints/ (for --resume).
 Personalisation: a prompt with a `user` is asked as that user (`data.chat.with_user`, a system line
 naming them) and the reward scores that same prompt, so a personalised reward model scores each
 response as its user's (docs/personalization.md).
+
+Several processes (`accelerate launch --num_processes N`, data-parallel): each samples and scores
+its share of the rollout (whole prompts, 1/N of them), and every batch statistic (reward
+normalisation, whitening, the KL controller's KL, the logged metrics) is all-reduced over the
+global batch; each response is drawn from its own seeded generator, so N processes sample exactly
+the responses one process would. Gradients are averaged across processes (DDP) with the loss
+normalised by the global minibatch's tokens. Process 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ from rlhfkit.rewards.build import RewardConfig, build_reward
 from rlhfkit.rl.core import (
     AdaptiveKLController,
     FixedKLController,
+    Reduce,
+    batch_mean,
     entropy_from_logits,
     explained_variance,
     gae,
@@ -247,6 +256,43 @@ def prompt_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     return out
 
 
+def rollout_seeds(seed: int, step: int, rows: range) -> list[int]:
+    """The seed of each response of PPO step `step`, by its position `rows` in the global rollout.
+
+    A pure function of (seed, step, row): the same response is drawn whichever process samples it
+    and in whatever batch, so N processes with 1/N of the rollout each sample what one process does,
+    and a resumed run samples what an uninterrupted one did.
+    """
+    return [(seed * 1_000_003 + step) * 1_000_033 + row for row in rows]
+
+
+def process_share(p: PPOConfig, num_processes: int) -> int:
+    """Prompts each process samples per step; a UserError if the batch does not split evenly.
+
+    Whole prompts per process: RLOO/GRPO compare a response with the other responses to its prompt,
+    so a prompt's K responses must stay together.
+    """
+    prompts = p.batch_size // p.num_generations
+    if prompts % num_processes:
+        raise UserError(
+            f"ppo.batch_size={p.batch_size} is {prompts} prompts x {p.num_generations} responses, which does not "
+            f"split over {num_processes} processes (each samples whole prompts): make the number of prompts "
+            f"(ppo.batch_size / ppo.num_generations) a multiple of {num_processes}"
+        )
+    if p.mini_batch_size % num_processes:
+        raise UserError(
+            f"ppo.mini_batch_size={p.mini_batch_size} (responses per optimizer step, over all processes) does not "
+            f"split over {num_processes} processes: make it a multiple of {num_processes}"
+        )
+    return prompts // num_processes
+
+
+def all_processes(ok: bool, reduce: Reduce | None) -> bool:
+    """True only if `ok` holds on every process: a step is skipped everywhere or nowhere (a process
+    that skipped alone would leave the others waiting in a collective)."""
+    return ok if reduce is None else bool(reduce(torch.tensor(float(not ok))) == 0)
+
+
 def shape_scores(raw: Tensor, ended: Tensor, cfg: PPOConfig, baseline: tuple[float, float]) -> Tensor:
     """Reward-source scores -> the scores PPO optimises: optional normalisation, clipping, and the EOS trick.
 
@@ -318,12 +364,20 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     `reward` replaces `cfg.reward` with a reward source built in Python (any object with
     `score(prompts, completions) -> tensor`), e.g. a function defined in a notebook.
     """
+    from accelerate.utils import gather_object
+
     if not cfg.prompts:
         raise UserError("prompts: no prompts file given; set prompts=FILE.jsonl")
     out = Path(cfg.output_dir)
     engine = Engine(cfg.train, out, resume=cfg.resume)
-    if engine.accelerator.num_processes > 1:
-        raise UserError("ppo runs in a single process; launch it without `accelerate launch --num_processes`")
+    if engine.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise UserError(
+            f"ppo runs data-parallel (DDP) only, not under {engine.accelerator.distributed_type.value}: its rollout "
+            "samples from the whole policy in each process; launch it with configs/accelerate/ddp.yaml (or "
+            "`accelerate launch --multi_gpu --num_processes N`)"
+        )
+    world, rank, reduce = engine.num_processes, engine.accelerator.process_index, engine.all_sum
+    share = process_share(cfg.ppo, world)
     # On CPU, numbers below 1e-38 (saturated GELUs, masked attention) are ~100x slower and never matter:
     # flushing them to zero makes a PPO step up to 40% faster (process-wide, like the thread count).
     torch.set_flush_denormal(True)
@@ -385,19 +439,24 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
         while stop_reason is None and step < cfg.stop.max_steps:
             t0 = time.perf_counter()
             # 1. rollout: sample K = num_generations responses per prompt (rows grouped by prompt)
+            #    (this process: its share of the step's prompts, rows `first` onwards of the global rollout)
             picked = prompt_indices(len(records), p.batch_size // p.num_generations, step, cfg.train.seed)
-            index = [i for i in picked for _ in range(p.num_generations)]
-            batch = sample(policy, tokenizer, [rendered[i] for i in index], cfg.sampling, keep_hidden=not mixed)
+            index = [i for i in picked[rank * share : (rank + 1) * share] for _ in range(p.num_generations)]
+            first = rank * len(index)
+            seeds = rollout_seeds(cfg.train.seed, step, range(first, first + len(index)))
+            batch = sample(
+                policy, tokenizer, [rendered[i] for i in index], cfg.sampling, keep_hidden=not mixed, seeds=seeds
+            )
             hidden = None if mixed else batch.hidden.to(engine.device)  # type: ignore[union-attr]  (keep_hidden)
 
             # 2. score the responses
             raw = reward.score([asked[i] for i in index], batch.texts).float().cpu()
-            if nonfinite({"reward": raw}):
+            if not all_processes(not nonfinite({"reward": raw}), reduce):
                 engine.skip_step("non-finite reward")
                 step += 1
                 continue
             if baseline is None:  # the first rollout is the reference policy's: the scale of "normal"
-                mean, std, measured = score_scale(raw, p.normalize_min_std)
+                mean, std, measured = score_scale(raw, p.normalize_min_std, reduce)
                 baseline = (mean, std)
                 if p.normalize_rewards and measured < p.normalize_min_std:
                     engine.print(
@@ -418,8 +477,10 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
             )
             # every epoch's minibatches, drawn now (the same draws as epoch by epoch): with mixed
             # precision the rollout is scored in the first epoch's micro-batches
+            # (each process cuts its rows: a minibatch is every process's share of it)
             minibatches = [
-                torch.randperm(p.batch_size, device=engine.device).split(p.mini_batch_size) for _ in range(p.epochs)
+                torch.randperm(len(index), device=engine.device).split(p.mini_batch_size // world)
+                for _ in range(p.epochs)
             ]
             with engine.accelerator.autocast():  # a no-op without mixed precision
                 score_tokens(engine.unwrap(model), hidden, ref, adapter_off, ro, temperature, p.micro, minibatches[0])
@@ -431,37 +492,48 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
                 scores, tok["logp"], tok["ref_logp"], mask, beta if p.kl.mode == "reward" else 0.0, p.kl.estimator
             )
             if p.whiten_rewards:
-                rewards = masked_whiten(rewards, mask, shift_mean=False)
+                rewards = masked_whiten(rewards, mask, shift_mean=False, reduce=reduce)
             if critic_free:
                 tok["advantages"] = group_advantages(rewards.sum(1), mask, p)
                 tok["returns"] = returns = torch.zeros_like(rewards)
             else:
                 advantages, returns = gae(rewards, tok["values"], mask, p.gamma, p.lam)
-                tok["advantages"], tok["returns"] = masked_whiten(advantages, mask), returns
-            kl_per_response = float(kl.sum(1).mean())
+                tok["advantages"], tok["returns"] = masked_whiten(advantages, mask, reduce=reduce), returns
+            # every statistic is the global batch's (all processes' rows)
+            reward_mean = batch_mean(raw, reduce)
+            kl_per_response = float(batch_mean(kl.sum(1), reduce))
             metrics = {
-                "reward": float(raw.mean()),
-                "reward_normalized": float((raw.mean() - baseline[0]) / baseline[1]),
-                "score": float(scores.mean()),
+                "reward": float(reward_mean),
+                "reward_normalized": float((reward_mean - baseline[0]) / baseline[1]),
+                "score": float(batch_mean(scores, reduce)),
                 "kl": kl_per_response,
-                "kl_k1": float(zero_padding(kl_penalty(tok["logp"], tok["ref_logp"], "k1"), mask).sum(1).mean()),
-                "kl_k3": float(zero_padding(kl_penalty(tok["logp"], tok["ref_logp"], "k3"), mask).sum(1).mean()),
+                **{
+                    f"kl_{kind}": float(
+                        batch_mean(zero_padding(kl_penalty(tok["logp"], tok["ref_logp"], kind), mask).sum(1), reduce)
+                    )
+                    for kind in ("k1", "k3")
+                },
                 "beta": beta,
-                "entropy": float(masked_mean(tok["entropy"], mask)),
-                "response_length": float(mask.sum(1).float().mean()),
-                "ended": float(batch.ended.float().mean()),
-                "prompts_truncated": batch.prompts_truncated,
+                "entropy": float(masked_mean(tok["entropy"], mask, reduce=reduce)),
+                "response_length": float(batch_mean(mask.sum(1).float(), reduce)),
+                "ended": float(batch_mean(batch.ended.float(), reduce)),
+                "prompts_truncated": batch.prompts_truncated
+                if reduce is None
+                else int(reduce(torch.tensor(batch.prompts_truncated))),
             }
             if not critic_free:
-                metrics["explained_variance"] = float(explained_variance(tok["values"], returns, mask))
+                metrics["explained_variance"] = float(explained_variance(tok["values"], returns, mask, reduce))
             bad = nonfinite({k: zero_padding(v, mask) for k, v in tok.items() if k != "mask"})
-            if bad:
-                engine.skip_step(f"non-finite {', '.join(bad)} in the rollout")
+            if not all_processes(not bad, reduce):
+                engine.skip_step(f"non-finite {', '.join(bad) or 'numbers in another process'} in the rollout")
                 step += 1
                 continue
-            if engine.is_main and cfg.log_samples_every and (step % cfg.log_samples_every == 0):
+            if cfg.log_samples_every and (step % cfg.log_samples_every == 0):
                 prompts = [asked[i] for i in index]
-                _log_samples(samples_log, step + 1, prompts, batch.texts, raw, batch.ended, cfg.log_samples)
+                rows = list(zip(prompts, batch.texts, raw.tolist(), batch.ended.tolist(), strict=True))
+                rows = gather_object(rows) if world > 1 else rows  # the global batch, in row order
+                if engine.is_main:
+                    _log_samples(samples_log, step + 1, rows[: cfg.log_samples])
 
             # stop before updating: the current policy is the one that reached the threshold / ceiling
             if cfg.stop.reward_threshold is not None and metrics["reward"] >= cfg.stop.reward_threshold:
@@ -494,7 +566,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
                 lr=engine.lr,
                 time_rollout=t_rollout,
                 time_step=dt,
-                tokens_per_s=float(mask.sum()) / dt,
+                tokens_per_s=float(mask.sum() if reduce is None else reduce(mask.sum())) / dt,
             )
             last = metrics
             engine.log(last, step=step)
@@ -537,19 +609,41 @@ def _update(
 ) -> dict[str, float] | None:
     """One optimizer step on the minibatch `rows`, in micro-batches of at most `ppo.micro_batch_size`
     rows of similar lengths (gradient accumulation, see `Rollout.micro_batches`); None if the step
-    was skipped. The stats are the minibatch's: each micro-batch's weighted by its share of tokens."""
+    was skipped. The stats are the minibatch's: each micro-batch's weighted by its share of tokens.
+
+    With several processes, `rows` is this process's share of the minibatch: the losses are shares of
+    the *global* minibatch's tokens (times the number of processes, since DDP averages their
+    gradients) and the stats are summed over processes. Processes may cut different numbers of
+    micro-batches, so all but each one's last run forward and backward under `no_sync` (local
+    accumulation) and the last one all-reduces the gradients, on every process, after a vote on
+    finiteness: a non-finite loss anywhere skips the step everywhere (its gradients are dropped).
+    """
     stats: dict[str, float] = {}
+    reduce, world = engine.all_sum, engine.num_processes
     n_tokens = ro.tokens["mask"][rows].sum()
-    for part in ro.micro_batches(rows, p.micro):
-        loss, part_stats = ppo_loss(model, ro, part, n_tokens, beta, temperature, p)
-        if not torch.isfinite(loss):
-            engine.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
-            engine.skip_step("non-finite loss")
-            return None
-        engine.backward(loss)
+    n_tokens = n_tokens if reduce is None else reduce(n_tokens)
+    parts = ro.micro_batches(rows, p.micro)
+    finite = True
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if not (finite or last):
+            continue  # the step is lost; only the last micro-batch still runs, for the all-reduce
+        with nullcontext() if last else engine.accelerator.no_sync(model):
+            loss, part_stats = ppo_loss(model, ro, part, n_tokens, beta, temperature, p)
+            finite = finite and bool(torch.isfinite(loss))
+            if last:
+                finite = all_processes(finite, reduce)
+            engine.backward(loss * world)
         share = float(ro.tokens["mask"][part].sum() / n_tokens)
         for k, v in part_stats.items():
             stats[k] = stats.get(k, 0.0) + share * v
+    if not finite:
+        engine.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+        engine.skip_step("non-finite loss")
+        return None
+    if reduce is not None:
+        summed = reduce(torch.tensor(list(stats.values()), dtype=torch.float64)).tolist()
+        stats = dict(zip(stats, summed, strict=True))
     grad_norm = engine.optimizer_step()
     if grad_norm is None:
         return None
@@ -653,11 +747,10 @@ def _save(
     engine.save_checkpoint(extra)
 
 
-def _log_samples(
-    path: Path, step: int, prompts: list[Any], texts: list[str], raw: Tensor, ended: Tensor, n: int
-) -> None:
+def _log_samples(path: Path, step: int, rows: list[tuple[Any, str, float, bool]]) -> None:
+    """Append (prompt, response, reward, ended) rows to samples.jsonl."""
     with path.open("a", encoding="utf-8") as f:
-        for prompt, text, score, end in list(zip(prompts, texts, raw.tolist(), ended.tolist(), strict=True))[:n]:
+        for prompt, text, score, end in rows:
             row = {"step": step, "prompt": text_to_json(prompt), "response": text, "reward": score, "ended": end}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 

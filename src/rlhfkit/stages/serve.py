@@ -8,9 +8,9 @@
     rlhfkit serve add-member USERNAME PROJECT [role=labeler|admin]   an existing user joins a project
     rlhfkit serve create-project NAME [task=ranking|pairwise|demonstration] [overlap=N]
                                               [guidelines=FILE.md]
-    rlhfkit serve import PROJECT FILE.jsonl   completions from `rlhfkit generate` (or prompts); in a pairwise
-                                              project K > 2 completions become their C(K,2) pairs
-    rlhfkit serve export PROJECT KIND OUT.jsonl [margin=true]
+    rlhfkit serve import PROJECT FILE.jsonl [batch=NAME]   completions from `rlhfkit generate` (or prompts); in a
+                                              pairwise project K > 2 completions become their C(K,2) pairs
+    rlhfkit serve export PROJECT KIND OUT.jsonl [margin=true] [batch=NAME[,NAME...]]
     rlhfkit serve api-key USERNAME [name=NAME]   prints a new API key for scripts
 
 Every command also takes `--config FILE.yaml` and the server's KEY=VALUE settings (db_url=... above
@@ -91,10 +91,11 @@ class CreateProjectConfig(ServeConfig):
 
 class ImportConfig(ServeConfig):
     """`rlhfkit serve import PROJECT FILE.jsonl`: completions (or prompts, for a demonstration
-    project) into a project; items already there are skipped."""
+    project) into a project; items already there (in the same batch) are skipped."""
 
     project: str = Field(description="the project's name")
     file: str = Field(description="completions or prompts JSONL")
+    batch: str | None = Field(None, description="tag the items with this batch (1-64 of A-Z a-z 0-9 . _ -)")
 
 
 class ExportConfig(ServeConfig):
@@ -104,6 +105,7 @@ class ExportConfig(ServeConfig):
     kind: str = Field(description=EXPORT_KINDS)
     out: str = Field(description="the JSONL file to write")
     margin: bool = Field(False, description="pairs: add the consensus margin")
+    batch: str | None = Field(None, description="only these batches' items (comma-separated names)")
 
 
 class ApiKeyConfig(ServeConfig):
@@ -320,20 +322,24 @@ def run_import(config: ImportConfig) -> None:
         raise UserError(f"{path}: file not found")
     data = path.read_bytes()
     with _database(config) as db:
+        batch = None if config.batch is None else service.batch_name(config.batch, "batch=")
         with db.session() as s:
             task = service.find_project(s, config.project).task
         records = service.parse_upload(str(path), data, task)  # before the write transaction: see import_items
-        result = db.transact(lambda s: service.import_items(s, service.find_project(s, config.project), records))
-    print(f"imported {result['added']} items into {config.project!r} ({result['skipped']} already there)")
+        result = db.transact(lambda s: service.import_items(s, service.find_project(s, config.project), records, batch))
+    into = f"{config.project!r}" + (f" batch {batch!r}" if batch else "")
+    print(f"imported {result['added']} items into {into} ({result['skipped']} already there)")
 
 
 def run_export(config: ExportConfig) -> None:
     from rlhfkit.config import atomic_write_text
     from rlhfkit.feedback import service
 
-    rows = _in_db(
-        config, lambda s: service.export(s, service.find_project(s, config.project), config.kind, config.margin)
-    )
+    def work(s: Any) -> list[dict[str, Any]]:
+        batches = service.batch_names([config.batch] if config.batch is not None else None, "batch=")
+        return service.export(s, service.find_project(s, config.project), config.kind, config.margin, batches)
+
+    rows = _in_db(config, work)
     atomic_write_text(config.out, "".join(service.jsonl_line(r) for r in rows))
     print(f"wrote {len(rows)} records to {config.out}")
 

@@ -46,6 +46,9 @@ from rlhfkit.labels.agreement import agreement_report
 
 router = APIRouter(prefix="/api")
 
+# `?batch=a&batch=b` or `?batch=a,b`: progress, agreement and exports limited to those batches.
+Batches = Annotated[list[str] | None, Query(description="limit to these batches (repeat or comma-separate)")]
+
 
 def project_json(p: Project, role: str) -> dict[str, Any]:
     return {"id": p.id, "name": p.name, "task": p.task, "overlap": p.overlap, "role": role}
@@ -172,9 +175,12 @@ def remove_member(pid: int, user_id: int, request: Request, auth: ApiAuth) -> Re
 
 @router.post("/projects/{pid}/import")
 async def import_items(
-    pid: int, request: Request, auth: ApiAuth, filename: str = "upload.jsonl"
+    pid: int, request: Request, auth: ApiAuth, filename: str = "upload.jsonl", batch: str | None = None
 ) -> dict[str, int]:
-    """Body: a JSONL file (completions, or prompts for demonstration projects)."""
+    """Body: a JSONL file (completions, or prompts for demonstration projects); `?batch=NAME` tags
+    every item it adds with that batch."""
+    if batch is not None:
+        service.batch_name(batch)
     body = await request.body()
     st = state(request)
 
@@ -185,7 +191,7 @@ async def import_items(
         with st.db.session() as s:
             task = project(s).task
         records = service.parse_upload(filename, body, task)  # before the write transaction: see import_items
-        return st.db.transact(lambda s: service.import_items(s, project(s), records))
+        return st.db.transact(lambda s: service.import_items(s, project(s), records, batch))
 
     return await run_in_threadpool(work)
 
@@ -310,27 +316,34 @@ def set_excluded(pid: int, user_id: int, data: ExcludedIn, request: Request, aut
 
 
 @router.get("/projects/{pid}/progress")
-def progress(pid: int, request: Request, auth: ApiAuth) -> dict[str, Any]:
+def progress(pid: int, request: Request, auth: ApiAuth, batch: Batches = None) -> dict[str, Any]:
+    batches = service.batch_names(batch)
     with state(request).db.session() as s:
         project, _ = service.project_for(s, auth.user(s), pid, admin=True)
-        return service.progress(s, project)
+        return service.progress(s, project, batches)
 
 
 @router.get("/projects/{pid}/agreement")
-def agreement(pid: int, request: Request, auth: ApiAuth) -> dict[str, Any]:
+def agreement(pid: int, request: Request, auth: ApiAuth, batch: Batches = None) -> dict[str, Any]:
+    batches = service.batch_names(batch)
     with state(request).db.session() as s:
         project, _ = service.project_for(s, auth.user(s), pid, admin=True)
-        rankings = service.rankings_of(s, project)
+        service.check_batches(s, project, batches)
+        rankings = service.rankings_of(s, project, batches)
     return agreement_report(rankings)
 
 
 @router.get("/projects/{pid}/export/{kind}")
-def export(pid: int, kind: str, request: Request, auth: ApiAuth, margin: bool = False) -> Response:
+def export(
+    pid: int, kind: str, request: Request, auth: ApiAuth, margin: bool = False, batch: Batches = None
+) -> Response:
     """JSONL download; `kind` is one of service.EXPORTS."""
+    batches = service.batch_names(batch)
     with state(request).db.session() as s:
         project, _ = service.project_for(s, auth.user(s), pid, admin=True)
-        rows = service.export(s, project, kind, margin=margin)
-        name = f"{project.id}-{kind}.jsonl"
+        rows = service.export(s, project, kind, margin=margin, batches=batches)
+        stem = f"{project.id}-{'+'.join(batches)}" if batches else str(project.id)
+        name = f"{stem}-{kind}.jsonl"
 
     def lines() -> Iterator[str]:
         for row in rows:

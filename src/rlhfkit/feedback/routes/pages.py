@@ -349,12 +349,15 @@ def admin_import(pid: int, request: Request, posted: PagePost) -> Response:
     upload = posted.form.get("file")
     if not isinstance(upload, UploadFile) or not upload.filename:
         raise service.Invalid("choose a JSONL file to import")
+    batch = str(posted.form.get("batch", "")).strip() or None
+    if batch is not None:
+        service.batch_name(batch)
     data = upload.file.read()
     db = state(request).db
     with db.session() as s:
         task = _admin_project(s, posted.auth, pid).task
     records = service.parse_upload(upload.filename or "", data, task)  # before the write transaction
-    result = db.transact(lambda s: service.import_items(s, _admin_project(s, posted.auth, pid), records))
+    result = db.transact(lambda s: service.import_items(s, _admin_project(s, posted.auth, pid), records, batch))
     return redirect(f"/p/{pid}/admin", **result)
 
 
