@@ -98,6 +98,9 @@ COMMANDS: dict[str, Command] = {
     "cai mix": Command("rlhfkit.stages.cai", "human + AI preference pairs, AI pairs weighted", "MixConfig", "run_mix"),
     "loop": Command("rlhfkit.stages.loop", "rounds: fresh prompts -> labeling server -> RM -> PPO -> eval, resumable"),
     "demo": Command("rlhfkit.stages.demo", "run the whole loop on the embedded default data"),
+    "demo-personal": Command(
+        "rlhfkit.stages.demo_personal", "personalisation demo: users with opposite tastes, a policy per user vs one"
+    ),
     "data validate": Command(
         "rlhfkit.stages.data", "check a data file: the record count or the first error", "ValidateConfig",
         "run_validate", positional=("file",),

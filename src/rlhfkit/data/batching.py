@@ -26,7 +26,8 @@ import torch
 from rlhfkit.data.formats import Demonstration, Pair, Text, text_key
 
 IGNORE_INDEX = -100  # label of a token that does not count in the loss
-Encoded = dict[str, list[int]]  # "input_ids" (and "token_type_ids" for BERT-style pair inputs)
+# "input_ids" (and "token_type_ids" for BERT-style pair inputs; "user": [column] for a personalised RM)
+Encoded = dict[str, list[int]]
 T = TypeVar("T")  # any record with a `prompt`: Demonstration, Pair, Rating
 
 
@@ -134,6 +135,8 @@ def collate_sequences(seqs: Sequence[Encoded], pad_id: int) -> dict[str, torch.T
     }
     if "token_type_ids" in seqs[0]:
         out["token_type_ids"] = pad_right([s["token_type_ids"] for s in seqs], 0)
+    if "user" in seqs[0]:  # a personalised reward model's output column per sequence
+        out["user"] = torch.tensor([s["user"][0] for s in seqs], dtype=torch.long)
     return out
 
 
@@ -210,13 +213,16 @@ def collate_shared_prefix(groups: Sequence[Sequence[Encoded]], pad_id: int) -> d
         rows.append(row)
         positions.append(pos)
         segments.append(seg)
-    return {
+    out = {
         "input_ids": pad_right(rows, pad_id),
         "attention_mask": pad_right([[1] * len(r) for r in rows], 0),  # real tokens (counted), not the model's mask
         "position_ids": pad_right(positions, 0),
         "segments": pad_right(segments, -1),
         "ends": torch.tensor(ends, dtype=torch.long),
     }
+    if "user" in groups[0][0]:  # as in collate_sequences: one output column per sequence, in `ends` order
+        out["user"] = torch.tensor([s["user"][0] for group in groups for s in group], dtype=torch.long)
+    return out
 
 
 def pair_collate(pad_id: int, share_prefix: bool = False) -> Callable[[list[PairGroup]], dict[str, torch.Tensor]]:

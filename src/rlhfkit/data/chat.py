@@ -5,6 +5,10 @@ shape of the embedded corpus); set the template to `chat` to wrap a plain prompt
 message and use the tokenizer's chat template (instruct models), or to `{prompt}` to use it raw.
 Conversations always use the tokenizer's chat template when it has one.
 
+A personalised prompt (`with_user`) is the prompt as a conversation after a system line naming the
+user, `User: NAME`: the policy and a personalised reward model both read who is asking from the
+text itself (docs/personalization.md).
+
 Prompt and response are tokenized *separately* and concatenated, so the boundary between them is
 exact: the loss mask of SFT and the response tokens of PPO never straddle a merged token.
 """
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from rlhfkit.data.formats import Message, Text
+from rlhfkit.data.formats import Message, PromptRecord, Text
 from rlhfkit.errors import UserError
 
 PROMPT_TEMPLATE = "User: {prompt}\nAssistant:"
@@ -38,6 +42,38 @@ def plain_text(value: Text | list[dict[str, Any]]) -> str:
     if isinstance(value, str):
         return value
     return "\n".join(f"{_ROLE_PREFIX[m['role']]}: {m['content']}" for m in _messages(value))
+
+
+USER_LINE = "User: "  # a personalised prompt's system message: USER_LINE + the user's name
+
+
+def with_user(prompt: Text, user: str | None) -> Text:
+    """`prompt` as `user` asks it: a system message `User: NAME`, then the prompt's messages (a plain
+    prompt becomes one user message). No user: the prompt as it is. The one rendering of a user
+    that PPO, generate, eval and the reward model share."""
+    if user is None:
+        return prompt
+    messages = [Message(role="user", content=prompt)] if isinstance(prompt, str) else list(prompt)
+    return [Message(role="system", content=USER_LINE + user), *messages]
+
+
+def asked_prompt(record: PromptRecord, user: str = "") -> Text:
+    """A prompts record as its user asks it: `user` when given (`generate`/`eval` `user=NAME`),
+    else the record's own `user`, else nobody in particular."""
+    return with_user(record.prompt, user or record.user)
+
+
+def split_user(prompt: Text) -> tuple[str | None, Text]:
+    """(user, the prompt without them): the inverse of `with_user`; (None, prompt) when no user is
+    named. A single remaining user message comes back as plain text, the form `with_user` takes."""
+    if isinstance(prompt, str) or len(prompt) < 2:
+        return None, prompt
+    first, rest = prompt[0], list(prompt[1:])
+    if first.role != "system" or not first.content.startswith(USER_LINE):
+        return None, prompt
+    if len(rest) == 1 and rest[0].role == "user":
+        return first.content[len(USER_LINE) :], rest[0].content
+    return first.content[len(USER_LINE) :], rest
 
 
 def has_chat_template(tokenizer: Any) -> bool:

@@ -2,19 +2,21 @@
 
 One record type per format (JSONL, one object per line, or a Hugging Face `datasets` folder):
 
-    prompts          {"id": "p1", "prompt": "How do I brew coffee?"}
+    prompts          {"id": "p1", "prompt": "How do I brew coffee?", "user": "ann"}
     demonstrations   {"prompt": "...", "response": "..."}
     completions      {"prompt_id": "p1", "prompt": "...", "completions": ["...", "..."]}
     rankings         {"prompt_id": "p1", "labeler": "ann", "ranking": [2, 1, 1], "unusable": false,
                       "strength": 3}
-    pairs            {"prompt": "...", "chosen": "...", "rejected": "...", "margin": 0.5}
+    pairs            {"prompt": "...", "chosen": "...", "rejected": "...", "margin": 0.5, "user": "ann"}
     ratings          {"prompt": "...", "completion": "...", "score": 0.7, "user": "ann"}
 
 A ranking gives candidate i the rank `ranking[i]` (1 = best); equal ranks are ties; ranks are dense
 (1, 2, 2, 3 but never 1, 3). The optional `strength` says how much better each rank is than the
 next one (STRENGTHS: 1 slightly, 2 better, 3 much better; absent = 2). The optional `user` of a
-pair, rating or unpaired row is whose judgment it is (the labeler, or the user who chatted with
-the model on the feedback server's playground). Wherever a prompt or
+prompt, pair, rating or unpaired row is whose preference it is (personalisation,
+docs/personalization.md): a pair's or rating's is the labeler who made it, or the user who chatted
+with the model on the feedback server's playground; a prompt's is the user the policy answers.
+Wherever a prompt or
 response is allowed, a conversation (a list of `{"role", "content"}` messages) is allowed too; it
 is rendered with the tokenizer's chat template.
 
@@ -99,9 +101,22 @@ class Record(BaseModel):
     __hash__ = None  # type: ignore[assignment]  # mutable, like BaseModel
 
 
+def check_user(v: str | None) -> str | None:
+    """A user name as personalisation renders it into a prompt (`data.chat.with_user`): one line."""
+    if v is not None and (not v.strip() or v != v.strip() or "\n" in v or len(v) > 100):
+        raise ValueError(f"user {v!r} must be a non-empty name on one line, without surrounding spaces, ≤ 100 chars")
+    return v
+
+
 class PromptRecord(Record):
     id: str
     prompt: Text
+    user: str | None = None  # whom the policy answers (personalisation); absent = anyone
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str | None) -> str | None:
+        return check_user(v)
 
     @field_validator("id")
     @classmethod
@@ -220,7 +235,13 @@ class Pair(Record):
     chosen: Text
     rejected: Text
     margin: float | None = None
-    user: str | None = None  # whose preference (the labeler, the chatting user); kept for per-user models
+    user: str | None = None  # whose preference (the labeler, the chatting user); a personalised RM learns per user
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str | None) -> str | None:
+        return check_user(v)
+
     # No margin is a margin of 0 in the loss; `datasets` would read a missing one as null, and
     # TRL's RewardTrainer fails on a null (`rlhfkit cai mix` writes human pairs next to AI ones).
     fill: ClassVar[dict[str, Any]] = {"margin": 0.0}
@@ -258,6 +279,11 @@ class _Completion(Record):
     prompt: Text
     completion: Text
     user: str | None = None  # whose judgment (the labeler, the chatting user); kept for per-user models
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str | None) -> str | None:
+        return check_user(v)
 
     @field_validator("prompt")
     @classmethod

@@ -10,10 +10,16 @@ Judges, each independent of rlhfkit:
 - toxicity: `alt-profanity-check`'s classifier, trained on human-labelled toxic comments, P(offensive);
 - relevance: cosine similarity of all-MiniLM-L6-v2 sentence embeddings of prompt and response;
 - repetition: the share of repeated word bigrams; empty answers get a fixed penalty.
+
+A group of users may also have a taste the others do not share (personalisation): `length_taste`
+is how much longer (> 0) or shorter (< 0) they like answers, a measurable feature on which two
+groups can want opposite things; their utility is the gold utility plus that taste
+(`taste_utility`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +45,24 @@ def prompt_text(prompt: Text) -> str:
         return prompt
     users = [m.content for m in prompt if m.role == "user"]
     return users[-1] if users else prompt[-1].content
+
+
+# Where a length taste is neutral and how fast it saturates, in words: the embedded corpus's
+# demonstrations run to 28-62 words (10th-90th percentile, median 44), so the taste tells the
+# SFT model's usual answers apart rather than only the extremes.
+LENGTH_PIVOT = 40
+LENGTH_SCALE = 20
+
+
+def length_preference(text: str) -> float:
+    """In (-1, 1): how long an answer is, saturating (tanh), so that a taste for length is bounded
+    like the other judges and a rambling answer is not worth unboundedly much."""
+    return math.tanh((len(text.split()) - LENGTH_PIVOT) / LENGTH_SCALE)
+
+
+def taste_utility(gold: float, text: str, length_taste: float) -> float:
+    """A user's utility: the gold utility plus their taste for long (> 0) or short (< 0) answers."""
+    return gold + length_taste * length_preference(text)
 
 
 def repetition(text: str) -> float:

@@ -29,7 +29,8 @@ def rankings_to_pairs(
     """Every candidate pair with different ranks, preferred first; ties and unusable dropped.
 
     Each labeler's ranking yields its own pairs (aggregating labelers is a separate step), so a
-    pair two labelers agree on appears twice: that is the evidence, weighted as such. Identical
+    pair two labelers agree on appears twice: that is the evidence, weighted as such. Each pair's
+    `user` is its labeler: what a personalised reward model learns per user. Identical
     candidate texts at different ranks are skipped (the pair carries no learnable preference).
     `margin` gives every pair the labeler's stated strength as log-odds per rank between them
     (STRENGTH_MARGINS; a ranking without a strength counts as "better").
@@ -49,7 +50,9 @@ def rankings_to_pairs(
                 continue
             gap = abs(r.ranking[i] - r.ranking[j])
             m = round(STRENGTH_MARGINS[r.strength or DEFAULT_STRENGTH] * gap, 4) if margin else None
-            pairs.append(Pair(prompt=c.prompt, chosen=c.completions[win], rejected=c.completions[lose], margin=m))
+            pairs.append(
+                Pair(prompt=c.prompt, chosen=c.completions[win], rejected=c.completions[lose], margin=m, user=r.labeler)
+            )
     return pairs
 
 

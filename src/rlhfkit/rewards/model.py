@@ -8,13 +8,19 @@ Two kinds, one interface:
 - encoder (BERT-style, e.g. all-MiniLM-L6-v2): the input is the text pair
   ([CLS] rendered prompt [SEP] response [SEP]); the head reads the pooled [CLS] token.
 
-The saved folder is a plain `save_pretrained` sequence classifier (`num_labels=1`) plus
-`rlhfkit_reward.json`: the kind, the prompt template used in training, and how rewards were
+The saved folder is a plain `save_pretrained` sequence classifier (`num_labels=1`; 1 + users when
+personalised) plus `rlhfkit_reward.json`: the kind, the prompt template used in training, and how rewards were
 normalised (gain/bias fitted so the reference policy's own samples score mean 0, std 1; PPO
 detail 2). The normalisation is affine, so `save` folds it into the weights (`fold_normalization`):
 the logits of plain `AutoModelForSequenceClassification` are the normalised reward. The metadata
 says how much is folded (`folded_gain`, `folded_bias`: none in folders saved before folding), and
 `score` applies only the rest, so rlhfkit gives the same numbers either way, never twice.
+
+A personalised reward model (`rlhfkit rm personalize=true`, docs/personalization.md) has one more
+output per user it learned (`users` in the metadata): column 0 is the pooled reward and user j's
+reward is column 0 + column j, a per-user linear head on the shared features. The user comes with
+the prompt (`data.chat.with_user`); the user line itself is never part of the model's input. An
+unknown user, or none, gets column 0 alone: the pooled model.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from pydantic import Field, ValidationError
 
 from rlhfkit.config import StrictModel, atomic_write_text
 from rlhfkit.data.batching import Encoded, collate_sequences
-from rlhfkit.data.chat import PROMPT_TEMPLATE, encode_example, render_prompt, render_response
+from rlhfkit.data.chat import PROMPT_TEMPLATE, encode_example, render_prompt, render_response, split_user
 from rlhfkit.data.formats import Text
 from rlhfkit.errors import UserError
 from rlhfkit.models.device import place
@@ -57,6 +63,9 @@ class RewardMeta(StrictModel):
     folded_gain: float = Field(1.0, description="the part in the weights: logits = folded_gain * raw + folded_bias")
     folded_bias: float = Field(0.0, description="= bias, or 0 where the model has no bias to fold it into (RMSNorm)")
     normalization: dict[str, Any] = Field(default_factory=dict, description="how gain/bias were fitted and folded")
+    users: list[str] = Field(
+        default_factory=list, description="users of a personalised model: output j+1 is users[j]'s delta"
+    )
 
     @classmethod
     def read(cls, folder: str | Path) -> RewardMeta | None:
@@ -81,11 +90,12 @@ def detect_kind(config: Any) -> Kind:
 
 
 def load_backbone(
-    path: str, kind: Kind | Literal["auto"] = "auto", opts: BackboneOptions | None = None
+    path: str, kind: Kind | Literal["auto"] = "auto", opts: BackboneOptions | None = None, outputs: int = 1
 ) -> tuple[Any, Any, Kind]:
-    """(sequence classifier with one output, tokenizer, kind) from any LM or reward-model folder,
+    """(sequence classifier with `outputs` outputs, tokenizer, kind) from any LM or reward-model folder,
     loaded as `opts` say (dtype, attention kernel, 4-bit, gradient checkpointing); `opts.lora` is
-    the caller's to apply, once the head is initialised (`rlhfkit rm`).
+    the caller's to apply, once the head is initialised (`rlhfkit rm`). More than one output: a
+    personalised reward model, pooled + one per user.
 
     Dropout is switched off: a reward must be a deterministic function of the text. GPT-2's GELU
     runs as one fused kernel (`fuse_gelu`), as in every model rlhfkit trains.
@@ -108,7 +118,7 @@ def load_backbone(
         if tokenizer.pad_token is None:
             raise UserError(f"{path}: the encoder's tokenizer has no pad token")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **pretrained_kwargs(opts))
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=outputs, **pretrained_kwargs(opts))
     except (OSError, ValueError) as e:
         raise UserError(f"model.path: cannot load {path!r} as a sequence classifier ({e})") from None
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
@@ -122,19 +132,22 @@ def load_backbone(
 
 def init_reward_head(model: torch.nn.Module) -> torch.nn.Linear:
     """Re-initialise the scalar head: weight ~ N(0, 1/√(d+1)), bias 0 (PPO detail 1), so initial
-    rewards have unit-ish scale whatever the hidden size."""
-    head = _scalar_head(model)
+    rewards have unit-ish scale whatever the hidden size. Per-user outputs start at 0: a personalised
+    model starts as the pooled one and learns each user's difference from it."""
+    head = _score_head(model)
     with torch.no_grad():
-        head.weight.normal_(0.0, 1.0 / math.sqrt(head.in_features + 1))
+        head.weight.zero_()
+        head.weight[0].normal_(0.0, 1.0 / math.sqrt(head.in_features + 1))
         if head.bias is not None:
             head.bias.zero_()
     return head
 
 
-def _scalar_head(model: torch.nn.Module) -> torch.nn.Linear:
-    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1]
+def _score_head(model: torch.nn.Module) -> torch.nn.Linear:
+    n = model.config.num_labels
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == n]
     if not heads:
-        raise UserError(f"{type(model).__name__}: no scalar output layer found")
+        raise UserError(f"{type(model).__name__}: no output layer with {n} outputs found")
     return heads[-1]
 
 
@@ -143,28 +156,33 @@ def fold_normalization(model: torch.nn.Module, probe: torch.Tensor, gain: float,
     """Write `gain * logit + bias` into the model's own weights; returns (the bias that found no
     place, where the bias went).
 
-    The gain scales the head's weight. The bias goes into the head's bias (encoders); a decoder's
-    head has none (transformers builds it without), so it goes into the final LayerNorm's bias
-    instead, whose output only the head reads (GPT-2 and other LayerNorm decoders): moved by
-    bias·w/|w|², it adds exactly `bias` to every logit. RMSNorm decoders (Llama, Qwen2, Mistral)
+    The gain scales the head's weight (every output: a personalised model's user j reward is
+    output 0 + output j, so scaling both scales it). The bias goes to output 0 only: into the head's
+    bias (encoders); a decoder's head has none (transformers builds it without), so it goes into the
+    final LayerNorm's bias instead, whose output only the head reads (GPT-2 and other LayerNorm
+    decoders): moved by bias·W⁺e₀ (= bias·w/|w|² with one output), it adds exactly `bias` to
+    output 0 and nothing to the others. RMSNorm decoders (Llama, Qwen2, Mistral)
     have no bias after their last layer: there the bias is returned, to stay in the metadata.
     `probe` (token ids, one row) checks the fold on a real forward; a mismatch undoes the norm move.
     """
-    head = _scalar_head(model)
+    head = _score_head(model)
     head.weight.mul_(gain)
     if head.bias is not None:
-        head.bias.mul_(gain).add_(bias)
+        head.bias.mul_(gain)
+        head.bias[0] += bias
         return 0.0, "score head weight and bias"
     norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm) and m.bias is not None]
     if bias == 0.0:
         return 0.0, "score head weight"
     if not norms:
         return bias, "score head weight (no bias after the last layer: the bias stays in the metadata)"
-    before = float(model(input_ids=probe).logits[0, 0])
-    w = head.weight[0].to(norms[-1].bias.dtype)
-    shift = bias * w / w.square().sum()
+    before = model(input_ids=probe).logits[0].float()
+    w = head.weight.to(norms[-1].bias.dtype)
+    shift = bias * torch.linalg.pinv(w)[:, 0]
     norms[-1].bias.add_(shift)
-    if abs(float(model(input_ids=probe).logits[0, 0]) - (before + bias)) > 1e-3 * max(1.0, abs(bias)):
+    expected = before.clone()
+    expected[0] += bias
+    if (model(input_ids=probe).logits[0].float() - expected).abs().max() > 1e-3 * max(1.0, abs(bias)):
         norms[-1].bias.sub_(shift)  # that LayerNorm is not the last thing before the head
         return bias, "score head weight; the bias has no place to go (the last LayerNorm does not feed the head)"
     return 0.0, "score head weight and final LayerNorm bias"
@@ -172,7 +190,8 @@ def fold_normalization(model: torch.nn.Module, probe: torch.Tensor, gain: float,
 
 def reward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Raw (unnormalised) reward of every sequence of a collated batch, shape (N,): one per row, or
-    one per `ends` entry for groups collated with their shared prefix (`collate_shared_prefix`)."""
+    one per `ends` entry for groups collated with their shared prefix (`collate_shared_prefix`).
+    Output 0, plus output `user` where the batch names a user's column (personalised models; 0 = pooled)."""
     if "segments" in batch:
         inner = model.get_base_model() if is_peft(model) else model  # a LoRA RM: the layers hold the adapter
         mask = segment_attention_mask(batch["segments"], next(model.parameters()).dtype)
@@ -180,9 +199,14 @@ def reward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tor
             input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"], use_cache=False
         )
         ends = batch["ends"]
-        return inner.score(trunk.last_hidden_state[ends[:, 0], ends[:, 1]])[:, 0].float()
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-    return model(**inputs).logits[:, 0].float()
+        logits = inner.score(trunk.last_hidden_state[ends[:, 0], ends[:, 1]]).float()
+    else:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        logits = model(**inputs).logits.float()
+    if "user" not in batch:
+        return logits[:, 0]
+    user = batch["user"]
+    return logits[:, 0] + torch.where(user > 0, logits.gather(1, user[:, None])[:, 0], 0.0)
 
 
 def segment_attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -220,7 +244,7 @@ class RewardModel:
         meta = RewardMeta.read(path)
         if meta is None:
             raise UserError(f"{path}: not a reward model trained by `rlhfkit rm` (no {META_FILE})")
-        model, tokenizer, _ = load_backbone(str(path), meta.kind, BackboneOptions(dtype=dtype))
+        model, tokenizer, _ = load_backbone(str(path), meta.kind, BackboneOptions(dtype=dtype), 1 + len(meta.users))
         place(model, device).eval()
         return cls(model, tokenizer, meta, batch_size)
 
@@ -258,10 +282,21 @@ class RewardModel:
     def encode(self, prompt: Text, completion: Text) -> Encoded:
         """Token ids exactly as in training (same template, EOS for decoders, text pair for encoders).
 
+        A prompt for a user (`with_user`) is encoded without its user line; a personalised model's
+        encoding carries the user's output column (`user`: 0 for the pooled model, i.e. no user or
+        one it never learned).
+
         A sequence longer than `meta.max_length` is cut and counted in `self.truncated`: for a
         decoder the prompt keeps its end and the response its start and the EOS the score is read
         at (`encode_example`); for an encoder the tokenizer cuts the longer of the two texts.
         """
+        user, prompt = split_user(prompt)
+        enc = self._encode_text(prompt, completion)
+        if self.meta.users:
+            enc["user"] = [self.meta.users.index(user) + 1 if user in self.meta.users else 0]
+        return enc
+
+    def _encode_text(self, prompt: Text, completion: Text) -> Encoded:
         tok, template = self.tokenizer, self.meta.prompt_template
         if self.meta.kind == "decoder":
             example = encode_example(tok, prompt, completion, template, self.meta.max_length)

@@ -5,6 +5,10 @@ candidates a tie when their noisy utilities are within `tie_margin`, and flags a
 every candidate is clearly bad. One careless labeler ranks at random. So the panel disagrees the
 way real labelers do, and its agreement is a realistic ceiling for the reward model.
 
+A labeler may have a taste of their own (`length_taste`: longer or shorter answers), added to
+the gold utility (`eval.gold.taste_utility`): two groups with opposite tastes are what a
+personalised reward model can learn apart and a pooled one cannot (`rlhfkit demo-personal`).
+
 The noise levels are calibrated so that two careful labelers agree on about 70% of the pairs they
 both order (on the demo's candidates), like InstructGPT's labelers (72.6% ± 1.5%, Ouyang et al.
 2022); the careless one pulls the panel's agreement below that.
@@ -23,6 +27,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 from rlhfkit.data.formats import Completions
+from rlhfkit.eval.gold import taste_utility
 from rlhfkit.feedback.client import FeedbackClient
 from rlhfkit.labels.consensus import dense_ranks
 from rlhfkit.models.device import Device
@@ -35,6 +40,7 @@ class SimulatedLabeler:
     careless: bool = False  # ranks at random
     tie_margin: float = 0.1
     unusable_below: float = -3.0  # flag the set when every candidate's utility is below this
+    length_taste: float = 0.0  # > 0 likes longer answers, < 0 shorter ones (eval.gold.taste_utility)
 
 
 def default_panel() -> list[SimulatedLabeler]:
@@ -95,7 +101,9 @@ def label_over_http(
                 # the server shows candidates in a per-labeler random order (against position bias)
                 cands = sorted(item["candidates"], key=lambda c: (c["text"], c["id"]))
                 rng = random.Random(f"{seed}/{labeler.name}/{item['prompt_id']}")
-                ranks, unusable = judge(labeler, [utility[(item["prompt_id"], c["text"])] for c in cands], rng)
+                gold = [utility[(item["prompt_id"], c["text"])] for c in cands]
+                own = [taste_utility(u, c["text"], labeler.length_taste) for u, c in zip(gold, cands, strict=True)]
+                ranks, unusable = judge(labeler, own, rng)
                 client.submit(
                     project_id,
                     item["item_id"],

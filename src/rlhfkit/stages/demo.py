@@ -26,7 +26,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -44,6 +44,9 @@ from rlhfkit.stages import ppo as ppo_stage
 from rlhfkit.stages import pretrain as pretrain_stage
 from rlhfkit.stages import rm as rm_stage
 from rlhfkit.stages import sft as sft_stage
+
+if TYPE_CHECKING:
+    from rlhfkit.sim.panel import SimulatedLabeler
 
 
 class FeedbackConfig(StrictModel):
@@ -172,16 +175,23 @@ class Runner:
         return folder
 
 
-def collect_feedback(out: Path, completions: Path, cfg: FeedbackConfig, seed: int, device: Device) -> dict[str, Any]:
-    """Start the real feedback server (SQLite), set up a project, and let the panel rank over HTTP;
-    the hidden gold judge runs on `device` (eval's)."""
+def collect_feedback(
+    out: Path,
+    completions: Path,
+    cfg: FeedbackConfig,
+    seed: int,
+    device: Device,
+    panel: list[SimulatedLabeler] | None = None,
+) -> dict[str, Any]:
+    """Start the real feedback server (SQLite), set up a project, and let the panel (default:
+    `default_panel()`) rank over HTTP; the hidden gold judge runs on `device` (eval's)."""
     from rlhfkit.feedback.client import FeedbackClient
     from rlhfkit.sim.embedded import OWNER, live_server, new_database, panel_project
     from rlhfkit.sim.panel import default_panel, gold_utility, label_over_http
 
     utility = gold_utility(read_records(completions, "completions"), device)
     db, db_url, password = new_database(out)
-    panel = default_panel()
+    panel = panel or default_panel()
     with live_server(out, db) as server:
         print(f"[demo] feedback server on {server.url} (database {out / 'feedback.db'})")
         with FeedbackClient.login(server.url, OWNER, password) as owner:
@@ -197,15 +207,10 @@ def collect_feedback(out: Path, completions: Path, cfg: FeedbackConfig, seed: in
     return {"db_url": db_url, "judgments": counts, "progress": progress, "seconds": dt}
 
 
-def run(cfg: Config) -> Path:
-    out = Path(cfg.output_dir)
-    run = RunFolder(out)
-    save_config(cfg, out)
-    runner = Runner(run, cfg.resume)
-    from rlhfkit.data.corpus import build_default_data
-
-    # The corpus of the base model's pretraining: its held-out prompts are the ones it never saw.
-    data = build_default_data(run.stage("data"), seed=cfg.pretrain.data.corpus_seed)
+def policy_stages(cfg: Config, runner: Runner, data: dict[str, Path]) -> Path:
+    """pretrain (or the shipped base model) → SFT → candidates for labeling, each skipped when done;
+    returns the SFT model. The start that `rlhfkit demo` and `rlhfkit demo-personal` share."""
+    run = runner.run
 
     def pretrain() -> None:
         d = cfg.pretrain.data.model_copy(
@@ -237,6 +242,19 @@ def run(cfg: Config) -> Path:
         generate_stage.run(c)
 
     runner.stage("generate", run.completions, generate)
+    return sft_model
+
+
+def run(cfg: Config) -> Path:
+    out = Path(cfg.output_dir)
+    run = RunFolder(out)
+    save_config(cfg, out)
+    runner = Runner(run, cfg.resume)
+    from rlhfkit.data.corpus import build_default_data
+
+    # The corpus of the base model's pretraining: its held-out prompts are the ones it never saw.
+    data = build_default_data(run.stage("data"), seed=cfg.pretrain.data.corpus_seed)
+    sft_model = policy_stages(cfg, runner, data)
 
     def feedback() -> None:
         info = collect_feedback(run.stage("feedback"), run.completions, cfg.feedback, cfg.seed, cfg.eval.device)

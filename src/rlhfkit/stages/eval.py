@@ -10,6 +10,10 @@ difference with a bootstrap 95% confidence interval over prompts. Several sample
 narrow the interval at the cost of generation time: a rare failure (a rude answer once in 25)
 shows up in a sample of 200 only a handful of times.
 
+A personalised policy answers as a user (`user=NAME`, or per model `users.NAME=USER`, e.g. only the
+personalised one): its prompts are asked as that user (`data.chat.with_user`) and a personalised
+reward model scores them as theirs; a prompt's own `user` applies otherwise.
+
 Writes `OUTPUT_DIR/results.json` and `OUTPUT_DIR/samples.jsonl` (one row per prompt and sample,
 with every model's response and scores).
 """
@@ -25,7 +29,7 @@ import torch
 from pydantic import Field
 
 from rlhfkit.config import StrictModel, atomic_write_text, save_config
-from rlhfkit.data.chat import render_prompt
+from rlhfkit.data.chat import asked_prompt, render_prompt
 from rlhfkit.data.formats import read_records, text_to_json
 from rlhfkit.errors import UserError
 from rlhfkit.models.device import DEVICE_HELP, Device, model_device, place, resolve_device
@@ -53,6 +57,11 @@ class Config(StrictModel):
     sampling: SamplingConfig = SamplingConfig(temperature=0.7)
     bootstrap: int = Field(2000, gt=0, description="bootstrap resamples for confidence intervals")
     device: Device = Field("auto", description=DEVICE_HELP)
+    user: str = Field("", description="ask every prompt as this user (personalised policy and reward); empty = its own")
+    users: dict[str, str] = Field(
+        default_factory=dict,
+        description="model name -> the user it answers, instead of `user` (e.g. only the personalised one)",
+    )
 
 
 @torch.no_grad()
@@ -97,6 +106,9 @@ def run(cfg: Config) -> dict[str, Any]:
         raise UserError("models: give at least one model, e.g. 'models={sft: runs/sft/model, ppo: runs/ppo/model}'")
     if not cfg.prompts:
         raise UserError("prompts: no prompts file given; set prompts=FILE.jsonl")
+    unknown = sorted(set(cfg.users) - set(cfg.models))
+    if unknown:
+        raise UserError(f"users: {', '.join(unknown)} not in models ({', '.join(cfg.models)}); name models there")
     records = read_records(cfg.prompts, "prompts", strict=cfg.strict)[: cfg.limit or None]
     out = Path(cfg.output_dir)
     save_config(cfg, out)
@@ -114,8 +126,6 @@ def run(cfg: Config) -> dict[str, Any]:
         from rlhfkit.eval.gold import GoldJudge
 
         judge = GoldJudge(device=device)
-    prompts = [r.prompt for r in records]
-    per_sample = [p for p in prompts for _ in range(cfg.samples_per_prompt)]  # `sample` groups rows by prompt
     per_model: dict[str, dict[str, np.ndarray]] = {}
     texts: dict[str, list[str]] = {}
     summary: dict[str, dict[str, float]] = {}
@@ -123,6 +133,8 @@ def run(cfg: Config) -> dict[str, Any]:
         model, tok = load_causal_lm(ModelConfig(path=cfg.models[name]))
         place(model, device).eval()
         check_length_budget(model.config, cfg.sampling)
+        prompts = [asked_prompt(r, cfg.users.get(name, cfg.user)) for r in records]
+        per_sample = [p for p in prompts for _ in range(cfg.samples_per_prompt)]  # `sample` groups rows by prompt
         rendered = [render_prompt(tok, p, cfg.sampling.prompt_template) for p in prompts]
         torch.manual_seed(cfg.seed)
         s = sample(model, tok, rendered, cfg.sampling, num_samples=cfg.samples_per_prompt, desc=f"eval {name}")

@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 
 from rlhfkit.config import StrictModel, save_config
-from rlhfkit.data.chat import render_prompt
+from rlhfkit.data.chat import asked_prompt, render_prompt
 from rlhfkit.data.formats import Completions, read_records, write_records
 from rlhfkit.engine.progress import track
 from rlhfkit.models.device import DEVICE_HELP, Device, place, resolve_device
@@ -36,20 +36,28 @@ class Config(StrictModel):
     limit: int = Field(0, ge=0, description="use only the first N prompts (0 = all)")
     model: ModelConfig = ModelConfig()
     extra_models: list[str] = Field(default_factory=list, description="more model folders, k completions each")
+    user: str = Field("", description="ask every prompt as this user (a personalised policy); empty = a prompt's own")
     sampling: SamplingConfig = SamplingConfig()
     device: Device = Field("auto", description=DEVICE_HELP)
 
 
 def sample_completions(
-    model_cfg: ModelConfig, records: list[Any], k: int, sampling: SamplingConfig, seed: int, device: Device = "auto"
+    model_cfg: ModelConfig,
+    records: list[Any],
+    k: int,
+    sampling: SamplingConfig,
+    seed: int,
+    device: Device = "auto",
+    user: str = "",
 ) -> list[list[str]]:
-    """`k` completions of every prompt by one model (seeded: the same for the same inputs).
+    """`k` completions of every prompt by one model (seeded: the same for the same inputs), each
+    prompt asked as `user` when one is given (a personalised policy), else as its own.
     `rlhfkit loop` calls it once per candidate source, each with its own k and sampling."""
     model, tokenizer = load_causal_lm(model_cfg)
     place(model, resolve_device(device))
     check_length_budget(model.config, sampling)
     torch.manual_seed(seed)
-    rendered = [render_prompt(tokenizer, r.prompt, sampling.prompt_template) for r in records]
+    rendered = [render_prompt(tokenizer, asked_prompt(r, user), sampling.prompt_template) for r in records]
     chunk = max(1, sampling.batch_size // k)
     out: list[list[str]] = []
     truncated = 0
@@ -73,9 +81,13 @@ def run(cfg: Config) -> Path:
     out = Path(cfg.output_dir)
     save_config(cfg, out)
     models = [cfg.model, *(cfg.model.model_copy(update={"path": p}) for p in cfg.extra_models)]
-    per_model = [sample_completions(m, records, cfg.k, cfg.sampling, cfg.seed, cfg.device) for m in models]
+    per_model = [sample_completions(m, records, cfg.k, cfg.sampling, cfg.seed, cfg.device, cfg.user) for m in models]
     results = [
-        Completions(prompt_id=rec.id, prompt=rec.prompt, completions=[t for texts in per_model for t in texts[i]])
+        Completions(
+            prompt_id=rec.id,
+            prompt=asked_prompt(rec, cfg.user),
+            completions=[t for texts in per_model for t in texts[i]],
+        )
         for i, rec in enumerate(records)
     ]
     path = write_records(out / "completions.jsonl", results)

@@ -17,6 +17,10 @@ the adapter switched off (no second copy in memory). Outputs: OUTPUT_DIR/model (
 metrics.jsonl (one row per step), samples.jsonl (responses every `log_samples_every` steps),
 results.json (summary and why training stopped), checkpoints/ (for --resume).
 
+Personalisation: a prompt with a `user` is asked as that user (`data.chat.with_user`, a system line
+naming them) and the reward scores that same prompt, so a personalised reward model scores each
+response as its user's (docs/personalization.md).
+
 Several processes (`accelerate launch --num_processes N`, data-parallel): each samples and scores
 its share of the rollout (whole prompts, 1/N of them), and every batch statistic (reward
 normalisation, whitening, the KL controller's KL, the logged metrics) is all-reduced over the
@@ -39,7 +43,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from rlhfkit.config import StrictModel, atomic_write_text, save_config
-from rlhfkit.data.chat import render_prompt
+from rlhfkit.data.chat import asked_prompt, render_prompt
 from rlhfkit.data.formats import read_records, text_to_json
 from rlhfkit.engine.metrics import truncate_jsonl
 from rlhfkit.engine.progress import Progress
@@ -380,6 +384,8 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     if engine.is_main:
         save_config(cfg, out)
     records = read_records(cfg.prompts, "prompts", strict=cfg.strict)
+    # a prompt's `user` is part of what the policy reads and what the reward scores (personalisation)
+    asked = [asked_prompt(r) for r in records]
     for warning in normalization_mismatches(cfg):
         engine.print(f"[yellow]warning: {warning}[/]")
     p = cfg.ppo
@@ -414,7 +420,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     if engine.is_main:
         truncate_jsonl(samples_log, step)
 
-    rendered = [render_prompt(tokenizer, r.prompt, cfg.sampling.prompt_template) for r in records]
+    rendered = [render_prompt(tokenizer, a, cfg.sampling.prompt_template) for a in asked]
     n_params = sum(x.numel() for x in model.parameters())
     n_train = sum(x.numel() for x in model.parameters() if x.requires_grad)
     engine.print(
@@ -444,7 +450,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
             hidden = None if mixed else batch.hidden.to(engine.device)  # type: ignore[union-attr]  (keep_hidden)
 
             # 2. score the responses
-            raw = reward.score([records[i].prompt for i in index], batch.texts).float().cpu()
+            raw = reward.score([asked[i] for i in index], batch.texts).float().cpu()
             if not all_processes(not nonfinite({"reward": raw}), reduce):
                 engine.skip_step("non-finite reward")
                 step += 1
@@ -523,7 +529,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
                 step += 1
                 continue
             if cfg.log_samples_every and (step % cfg.log_samples_every == 0):
-                prompts = [records[i].prompt for i in index]
+                prompts = [asked[i] for i in index]
                 rows = list(zip(prompts, batch.texts, raw.tolist(), batch.ended.tolist(), strict=True))
                 rows = gather_object(rows) if world > 1 else rows  # the global batch, in row order
                 if engine.is_main:

@@ -1,8 +1,9 @@
 """Stage 5, reward model: learn a scalar score of (prompt, completion) from human preferences.
 
 The model is a pretrained LM with a scalar head (`AutoModelForSequenceClassification`,
-`num_labels=1`): the SFT model (decoder; reward read at the EOS token) or an encoder such as
-all-MiniLM-L6-v2 (reward read at [CLS]). The head starts as N(0, 1/√(d+1)), bias 0; dropout is off.
+`num_labels=1`; one more per user with `personalize=true`): the SFT model (decoder; reward read at
+the EOS token) or an encoder such as all-MiniLM-L6-v2 (reward read at [CLS]). The head starts as
+N(0, 1/√(d+1)), bias 0; dropout is off.
 
 Data, exactly one of:
 - `data.pairs`: `{prompt, chosen, rejected, margin?}`; loss −log σ(r_c − r_r − margin). TRL's
@@ -16,6 +17,12 @@ Pairs are grouped by prompt and a prompt's group is one batch element, so all it
 the same batch; a decoder runs the prompt tokens a group's sequences share once for all of them
 (`share_prompt`, `data.batching.collate_shared_prefix`). A malformed pair (identical chosen and
 rejected, empty text) stops the run with `file:line` before training starts; fix or remove that line.
+
+`personalize=true` learns each user's preferences too (pairs with a `user`: the `labeler_pairs`
+export, or rankings, whose labeler is the user; docs/personalization.md): one more output per user
+on the shared backbone (user j's reward = output 0 + output j). Every pair is trained twice, as
+its user's and pooled (output 0 alone), so output 0 is the pooled model unknown users fall back to.
+`results.json` then has, per user, held-out accuracy with the user and pooled (`users`).
 
 After training, rewards are normalised: gain and bias are fitted so that the reference (SFT)
 policy's own samples on training prompts score mean 0, std 1 (`normalize.*`; by default the policy
@@ -40,7 +47,7 @@ from pydantic import Field, model_validator
 
 from rlhfkit.config import StrictModel, atomic_write_text, save_config
 from rlhfkit.data.batching import group_by_prompt, make_pair_group, pair_collate, rating_collate, split_by_prompt
-from rlhfkit.data.chat import PROMPT_TEMPLATE, render_prompt
+from rlhfkit.data.chat import PROMPT_TEMPLATE, render_prompt, split_user, with_user
 from rlhfkit.data.formats import (
     Pair,
     Rating,
@@ -143,6 +150,9 @@ class Config(StrictModel):
         "less work; one process, sdpa/eager attention); off for remote-code models that ignore position_ids or "
         "4D attention masks",
     )
+    personalize: bool = Field(
+        False, description="learn each pair's `user` too (a head per user), pooled for unknown users"
+    )
     normalize: NormalizeConfig = NormalizeConfig()
     train: RMTrainConfig = RMTrainConfig()
 
@@ -215,6 +225,40 @@ def rating_metrics(predicted: torch.Tensor, target: torch.Tensor, prompt_keys: l
         metrics["valid_accuracy"] = float(pairwise_accuracy(chosen, rejected))
         metrics["valid_margin"] = float(mean_margin(chosen, rejected))
     return metrics
+
+
+# ---- personalisation ------------------------------------------------------------------------
+def personal_pairs(pairs: list[Pair]) -> list[Pair]:
+    """Every pair as its user's (`with_user`: scored by output 0 + the user's output) and pooled (the
+    prompt as `RewardModel.encode` leaves it once the user line is off: output 0 alone): what
+    `personalize=true` trains and holds out. Why both: without the pooled copies output 0 would be
+    any share of the users' common taste; with them it is the pooled model unknown users get."""
+    out: list[Pair] = []
+    for p in pairs:
+        if p.user is None:
+            out.append(p)
+            continue
+        out.append(p.model_copy(update={"prompt": with_user(p.prompt, p.user)}))
+        out.append(p.model_copy(update={"prompt": split_user(with_user(p.prompt, p.user))[1], "user": None}))
+    return out
+
+
+def user_accuracy(rm: RewardModel, pairs: list[Pair]) -> dict[str, dict[str, float]]:
+    """Per user of the held-out pairs: their count, accuracy scored as that user, and pooled."""
+    by_user: dict[str, list[Pair]] = {}
+    for p in pairs:
+        if p.user is not None:
+            by_user.setdefault(p.user, []).append(p)
+    out = {}
+    for user, ps in sorted(by_user.items()):
+        acc = {}
+        for mode, who in (("accuracy", user), ("pooled_accuracy", None)):
+            prompts = [with_user(p.prompt, who) for p in ps]
+            chosen = rm.score(prompts, [p.chosen for p in ps])
+            rejected = rm.score(prompts, [p.rejected for p in ps])
+            acc[mode] = float(pairwise_accuracy(chosen, rejected))
+        out[user] = {"pairs": len(ps), **acc}
+    return out
 
 
 # ---- normalisation --------------------------------------------------------------------------
@@ -305,11 +349,26 @@ def run(cfg: Config) -> Path:
 
     # Data first: a bad line fails in seconds, not after loading a model.
     regression = bool(d.ratings)
+    if cfg.personalize and regression:
+        raise UserError("personalize=true learns from preference pairs with a `user`; data.ratings has none")
     train, valid, counts = load_data(d, cfg.train.seed)
     engine.print("data: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    users = sorted({p.user for p in train if p.user is not None}) if cfg.personalize else []
+    if cfg.personalize and not users:
+        raise UserError(
+            f"personalize=true: no pair of {d.pairs or d.rankings} names a `user`; use the server's labeler_pairs "
+            "export or rankings (their labeler is the user)"
+        )
+    if users and RewardMeta.read(cfg.model.path) is not None:
+        raise UserError(
+            f"model.path: personalize=true starts from an LM (the SFT model or an encoder), not the "
+            f"reward model {cfg.model.path}: it adds an output per user"
+        )
+    if users:
+        engine.print(f"personalised for {len(users)} users: {', '.join(users[:10])}{' ...' if len(users) > 10 else ''}")
 
     # Model.
-    model, tokenizer, kind = load_backbone(cfg.model.path, cfg.model.kind, cfg.model)
+    model, tokenizer, kind = load_backbone(cfg.model.path, cfg.model.kind, cfg.model, outputs=1 + len(users))
     policy = reference_policy(cfg, kind) if cfg.normalize.enabled else ""
     if policy:  # normalisation samples after training: a budget the policy cannot hold must fail before it
         from transformers import AutoConfig
@@ -327,7 +386,7 @@ def run(cfg: Config) -> Path:
     max_length, note = fit_to_positions(model.config, d.max_length, "data.max_length")
     if note:
         engine.print(f"[yellow]note: {note}[/]")
-    meta = RewardMeta(kind=kind, prompt_template=d.prompt_template, max_length=max_length)
+    meta = RewardMeta(kind=kind, prompt_template=d.prompt_template, max_length=max_length, users=users)
     rm = RewardModel(model, tokenizer, meta)
     pad = tokenizer.pad_token_id
     if regression:
@@ -335,8 +394,9 @@ def run(cfg: Config) -> Path:
         valid_set: list[Any] = [(rm.encode(r.prompt, r.completion), r.score) for r in valid]
         collate = rating_collate(pad)
     else:
-        train_set = [make_pair_group(g, rm.encode) for g in group_by_prompt(train)]
-        valid_set = [make_pair_group(g, rm.encode) for g in group_by_prompt(valid)]
+        fit_train, fit_valid = (personal_pairs(train), personal_pairs(valid)) if users else (train, valid)
+        train_set = [make_pair_group(g, rm.encode) for g in group_by_prompt(fit_train)]
+        valid_set = [make_pair_group(g, rm.encode) for g in group_by_prompt(fit_valid)]
         # a 4D mask, and the trunk called directly: not with flash attention, nor under DDP (whose
         # gradient sync hooks into the wrapped model's forward)
         share = cfg.share_prompt and kind == "decoder" and cfg.model.attn_implementation != "flash_attention_2"
@@ -392,6 +452,13 @@ def run(cfg: Config) -> Path:
             "truncated_sequences": truncated,
             "normalization": rm.meta.normalization,
         }
+        if users:
+            results["users"] = user_accuracy(rm, valid)
+            for user, acc in results["users"].items():
+                engine.print(
+                    f"{user}: held-out accuracy {acc['accuracy']:.3f} personalised, "
+                    f"{acc['pooled_accuracy']:.3f} pooled ({acc['pairs']} pairs)"
+                )
         atomic_write_text(out / "results.json", json.dumps(results, indent=2))
         if "valid_accuracy" in final:
             engine.print(f"held-out accuracy {final['valid_accuracy']:.3f}, mean margin {final['valid_margin']:.3f}")
