@@ -234,3 +234,29 @@ def test_an_answer_to_a_conversation_that_moved_on_is_refused(config: ServeConfi
         messages = chat.own_conversation(s, service.get_user(s, "ann"), cid).messages
         assert [m.content for m in messages] == ["Hi", "Hello!", "First tab", "Hello!"]
     site.db.dispose()
+
+
+def test_a_personal_chat_model_is_asked_as_the_signed_in_user(config: ServeConfig, tiny_model: Path) -> None:
+    """With chat_personal the model sees the `User: NAME` line a personalised policy was trained with
+    (data.chat.with_user), for whoever is signed in; without it, the conversation alone."""
+    from rlhfkit.data.chat import render_prompt, with_user
+    from rlhfkit.data.formats import Message
+    from rlhfkit.feedback.playground import Playground
+    from rlhfkit.models.loading import load_tokenizer
+
+    conversation = [{"role": "user", "content": "How do I make tea?"}]
+    plain = Playground(config.model_copy(update={"chat_model": str(tiny_model)}))
+    personal = Playground(config.model_copy(update={"chat_model": str(tiny_model), "chat_personal": True}))
+    tokenizer = load_tokenizer(str(tiny_model))
+    asked = with_user([Message(role="user", content="How do I make tea?")], "ann")
+    assert personal.prompt(conversation, "ann") == render_prompt(tokenizer, asked)
+    assert "ann" in personal.prompt(conversation, "ann") and "eve" in personal.prompt(conversation, "eve")
+    assert plain.prompt(conversation, "ann") == render_prompt(tokenizer, "How do I make tea?")
+    assert "ann" not in plain.prompt(conversation, "ann")
+    # and over HTTP, a personal chat model answers (the messages rebuilt as the route stores them)
+    site = Site(config.model_copy(update={"chat_personal": True}), str(tiny_model))
+    try:
+        r = site.call("ann", "POST", "/api/chat", json={"content": "How do I make tea?"})
+        assert r.status_code in (200, 201), r.text
+    finally:
+        site.db.dispose()

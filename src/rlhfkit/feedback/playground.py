@@ -85,12 +85,21 @@ class Playground:
                 self._loaded = (model, tokenizer, fingerprint(folder))
             return self._loaded
 
-    def answer(self, conversation: list[dict[str, str]], n: int = 1) -> Answer:
-        """`n` answers to the conversation's last user message; the whole conversation is the
-        context, rendered by the tokenizer's chat template (or as `User:`/`Assistant:` lines)."""
+    def prompt(self, conversation: list[dict[str, str]], user: str | None = None) -> str:
+        """The text the model continues: the whole conversation, rendered by the tokenizer's chat
+        template (or as `User:`/`Assistant:` lines). With `chat_personal` the signed-in `user` asks
+        it, as a personalised policy was trained (`data.chat.with_user`: a `User: NAME` line)."""
+        from rlhfkit.data.chat import render_prompt, with_user
+        from rlhfkit.data.formats import Message
+
+        _, tokenizer, _ = self._load()
+        messages = [Message(role=m["role"], content=m["content"]) for m in conversation]
+        return render_prompt(tokenizer, with_user(messages, user if self.config.chat_personal else None))
+
+    def answer(self, conversation: list[dict[str, str]], n: int = 1, user: str | None = None) -> Answer:
+        """`n` answers to the conversation's last user message (`prompt` says what the model sees)."""
         import torch
 
-        from rlhfkit.data.chat import render_prompt
         from rlhfkit.models.sampling import SamplingConfig, sample
 
         model, tokenizer, print_ = self._load()
@@ -102,7 +111,7 @@ class Playground:
             max_prompt_tokens=cfg.chat_max_prompt_tokens,
             batch_size=n,
         )
-        prompt = render_prompt(tokenizer, conversation)  # type: ignore[arg-type]  # messages are a conversation
+        prompt = self.prompt(conversation, user)
         with self._generate_lock, torch.no_grad():
             texts = sample(model, tokenizer, [prompt], sampling, num_samples=n).texts
         return Answer([t.strip() for t in texts], self.path, print_)

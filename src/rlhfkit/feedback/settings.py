@@ -84,6 +84,11 @@ class ServeConfig(StrictModel):
     chat_model: str = Field(
         "", description="policy folder the chat page (/chat) talks to, loaded on first use; empty: no chat"
     )
+    chat_personal: bool = Field(
+        False,
+        description="the chat model answers each signed-in user as that user (a `User: NAME` line, as "
+        "a personalised policy was trained: rlhfkit rm personalize=true, prompts with a user)",
+    )
     chat_max_new_tokens: int = Field(128, ge=1, le=4096, description="longest chat answer, in tokens")
     chat_temperature: float = Field(0.8, gt=0, description="chat sampling temperature")
     chat_top_p: float = Field(0.95, gt=0, le=1, description="chat nucleus sampling; 1 = off")

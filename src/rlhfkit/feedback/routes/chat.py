@@ -36,7 +36,8 @@ def send(st: State, auth: Auth, conversation_id: int | None, data: ChatIn) -> in
         conv = chat.own_conversation(s, user, conversation_id) if conversation_id is not None else None
         context = chat.context(conv, data.content)
         seen = len(conv.messages) if conv is not None else 0
-    answer = st.playground.answer(context, n=2 if data.two else 1)
+        name = user.username
+    answer = st.playground.answer(context, n=2 if data.two else 1, user=name)
     return st.db.transact(lambda s: chat.add_turn(s, auth.user(s), conversation_id, seen, data.content, answer).id)
 
 
