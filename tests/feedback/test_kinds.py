@@ -291,12 +291,9 @@ def test_the_kinds_migration_keeps_every_row_both_ways(rating: Site) -> None:
         assert [j.scores for j in s.scalars(select(Judgment))] == [None, None]
 
 
-def test_kto_and_the_reward_model_train_on_the_exports(tmp_path: Path) -> None:
-    """The thumbs export is what `rlhfkit kto` reads; the ratings and rating_pairs exports are what
-    `rlhfkit rm` reads (a few steps of a tiny model each: the shapes, not the learning)."""
-    from rlhfkit.cli import main
-    from testutil import make_test_model
-
+def labeled_exports(tmp_path: Path) -> dict[str, Path]:
+    """A thumbs and a rating project, labeled by ann (answer 0 best) and bob (answer 1 best) over
+    HTTP, and their exports as files: thumbs, ratings, rating_pairs."""
     files = {}
     for task, criteria in (("thumbs", None), ("rating", CRITERIA)):
         folder = tmp_path / task
@@ -318,6 +315,16 @@ def test_kto_and_the_reward_model_train_on_the_exports(tmp_path: Path) -> None:
             files[kind] = tmp_path / f"{kind}.jsonl"
             files[kind].write_text(site.export(kind).text)
         site.db.dispose()
+    return files
+
+
+def test_kto_and_the_reward_model_train_on_the_exports(tmp_path: Path) -> None:
+    """The thumbs export is what `rlhfkit kto` reads; the ratings and rating_pairs exports are what
+    `rlhfkit rm` reads (a few steps of a tiny model each: the shapes, not the learning)."""
+    from rlhfkit.cli import main
+    from testutil import make_test_model
+
+    files = labeled_exports(tmp_path)
     assert len(files["thumbs"].read_text().splitlines()) == 18  # 2 labelers x 3 items x 3 answers
     model = make_test_model("gpt2", tmp_path / "model", texts=files["thumbs"].read_text().splitlines())
     common = [f"model.path={model}", "data.valid_fraction=0", "train.max_steps=2", "train.batch_size=4"]
@@ -378,3 +385,42 @@ def test_thumbs_export_of_one_batch(thumbs: Site) -> None:
     assert len(rows(thumbs.export("thumbs"))) == 11  # 3 items x 3 answers + 1 x 2
     assert [x["prompt"].split(":")[0] for x in rows(thumbs.export("thumbs", batch="late"))] == ["Question 0"] * 2
     assert thumbs.export("thumbs", batch="nope").status_code == 404
+
+
+def test_trl_trainers_take_the_thumbs_and_rating_pairs_exports(tmp_path: Path) -> None:
+    """Through `rlhfkit data export` (the policy's prompt rendering; `user` dropped), the thumbs
+    export trains TRL's KTOTrainer and the rating_pairs export its RewardTrainer, one step each.
+    TRL is not a dependency: skipped without it (tests/test_exports.py says how to add it)."""
+    trl = pytest.importorskip("trl")
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhfkit.cli import main
+    from testutil import make_test_model
+
+    files = labeled_exports(tmp_path)
+    model = make_test_model("gpt2", tmp_path / "model", texts=files["thumbs"].read_text().splitlines())
+    for kind in ("thumbs", "rating_pairs"):
+        assert main(["data", "export", str(files[kind]), f"output={tmp_path / f'trl-{kind}.jsonl'}"]) == 0
+
+    def rows(kind: str) -> datasets.Dataset:
+        lines = (tmp_path / f"trl-{kind}.jsonl").read_text().splitlines()
+        return datasets.Dataset.from_list([json.loads(line) for line in lines])
+
+    tok = AutoTokenizer.from_pretrained(model)
+    common = dict(output_dir=str(tmp_path / "trl"), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                  save_strategy="no", use_cpu=True, bf16=False)  # fmt: skip
+    kto = trl.KTOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model),
+        args=trl.KTOConfig(**common),
+        train_dataset=rows("thumbs"),
+        processing_class=tok,
+    )
+    assert kto.train().global_step == 1
+    reward = trl.RewardTrainer(
+        model=AutoModelForSequenceClassification.from_pretrained(model, num_labels=1),
+        args=trl.RewardConfig(**common, center_rewards_coefficient=None),
+        train_dataset=rows("rating_pairs"),
+        processing_class=tok,
+    )
+    assert reward.train().global_step == 1
