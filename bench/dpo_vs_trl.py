@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from sft_rm_vs_trl import PeakRSS, make_assets, train_config, trl_kwargs
+from sft_rm_vs_trl import PeakRSS, make_assets, run_interleaved, train_config, trl_kwargs
 
 BETA = 0.1
 
@@ -127,20 +124,10 @@ def main() -> None:
         worker(args)
         return
 
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in RUNS}
     with tempfile.TemporaryDirectory() as tmp:
         make_assets(Path(tmp), args)
         common = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if v is not None and k != "worker"]
-        env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
-        for r in range(args.repeats):
-            for name in RUNS:
-                cmd = [sys.executable, __file__, f"--worker={name}", f"--assets={tmp}", *common]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if proc.returncode != 0 or line is None:
-                    sys.exit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-                results[name].append(json.loads(line.removeprefix("RESULT ")))
-                print(f"repeat {r + 1}/{args.repeats} {name:<12} {results[name][-1]['pairs_per_s']:8.1f} pairs/s")
+        results = run_interleaved(__file__, list(RUNS), tmp, common, args.repeats, "pairs_per_s")
 
     med = {name: {k: statistics.median(x[k] for x in rows) for k in rows[0]} for name, rows in results.items()}
     print(

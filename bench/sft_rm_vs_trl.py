@@ -227,6 +227,25 @@ def worker(args: argparse.Namespace) -> None:
     )
 
 
+def run_interleaved(
+    script: str, names: list[str], assets: str, common: list[str], repeats: int, rate: str
+) -> dict[str, list[dict[str, float]]]:
+    """Each worker of `script` in its own process, the names interleaved within each repeat (so a
+    slow spell of a shared machine hits every side alike); their RESULT lines, by name."""
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names:
+            cmd = [sys.executable, script, f"--worker={name}", f"--assets={assets}", *common]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                sys.exit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            results[name].append(json.loads(line.removeprefix("RESULT ")))
+            print(f"repeat {r + 1}/{repeats} {name:<12} {results[name][-1][rate]:8.1f} {rate}")
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=40)
@@ -249,18 +268,8 @@ def main() -> None:
         make_assets(Path(tmp), args)
         skip = ("worker", "stages")
         common = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if v is not None and k not in skip]
-        env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
         names = [name for name in RUNS if name.split("-")[1] in args.stages]
-        results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-        for r in range(args.repeats):
-            for name in names:
-                cmd = [sys.executable, __file__, f"--worker={name}", f"--assets={tmp}", *common]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if proc.returncode != 0 or line is None:
-                    sys.exit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-                results[name].append(json.loads(line.removeprefix("RESULT ")))
-                print(f"repeat {r + 1}/{args.repeats} {name:<12} {results[name][-1]['samples_per_s']:8.1f} samples/s")
+        results = run_interleaved(__file__, names, tmp, common, args.repeats, "samples_per_s")
 
     med = {name: {k: statistics.median(x[k] for x in rows) for k in rows[0]} for name, rows in results.items()}
     print(
