@@ -151,6 +151,12 @@ class PPOConfig(StrictModel):
         1, ge=1, description="responses per prompt (K; rloo/grpo need K >= 2); ppo.batch_size counts responses"
     )
     scale_advantages: bool = Field(True, description="grpo: divide by the group's std (false: only subtract the mean)")
+    share_prompt: bool = Field(
+        True,
+        description="rloo/grpo: the reference pass and the update run a prompt's tokens once for its K responses "
+        "(the same log-probs up to float rounding, from fewer tokens; not with flash_attention_2); off for "
+        "remote-code models that ignore position_ids or 4D attention masks",
+    )
 
     @model_validator(mode="after")
     def _algorithm(self) -> PPOConfig:
@@ -342,16 +348,17 @@ def score_tokens(
     groups = [torch.arange(B, device=ro.input_ids.device)] if hidden is not None else first_minibatches
     for index in (part for rows in groups for part in ro.micro_batches(rows, chunk)):
         ids, mask, start, tok = ro.rows(index)
+        shared = ro.shared(index)
         width = tok["response_ids"].shape[1]
         if hidden is None:
-            logits, values = model(ids, mask, start)
+            logits, values = model(ids, mask, start, shared)
         else:
             logits, values = model.heads(hidden[index, :width], ids, mask, start)
         ro.tokens["logp"][index, :width] = logprobs_from_logits(logits, tok["response_ids"], temperature)
         ro.tokens["values"][index, :width] = values
         ro.tokens["entropy"][index, :width] = entropy_from_logits(logits, temperature)
         with ref.disable_adapter() if adapter_off else nullcontext():
-            ref_logits = response_logits(ref, ids, mask, start)
+            ref_logits = response_logits(ref, ids, mask, start, shared)
         ro.tokens["ref_logp"][index, :width] = logprobs_from_logits(ref_logits, tok["response_ids"], temperature)
 
 
@@ -400,6 +407,8 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     updates_per_step = p.epochs * (p.batch_size // p.mini_batch_size)
     mixed = cfg.train.mixed_precision != "no"  # the rollout is then scored by the update's forward (score_tokens)
     critic_free = p.algorithm != "ppo"
+    # K responses per prompt: its tokens run once for all of them (a 4D mask: not with flash attention)
+    share_prompt = critic_free and p.share_prompt and cfg.model.attn_implementation != "flash_attention_2"
     model = PolicyAndValue(policy, critic, value=not critic_free)
     model = engine.setup(model, total_steps=cfg.stop.max_steps * updates_per_step)
     kl_ctl = (
@@ -474,6 +483,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
                 start=batch.prompt_ids.shape[1],
                 tokens={"response_ids": batch.response_ids.to(engine.device), "mask": mask},
                 pass_cost=pass_cost_on(engine.device),
+                groups=torch.tensor(index) if share_prompt else None,
             )
             # every epoch's minibatches, drawn now (the same draws as epoch by epoch): with mixed
             # precision the rollout is scored in the first epoch's micro-batches
@@ -657,7 +667,7 @@ def ppo_loss(
     (- entropy bonus, + KL loss in kl.mode=loss), scaled by the rows' share of the `n_tokens` tokens
     of their minibatch, so that the micro-batches' losses add up to exactly the minibatch's."""
     ids, mask, start, tok = ro.rows(rows)
-    logits, values = model(ids, mask, start)
+    logits, values = model(ids, mask, start, ro.shared(rows))
     logp = logprobs_from_logits(logits, tok["response_ids"], temperature)
     pg_loss, pg_stats = policy_loss(logp, tok["logp"], tok["advantages"], tok["mask"], p.clip)
     loss, stats = pg_loss, {"policy_loss": pg_loss, **pg_stats}
