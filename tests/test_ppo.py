@@ -149,14 +149,16 @@ def test_shared_prompt_rows_give_the_log_probs_and_gradients_of_plain_rows(model
     layout = shared.shared(rows)
     assert layout.input_ids.shape[0] == len(prompts)
     assert (layout.segments >= 0).sum() < attention.sum()  # each prompt's tokens once
-    with torch.no_grad():
-        for logits in (response_logits(policy, ids, attention, start), model(ids, attention, start)[0]):
-            expected = logprobs_from_logits(logits, tok_rows["response_ids"], 0.7)[mask]
-            got = logprobs_from_logits(
-                response_logits(policy, ids, attention, start, layout), tok_rows["response_ids"], 0.7
-            )[mask]
+    with torch.no_grad():  # the reference's pass and the policy's (PolicyAndValue, as the update runs it)
+        for forward in (lambda *a: response_logits(policy, *a), lambda *a: model(*a)[0]):
+            expected, got = (
+                logprobs_from_logits(forward(ids, attention, start, *extra), tok_rows["response_ids"], 0.7)[mask]
+                for extra in ((), (layout,))
+            )
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    p = PPOConfig(algorithm="grpo", num_generations=k, batch_size=9, mini_batch_size=9, ent_coef=0.01, kl={"mode": "loss"})
+    p = PPOConfig(
+        algorithm="grpo", num_generations=k, batch_size=9, mini_batch_size=9, ent_coef=0.01, kl={"mode": "loss"}
+    )
     n_tokens = mask.sum()
     results = []
     for ro in (plain, shared):

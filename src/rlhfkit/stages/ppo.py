@@ -449,12 +449,20 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
             t0 = time.perf_counter()
             # 1. rollout: sample K = num_generations responses per prompt (rows grouped by prompt)
             #    (this process: its share of the step's prompts, rows `first` onwards of the global rollout)
+            #    (K from each prompt's one prefill: `sample`'s num_samples repeats its KV cache)
             picked = prompt_indices(len(records), p.batch_size // p.num_generations, step, cfg.train.seed)
-            index = [i for i in picked[rank * share : (rank + 1) * share] for _ in range(p.num_generations)]
+            mine = picked[rank * share : (rank + 1) * share]
+            index = [i for i in mine for _ in range(p.num_generations)]
             first = rank * len(index)
             seeds = rollout_seeds(cfg.train.seed, step, range(first, first + len(index)))
             batch = sample(
-                policy, tokenizer, [rendered[i] for i in index], cfg.sampling, keep_hidden=not mixed, seeds=seeds
+                policy,
+                tokenizer,
+                [rendered[i] for i in mine],
+                cfg.sampling,
+                num_samples=p.num_generations,
+                keep_hidden=not mixed,
+                seeds=seeds,
             )
             hidden = None if mixed else batch.hidden.to(engine.device)  # type: ignore[union-attr]  (keep_hidden)
 
