@@ -11,6 +11,8 @@ prompt, and instead of GAE on a value function each response's advantage is its 
 beta * its summed KL, in kl.mode=reward) against the other responses to its prompt: the mean of the
 others (RLOO) or the group's mean and std (GRPO); math in `rlhfkit.rl.group`. No value head is
 trained, loaded or saved. The KL may instead be a k3 loss term (kl.mode=loss), as in GRPO.
+A prompt's K responses share its tokens: they are sampled from one prefill of it, and the reference
+pass and the update run it once per shared row (`ppo.share_prompt`, `Rollout.shared`).
 
 The reference model is a frozen copy of the starting policy; with LoRA it is the same network with
 the adapter switched off (no second copy in memory). Outputs: OUTPUT_DIR/model (merged policy),
