@@ -60,12 +60,10 @@ class Rollout:
             return None
         width = self.rows(index)[3]["mask"].shape[1]
         real = self.attention_mask[index].bool().cpu()  # the layout is built on the CPU, then moved
-        members: dict[int, list[int]] = {}  # group id -> positions in `index`, in order
-        for b, g in enumerate(self.groups[index].tolist()):
-            members.setdefault(g, []).append(b)
-        order = [b for bs in members.values() for b in bs]
+        members = by_group(self.groups[index].tolist())
+        order = [b for bs in members for b in bs]
         ids = self.input_ids[index].cpu()
-        seqs = [[{"input_ids": ids[b][real[b]].tolist()} for b in bs] for bs in members.values()]
+        seqs = [[{"input_ids": ids[b][real[b]].tolist()} for b in bs] for bs in members]
         batch = collate_shared_prefix(seqs, pad_id=0)  # any id: padding is masked out (segment -1)
         row_width = batch["input_ids"].shape[1]
         prompt_len = real[:, : self.start].sum(1)[order]
@@ -94,14 +92,11 @@ class Rollout:
         With `groups`, the unit is a prompt's rows (up to `max_rows` of them), one row of its shared
         prompt and all their responses wide (`shared`), so a prompt's responses stay together.
         """
-        units: list[list[int]] = []  # positions in `rows`
-        if self.groups is None:
+        if self.groups is None:  # units of rows that go together: positions in `rows`
             units = [[i] for i in range(len(rows))]
         else:
-            members: dict[int, list[int]] = {}
-            for i, g in enumerate(self.groups[rows].tolist()):
-                members.setdefault(g, []).append(i)
-            units = [bs[c : c + max_rows] for bs in members.values() for c in range(0, len(bs), max_rows)]
+            members = by_group(self.groups[rows].tolist())
+            units = [bs[c : c + max_rows] for bs in members for c in range(0, len(bs), max_rows)]
         prompt_tokens = self.attention_mask[rows, : self.start].sum(1).tolist()
         response_tokens = self.tokens["mask"][rows].sum(1).tolist()
         if self.groups is None:  # a row: left-padded prompt + right-padded response
@@ -131,6 +126,14 @@ class Rollout:
             parts.append(rows[[i for u in order[cut[n] : n] for i in units[u]]])
             n = cut[n]
         return parts[::-1]
+
+
+def by_group(groups: list[int]) -> list[list[int]]:
+    """The positions of `groups` grouped by their value, groups in order of first appearance."""
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    return list(members.values())
 
 
 def pass_cost_on(device: Any) -> float | None:
