@@ -3,9 +3,10 @@
     data → pretrain → sft → generate (the start of `rlhfkit demo`) → feedback: simulated users in
     groups with opposite tastes rank over HTTP, each by the gold utility plus their group's taste
     for answer length → their own pairs (the server's `labeler_pairs` export) → one personalised
-    reward model (its pooled output is the pooled reward model) → PPO twice from the SFT model:
-    pooled (plain prompts, pooled reward) and personalised (each prompt asked by one of the users,
-    scored as theirs) → eval on held-out prompts → per group, report.html and results.json
+    reward model (its pooled output is the pooled reward model) → PPO twice: pooled (from the SFT
+    model; plain prompts, pooled reward), then personalised (from the pooled policy; each prompt
+    asked by one of the users, scored as theirs) → eval on held-out prompts → per group,
+    report.html and results.json
 
 Per group the report compares, on that group's utility (gold + its length taste,
 `eval.gold.taste_utility`), the personalised policy asked as a user of the group with the pooled
