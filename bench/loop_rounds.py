@@ -4,7 +4,8 @@ Builds the demo's start (its corpus, the shipped base model, SFT) in OUT/start, 
 `rlhfkit loop` from that SFT model with the demo's reward-model, PPO and eval settings: `--rounds`
 rounds of `--prompts-per-round` fresh prompts from the demo's labeling pool, candidates from the
 current policy (2), the previous one (1) and SFT (1), labeled by the simulated panel over HTTP on
-an embedded server, evaluated on 100 held-out prompts x 2 samples. Prints one row per round.
+an embedded server, evaluated on `--eval-prompts` held-out prompts (100) x `--eval-samples` (2).
+Prints one row per round.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/loop_rounds.py --seed 0 --out runs/rounds
 """
@@ -27,6 +28,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/rounds")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--prompts-per-round", type=int, default=150)
+    ap.add_argument("--eval-prompts", type=int, default=100, help="held-out prompts in each round's evaluation")
+    ap.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt (more: narrower CIs)")
     args = ap.parse_args()
     out = Path(args.out)
     d = demo.Config(output_dir=str(out / f"start-s{args.seed}"), seed=args.seed)
@@ -45,9 +48,8 @@ def main() -> None:
     cfg = load_config(loop.Config, None, overrides)
     cfg.rm = loop.RoundRMConfig.model_validate(d.rm.model_dump())
     cfg.ppo = loop.RoundPPOConfig.model_validate({**d.ppo.model_dump(), "prompts": str(data["prompts_ppo"])})
-    cfg.eval = cfg.eval.model_validate(
-        {**d.eval.model_dump(), "prompts": str(data["prompts_heldout"]), "limit": 100, "samples_per_prompt": 2}
-    )
+    heldout = {"prompts": str(data["prompts_heldout"]), "limit": args.eval_prompts}
+    cfg.eval = cfg.eval.model_validate({**d.eval.model_dump(), **heldout, "samples_per_prompt": args.eval_samples})
     sources = (("current", 2), ("previous", 1), ("sft", 1))
     cfg.candidates = [loop.CandidateSource(model=m, k=k, sampling=d.generate.sampling) for m, k in sources]
     loop.run(cfg)
