@@ -63,8 +63,8 @@ class Config(demo.Config):
     # The personalised policy adapts the pooled one rather than starting over from the SFT model:
     # the pooled policy already has what every user agrees on (the pooled reward), and PPO's KL to
     # its starting point keeps that while each user's difference is learned. From the SFT model, the
-    # users' length heads (4x the pooled reward's spread) drown the pooled signal: measured in the
-    # README, the concise group then lost to the pooled policy on every run.
+    # users' length heads (4x the pooled reward's spread) drown the pooled signal, and the concise
+    # group lost to the pooled policy (README, *Measured numbers*; docs/personalization.md).
     personal_start: Literal["pooled", "sft"] = Field(
         "pooled", description="the personalised PPO run's start and KL reference: the pooled policy or the SFT model"
     )
