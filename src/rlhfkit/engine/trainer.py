@@ -181,7 +181,8 @@ def plain_copy(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Any:
     dtype = next(v.dtype for v in state.values() if v.is_floating_point())
     copy = cls._from_config(model.config, dtype=dtype)
     copy.load_state_dict(state)
-    copy.generation_config = model.generation_config
+    if hasattr(model, "generation_config"):  # generative models only
+        copy.generation_config = model.generation_config
     return copy.train(model.training)
 
 
