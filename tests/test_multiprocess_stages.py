@@ -138,6 +138,14 @@ def test_fsdp_dpo_matches_ddp(root, tmp_path):
     assert moved > 1e-3 and max_difference(fsdp, ddp) < 1e-3 * moved  # measured: 0.0, for 3e-3 moved
 
 
+@pytest.mark.slow
+def test_lora_under_fsdp_is_refused_before_training(root, tmp_path):
+    child = accelerate_launch([*sft_args(root, tmp_path / "lora"), "model.lora.r=4"], config="fsdp.yaml")
+    out = child.communicate(timeout=300)[0].decode()
+    assert child.returncode != 0 and "model.lora: not supported with sharded weights" in out
+    assert not (tmp_path / "lora" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [
