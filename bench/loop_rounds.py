@@ -28,6 +28,11 @@ def main() -> None:
     ap.add_argument("--out", default="runs/rounds")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--prompts-per-round", type=int, default=150)
+    ap.add_argument(
+        "--pool-add-ppo",
+        action="store_true",
+        help="label from the demo's labeling prompts and its PPO prompts (800, not 300): room for larger rounds",
+    )
     ap.add_argument("--eval-prompts", type=int, default=100, help="held-out prompts in each round's evaluation")
     ap.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt (more: narrower CIs)")
     args = ap.parse_args()
@@ -37,11 +42,15 @@ def main() -> None:
     data = build_default_data(run.stage("data"), seed=d.pretrain.data.corpus_seed)
     sft_model = demo.policy_stages(d, demo.Runner(run, True), data)
 
+    pool = data["prompts_label"]
+    if args.pool_add_ppo:
+        pool = out / f"pool-s{args.seed}.jsonl"
+        pool.write_text(data["prompts_label"].read_text() + data["prompts_ppo"].read_text())
     overrides = [
         f"output_dir={out / f's{args.seed}'}",
         f"seed={args.seed}",
         f"sft={sft_model}",
-        f"pool={data['prompts_label']}",
+        f"pool={pool}",
         f"prompts_per_round={args.prompts_per_round}",
         f"rounds={args.rounds}",
     ]

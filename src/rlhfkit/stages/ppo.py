@@ -609,8 +609,9 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     _save(engine, model, step, kl_ctl, baseline, stop_reason)
     final = {k: v if math.isfinite(v) else str(v) for k, v in last.items()}  # JSON has no NaN (explained variance)
     results = {"steps": step, "stop_reason": stop_reason, "last": final, "model": str(out / "model")}
+    whole = engine.whole_model()  # every process (a collective when sharded; ppo refuses sharding today)
     if engine.is_main:
-        save_model(policy, tokenizer, out / "model", keep_adapter=False)
+        save_model(whole.policy, tokenizer, out / "model", keep_adapter=False)
         atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     engine.accelerator.wait_for_everyone()
     engine.print(f"ppo: stopped after {step} steps ({stop_reason}); policy in {out / 'model'}")
