@@ -353,3 +353,36 @@ def test_generate_stage_mixes_candidates_of_several_models(capsys, tmp_path, tin
     for a, b in zip(one, mix, strict=True):
         assert b.completions[:2] == a.completions  # the first model's samples come first, as alone
         assert len(b.completions) == 4
+
+
+def test_synced_sampling_keeps_stepping_until_every_process_is_done_and_samples_the_same(parrot):
+    """`all_done` (FSDP's lock step): a process whose batch has ended while another's goes on keeps
+    running the forward on dummy tokens. Here "another process" is a vote that says not done up to
+    the length limit (16 tokens): the "Say hi" batch ends after a few tokens, then must go on forwarding (counted),
+    and its responses, hidden states and ends are exactly those of the unsynced run."""
+    model, tok = parrot
+    votes: list[bool] = []
+
+    def others_run_16_tokens(done: bool) -> bool:
+        votes.append(done)
+        return False  # the other process ends at the length limit (no vote at the last token)
+
+    forwards = []
+    hook = model.get_decoder().register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        config = cfg(max_new_tokens=16, temperature=0.3)
+        seeds = [1, 2]
+        alone = sample(model, tok, [SAY_HI], config, num_samples=2, keep_hidden=True, seeds=seeds)
+        n_alone, forwards[:] = len(forwards), []
+        synced = sample(
+            model, tok, [SAY_HI], config, num_samples=2, keep_hidden=True, seeds=seeds, all_done=others_run_16_tokens
+        )
+    finally:
+        hook.remove()
+    assert alone.texts == synced.texts == ["hi there", "hi there"]
+    assert n_alone < 16 and len(forwards) == 16  # the prefill + one forward per token up to the 16th
+    ended_at = n_alone - 1  # the token (from 0) that was the EOS: done from then on, voted at every token but the last
+    assert votes == [False] * ended_at + [True] * (15 - ended_at)
+    for field in ("response_ids", "response_mask", "ended", "prompt_ids"):
+        assert torch.equal(getattr(alone, field), getattr(synced, field)), field
+    torch.testing.assert_close(alone.hidden, synced.hidden, rtol=0, atol=0)

@@ -16,6 +16,7 @@ describe exactly the distribution the tokens were drawn from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,6 +179,7 @@ def _decode(
     keep_hidden: bool,
     generators: list[torch.Generator] | None = None,
     repeats: int = 1,
+    all_done: Callable[[bool], bool] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Sample up to `cfg.max_new_tokens` tokens after the left-padded prompts `ids`, `repeats`
     responses per prompt (rows grouped by prompt).
@@ -189,7 +191,7 @@ def _decode(
     the LM head only on the last position. The pad token is never sampled: it is not a real token
     (the loaders give every tokenizer one of its own). A row leaves the batch (and the cache) at its
     EOS, so a few long responses do not keep the finished ones computing. `generators`: one per row
-    (see `draw`); None: the global RNG.
+    (see `draw`); None: the global RNG. `all_done`: see `sample`.
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     n_rows, n_new = ids.shape[0] * repeats, cfg.max_new_tokens
@@ -203,21 +205,25 @@ def _decode(
         cache.batch_repeat_interleave(repeats)
         mask, positions, hidden = (x.repeat_interleave(repeats, 0) for x in (mask, positions, hidden))
     for step in range(n_new):
-        logits = head(hidden).float() / cfg.temperature
-        logits[:, pad] = float("-inf")
-        probs = filter_logits(logits, cfg.top_k, cfg.top_p).softmax(-1)
-        if generators is None:
-            token = torch.multinomial(probs, 1).squeeze(1)
-        else:
-            token = draw(probs, [generators[i] for i in live.tolist()])
-        tokens[live, step] = token
-        if keep_hidden:
-            states.append(torch.zeros(n_rows, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device))
-            states[-1][live] = hidden
-        ended = token == eos
-        if step == n_new - 1 or bool(ended.all()):
+        if len(live):
+            logits = head(hidden).float() / cfg.temperature
+            logits[:, pad] = float("-inf")
+            probs = filter_logits(logits, cfg.top_k, cfg.top_p).softmax(-1)
+            if generators is None:
+                token = torch.multinomial(probs, 1).squeeze(1)
+            else:
+                token = draw(probs, [generators[i] for i in live.tolist()])
+            tokens[live, step] = token
+            if keep_hidden:
+                states.append(torch.zeros(n_rows, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device))
+                states[-1][live] = hidden
+        ended = token == eos if len(live) else token.new_ones(token.shape, dtype=torch.bool)
+        done = bool(ended.all())
+        if step == n_new - 1 or (done if all_done is None else all_done(done)):
             break
-        if bool(ended.any()):
+        if done:  # finished here but not in every process: step on (a collective per forward) on a dummy
+            live, token = live[:0], token.new_full(token.shape, pad)  # token, with no row left to record
+        elif bool(ended.any()):
             keep = (~ended).nonzero().squeeze(1)
             cache.batch_select_indices(keep)
             live, token, mask, positions = live[keep], token[keep], mask[keep], positions[keep]
@@ -240,6 +246,7 @@ def sample(
     keep_hidden: bool = False,
     desc: str | None = None,
     seeds: list[int] | None = None,
+    all_done: Callable[[bool], bool] | None = None,
 ) -> Samples:
     """Generate `num_samples` responses for each rendered prompt (rows grouped by prompt).
 
@@ -249,6 +256,12 @@ def sample(
     `seeds`: one per response (len(prompts) * num_samples, in row order): each response is drawn
     from its own generator, so it is the same whatever batch or process it is sampled in (PPO
     spread over processes samples what one process would). None: the global RNG (`torch.manual_seed`).
+    `all_done`: for a model sharded over processes (FSDP), where every forward is a collective that
+    all of them must make (Hugging Face's `synced_gpus`): called once per token with whether this
+    process's batch is finished, it returns whether every process's is (an all-reduce). A process
+    that finished first keeps running the forward on a dummy token, recording nothing, until all
+    have; its samples are the same as without it. Every process must also sample the same number of
+    batches (the same number of prompts).
     """
     n_rows = len(prompts) * num_samples
     if seeds is not None and len(seeds) != n_rows:
@@ -267,7 +280,9 @@ def sample(
         truncated += cut
         first, n = start * num_samples, len(p_ids) * num_samples
         here = generators[first : first + n] if generators is not None else None
-        new, hidden = _decode(model, p_ids.to(device), p_mask.to(device), cfg, eos, pad, keep_hidden, here, num_samples)
+        new, hidden = _decode(
+            model, p_ids.to(device), p_mask.to(device), cfg, eos, pad, keep_hidden, here, num_samples, all_done
+        )
         p_ids, p_mask = p_ids.repeat_interleave(num_samples, 0), p_mask.repeat_interleave(num_samples, 0)
         parts.append((p_ids, p_mask, new.cpu(), hidden))
     model.train(was_training)
