@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -299,9 +299,10 @@ class Engine:
         the optimizer state, but their weights are gathered the same way)."""
         return self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
 
-    def whole_model(self) -> Any:
+    def whole_model(self, part: str = "") -> Any:
         """The trained model with all its weights on the main process (None on the others): what every
-        stage saves (and what the RM stage normalises).
+        stage saves (and what the RM stage normalises). `part`: the name of a submodule to return
+        instead (PPO saves the `policy` of its `PolicyAndValue`, not the value head or critic).
 
         A collective: every process must call it. Alone or under DDP it is the unwrapped model itself.
         Sharded (FSDP, DeepSpeed), each process holds a part of every weight, so saving process 0's
@@ -310,9 +311,36 @@ class Engine:
         other process to be saved or run.
         """
         if not self.sharded:
-            return self.unwrap() if self.is_main else None
+            return self.unwrap().get_submodule(part) if self.is_main else None
         state = self.accelerator.get_state_dict(self.model)
-        return plain_copy(self.unwrap(), state) if self.is_main else None
+        if not self.is_main:
+            return None
+        prefix = f"{part}." if part else ""
+        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        return plain_copy(self.unwrap().get_submodule(part), state)
+
+    @contextmanager
+    def root_gathered(self) -> Iterator[None]:
+        """Under FSDP2, the root unit's weights (all those outside the decoder layers: embeddings,
+        final norm, LM and value heads) gathered for the block; a no-op otherwise.
+
+        Why: FSDP2 gathers a unit's weights in that unit's forward, but PPO's rollout calls the
+        model's parts directly (the sampler's decoder and LM head, `PolicyAndValue.heads`), never
+        the root's forward. The decoder layers still gather themselves, one all-gather per layer
+        forward, so every process must run as many forwards (see `sample`'s `all_done`). The root is
+        made known first (FSDP2 takes the first unit that runs a forward for the root, and a layer
+        run directly would be that unit).
+        """
+        if not self.accelerator.is_fsdp2:
+            yield
+            return
+        assert self.model is not None
+        self.model._get_fsdp_state()._lazy_init()  # type: ignore[operator]  (no public call does only this)
+        self.model.unshard()  # type: ignore[operator]
+        try:
+            yield
+        finally:
+            self.model.reshard()  # type: ignore[operator]
 
     # ---- one optimizer step -------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:

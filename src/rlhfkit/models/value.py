@@ -100,6 +100,10 @@ class PolicyAndValue(nn.Module):
         super().__init__()
         self.policy = policy
         self.critic = critic
+        # what accelerate's FSDP makes a unit each (it reads the root's list): the policy's and the
+        # critic's decoder layers; without it the whole model would be one unit, gathered at once
+        layers = (getattr(m, "_no_split_modules", None) or [] for m in (policy, critic) if m is not None)
+        self._no_split_modules = list(dict.fromkeys(name for names in layers for name in names))
         self.value_head: nn.Linear | None = None
         if critic is None and value:
             self.value_head = nn.Linear(policy.get_output_embeddings().in_features, 1)

@@ -8,6 +8,7 @@ RL machinery the PPO loop (`rlhfkit.stages.ppo`) orchestrates: the loop fills `R
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,9 @@ class Rollout:
     pass_cost: float | None = None  # what one more forward/backward pass costs, in tokens (`pass_cost_on`)
     # each row's prompt (any integer id): rows of one prompt run its tokens once (`shared`); None: each row alone
     groups: Tensor | None = None
+    # under FSDP: the most micro-batches any process cut (a max over processes), so that each cuts as
+    # many (`micro_batches`); None: each process its own number
+    lockstep: Callable[[int], int] | None = None
 
     def rows(self, index: Tensor) -> tuple[Tensor, Tensor, int, dict[str, Tensor]]:
         """The rows `index`, without the columns that are padding in all of them.
@@ -125,7 +129,28 @@ class Rollout:
         while n:
             parts.append(rows[[i for u in order[cut[n] : n] for i in units[u]]])
             n = cut[n]
-        return parts[::-1]
+        parts = parts[::-1]
+        return parts if self.lockstep is None else split_to(parts, self.lockstep(len(parts)))
+
+
+def split_to(parts: list[Tensor], count: int) -> list[Tensor]:
+    """`parts` split further into `count` parts: the one with the most rows halved, until there are
+    `count` (it must not exceed the number of rows). The loss is the same: each part's is weighted
+    by its share of the minibatch's tokens.
+
+    Why: under FSDP every forward and backward is a collective that all processes must run
+    together; each process cuts its own rows by length, into a number of micro-batches that may
+    differ, so they all cut as many as the most any of them cut. Processes hold the same number of
+    rows, so that many is always possible.
+    """
+    parts = list(parts)
+    if count > sum(len(x) for x in parts):
+        raise ValueError(f"cannot split {sum(len(x) for x in parts)} rows into {count} parts")
+    while len(parts) < count:
+        i = max(range(len(parts)), key=lambda j: len(parts[j]))
+        half = (len(parts[i]) + 1) // 2
+        parts[i : i + 1] = [parts[i][:half], parts[i][half:]]
+    return parts
 
 
 def by_group(groups: list[int]) -> list[list[int]]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
@@ -301,6 +302,18 @@ def all_processes(ok: bool, reduce: Reduce | None) -> bool:
     return ok if reduce is None else bool(reduce(torch.tensor(float(not ok))) == 0)
 
 
+def most_everywhere(device: torch.device) -> Callable[[int], int]:
+    """The largest of a number over the processes (an all-reduce): under FSDP each process runs as
+    many micro-batches as the one that cut the most (`Rollout.lockstep`)."""
+
+    def most(n: int) -> int:
+        x = torch.tensor(n, device=device)
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
+        return int(x)
+
+    return most
+
+
 def shape_scores(raw: Tensor, ended: Tensor, cfg: PPOConfig, baseline: tuple[float, float]) -> Tensor:
     """Reward-source scores -> the scores PPO optimises: optional normalisation, clipping, and the EOS trick.
 
@@ -379,11 +392,12 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
         raise UserError("prompts: no prompts file given; set prompts=FILE.jsonl")
     out = Path(cfg.output_dir)
     engine = Engine(cfg.train, out, resume=cfg.resume)
-    if engine.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+    if engine.sharded and not engine.accelerator.is_fsdp2:
         raise UserError(
-            f"ppo runs data-parallel (DDP) only, not under {engine.accelerator.distributed_type.value}: its rollout "
-            "samples from the whole policy in each process; launch it with configs/accelerate/ddp.yaml (or "
-            "`accelerate launch --multi_gpu --num_processes N`)"
+            f"ppo runs data-parallel (DDP) or under FSDP2 (fsdp_version: 2), not under "
+            f"{engine.accelerator.distributed_type.value} (or FSDP1): its rollout steps the sharded policy in lock "
+            "step, written for FSDP2 only; launch it with "
+            "configs/accelerate/fsdp.yaml or configs/accelerate/ddp.yaml"
         )
     world, rank, reduce = engine.num_processes, engine.accelerator.process_index, engine.all_sum
     share = process_share(cfg.ppo, world)
@@ -457,15 +471,18 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
             index = [i for i in mine for _ in range(p.num_generations)]
             first = rank * len(index)
             seeds = rollout_seeds(cfg.train.seed, step, range(first, first + len(index)))
-            batch = sample(
-                policy,
-                tokenizer,
-                [rendered[i] for i in mine],
-                cfg.sampling,
-                num_samples=p.num_generations,
-                keep_hidden=not mixed,
-                seeds=seeds,
-            )
+            #    (sharded: the processes step the decoder in lock step, see `sample`'s all_done)
+            with engine.root_gathered():
+                batch = sample(
+                    policy,
+                    tokenizer,
+                    [rendered[i] for i in mine],
+                    cfg.sampling,
+                    num_samples=p.num_generations,
+                    keep_hidden=not mixed,
+                    seeds=seeds,
+                    all_done=(lambda done: all_processes(done, reduce)) if engine.sharded else None,
+                )
             hidden = None if mixed else batch.hidden.to(engine.device)  # type: ignore[union-attr]  (keep_hidden)
 
             # 2. score the responses
@@ -494,6 +511,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
                 tokens={"response_ids": batch.response_ids.to(engine.device), "mask": mask},
                 pass_cost=pass_cost_on(engine.device),
                 groups=torch.tensor(index) if share_prompt else None,
+                lockstep=most_everywhere(engine.device) if engine.sharded else None,
             )
             # every epoch's minibatches, drawn now (the same draws as epoch by epoch): with mixed
             # precision the rollout is scored in the first epoch's micro-batches
@@ -502,7 +520,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
                 torch.randperm(len(index), device=engine.device).split(p.mini_batch_size // world)
                 for _ in range(p.epochs)
             ]
-            with engine.accelerator.autocast():  # a no-op without mixed precision
+            with engine.accelerator.autocast(), engine.root_gathered():  # no-ops without mixed precision, unsharded
                 score_tokens(engine.unwrap(model), hidden, ref, adapter_off, ro, temperature, p.micro, minibatches[0])
             tok = ro.tokens
 
@@ -609,9 +627,9 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     _save(engine, model, step, kl_ctl, baseline, stop_reason)
     final = {k: v if math.isfinite(v) else str(v) for k, v in last.items()}  # JSON has no NaN (explained variance)
     results = {"steps": step, "stop_reason": stop_reason, "last": final, "model": str(out / "model")}
-    whole = engine.whole_model()  # every process (a collective when sharded; ppo refuses sharding today)
+    whole = engine.whole_model("policy")  # every process: a collective when the weights are sharded
     if engine.is_main:
-        save_model(whole.policy, tokenizer, out / "model", keep_adapter=False)
+        save_model(whole, tokenizer, out / "model", keep_adapter=False)
         atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     engine.accelerator.wait_for_everyone()
     engine.print(f"ppo: stopped after {step} steps ({stop_reason}); policy in {out / 'model'}")
