@@ -21,7 +21,7 @@ from rlhfkit.models.sampling import SamplingConfig, encode_prompts, sample
 from rlhfkit.models.value import PolicyAndValue, load_critic, response_logits
 from rlhfkit.rewards.base import FunctionReward
 from rlhfkit.rl.core import logprobs_from_logits
-from rlhfkit.rl.rollout import Rollout
+from rlhfkit.rl.rollout import Rollout, split_to
 from rlhfkit.stages.ppo import (
     Config,
     PPOConfig,
@@ -99,6 +99,20 @@ def test_micro_batches_group_rows_of_similar_length():
     assert split(3, None) == [[0, 4, 2], [3, 1, 5]]  # no more passes than max_rows needs
     assert split(6, None) == [[0, 4, 2, 3, 1, 5]]
     assert split(4, None) == [[0, 4, 2], [3, 1, 5]]
+
+    # lock step (FSDP): another process cut 4 micro-batches, so this one splits its largest until it has 4
+    lockstep = replace(ro, pass_cost=3, lockstep=lambda n: max(n, 4)).micro_batches(rows, 6)
+    assert [part.tolist() for part in lockstep] == [[0, 4], [2], [3, 1], [5]]
+
+
+def test_split_to_halves_the_largest_part_until_there_are_enough():
+    parts = [torch.tensor([0, 1, 2, 3, 4]), torch.tensor([5]), torch.tensor([6, 7])]
+    assert [p.tolist() for p in split_to(parts, 3)] == [[0, 1, 2, 3, 4], [5], [6, 7]]
+    assert [p.tolist() for p in split_to(parts, 4)] == [[0, 1, 2], [3, 4], [5], [6, 7]]
+    assert [p.tolist() for p in split_to(parts, 5)] == [[0, 1], [2], [3, 4], [5], [6, 7]]
+    assert [p.tolist() for p in split_to(parts, 8)] == [[i] for i in range(8)]
+    with pytest.raises(ValueError, match="8 rows into 9"):
+        split_to(parts, 9)
 
 
 def test_micro_batches_keep_a_prompts_rows_together_when_they_share_it():

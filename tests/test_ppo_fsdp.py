@@ -11,8 +11,10 @@ models are whole replicas in each process, as under DDP. The runs are `test_ppo_
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +48,65 @@ def test_fsdp_ppo_matches_ddp_killed_and_resumed(files):  # noqa: F811
     assert_same_rows(one, two)
     assert responses(root / "fsdp") == responses(root / "ddp")
     assert json.loads((root / "fsdp" / "results.json").read_text())["steps"] == 3
+
+
+FSDP_ENV = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_RESHARD_AFTER_FORWARD": "true",
+}
+
+
+def _update_worker(rank: int, model_dir: str, out: str, port: int) -> None:
+    """One process of `test_processes_that_cut_different_numbers_of_micro_batches_run_as_many`."""
+    import math
+
+    import torch
+
+    from rlhfkit.engine.trainer import Engine
+    from rlhfkit.models.loading import ModelConfig, load_causal_lm
+    from rlhfkit.models.value import PolicyAndValue
+    from rlhfkit.rl.rollout import Rollout
+    from rlhfkit.stages.ppo import PPOConfig, PPOTrainConfig, _update, most_everywhere
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), **FSDP_ENV)
+    os.environ["LOCAL_RANK"] = str(rank)
+    torch.manual_seed(rank)  # different rollouts in the two processes
+    engine = Engine(PPOTrainConfig(lr=1e-2, report_to=[]), Path(out) / str(rank))
+    assert engine.accelerator.is_fsdp2
+    model = engine.setup(PolicyAndValue(load_causal_lm(ModelConfig(path=model_dir))[0]), total_steps=1)
+    before = [p.full_tensor().clone() for p in model.parameters()]
+    n, width = 4, 6
+    ids = torch.randint(5, 50, (n, 4 + width))
+    mask = torch.ones(n, width, dtype=torch.bool)
+    tokens = {k: torch.randn(n, width) for k in ("logp", "ref_logp", "values", "advantages", "returns")}
+    # process 0: one micro-batch (no pass is free); process 1: one per row (passes are free)
+    ro = Rollout(
+        ids,
+        torch.ones_like(ids),
+        4,
+        {"response_ids": ids[:, 4:], "mask": mask, **tokens},
+        pass_cost=None if rank == 0 else 0.0,
+        lockstep=most_everywhere(engine.device),
+    )
+    assert len(ro.micro_batches(torch.arange(n), 4)) == 4
+    stats = _update(engine, model, ro, torch.arange(n), 0.1, 1.0, PPOConfig(batch_size=8, mini_batch_size=8))
+    assert stats is not None and math.isfinite(stats["grad_norm"])
+    after = [p.full_tensor() for p in model.parameters()]  # the whole weights (a gather)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    flat = torch.cat([a.flatten() for a in after])
+    gathered = [torch.zeros_like(flat) for _ in range(2)]
+    torch.distributed.all_gather(gathered, flat)
+    assert torch.equal(gathered[0], gathered[1])
+    torch.distributed.destroy_process_group()
+
+
+def test_processes_that_cut_different_numbers_of_micro_batches_run_as_many(files, tmp_path):  # noqa: F811
+    """Under FSDP every forward and backward is a collective: process 0 would run 1 micro-batch
+    and process 1 four; with `Rollout.lockstep` process 0 cuts four too, and the update completes."""
+    import torch.multiprocessing as mp
+
+    _, model, _ = files
+    port = 29500 + os.getpid() % 1000 + 7
+    mp.start_processes(_update_worker, args=(str(model), str(tmp_path), port), nprocs=2, start_method="spawn")
