@@ -20,7 +20,7 @@ import pytest
 
 from rlhfkit.engine.metrics import read_metrics
 from test_ppo_ddp import assert_same_rows, files, responses, write_config  # noqa: F401  (files: the fixture)
-from testutil import accelerate_launch, finish, kill_tree
+from testutil import accelerate_launch, finish, kill_tree, make_test_model
 
 
 @pytest.mark.slow
@@ -110,3 +110,58 @@ def test_processes_that_cut_different_numbers_of_micro_batches_run_as_many(files
     _, model, _ = files
     port = 29500 + os.getpid() % 1000 + 7
     mp.start_processes(_update_worker, args=(str(model), str(tmp_path), port), nprocs=2, start_method="spawn")
+
+
+def parrot(root: Path) -> Path:
+    """A tiny GPT-2 overfit to answer "Say hi" in three tokens and EOS, and "Say more" past any
+    length limit: with one prompt per process, one process's responses end long before the other's."""
+    import torch
+
+    from rlhfkit.data.chat import PROMPT_TEMPLATE
+    from rlhfkit.models.loading import ModelConfig, load_causal_lm
+
+    path = make_test_model("gpt2", root / "parrot")
+    model, tok = load_causal_lm(ModelConfig(path=str(path)))
+    texts = [
+        PROMPT_TEMPLATE.format(prompt="Say hi") + " hi there" + tok.eos_token,
+        PROMPT_TEMPLATE.format(prompt="Say more") + " more words and more words and more words and more",
+    ]
+    enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_fsdp_ppo_samples_in_lock_step_when_one_process_finishes_first(files):  # noqa: F811
+    """Process 0 samples "Say hi" (ends after a few tokens), process 1 "Say more" (runs to the
+    limit): process 0 must keep forwarding dummy tokens, else the sharded decoder's all-gathers
+    would pair with other collectives and the run would hang or fail. Same responses and metrics as DDP."""
+    root, _, _ = files
+    model = parrot(root)
+    prompts = root / "two_prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Say hi", "Say more")))
+    sections = {
+        "sampling": {"max_new_tokens": 12, "temperature": 0.3, "batch_size": 8},
+        "ppo": {"batch_size": 2, "mini_batch_size": 2, "epochs": 1, "missing_eos_penalty": None},
+        "stop": {"max_steps": 2},
+        "train": {"lr": 1e-6, "save_every": 0},
+        "log_samples": 2,
+    }
+    for run, config in (("parrot-ddp", "ddp.yaml"), ("parrot-fsdp", "fsdp.yaml")):
+        cfg = write_config(root, run, model, prompts, **sections)
+        finish(accelerate_launch(["ppo", "--config", str(cfg)], config=config, path=root))
+    for run in ("parrot-ddp", "parrot-fsdp"):
+        rows = [json.loads(line) for line in (root / run / "samples.jsonl").read_text().splitlines()]
+        assert sorted((r["response"], r["ended"]) for r in rows if r["prompt"] == "Say hi") == [("hi there", True)] * 2
+        assert not any(r["ended"] for r in rows if r["prompt"] == "Say more")
+    ddp, fsdp = (read_metrics(root / run / "metrics.jsonl") for run in ("parrot-ddp", "parrot-fsdp"))
+    assert_same_rows(ddp, fsdp)
+    assert responses(root / "parrot-fsdp") == responses(root / "parrot-ddp")
