@@ -165,3 +165,19 @@ def test_fsdp_ppo_samples_in_lock_step_when_one_process_finishes_first(files):  
     ddp, fsdp = (read_metrics(root / run / "metrics.jsonl") for run in ("parrot-ddp", "parrot-fsdp"))
     assert_same_rows(ddp, fsdp)
     assert responses(root / "parrot-fsdp") == responses(root / "parrot-ddp")
+
+
+@pytest.mark.slow
+def test_fsdp_grpo_matches_ddp(files):  # noqa: F811
+    """GRPO (4 responses per prompt from one prefill, shared-prompt micro-batches of 2 rows) under
+    FSDP: the same responses and metrics as DDP over 2 steps."""
+    root, model, prompts = files
+    group = {"algorithm": "grpo", "num_generations": 4, "batch_size": 8, "mini_batch_size": 8, "micro_batch_size": 2}
+    sections = {"ppo": group, "stop": {"max_steps": 2}, "train": {"lr": 2e-3, "save_every": 0}}
+    for run, config in (("grpo-ddp", "ddp.yaml"), ("grpo-fsdp", "fsdp.yaml")):
+        cfg = write_config(root, run, model, prompts, **sections)
+        finish(accelerate_launch(["ppo", "--config", str(cfg)], config=config, path=root))
+    ddp, fsdp = (read_metrics(root / run / "metrics.jsonl") for run in ("grpo-ddp", "grpo-fsdp"))
+    assert [r["step"] for r in fsdp] == [1, 2]
+    assert_same_rows(ddp, fsdp)
+    assert responses(root / "grpo-fsdp") == responses(root / "grpo-ddp")
