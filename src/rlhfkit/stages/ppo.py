@@ -28,7 +28,10 @@ its share of the rollout (whole prompts, 1/N of them), and every batch statistic
 normalisation, whitening, the KL controller's KL, the logged metrics) is all-reduced over the
 global batch; each response is drawn from its own seeded generator, so N processes sample exactly
 the responses one process would. Gradients are averaged across processes (DDP) with the loss
-normalised by the global minibatch's tokens. Process 0 writes the outputs.
+normalised by the global minibatch's tokens. Process 0 writes the outputs. Under FSDP2 every
+forward of the policy is a collective, so the processes sample in lock step (`sample`'s `all_done`)
+and cut as many micro-batches each (`Rollout.lockstep`); the reference and reward models stay whole
+replicas per process (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -653,7 +656,7 @@ def _update(
     With several processes, `rows` is this process's share of the minibatch: the losses are shares of
     the *global* minibatch's tokens (times the number of processes, since DDP averages their
     gradients) and the stats are summed over processes. Processes may cut different numbers of
-    micro-batches, so all but each one's last run forward and backward under `no_sync` (local
+    micro-batches (not under FSDP: `Rollout.lockstep`), so all but each one's last run forward and backward under `no_sync` (local
     accumulation) and the last one all-reduces the gradients, on every process, after a vote on
     finiteness: a non-finite loss anywhere skips the step everywhere (its gradients are dropped).
     """
