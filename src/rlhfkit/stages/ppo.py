@@ -653,12 +653,13 @@ def _update(
     rows of similar lengths (gradient accumulation, see `Rollout.micro_batches`); None if the step
     was skipped. The stats are the minibatch's: each micro-batch's weighted by its share of tokens.
 
-    With several processes, `rows` is this process's share of the minibatch: the losses are shares of
-    the *global* minibatch's tokens (times the number of processes, since DDP averages their
+    With several processes, `rows` is this process's share of the minibatch: the losses are shares
+    of the *global* minibatch's tokens (times the number of processes, since DDP averages their
     gradients) and the stats are summed over processes. Processes may cut different numbers of
     micro-batches (not under FSDP: `Rollout.lockstep`), so all but each one's last run forward and
     backward under `no_sync` (local accumulation) and the last one all-reduces the gradients, on
-    every process, after a vote on finiteness: a non-finite loss anywhere skips the step everywhere (its gradients are dropped).
+    every process, after a vote on finiteness: a non-finite loss anywhere skips the step everywhere
+    (its gradients are dropped).
     """
     stats: dict[str, float] = {}
     reduce, world = engine.all_sum, engine.num_processes
