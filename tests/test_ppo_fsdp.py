@@ -1,6 +1,6 @@
 """PPO under FSDP2 (`configs/accelerate/fsdp.yaml`) on two CPU processes over gloo does what DDP
 does: the same responses and the same metrics to float tolerance, and a run killed with SIGKILL
-resumes from its sharded checkpoint to the uninterrupted run's numbers.
+resumes from its sharded checkpoint to the uninterrupted run's numbers and DDP's saved policy.
 
 Why these hold: the processes step the sharded decoder in lock step while sampling (a process
 whose responses have all ended forwards dummy tokens until every process's have, `sample`'s
@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from rlhfkit.engine.metrics import read_metrics
+from test_multiprocess_stages import max_difference, weights
 from test_ppo_ddp import assert_same_rows, files, responses, write_config  # noqa: F401  (files: the fixture)
 from testutil import accelerate_launch, finish, kill_tree, make_test_model
 
@@ -48,6 +49,10 @@ def test_fsdp_ppo_matches_ddp_killed_and_resumed(files):  # noqa: F811
     assert_same_rows(one, two)
     assert responses(root / "fsdp") == responses(root / "ddp")
     assert json.loads((root / "fsdp" / "results.json").read_text())["steps"] == 3
+    # the saved policy is whole (gathered), loads in plain transformers, and is DDP's
+    start, fsdp, ddp = (weights(path) for path in (model, root / "fsdp" / "model", root / "ddp" / "model"))
+    moved = max_difference(fsdp, start)
+    assert moved > 1e-3 and max_difference(fsdp, ddp) < 1e-3 * moved, (moved, max_difference(fsdp, ddp))
 
 
 FSDP_ENV = {
