@@ -144,12 +144,16 @@ def check_inputs(cfg: Config) -> None:
 
 
 class Round:
-    """Paths of round `n` inside the run folder; each step's `done` file is the one it writes last."""
+    """Paths of round `n` inside the run folder; each step's `done` file is the one it writes last.
 
-    def __init__(self, root: Path, n: int):
-        self.n, self.root = n, root
+    `first`: round 1 when it was run by other means (`rlhfkit demo`'s own stages, see
+    `RunFolder.round`); later rounds find its prompts, pairs, reward model and policy there."""
+
+    def __init__(self, root: Path, n: int, first: Round | None = None):
+        self.n, self.root, self.first = n, root, first
         self.dir = root / f"round-{n}"
         self.batch = f"round-{n}"
+        self.name = f"round-{n}"  # the round's policy in evaluations
         self.offered = self.dir / "offered.jsonl"
         self.prompts = self.dir / "prompts.jsonl"
         self.offered_candidates = self.dir / "candidates" / "offered.jsonl"
@@ -166,8 +170,12 @@ class Round:
         self.eval = self.dir / "eval"
         self.row = self.dir / "round.json"
 
+    def sibling(self, k: int) -> Round:
+        """Round k of the same run."""
+        return self.first if k == 1 and self.first is not None else Round(self.root, k, self.first)
+
     def previous(self) -> Round:
-        return Round(self.root, self.n - 1)
+        return self.sibling(self.n - 1)
 
 
 def fresh_prompts(cfg: Config, r: Round) -> list[Any]:
@@ -176,7 +184,7 @@ def fresh_prompts(cfg: Config, r: Round) -> list[Any]:
     selected stay fresh)."""
     pool = read_records(cfg.pool, "prompts")
     random.Random(cfg.seed).shuffle(pool)
-    used = {p.id for k in range(1, r.n) for p in read_records(Round(r.root, k).prompts, "prompts")}
+    used = {p.id for k in range(1, r.n) for p in read_records(r.sibling(k).prompts, "prompts")}
     fresh = [p for p in pool if p.id not in used]
     if len(fresh) < cfg.prompts_per_round:
         raise UserError(
@@ -200,7 +208,7 @@ def split_pairs(cfg: Config, r: Round) -> tuple[list[Pair], list[Pair]]:
 
 def rm_training_pairs(cfg: Config, r: Round) -> list[Pair]:
     """retrain: every round's training pairs; continue: this round's plus `replay` of the earlier ones."""
-    earlier = [p for k in range(1, r.n) for p in split_pairs(cfg, Round(r.root, k))[0]]
+    earlier = [p for k in range(1, r.n) for p in split_pairs(cfg, r.sibling(k))[0]]
     own = split_pairs(cfg, r)[0]
     if cfg.rm.mode == "retrain":
         return earlier + own
@@ -226,17 +234,20 @@ def rm_accuracy(rm_dir: Path, pairs: list[Pair], device: Device = "auto") -> flo
 class Loop:
     """One run of rounds: which policy is current, and each step of a round, skipped when done."""
 
-    def __init__(self, cfg: Config, sft: Path):
-        self.cfg, self.sft = cfg, sft
+    def __init__(self, cfg: Config, sft: Path, first: Round | None = None):
+        self.cfg, self.sft, self.first = cfg, sft, first
         self.root = Path(cfg.output_dir)
         self.start = Path(cfg.policy) if cfg.policy else sft
 
+    def round(self, n: int) -> Round:
+        return Round(self.root, 0, self.first).sibling(n)
+
     def policy_after(self, n: int) -> Path:
         """The policy after round n (round 0: the start)."""
-        return Round(self.root, n).ppo / "model" if n > 0 else self.start
+        return self.round(n).ppo / "model" if n > 0 else self.start
 
     def policy_name(self, n: int) -> str:
-        return f"round-{n}" if n > 0 else ("sft" if self.start == self.sft else "start")
+        return self.round(n).name if n > 0 else ("sft" if self.start == self.sft else "start")
 
     def step(self, r: Round, name: str, done: Path, fn: Callable[[], Any]) -> None:
         if done.exists():
@@ -420,7 +431,7 @@ def run_rounds(cfg: Config, sft: Path) -> dict[str, Any]:
     with connect(cfg.server, root / "server") as lab:
         save_config(cfg, root)
         for n in range(1, cfg.rounds + 1):
-            rows.append(loop.run_round(Round(root, n), lab))
+            rows.append(loop.run_round(loop.round(n), lab))
             results = {"rounds": rows, "stopped": None}
             stopped = stop_reason(cfg, rows)
             results["stopped"] = stopped
