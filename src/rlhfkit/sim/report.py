@@ -190,10 +190,11 @@ def rounds_section(run: RunFolder, kinds: dict[str, dict[str, float]]) -> str:
         f"<h3>Rude and off-topic answers (gold judges; rude: P(offensive) &gt; {RUDE_P_OFFENSIVE:g}, "
         f"off-topic: MiniLM relevance &lt; {OFF_TOPIC_RELEVANCE:g})</h3>"
     )
-    body += table(
-        ["policy", "answers", "rude", "off-topic"],
-        [[label, kinds[n]["answers"], kinds[n]["rude"], kinds[n]["off_topic"]] for label, n in zip(labels, names, strict=True)],
-    )
+    shares = [
+        [label, kinds[n]["answers"], f"{kinds[n]['rude']:.1%}", f"{kinds[n]['off_topic']:.1%}"]
+        for label, n in zip(labels, names, strict=True)
+    ]
+    body += table(["policy", "answers", "rude", "off-topic"], shares)
     for r in rounds:
         picture = overoptimisation(r.ppo)
         if picture:
