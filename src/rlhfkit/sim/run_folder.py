@@ -41,6 +41,7 @@ class RunFolder:
         first.name, first.labeled = "ppo", self.completions
         first.aggregate, first.pairs = self.stage("aggregate"), self.pairs
         first.rm, first.ppo, first.eval = self.stage("rm"), self.stage("ppo"), self.stage("eval")
+        first.first = first  # its siblings find it
         return first.sibling(n)
 
     def rounds(self) -> list[Round]:
