@@ -242,3 +242,11 @@ def test_uncertainty_selection_labels_the_sets_the_last_reward_model_is_least_su
     expected = min(sets, key=smallest_margin).prompt_id
     assert [p.id for p in read_records(r.prompts, "prompts")] == [expected]
     assert [c.prompt_id for c in read_records(r.candidates, "completions")] == [expected]
+
+
+@pytest.mark.parametrize("override", ["rm.output_dir=x", "rm.model.path=x", "ppo.resume=true", "ppo.ref_model=x"])
+def test_settings_the_loop_fills_each_round_are_refused(override: str) -> None:
+    key = override.split("=")[0]
+    with pytest.raises(UserError, match=f"{key}: `rlhfkit loop` sets it each round; leave it out"):
+        load_config(loop.Config, None, [override])
+    assert key in (loop.__doc__ or "")  # and `rlhfkit loop --help` lists it

@@ -26,6 +26,11 @@ answers to new prompts teaches it the new distribution (InstructGPT; Bai et al. 
 - stop after `rounds`, or earlier when the gold gain over the previous round is below
   `stop.gold_plateau`, or the eval reward reaches `stop.reward`.
 
+Set by the loop each round, so refused as overrides: rm.output_dir, rm.resume, rm.model.path,
+rm.data.pairs, rm.data.valid, rm.normalize.policy, rm.normalize.prompts (ppo.prompts, else the
+pool); ppo.output_dir, ppo.resume, ppo.model.path, ppo.ref_model (`ppo.reference`), ppo.reward
+(the round's reward model); and eval.output_dir, eval.models, eval.reference, eval.reward.
+
 Every step writes its output last, and a re-run (after Ctrl-C or kill -9) skips what is there:
 it continues at the round and step where it stopped; a batch is sent to the server once (see
 `rlhfkit.loop.labeling`), and labels already given are kept. `results.json` (one row per round)
@@ -42,7 +47,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlhfkit.config import StrictModel, atomic_write_text, save_config
 from rlhfkit.data.batching import split_by_prompt
@@ -72,19 +77,46 @@ def _default_candidates() -> list[CandidateSource]:
     return [CandidateSource(model="current", k=2), CandidateSource(model="previous"), CandidateSource(model="sft")]
 
 
+# What the loop sets in `rm.*` and `ppo.*` each round (the round's folders, the models it chains):
+# an override would be silently replaced, so it is refused instead.
+FILLED_EACH_ROUND = {
+    "rm": ("output_dir", "resume", "model.path", "data.pairs", "data.valid", "normalize.policy", "normalize.prompts"),
+    "ppo": ("output_dir", "resume", "model.path", "ref_model", "reward"),
+}
+
+
+def _refuse_filled(section: str, cfg: StrictModel, default: StrictModel) -> None:
+    for dotted in FILLED_EACH_ROUND[section]:
+        value, expected = cfg, default
+        for part in dotted.split("."):
+            value, expected = getattr(value, part), getattr(expected, part)
+        if value != expected:
+            raise ValueError(f"{section}.{dotted}: `rlhfkit loop` sets it each round; leave it out")
+
+
 class RoundRMConfig(rm_stage.Config):
-    """`rlhfkit rm`'s settings (paths are filled in each round) plus how rounds feed it."""
+    """`rlhfkit rm`'s settings plus how rounds feed it; FILLED_EACH_ROUND["rm"] are the loop's."""
 
     mode: Literal["retrain", "continue"] = Field(
         "retrain", description="retrain from SFT on all rounds' pairs, or continue the last RM"
     )
     replay: float = Field(0.5, ge=0, le=1, description="mode=continue: share of earlier rounds' pairs replayed")
 
+    @model_validator(mode="after")
+    def _check(self) -> RoundRMConfig:
+        _refuse_filled("rm", self, rm_stage.Config())
+        return self
+
 
 class RoundPPOConfig(ppo_stage.Config):
-    """`rlhfkit ppo`'s settings (model, reward and output are filled in each round)."""
+    """`rlhfkit ppo`'s settings; FILLED_EACH_ROUND["ppo"] are the loop's."""
 
     reference: Literal["sft", "previous"] = Field("sft", description="KL reference: SFT or the previous policy")
+
+    @model_validator(mode="after")
+    def _check(self) -> RoundPPOConfig:
+        _refuse_filled("ppo", self, ppo_stage.Config())
+        return self
 
 
 class StopConfig(StrictModel):
