@@ -11,9 +11,11 @@ answers to new prompts teaches it the new distribution (InstructGPT; Bai et al. 
 
 - prompts: `prompts_per_round` of `pool` never labeled in an earlier round (each round's are in
   `round-N/prompts.jsonl`); when the pool runs out, the run stops with an error saying so. With
-  `select=random|uncertainty`, candidates are sampled for `select_from` fresh prompts and
-  `prompts_per_round` of them are labeled (`rlhfkit.labels.select`; uncertainty: the smallest
-  margin of the previous round's reward model); the others stay fresh.
+  `select=random|uncertainty|disagreement`, candidates are sampled for `select_from` fresh prompts
+  and `prompts_per_round` of them are labeled (`rlhfkit.labels.select`; uncertainty: the smallest
+  margin of the previous round's reward model; disagreement: the largest spread of 5 linear heads
+  on that reward model's features, fitted on bootstrap samples of the pairs it learned from);
+  the others stay fresh.
 - reward model: `rm.mode=retrain` trains from the SFT model on every round's pairs; `continue`
   trains the last round's reward model on this round's pairs plus `rm.replay` of the earlier ones.
   Each round's pairs are split by prompt (`rm.data.valid_fraction`): the held-out part measures the
@@ -137,7 +139,7 @@ class Config(StrictModel):
     rounds: int = Field(2, ge=1, description="rounds to run (a re-run with more continues)")
     prompts_per_round: int = Field(100, gt=0)
     candidates: list[CandidateSource] = Field(default_factory=_default_candidates, description="who answers prompts")
-    select: Literal["all", "random", "uncertainty"] = Field(
+    select: Literal["all", "random", "uncertainty", "disagreement"] = Field(
         "all", description="which prompts' candidates are labeled: all, or prompts_per_round of select_from"
     )
     select_from: int = Field(0, ge=0, description="select: fresh prompts sampled per round (0 = 2 x prompts_per_round)")
@@ -316,19 +318,26 @@ class Loop:
 
     def select(self, r: Round) -> None:
         """`prompts_per_round` of the offered candidate sets for the labelers (`select`): all, a
-        random share, or those the previous round's reward model is least sure about (round 1 has
-        none yet: random). The round's `prompts.jsonl` (the labeled ones) is written first, the
-        candidates file, which marks the step done, last."""
-        from rlhfkit.labels.select import select_prompts, sources_scorer
+        random share, those the previous round's reward model is least sure about, or those an
+        ensemble of heads on it disagrees on most (round 1 has no reward model yet: random). The round's
+        `prompts.jsonl` (the labeled ones) is written first, the candidates file, which marks the
+        step done, last."""
+        from rlhfkit.labels.select import head_ensemble_scorer, select_prompts, sources_scorer
 
         sets = read_records(r.offered_candidates, "completions")
-        method = self.cfg.select if self.cfg.select != "uncertainty" or r.n > 1 else "random"
+        method = self.cfg.select if self.cfg.select in ("all", "random") or r.n > 1 else "random"
         scorer = None
         if method == "uncertainty":
             from rlhfkit.rewards.build import build_reward
 
             rm = RewardConfig(sources=[RewardSpec(model=str(r.previous().rm / "model"))])
             scorer = sources_scorer([build_reward(rm, resolve_device(self.cfg.device))])
+        elif method == "disagreement":
+            from rlhfkit.rewards.model import RewardModel
+
+            previous = RewardModel.load(r.previous().rm / "model", device=resolve_device(self.cfg.device))
+            pairs = rm_training_pairs(self.cfg, r.previous())  # what that reward model learned from
+            scorer = head_ensemble_scorer(previous, pairs, seed=self.cfg.seed + r.n)
         chosen = sorted(select_prompts(sets, self.cfg.prompts_per_round, method, scorer, self.cfg.seed + r.n))
         if method != "all":
             print(f"[loop] select={method}: {len(chosen)} of {len(sets)} candidate sets go to the labelers")
