@@ -19,6 +19,10 @@ shared machine, where wall-clock time also measures the neighbours), peak RSS (V
 one forward and backward; / CPU-seconds per step / the float32 matmul peak per CPU-second measured
 here with the same threads).
 
+`ours-grpo-plain` / `ours-rloo-plain` (not run by default) are rlhfkit with `ppo.share_prompt=false`:
+every response its own row in the reference pass and the update (the K responses are still sampled
+from one prefill of their prompt), to measure what sharing the prompt's tokens gives.
+
 GRPOTrainer and RLOOTrainer need trl >= 1.0 (this was measured with trl 1.16.0, the newest; `make
 bench-venv-new` builds `.venv-bench-new` with it):
 
@@ -46,6 +50,8 @@ from ppo_vs_trl import build_assets, matmul_params, matmul_peak_gflops, model_fl
 from rlhfkit.data.chat import PROMPT_TEMPLATE  # noqa: E402
 
 IMPLS = {"ours-grpo": "grpo", "trl-grpo": "grpo", "ours-rloo": "rloo", "trl-rloo": "rloo"}
+# rlhfkit with ppo.share_prompt=false (every response its own row in the reference pass and update)
+PLAIN = {"ours-grpo-plain": "grpo", "ours-rloo-plain": "rloo"}
 CLOCK: list[tuple[float, float]] = []  # (wall, process CPU time) at every reward call: once per step in both
 
 
@@ -95,6 +101,7 @@ def run_ours(a: argparse.Namespace, algorithm: str, assets: dict[str, str], out:
                 "epochs": 1,
                 "missing_eos_penalty": None,
                 "kl": kl,
+                "share_prompt": a.worker not in PLAIN,
             },
             "stop": {"max_steps": a.steps + 1},
             "train": {"lr": a.lr, "adam_eps": 1e-8, "scheduler": "linear", "min_lr_ratio": 0.0, "log_every": 1000},
@@ -171,7 +178,7 @@ def worker(a: argparse.Namespace) -> None:
     assets = json.loads(a.assets)
     run = run_trl if a.worker.startswith("trl") else run_ours
     with tempfile.TemporaryDirectory() as tmp:
-        result = run(a, IMPLS[a.worker], assets, Path(tmp) / "out")
+        result = run(a, (IMPLS | PLAIN)[a.worker], assets, Path(tmp) / "out")
     if len(CLOCK) != a.steps + 1:
         raise SystemExit(f"the reward was called {len(CLOCK)} times in {a.steps + 1} steps: the step clock is off")
     steady = CLOCK[1:]  # from the first reward call on: the warm-up step's update is not timed
@@ -216,7 +223,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="steps per run after a warm-up step (steps - 1 timed)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS))
+    p.add_argument("--impls", nargs="+", choices=list(IMPLS | PLAIN), default=list(IMPLS))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--assets", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -253,7 +260,7 @@ def main() -> None:
     flops_args = argparse.Namespace(batch=a.batch, epochs=1, lora=False)
     columns = ["s/step", "CPU-s", "resp len", "tokens/s", "tok/CPU-s", "peak MB", "MFU", "vs TRL GRPO (wall, CPU)"]
     widths = (9, 9, 9, 10, 11, 9, 8, 26)
-    print(f"{'':<11}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True)))
+    print(f"{'':<16}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True)))
     trl_grpo, trl_grpo_cpu = (
         statistics.median(r[k] for r in runs["trl-grpo"]) if "trl-grpo" in runs else float("nan")
         for k in ("step_s", "cpu_step_s")
@@ -265,7 +272,7 @@ def main() -> None:
         mem = max(r["peak_rss_mb"] for r in rows)
         mfu = model_flops("ours", n_pol, 0, flops_args, prompt_len, resp) / cpu_step / (peak * 1e9)
         print(
-            f"{impl:<11}{step:>9.3f}{cpu_step:>9.3f}{resp:>9.1f}{a.batch * resp / step:>10.0f}"
+            f"{impl:<16}{step:>9.3f}{cpu_step:>9.3f}{resp:>9.1f}{a.batch * resp / step:>10.0f}"
             f"{a.batch * resp / cpu_step:>11.0f}{mem:>9.0f}{100 * mfu:>7.1f}%{trl_grpo / step:>9.2f}x"
             f"{trl_grpo_cpu / cpu_step:>9.2f}x"
         )

@@ -4,7 +4,8 @@ Builds the demo's start (its corpus, the shipped base model, SFT) in OUT/start, 
 `rlhfkit loop` from that SFT model with the demo's reward-model, PPO and eval settings: `--rounds`
 rounds of `--prompts-per-round` fresh prompts from the demo's labeling pool, candidates from the
 current policy (2), the previous one (1) and SFT (1), labeled by the simulated panel over HTTP on
-an embedded server, evaluated on 100 held-out prompts x 2 samples. Prints one row per round.
+an embedded server, evaluated on `--eval-prompts` held-out prompts (100) x `--eval-samples` (2).
+Prints one row per round.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/loop_rounds.py --seed 0 --out runs/rounds
 """
@@ -27,6 +28,13 @@ def main() -> None:
     ap.add_argument("--out", default="runs/rounds")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--prompts-per-round", type=int, default=150)
+    ap.add_argument(
+        "--pool-add-ppo",
+        action="store_true",
+        help="label from the demo's labeling prompts and its PPO prompts (800, not 300): room for larger rounds",
+    )
+    ap.add_argument("--eval-prompts", type=int, default=100, help="held-out prompts in each round's evaluation")
+    ap.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt (more: narrower CIs)")
     args = ap.parse_args()
     out = Path(args.out)
     d = demo.Config(output_dir=str(out / f"start-s{args.seed}"), seed=args.seed)
@@ -34,20 +42,23 @@ def main() -> None:
     data = build_default_data(run.stage("data"), seed=d.pretrain.data.corpus_seed)
     sft_model = demo.policy_stages(d, demo.Runner(run, True), data)
 
+    pool = data["prompts_label"]
+    if args.pool_add_ppo:
+        pool = out / f"pool-s{args.seed}.jsonl"
+        pool.write_text(data["prompts_label"].read_text() + data["prompts_ppo"].read_text())
     overrides = [
         f"output_dir={out / f's{args.seed}'}",
         f"seed={args.seed}",
         f"sft={sft_model}",
-        f"pool={data['prompts_label']}",
+        f"pool={pool}",
         f"prompts_per_round={args.prompts_per_round}",
         f"rounds={args.rounds}",
     ]
     cfg = load_config(loop.Config, None, overrides)
     cfg.rm = loop.RoundRMConfig.model_validate(d.rm.model_dump())
     cfg.ppo = loop.RoundPPOConfig.model_validate({**d.ppo.model_dump(), "prompts": str(data["prompts_ppo"])})
-    cfg.eval = cfg.eval.model_validate(
-        {**d.eval.model_dump(), "prompts": str(data["prompts_heldout"]), "limit": 100, "samples_per_prompt": 2}
-    )
+    heldout = {"prompts": str(data["prompts_heldout"]), "limit": args.eval_prompts}
+    cfg.eval = cfg.eval.model_validate({**d.eval.model_dump(), **heldout, "samples_per_prompt": args.eval_samples})
     sources = (("current", 2), ("previous", 1), ("sft", 1))
     cfg.candidates = [loop.CandidateSource(model=m, k=k, sampling=d.generate.sampling) for m, k in sources]
     loop.run(cfg)

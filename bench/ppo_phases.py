@@ -5,12 +5,18 @@ heads in `score_tokens`, the minibatch forwards and backwards, the optimizer) an
 per step, averaged over all steps including the first:
 
     .venv-bench/bin/python bench/ppo_phases.py --threads 1 [--lora]
+
+`--algorithm grpo|rloo` times the critic-free step of `grpo_vs_trl.py` instead (its settings and
+reward function; `--cpu`: process CPU time instead of wall-clock time, for a shared machine):
+
+    python bench/ppo_phases.py --threads 1 --algorithm grpo --cpu
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +33,8 @@ def main() -> None:
     p.add_argument("--lora", action="store_true")
     p.add_argument("--steps", type=int, default=3, help="steps after the first")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--algorithm", choices=["ppo", "grpo", "rloo"], default="ppo")
+    p.add_argument("--cpu", action="store_true", help="process CPU time instead of wall-clock time")
     a = p.parse_args()
     import torch
 
@@ -37,13 +45,15 @@ def main() -> None:
     torch.set_flush_denormal(True)  # as the benchmark's workers
     seconds: dict[str, float] = collections.defaultdict(float)
 
+    clock = time.process_time if a.cpu else time.perf_counter
+
     def timed(name: str, f: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any, **kwargs: Any) -> Any:
-            t = time.perf_counter()
+            t = clock()
             try:
                 return f(*args, **kwargs)
             finally:
-                seconds[name] += time.perf_counter() - t
+                seconds[name] += clock() - t
 
         return run
 
@@ -57,12 +67,26 @@ def main() -> None:
         lora=a.lora, response_length=32, temperature=0.7, batch=64, mini=16, epochs=4, steps=a.steps, lr=1e-6,
         impl="ours",
     )  # fmt: skip
+    if a.algorithm != "ppo":  # grpo_vs_trl.py's settings (K = 4, one optimizer step per rollout)
+        import grpo_vs_trl
+
+        args = argparse.Namespace(
+            batch=64, k=4, response_length=32, temperature=0.7, beta=0.05, lr=1e-6, steps=a.steps,
+            worker=f"ours-{a.algorithm}",
+        )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         assets = bench.build_assets(Path(tmp), "gpt2", 4, 256, 2048, 150)
         seconds.clear()  # building the assets pretrains the policy
-        result = bench.run_ours(args, assets, Path(tmp) / "out")
+        if a.algorithm == "ppo":
+            result = bench.run_ours(args, assets, Path(tmp) / "out")
+        else:
+            grpo_vs_trl.CLOCK.clear()
+            grpo_vs_trl.run_ours(args, a.algorithm, assets, Path(tmp) / "out")
+            steady = [c[1] if a.cpu else c[0] for c in grpo_vs_trl.CLOCK[1:]]  # one reward call per step
+            result = {"step_s": statistics.median(b - x for x, b in zip(steady, steady[1:], strict=False))}
     steps = a.steps + 1
-    print(f"\n{'full fine-tuning' if not a.lora else 'LoRA'}, {a.threads} thread(s), mean of {steps} steps:")
+    what = a.algorithm if a.algorithm != "ppo" else "full fine-tuning" if not a.lora else "LoRA"
+    print(f"\n{what}, {a.threads} thread(s), {'CPU' if a.cpu else 'wall-clock'} seconds, mean of {steps} steps:")
     for name, total in seconds.items():
         print(f"  {name:<28}{total / steps:7.3f} s/step")
     print(f"  {'sum':<28}{sum(seconds.values()) / steps:7.3f} s/step (median step {result['step_s']:.3f} s)")

@@ -9,6 +9,7 @@ import pytest
 
 from rlhfkit.config import load_config
 from rlhfkit.stages import demo_personal
+from rlhfkit.stages.ppo import Config as PPOConfig
 from test_demo import SMALL
 
 
@@ -30,6 +31,13 @@ def test_demo_personal_runs_every_stage_and_reports_per_group(tmp_path, capsys):
     personal = logged_prompts("ppo-personal")
     assert all(p[0]["role"] == "system" and p[0]["content"].startswith("User: ") for p in personal)
     assert all(isinstance(p, str) for p in logged_prompts("ppo-pooled"))
+    # it adapts the pooled policy (its start and KL reference), its scores normalised on its first rollout
+    personal_cfg, pooled_cfg = (
+        load_config(PPOConfig, tmp_path / stage / "config.yaml") for stage in ("ppo-personal", "ppo-pooled")
+    )
+    assert personal_cfg.model.path == str(tmp_path / "ppo-pooled/model") and personal_cfg.ref_model == ""
+    assert pooled_cfg.model.path == str(tmp_path / "sft/model")
+    assert personal_cfg.ppo.normalize_rewards and not pooled_cfg.ppo.normalize_rewards
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["groups"]) == {"concise", "detailed"}

@@ -68,6 +68,29 @@ def test_group_rollouts_sample_k_responses_per_prompt(files, tmp_path):
     assert prompts_seen == [prompts_seen[0]] * 4 + [prompts_seen[4]] * 4 and prompts_seen[0] != prompts_seen[4]
 
 
+@pytest.mark.parametrize("lora", [None, {"r": 4}])  # the reference: a frozen copy / the adapter switched off
+def test_runs_with_and_without_the_shared_prompt_log_the_same_numbers(files, tmp_path, lora):
+    """`ppo.share_prompt` changes how the reference pass and the update lay out a prompt's K
+    responses, not what they compute: two steps (micro-batches of 2 rows: a prompt's 4 responses in
+    two shared rows) log the same samples, KL, losses and ratios either way, to float rounding."""
+    model, prompts = files
+    rows = {}
+    for share in (True, False):
+        cfg = ppo_config(
+            tmp_path / str(share), model, prompts, model={"path": str(model), "lora": lora},
+            ppo={"algorithm": "grpo", "num_generations": 4, "batch_size": 8, "mini_batch_size": 4,
+                 "micro_batch_size": 2, "kl": {"mode": "loss"}, "share_prompt": share},
+            stop={"max_steps": 2}, train={"lr": 1e-3},
+        )  # fmt: skip
+        train_ppo(cfg, reward=FunctionReward(e_frequency))
+        rows[share] = read_metrics(tmp_path / str(share) / "metrics.jsonl")
+    for shared, plain in zip(rows[True], rows[False], strict=True):
+        assert shared["reward"] == plain["reward"] and shared["response_length"] == plain["response_length"]
+        for key in ("kl", "kl_k3", "entropy", "policy_loss", "approx_kl", "grad_norm"):
+            assert shared[key] == pytest.approx(plain[key], rel=1e-3, abs=1e-5), key
+    assert rows[True][1]["kl"] != 0  # the second step's policy had moved: a real comparison
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("algorithm", "ppo"),

@@ -101,6 +101,79 @@ def test_micro_batches_group_rows_of_similar_length():
     assert split(4, None) == [[0, 4, 2], [3, 1, 5]]
 
 
+def test_micro_batches_keep_a_prompts_rows_together_when_they_share_it():
+    # groups of 3 responses to prompts 7, 8, 9 (rows 0-2, 3-5, 6-8); a shared row is 2 + its responses wide
+    lengths = [1, 1, 2, 8, 7, 8, 2, 1, 1]
+    response_mask = torch.tensor([[1] * n + [0] * (8 - n) for n in lengths], dtype=torch.bool)
+    attention = torch.cat([torch.ones(9, 2, dtype=torch.long), response_mask.long()], 1)
+    groups = torch.tensor([7, 7, 7, 8, 8, 8, 9, 9, 9])
+    ro = Rollout(torch.ones(9, 10, dtype=torch.long), attention, 2, {"mask": response_mask}, 3, groups)
+    rows = torch.tensor([8, 0, 3, 1, 6, 4, 2, 5, 7])
+    # widths 6, 6, 25 (in order of first appearance): the short prompts together (2 x 6 + 3), the long one alone
+    assert [p.tolist() for p in ro.micro_batches(rows, 6)] == [[8, 6, 7, 0, 1, 2], [3, 4, 5]]
+    # at most 2 rows: each prompt's rows in chunks of 2 (in `rows` order), each chunk in one micro-batch
+    parts = [p.tolist() for p in ro.micro_batches(rows, 2)]
+    assert sorted(i for p in parts for i in p) == list(range(9)) and all(len(p) <= 2 for p in parts)
+    assert all(any(set(chunk) <= set(p) for p in parts) for chunk in ([8, 6], [0, 1], [3, 4]))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_shared_prompt_rows_give_the_log_probs_and_gradients_of_plain_rows(models, arch):
+    """RLOO/GRPO (`ppo.share_prompt`): a prompt's K responses run its tokens once, and the policy's
+    and reference's log-probs, the loss and its gradient are those of one left-padded row per
+    response. Prompts of different lengths (left padding), responses of different lengths (right
+    padding), two identical responses (their shared prefix runs into the response), and partial groups."""
+    torch.manual_seed(0)
+    policy, tok = load_causal_lm(ModelConfig(path=str(models[arch])))
+    model = PolicyAndValue(policy, value=False)
+    prompts = ["Hello there, how", "a", "The quick brown fox jumps"]
+    k = 3
+    cfg = SamplingConfig(max_new_tokens=6, temperature=1.0, stop=[])
+    batch = sample(policy, tok, [p for p in prompts for _ in range(k)], cfg, seeds=list(range(len(prompts) * k)))
+    response, response_mask = batch.response_ids.clone(), batch.response_mask.clone()
+    response[1], response_mask[1] = response[0], response_mask[0]
+    B, T = response.shape
+    tokens = {"response_ids": response, "mask": response_mask.bool()}
+    tokens.update({key: torch.randn(B, T) for key in ("logp", "ref_logp", "advantages")})
+    shared = Rollout(
+        torch.cat([batch.prompt_ids, response], 1),
+        torch.cat([batch.prompt_mask, response_mask], 1),
+        batch.prompt_ids.shape[1],
+        tokens,
+        groups=torch.arange(len(prompts)).repeat_interleave(k),
+    )
+    plain = replace(shared, groups=None)
+    rows = torch.tensor([4, 0, 8, 1, 3, 6, 2, 5])  # row 7 left out: a partial group
+    mask = tokens["mask"][rows]
+    ids, attention, start, tok_rows = plain.rows(rows)
+    layout = shared.shared(rows)
+    assert layout.input_ids.shape[0] == len(prompts)
+    assert (layout.segments >= 0).sum() < attention.sum()  # each prompt's tokens once
+    with torch.no_grad():  # the reference's pass and the policy's (PolicyAndValue, as the update runs it)
+        for forward in (lambda *a: response_logits(policy, *a), lambda *a: model(*a)[0]):
+            expected, got = (
+                logprobs_from_logits(forward(ids, attention, start, *extra), tok_rows["response_ids"], 0.7)[mask]
+                for extra in ((), (layout,))
+            )
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    p = PPOConfig(
+        algorithm="grpo", num_generations=k, batch_size=9, mini_batch_size=9, ent_coef=0.01, kl={"mode": "loss"}
+    )
+    n_tokens = mask.sum()
+    results = []
+    for ro in (plain, shared):
+        model.zero_grad()
+        loss, stats = ppo_loss(model, ro, rows, n_tokens, 0.1, 0.7, p)
+        loss.backward()
+        results.append((loss.detach(), stats, [x.grad.clone() for x in model.parameters() if x.grad is not None]))
+    (loss_a, stats_a, grads_a), (loss_b, stats_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=1e-5)
+    assert stats_b == pytest.approx(stats_a, abs=1e-5)
+    assert len(grads_a) == len(grads_b)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
 def test_train_section_rejects_settings_ppo_does_not_use():
     with pytest.raises(UserError, match=r"train.batch_size: unknown setting; did you mean .*ppo.batch_size\?"):
         load_config(Config, None, ["train.batch_size=8"])

@@ -16,11 +16,9 @@ import json
 import math
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
-import psutil  # accelerate's own dependency
 import pytest
 import yaml
 
@@ -28,7 +26,7 @@ from rlhfkit.cli import main
 from rlhfkit.engine.metrics import read_metrics
 from rlhfkit.errors import UserError
 from rlhfkit.stages.ppo import PPOConfig, process_share
-from testutil import accelerate_launch, finish, make_test_model, ppo_config, write_prompts
+from testutil import accelerate_launch, finish, kill_tree, make_test_model, ppo_config, write_prompts
 
 TESTS = Path(__file__).resolve().parent
 TIMING = ("time", "time_rollout", "time_step", "tokens_per_s")
@@ -39,13 +37,6 @@ def e_frequency(prompt, completion):
     time.sleep(float(os.environ.get("PPO_TEST_SLOW", "0")))  # lets the test kill the run mid-way
     return 10 * completion.count("e") / max(1, len(completion))
 """
-
-
-def kill_tree(child: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every process under it (torchrun starts its workers in sessions of
-    their own, so a process-group kill would leave them running)."""
-    for process in [*psutil.Process(child.pid).children(recursive=True), psutil.Process(child.pid)]:
-        process.send_signal(signal.SIGKILL)
 
 
 def write_config(root: Path, name: str, model: Path, prompts: Path, **sections) -> Path:

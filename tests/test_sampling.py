@@ -252,6 +252,21 @@ def test_k_samples_are_grouped_by_prompt(parrot):
         assert (s.prompt_ids[i, : width - len(ids)] == tok.pad_token_id).all()
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_k_samples_from_one_prefill_equal_k_copies_of_the_prompt(models, arch):
+    """`num_samples=K` runs each prompt once and repeats its KV cache (PPO's K responses per prompt):
+    the same responses, and the same hidden states they were sampled from, as K copies of the prompt."""
+    model, tok = models[arch]
+    seeds = list(range(20, 29))
+    config = cfg(max_new_tokens=8, batch_size=9)
+    shared = sample(model, tok, PROMPTS, config, num_samples=3, keep_hidden=True, seeds=seeds)
+    copies = [p for p in PROMPTS for _ in range(3)]
+    plain = sample(model, tok, copies, config, keep_hidden=True, seeds=seeds)
+    assert rows(shared) == rows(plain) and len(set(shared.texts)) > 3
+    assert torch.equal(shared.prompt_ids, plain.prompt_ids) and torch.equal(shared.prompt_mask, plain.prompt_mask)
+    torch.testing.assert_close(shared.hidden, plain.hidden, rtol=0, atol=1e-5)
+
+
 def test_sampling_keeps_the_training_mode_and_long_prompts_keep_their_end(models):
     model, tok = models["gpt2"]
     model.train()

@@ -36,17 +36,29 @@ ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelera
 
 
 def accelerate_launch(
-    args: list[str], config: str = "ddp.yaml", path: Path | None = None, **env: str
+    args: list[str], config: str = "ddp.yaml", path: Path | None = None, script: Path | None = None, **env: str
 ) -> subprocess.Popen:
     """`accelerate launch --config_file configs/accelerate/CONFIG -m rlhfkit.cli ARGS` in a child process
     (2 processes; on a CPU-only machine the engine forms a gloo group); `path` goes first on PYTHONPATH
-    (e.g. a reward module). Output: stdout, with stderr in it."""
+    (e.g. a reward module); `script` runs instead of `-m rlhfkit.cli` (e.g. PAUSED_CLI written to a
+    file). Output: stdout, with stderr in it."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / config)]
-    command += ["--main_process_port", "0", "-m", "rlhfkit.cli", *args]
+    command += ["--main_process_port", "0", *([str(script)] if script else ["-m", "rlhfkit.cli"]), *args]
     child_env = subprocess_env(**env)
     if path is not None:
         child_env["PYTHONPATH"] = os.pathsep.join([str(path), child_env["PYTHONPATH"]])
     return subprocess.Popen(command, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def kill_tree(child: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process under it (torchrun starts its workers in sessions of
+    their own, so a process-group kill would leave them running)."""
+    import signal
+
+    import psutil  # accelerate's own dependency
+
+    for process in [*psutil.Process(child.pid).children(recursive=True), psutil.Process(child.pid)]:
+        process.send_signal(signal.SIGKILL)
 
 
 def finish(child: subprocess.Popen, timeout: float = 300) -> str:

@@ -260,3 +260,62 @@ def test_a_personal_chat_model_is_asked_as_the_signed_in_user(config: ServeConfi
         assert r.status_code in (200, 201), r.text
     finally:
         site.db.dispose()
+
+
+def test_the_python_client_chats_rates_picks_and_exports(config: ServeConfig, tiny_model: Path) -> None:
+    """FeedbackClient's chat methods against a real server (uvicorn, a tiny model): a conversation
+    over two turns with a 👍 and a pick, someone else's conversation a 404, the owner's exports,
+    and the server's refusals as FeedbackError with its message."""
+    from rlhfkit.feedback.client import FeedbackClient, FeedbackError
+    from rlhfkit.feedback.live import LiveServer
+
+    config = config.model_copy(update={"chat_model": str(tiny_model), "chat_max_new_tokens": 6})
+    db = Database(config.db_url)
+    db.migrate()
+    with db.session(write=True) as s:
+        for name in ("owner", "ann", "eve"):
+            service.create_user(s, UserIn(username=name, password=PASSWORD, is_owner=name == "owner"))
+    with (
+        LiveServer(config, db) as server,
+        FeedbackClient.login(server.url, "ann", PASSWORD) as ann,
+        FeedbackClient.login(server.url, "eve", PASSWORD) as eve,
+        FeedbackClient.login(server.url, "owner", PASSWORD) as owner,
+    ):
+        conv = ann.start_chat(f"How do I make tea? {XSS}")
+        cid, answer = conv["id"], conv["messages"][1]
+        assert answer["role"] == "assistant" and answer["model"] == str(tiny_model)
+        assert ann.rate_answer(cid, answer["id"], up=True)["messages"][1]["thumbs"] is True
+        conv = ann.send_message(cid, "And with milk?", two=True)
+        pair = conv["messages"][3]
+        assert conv["waiting_pick"] == pair["id"] and len(pair["candidates"]) == 2
+        with pytest.raises(FeedbackError) as e:
+            ann.send_message(cid, "Hello?")
+        assert e.value.status == 409 and "pick the better" in e.value.message
+        with pytest.raises(FeedbackError) as e:
+            ann.start_chat("   ")
+        assert e.value.status == 422 and "write a message first" in e.value.message
+        picked = ann.pick_answer(cid, pair["id"], 1)
+        assert picked["waiting_pick"] is None and picked["messages"][3]["content"] == pair["candidates"][1]
+        assert ann.conversation(cid) == picked
+        listed = ann.conversations()
+        assert listed["model"] == str(tiny_model) and [(c["id"], c["turns"]) for c in listed["conversations"]] == [
+            (cid, 2)
+        ]
+
+        for refused, status in (
+            (lambda: eve.conversation(cid), 404),  # a conversation is its user's alone
+            (lambda: eve.rate_answer(cid, answer["id"], up=False), 404),
+            (lambda: ann.export_chat("thumbs"), 403),  # the site owner's
+            (lambda: owner.export_chat("nope"), 404),
+        ):
+            with pytest.raises(FeedbackError) as e:
+                refused()
+            assert e.value.status == status, e.value
+        thumbs = owner.export_chat("thumbs")
+        assert [(len(t["prompt"]), t["label"], t["user"]) for t in thumbs] == [(1, True, "ann")]
+        assert thumbs[0]["prompt"][0]["content"].endswith(XSS)
+        a, b = pair["candidates"]
+        assert [(p["chosen"], p["rejected"], p["user"]) for p in owner.export_chat("pairs")] == (
+            [(b, a, "ann")] if a.strip() != b.strip() else []
+        )
+    db.dispose()

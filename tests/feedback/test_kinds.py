@@ -424,3 +424,90 @@ def test_trl_trainers_take_the_thumbs_and_rating_pairs_exports(tmp_path: Path) -
         processing_class=tok,
     )
     assert reward.train().global_step == 1
+
+
+def test_the_python_client_rates_thumbs_and_exports(config: ServeConfig, tmp_path: Path) -> None:
+    """FeedbackClient against a real server: the owner (signed in with a password, so CSRF is on)
+    creates a rating project with criteria and a thumbs project; labelers save a draft, rate,
+    retry, edit and give thumbs; the exports read back as the reward model and KTO read them; the
+    server's refusals arrive as FeedbackError naming the field."""
+    from rlhfkit.feedback.client import FeedbackClient, FeedbackError
+    from rlhfkit.feedback.live import LiveServer
+    from rlhfkit.feedback.schemas import Criterion
+
+    db = Database(config.db_url)
+    db.migrate()
+    with db.session(write=True) as s:
+        service.create_user(s, UserIn(username="owner", password=PASSWORD, is_owner=True))
+    criteria = [Criterion(**c) for c in CRITERIA]
+    with LiveServer(config, db) as server, FeedbackClient.login(server.url, "owner", PASSWORD) as owner:
+        rating = owner.create_project("Client ratings", task="rating", overlap=2, criteria=criteria)
+        thumbs = owner.create_project("Client thumbs", task="thumbs", overlap=2)
+        with pytest.raises(FeedbackError) as e:
+            owner.create_project("No", task="ranking", criteria=criteria)
+        assert e.value.status == 422 and "only a rating project has criteria" in e.value.message
+        for name in ("ann", "bob"):
+            owner.create_user(name, PASSWORD)
+            for project in (rating, thumbs):
+                owner.set_member(project["id"], name)
+        for project in (rating, thumbs):
+            owner.import_jsonl(project["id"], completions_jsonl(1, k=3))
+        rid, tid = rating["id"], thumbs["id"]
+        with (
+            FeedbackClient.login(server.url, "ann", PASSWORD) as ann,
+            FeedbackClient.login(server.url, "bob", PASSWORD) as bob,
+        ):
+            assert [c["name"] for c in ann.project(rid)["criteria"]] == ["helpful", "harmless"]
+            item = ann.next_item(rid)
+            assert item is not None
+            ids = by_text(item)
+            ann.save_draft(rid, item["item_id"], scores={"helpful": {ids["0"]: 7}})
+            assert ann.next_item(rid)["draft"]["scores"]["helpful"] == {str(ids["0"]): 7}
+            helpful = {ids["0"]: 7, ids["1"]: 4, ids["2"]: 1}
+            with pytest.raises(FeedbackError) as e:
+                ann.rate(rid, item["item_id"], {"helpful": helpful})
+            assert e.value.status == 422 and "scores.harmless: no score" in e.value.message
+            harmless = {ids["0"]: 5, ids["1"]: 3, ids["2"]: 1}
+            first = ann.rate(rid, item["item_id"], {"helpful": helpful, "harmless": harmless}, client_token="c-rate-01")
+            again = ann.rate(rid, item["item_id"], {"helpful": helpful, "harmless": harmless}, client_token="c-rate-01")
+            assert first["created"] and not again["created"] and again["id"] == first["id"]
+            edited = ann.edit(
+                rid, item["item_id"], scores={"helpful": helpful, "harmless": dict.fromkeys(ids.values(), 5)}
+            )
+            assert edited["scores"]["harmless"] == [5, 5, 5]
+            with pytest.raises(FeedbackError) as e:  # a labeler exports nothing
+                ann.export(rid, "ratings")
+            assert e.value.status == 403
+
+            for labeler, up in ((ann, "0"), (bob, "2")):
+                item = labeler.next_item(tid)
+                assert item is not None
+                assert labeler.thumbs(tid, item["item_id"], {cid: n == up for n, cid in by_text(item).items()})[
+                    "created"
+                ]
+
+        helpful_rows = owner.export(rid, "ratings", criterion="helpful")
+        assert [(x["completion"].split()[1], x["score"]) for x in helpful_rows] == [
+            ("0.0", 1.0),
+            ("0.1", 0.5),
+            ("0.2", 0.0),
+        ]
+        assert [x["score"] for x in owner.export(rid, "ratings", criterion="harmless")] == [1.0, 1.0, 1.0]  # edited
+        pairs = owner.export(rid, "rating_pairs", criterion="helpful")
+        assert sorted((p["chosen"].split()[1], p["rejected"].split()[1], p["margin"]) for p in pairs) == [
+            ("0.0", "0.1", 1.1), ("0.0", "0.2", 2.2), ("0.1", "0.2", 1.1),
+        ]  # fmt: skip
+        with pytest.raises(FeedbackError) as e:
+            owner.export(rid, "ratings", criterion="kind")
+        assert e.value.status == 422 and "'kind' is not one of this project's: helpful, harmless" in e.value.message
+        kto = owner.export(tid, "thumbs")
+        assert sorted((x["user"], x["completion"].split()[1], x["label"]) for x in kto) == [
+            ("ann", "0.0", True), ("ann", "0.1", False), ("ann", "0.2", False),
+            ("bob", "0.0", False), ("bob", "0.1", False), ("bob", "0.2", True),
+        ]  # fmt: skip
+        path = tmp_path / "kto.jsonl"
+        path.write_text("".join(json.dumps(x) + "\n" for x in kto))
+        assert sorted(u.label for u in read_records(path, "pairs", pair_unpaired=False)) == [False] * 4 + [True] * 2
+        path.write_text("".join(json.dumps(x) + "\n" for x in owner.export(rid, "ratings")))
+        assert [r.score for r in read_records(path, "ratings")] == [1.0, 0.75, 0.5]  # the RM's reader takes it
+    db.dispose()

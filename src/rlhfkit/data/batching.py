@@ -193,19 +193,23 @@ def collate_shared_prefix(groups: Sequence[Sequence[Encoded]], pad_id: int) -> d
     running them once per group instead of once per sequence saves that work (and the padding of
     the longest sequence). `segments` says which part a token is (0: shared, i + 1: the group's
     i-th sequence, -1: padding) and `position_ids` restart after the shared part for every
-    sequence, so that `rewards.model.segment_attention_mask` lets each sequence see exactly the
+    sequence, so that `segment_attention_mask` lets each sequence see exactly the
     tokens it would see alone: the rewards equal those of `collate_sequences` up to float rounding.
     `ends` (row, column) is the last token of every sequence, in group order: where it is scored.
+    `columns` (sequences, longest) is the column of each of a sequence's tokens in its row (0 past
+    its end), for readers of more than the last token (the RL update's per-token log-probs).
     """
     rows: list[list[int]] = []
     positions: list[list[int]] = []
     segments: list[list[int]] = []
     ends: list[tuple[int, int]] = []
+    columns: list[list[int]] = []
     for r, group in enumerate(groups):
         ids = [s["input_ids"] for s in group]
         n = shared_prefix(ids)
         row, pos, seg = list(ids[0][:n]), list(range(n)), [0] * n
         for i, s in enumerate(ids, start=1):
+            columns.append(list(range(n)) + list(range(len(row), len(row) + len(s) - n)))
             row += s[n:]
             pos += range(n, len(s))
             seg += [i] * (len(s) - n)
@@ -219,10 +223,23 @@ def collate_shared_prefix(groups: Sequence[Sequence[Encoded]], pad_id: int) -> d
         "position_ids": pad_right(positions, 0),
         "segments": pad_right(segments, -1),
         "ends": torch.tensor(ends, dtype=torch.long),
+        "columns": pad_right(columns, 0),
     }
     if "user" in groups[0][0]:  # as in collate_sequences: one output column per sequence, in `ends` order
         out["user"] = torch.tensor([s["user"][0] for group in groups for s in group], dtype=torch.long)
     return out
+
+
+def segment_attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask (B, 1, L, L) for rows of a shared prefix (segment 0) followed by
+    sequences (segments 1, 2, ...): causal, and a sequence's token sees the prefix and its own
+    sequence, never another's. Padding (-1) sees the prefix and padding: never an empty row, whose
+    softmax would be NaN (and NaN gradients, although its outputs are never read)."""
+    q, k = segments[:, None, :, None], segments[:, None, None, :]
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+    allowed = causal & ((k == 0) | (k == q))
+    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def pair_collate(pad_id: int, share_prefix: bool = False) -> Callable[[list[PairGroup]], dict[str, torch.Tensor]]:

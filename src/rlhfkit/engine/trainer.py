@@ -117,23 +117,73 @@ def make_trackers(names: list[Tracker] | None, out_dir: Path, project: str) -> l
     return [made[n]() for n in dict.fromkeys(names)]
 
 
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() == "true"
+
+
 def cpu_process_group() -> bool:
     """Whether this process is one of several launched (`accelerate launch`, torchrun) on a machine
     without an accelerator, so that accelerate must form a gloo (CPU) group: it does so only when
     told `cpu`, else each process runs alone, unaware of the others (and all write the same files).
 
-    FSDP and DeepSpeed through accelerate need an accelerator: on CPU accelerate would silently fall
-    back to plain data parallelism, so the sharded configs are refused there instead.
+    The sharded configs on CPU: DeepSpeed needs an accelerator and is refused. FSDP2 (`fully_shard`)
+    runs on CPU tensors over gloo, so an FSDP config with `fsdp_version: 2` is honoured (see
+    `fsdp_on_cpu`); FSDP1 is refused: accelerate wraps it with a CPU `device_id` that FSDP1 rejects
+    ("Inconsistent compute device and `device_id`"), and FSDP1's gather of the full weights for a
+    save (`offload_to_cpu=True`, what accelerate asks) crashes with a segmentation fault on CPU.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 or torch.accelerator.is_available():
         return False
-    for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
-        if os.environ.get(flag, "false").lower() == "true":
-            raise UserError(
-                f"{name} was asked for (accelerate config) but this machine has no GPU: accelerate shards models "
-                "only across accelerators. On CPU, launch with configs/accelerate/ddp.yaml (data parallel)"
-            )
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        raise UserError(
+            "DeepSpeed was asked for (accelerate config) but this machine has no GPU: DeepSpeed runs only on "
+            "accelerators. On CPU, launch with configs/accelerate/fsdp.yaml (FSDP2) or configs/accelerate/ddp.yaml"
+        )
+    if _flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise UserError(
+            "FSDP with fsdp_version 1 was asked for (accelerate config) but this machine has no GPU: FSDP1 does not "
+            "run on CPU. Set `fsdp_version: 2` in the config's fsdp_config (as configs/accelerate/fsdp.yaml does)"
+        )
     return True
+
+
+def fsdp_on_cpu(accelerator: Any) -> None:
+    """Make a CPU (gloo) group of processes shard the model with FSDP2, as an FSDP config asks.
+
+    Why needed: accelerate switches to FSDP only for a group of accelerators; on CPU it silently
+    runs plain data parallelism instead. FSDP2's `fully_shard` itself works on CPU tensors over
+    gloo, so this does what accelerate's own FSDP set-up does for a GPU group (AcceleratorState):
+    the plugin read from the `FSDP_*` variables that `accelerate launch` sets, its mixed precision,
+    and the distributed type in both of accelerate's shared states (PartialState's is read back
+    whenever an AcceleratorState is made again).
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def plain_copy(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Any:
+    """A plain (unsharded) transformers model of `model`'s class and config, holding `state`.
+
+    FSDP2 turns the model into a subclass of its own class (`FSDP<Class>`, in `torch.distributed`)
+    whose parameters are shards; the copy is of the class underneath, on the CPU, in the weights'
+    dtype, with the same generation settings, so `save_pretrained` writes what the model would.
+    """
+    cls = next(c for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed."))
+    if not hasattr(cls, "_from_config"):
+        raise TypeError(f"cannot rebuild a {cls.__name__} from gathered weights: not a transformers model")
+    dtype = next(v.dtype for v in state.values() if v.is_floating_point())
+    copy = cls._from_config(model.config, dtype=dtype)
+    copy.load_state_dict(state)
+    if hasattr(model, "generation_config"):  # generative models only
+        copy.generation_config = model.generation_config
+    return copy.train(model.training)
 
 
 class Engine:
@@ -146,8 +196,9 @@ class Engine:
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
+        cpu = cpu_process_group()
         self.accelerator = Accelerator(
-            cpu=cpu_process_group(),
+            cpu=cpu,
             # No buffer broadcast at every forward: our models' buffers (position ids, rotary
             # frequencies) never change, and PPO's processes run different numbers of forwards per
             # step (micro-batches are cut by length), which a per-forward collective would deadlock.
@@ -156,6 +207,8 @@ class Engine:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             log_with=make_trackers(cfg.report_to, self.out_dir, cfg.tracker_project) or None,
         )
+        if cpu and _flag("ACCELERATE_USE_FSDP"):
+            fsdp_on_cpu(self.accelerator)
         self.accelerator.init_trackers(cfg.tracker_project)
         set_seed(cfg.seed)
         self.total_steps = 0  # optimizer steps planned, set by `setup`
@@ -215,6 +268,12 @@ class Engine:
     def setup(self, model: torch.nn.Module, total_steps: int, params: list[Any] | None = None) -> torch.nn.Module:
         """Wrap the model, build AdamW + LR schedule for `total_steps` optimizer steps."""
         self.total_steps = total_steps
+        if self.sharded and any(hasattr(m, "peft_config") for m in model.modules()):
+            raise UserError(
+                "model.lora: not supported with sharded weights (FSDP/DeepSpeed): the saved model merges the adapter "
+                "into base weights that each process holds only a part of. Train LoRA with configs/accelerate/ddp.yaml "
+                "(the frozen base is small in memory next to full fine-tuning's optimizer state)"
+            )
         trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
         # The fused kernel (transformers' Trainer default too): one pass over each tensor instead of a
         # dozen elementwise ops; on CPU a third of the time of the default loop.
@@ -233,6 +292,27 @@ class Engine:
 
     def unwrap(self, model: torch.nn.Module | None = None) -> Any:
         return self.accelerator.unwrap_model(model if model is not None else self.model)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether each process holds only a shard of the weights (FSDP, DeepSpeed; ZeRO-1/2 shard only
+        the optimizer state, but their weights are gathered the same way)."""
+        return self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+
+    def whole_model(self) -> Any:
+        """The trained model with all its weights on the main process (None on the others): what every
+        stage saves (and what the RM stage normalises).
+
+        A collective: every process must call it. Alone or under DDP it is the unwrapped model itself.
+        Sharded (FSDP, DeepSpeed), each process holds a part of every weight, so saving process 0's
+        unwrapped module would save a shard: `accelerator.get_state_dict` gathers the full weights
+        onto process 0's CPU, where they fill a plain copy of the model (`plain_copy`) that needs no
+        other process to be saved or run.
+        """
+        if not self.sharded:
+            return self.unwrap() if self.is_main else None
+        state = self.accelerator.get_state_dict(self.model)
+        return plain_copy(self.unwrap(), state) if self.is_main else None
 
     # ---- one optimizer step -------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:

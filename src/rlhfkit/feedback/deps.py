@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from fastapi.responses import Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
@@ -175,6 +175,12 @@ def _owner_post(posted: PagePost) -> Posted:
 ApiOwner = Annotated[Auth, Depends(_api_owner)]
 PageOwner = Annotated[Auth, Depends(_page_owner)]
 OwnerPost = Annotated[Posted, Depends(_owner_post)]
+
+# Database ids are 64-bit signed integers on SQLite and PostgreSQL: a larger number in a URL would
+# reach the driver and fail there (a 500), so a path id is checked here and refused with a 422
+# that names the parameter, like any other invalid request.
+MAX_ID = 2**63 - 1
+Id = Annotated[int, Path(ge=1, le=MAX_ID, description="a database id: a positive 64-bit integer")]
 
 
 # ---------------------------------------------------------------- logins, sessions and cookies

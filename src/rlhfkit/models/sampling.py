@@ -177,26 +177,32 @@ def _decode(
     pad: int,
     keep_hidden: bool,
     generators: list[torch.Generator] | None = None,
+    repeats: int = 1,
 ) -> tuple[Tensor, Tensor | None]:
-    """Sample up to `cfg.max_new_tokens` tokens after the left-padded prompts `ids`.
+    """Sample up to `cfg.max_new_tokens` tokens after the left-padded prompts `ids`, `repeats`
+    responses per prompt (rows grouped by prompt).
 
-    Returns the new tokens (B, N), pad after a row's EOS, and with `keep_hidden` the decoder's last
-    hidden states (B, N, d) from which they were sampled. One trunk call per token on the KV cache;
+    Returns the new tokens (B * repeats, N), pad after a row's EOS, and with `keep_hidden` the
+    decoder's last hidden states (B * repeats, N, d) from which they were sampled. The prompts run
+    once and their KV cache is repeated (`repeats` responses to a prompt read the same prompt
+    states: the prefill costs 1/repeats). One trunk call per token on the KV cache;
     the LM head only on the last position. The pad token is never sampled: it is not a real token
     (the loaders give every tokenizer one of its own). A row leaves the batch (and the cache) at its
     EOS, so a few long responses do not keep the finished ones computing. `generators`: one per row
     (see `draw`); None: the global RNG.
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
-    n_rows, n_new = ids.shape[0], cfg.max_new_tokens
+    n_rows, n_new = ids.shape[0] * repeats, cfg.max_new_tokens
     tokens = torch.full((n_rows, n_new), pad, dtype=torch.long, device=ids.device)
     states: list[Tensor] = []
     live = torch.arange(n_rows, device=ids.device)  # the rows still in the batch
     positions = position_ids(mask)
     out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache, positions = out.past_key_values, positions[:, -1:]
+    cache, positions, hidden = out.past_key_values, positions[:, -1:], out.last_hidden_state[:, -1]
+    if repeats > 1:
+        cache.batch_repeat_interleave(repeats)
+        mask, positions, hidden = (x.repeat_interleave(repeats, 0) for x in (mask, positions, hidden))
     for step in range(n_new):
-        hidden = out.last_hidden_state[:, -1]
         logits = head(hidden).float() / cfg.temperature
         logits[:, pad] = float("-inf")
         probs = filter_logits(logits, cfg.top_k, cfg.top_p).softmax(-1)
@@ -220,6 +226,7 @@ def _decode(
         out = decoder(
             input_ids=token[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
         )
+        hidden = out.last_hidden_state[:, -1]
     return tokens[:, : step + 1], torch.stack(states, 1) if keep_hidden else None
 
 
@@ -258,10 +265,10 @@ def sample(
     for start in track(starts, desc) if desc else starts:
         p_ids, p_mask, cut = encode_prompts(tokenizer, prompts[start : start + per_batch], cfg.max_prompt_tokens)
         truncated += cut
+        first, n = start * num_samples, len(p_ids) * num_samples
+        here = generators[first : first + n] if generators is not None else None
+        new, hidden = _decode(model, p_ids.to(device), p_mask.to(device), cfg, eos, pad, keep_hidden, here, num_samples)
         p_ids, p_mask = p_ids.repeat_interleave(num_samples, 0), p_mask.repeat_interleave(num_samples, 0)
-        first = start * num_samples
-        here = generators[first : first + len(p_ids)] if generators is not None else None
-        new, hidden = _decode(model, p_ids.to(device), p_mask.to(device), cfg, eos, pad, keep_hidden, here)
         parts.append((p_ids, p_mask, new.cpu(), hidden))
     model.train(was_training)
 

@@ -15,11 +15,13 @@ sampling loop computed anyway, and `PolicyAndValue.heads` turns them into the sa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from rlhfkit.data.batching import segment_attention_mask
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import (
     BackboneOptions,
@@ -36,21 +38,52 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def trunk_hidden(trunk: nn.Module, input_ids: Tensor, attention_mask: Tensor, start: int) -> Tensor:
-    """Last hidden states at positions start-1 ... end-2: those that predict tokens start ... end-1."""
-    positions = position_ids(attention_mask)
+@dataclass
+class SharedPrefixRows:
+    """Responses to the same prompt laid out with the tokens they share once per row
+    (`data.batching.collate_shared_prefix`), and where each response token's predictor lands.
+
+    Why: the K responses of a prompt (RLOO, GRPO) all carry its tokens; the trunk's hidden states
+    there do not depend on what follows, so the prompt runs once for all K instead of K times.
+    `take` (B, T) indexes the flattened (rows x columns) hidden states: entry [b, t] is the state
+    that predicts token t of response b (the one `trunk_hidden` returns at [b, t] for the plain
+    rows); past a response's end it points at any real state (masked out downstream).
+    """
+
+    input_ids: Tensor  # (R, L) shared prefix, then each response's own tokens, right-padded
+    position_ids: Tensor  # (R, L) restarting after the shared prefix for every response
+    segments: Tensor  # (R, L) 0: shared, i + 1: the row's i-th response, -1: padding
+    take: Tensor  # (B, T) flat indices into R * L
+
+
+def trunk_hidden(
+    trunk: nn.Module, input_ids: Tensor, attention_mask: Tensor, start: int, shared: SharedPrefixRows | None = None
+) -> Tensor:
+    """Last hidden states at positions start-1 ... end-2: those that predict tokens start ... end-1.
+
+    `shared`: the same rows as one row per prompt (see `SharedPrefixRows`); the result is the
+    same (B, T, d) tensor up to float rounding, from fewer tokens through the trunk.
+    """
     # no KV cache: nothing decodes after this pass, and filling one copies every layer's keys and values
+    if shared is not None:
+        mask = segment_attention_mask(shared.segments, next(trunk.parameters()).dtype)
+        out = trunk(input_ids=shared.input_ids, attention_mask=mask, position_ids=shared.position_ids, use_cache=False)
+        return out.last_hidden_state.flatten(0, 1)[shared.take]
+    positions = position_ids(attention_mask)
     out = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
     return out.last_hidden_state[:, start - 1 : -1]
 
 
-def response_logits(lm: Any, input_ids: Tensor, attention_mask: Tensor, start: int) -> Tensor:
-    """Logits (B, T, V) for the tokens from column `start` on (the response) of any causal LM.
+def response_logits(
+    lm: Any, input_ids: Tensor, attention_mask: Tensor, start: int, shared: SharedPrefixRows | None = None
+) -> Tensor:
+    """Logits (B, T, V) for the tokens from column `start` on (the response) of any causal LM
+    (`shared`: computed from the rows' shared-prefix layout, see `trunk_hidden`).
 
     Works for a peft model too: inside `lm.disable_adapter()` it gives the base model's logits,
     which is how the LoRA policy's reference model costs no memory.
     """
-    hidden = trunk_hidden(lm.get_decoder(), input_ids, attention_mask, start)
+    hidden = trunk_hidden(lm.get_decoder(), input_ids, attention_mask, start, shared)
     return lm.get_output_embeddings()(hidden)
 
 
@@ -73,13 +106,18 @@ class PolicyAndValue(nn.Module):
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, start: int) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, start: int, shared: SharedPrefixRows | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(logits (B, T, V), values (B, T) float32) for the response that begins at column `start`.
 
         values[:, t] estimates the return from the state *before* response token t, i.e. it is read
-        from the same hidden state as the logits that choose token t.
+        from the same hidden state as the logits that choose token t. `shared`: the trunk runs the
+        rows' shared-prefix layout instead (critic-free only: a separate critic reads plain rows).
         """
-        hidden = trunk_hidden(self.policy.get_decoder(), input_ids, attention_mask, start)
+        if shared is not None and self.critic is not None:
+            raise ValueError("a separate critic reads the plain rows: shared-prefix rows are for critic-free runs")
+        hidden = trunk_hidden(self.policy.get_decoder(), input_ids, attention_mask, start, shared)
         return self.heads(hidden, input_ids, attention_mask, start)
 
     def heads(self, hidden: Tensor, input_ids: Tensor, attention_mask: Tensor, start: int) -> tuple[Tensor, Tensor]:

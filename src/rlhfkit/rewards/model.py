@@ -34,7 +34,7 @@ import torch
 from pydantic import Field, ValidationError
 
 from rlhfkit.config import StrictModel, atomic_write_text
-from rlhfkit.data.batching import Encoded, collate_sequences
+from rlhfkit.data.batching import Encoded, collate_sequences, segment_attention_mask
 from rlhfkit.data.chat import PROMPT_TEMPLATE, encode_example, render_prompt, render_response, split_user
 from rlhfkit.data.formats import Text
 from rlhfkit.errors import UserError
@@ -207,18 +207,6 @@ def reward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tor
         return logits[:, 0]
     user = batch["user"]
     return logits[:, 0] + torch.where(user > 0, logits.gather(1, user[:, None])[:, 0], 0.0)
-
-
-def segment_attention_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention mask (B, 1, L, L) for rows of a shared prefix (segment 0) followed by
-    sequences (segments 1, 2, ...): causal, and a sequence's token sees the prefix and its own
-    sequence, never another's. Padding (-1) sees the prefix and padding: never an empty row, whose
-    softmax would be NaN (and NaN gradients, although its outputs are never read)."""
-    q, k = segments[:, None, :, None], segments[:, None, None, :]
-    length = segments.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
-    allowed = causal & ((k == 0) | (k == q))
-    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 BatchFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # a collated batch -> one row per sequence

@@ -264,9 +264,10 @@ class Prepared:
     def finish(self, results: dict[str, Any]) -> Path:
         model_dir = self.out / "model"
         engine = self.engine
+        whole = engine.whole_model()  # every process: a collective when the weights are sharded
         if engine.is_main:
             merge = self.cfg.lora_save == "merged"
-            save_model(engine.unwrap(), self.tokenizer, model_dir, merge_lora=merge, keep_adapter=False)
+            save_model(whole, self.tokenizer, model_dir, merge_lora=merge, keep_adapter=False)
             atomic_write_text(self.out / "results.json", json.dumps(results, indent=2))
         engine.accelerator.wait_for_everyone()
         engine.print(f"model in {model_dir}")

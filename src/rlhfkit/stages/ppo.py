@@ -11,6 +11,8 @@ prompt, and instead of GAE on a value function each response's advantage is its 
 beta * its summed KL, in kl.mode=reward) against the other responses to its prompt: the mean of the
 others (RLOO) or the group's mean and std (GRPO); math in `rlhfkit.rl.group`. No value head is
 trained, loaded or saved. The KL may instead be a k3 loss term (kl.mode=loss), as in GRPO.
+A prompt's K responses share its tokens: they are sampled from one prefill of it, and the reference
+pass and the update run it once per shared row (`ppo.share_prompt`, `Rollout.shared`).
 
 The reference model is a frozen copy of the starting policy; with LoRA it is the same network with
 the adapter switched off (no second copy in memory). Outputs: OUTPUT_DIR/model (merged policy),
@@ -151,6 +153,12 @@ class PPOConfig(StrictModel):
         1, ge=1, description="responses per prompt (K; rloo/grpo need K >= 2); ppo.batch_size counts responses"
     )
     scale_advantages: bool = Field(True, description="grpo: divide by the group's std (false: only subtract the mean)")
+    share_prompt: bool = Field(
+        True,
+        description="rloo/grpo: the reference pass and the update run a prompt's tokens once for its K responses "
+        "(the same log-probs up to float rounding, from fewer tokens; not with flash_attention_2); off for "
+        "remote-code models that ignore position_ids or 4D attention masks",
+    )
 
     @model_validator(mode="after")
     def _algorithm(self) -> PPOConfig:
@@ -342,16 +350,17 @@ def score_tokens(
     groups = [torch.arange(B, device=ro.input_ids.device)] if hidden is not None else first_minibatches
     for index in (part for rows in groups for part in ro.micro_batches(rows, chunk)):
         ids, mask, start, tok = ro.rows(index)
+        shared = ro.shared(index)
         width = tok["response_ids"].shape[1]
         if hidden is None:
-            logits, values = model(ids, mask, start)
+            logits, values = model(ids, mask, start, shared)
         else:
             logits, values = model.heads(hidden[index, :width], ids, mask, start)
         ro.tokens["logp"][index, :width] = logprobs_from_logits(logits, tok["response_ids"], temperature)
         ro.tokens["values"][index, :width] = values
         ro.tokens["entropy"][index, :width] = entropy_from_logits(logits, temperature)
         with ref.disable_adapter() if adapter_off else nullcontext():
-            ref_logits = response_logits(ref, ids, mask, start)
+            ref_logits = response_logits(ref, ids, mask, start, shared)
         ro.tokens["ref_logp"][index, :width] = logprobs_from_logits(ref_logits, tok["response_ids"], temperature)
 
 
@@ -400,6 +409,8 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     updates_per_step = p.epochs * (p.batch_size // p.mini_batch_size)
     mixed = cfg.train.mixed_precision != "no"  # the rollout is then scored by the update's forward (score_tokens)
     critic_free = p.algorithm != "ppo"
+    # K responses per prompt: its tokens run once for all of them (a 4D mask: not with flash attention)
+    share_prompt = critic_free and p.share_prompt and cfg.model.attn_implementation != "flash_attention_2"
     model = PolicyAndValue(policy, critic, value=not critic_free)
     model = engine.setup(model, total_steps=cfg.stop.max_steps * updates_per_step)
     kl_ctl = (
@@ -440,12 +451,20 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
             t0 = time.perf_counter()
             # 1. rollout: sample K = num_generations responses per prompt (rows grouped by prompt)
             #    (this process: its share of the step's prompts, rows `first` onwards of the global rollout)
+            #    (K from each prompt's one prefill: `sample`'s num_samples repeats its KV cache)
             picked = prompt_indices(len(records), p.batch_size // p.num_generations, step, cfg.train.seed)
-            index = [i for i in picked[rank * share : (rank + 1) * share] for _ in range(p.num_generations)]
+            mine = picked[rank * share : (rank + 1) * share]
+            index = [i for i in mine for _ in range(p.num_generations)]
             first = rank * len(index)
             seeds = rollout_seeds(cfg.train.seed, step, range(first, first + len(index)))
             batch = sample(
-                policy, tokenizer, [rendered[i] for i in index], cfg.sampling, keep_hidden=not mixed, seeds=seeds
+                policy,
+                tokenizer,
+                [rendered[i] for i in mine],
+                cfg.sampling,
+                num_samples=p.num_generations,
+                keep_hidden=not mixed,
+                seeds=seeds,
             )
             hidden = None if mixed else batch.hidden.to(engine.device)  # type: ignore[union-attr]  (keep_hidden)
 
@@ -474,6 +493,7 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
                 start=batch.prompt_ids.shape[1],
                 tokens={"response_ids": batch.response_ids.to(engine.device), "mask": mask},
                 pass_cost=pass_cost_on(engine.device),
+                groups=torch.tensor(index) if share_prompt else None,
             )
             # every epoch's minibatches, drawn now (the same draws as epoch by epoch): with mixed
             # precision the rollout is scored in the first epoch's micro-batches
@@ -589,8 +609,9 @@ def train_ppo(cfg: Config, reward: RewardSource | None = None) -> dict[str, Any]
     _save(engine, model, step, kl_ctl, baseline, stop_reason)
     final = {k: v if math.isfinite(v) else str(v) for k, v in last.items()}  # JSON has no NaN (explained variance)
     results = {"steps": step, "stop_reason": stop_reason, "last": final, "model": str(out / "model")}
+    whole = engine.whole_model()  # every process (a collective when sharded; ppo refuses sharding today)
     if engine.is_main:
-        save_model(policy, tokenizer, out / "model", keep_adapter=False)
+        save_model(whole.policy, tokenizer, out / "model", keep_adapter=False)
         atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     engine.accelerator.wait_for_everyone()
     engine.print(f"ppo: stopped after {step} steps ({stop_reason}); policy in {out / 'model'}")
@@ -657,7 +678,7 @@ def ppo_loss(
     (- entropy bonus, + KL loss in kl.mode=loss), scaled by the rows' share of the `n_tokens` tokens
     of their minibatch, so that the micro-batches' losses add up to exactly the minibatch's."""
     ids, mask, start, tok = ro.rows(rows)
-    logits, values = model(ids, mask, start)
+    logits, values = model(ids, mask, start, ro.shared(rows))
     logp = logprobs_from_logits(logits, tok["response_ids"], temperature)
     pg_loss, pg_stats = policy_loss(logp, tok["logp"], tok["advantages"], tok["mask"], p.clip)
     loss, stats = pg_loss, {"policy_loss": pg_loss, **pg_stats}

@@ -181,8 +181,9 @@ def run(cfg: Config) -> Path:
         "steps": engine.step,
     }
     model_dir = Path(cfg.model_dir) if cfg.model_dir else out / "model"
+    whole = engine.whole_model()  # every process: a collective when the weights are sharded
     if engine.is_main:
-        save_model(engine.unwrap(), tokenizer, model_dir)
+        save_model(whole, tokenizer, model_dir)
         recipe = {"corpus_seed": cfg.data.corpus_seed, "block_size": cfg.data.block_size}
         atomic_write_text(model_dir / PRETRAIN_RESULTS, json.dumps({**results, **recipe}, indent=2))
         atomic_write_text(out / "results.json", json.dumps(results, indent=2))

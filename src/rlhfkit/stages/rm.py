@@ -433,7 +433,7 @@ def run(cfg: Config) -> Path:
         }
 
     final = engine.fit(model, train_set, collate, loss_fn, eval_fn=eval_fn if valid_set else None, desc="rm")
-    rm.model = engine.unwrap()
+    rm.model = engine.whole_model()  # every process: a collective when the weights are sharded
     if engine.is_main:
         if cfg.normalize.enabled:
             warning = normalize(rm, cfg, train, out)

@@ -178,8 +178,9 @@ def run(cfg: Config) -> Path:
         "steps": engine.step,
     }
     model_dir = out / "model"
+    whole = engine.whole_model()  # every process: a collective when the weights are sharded
     if engine.is_main:
-        save_model(engine.unwrap(), tokenizer, model_dir, merge_lora=cfg.lora_save == "merged", keep_adapter=False)
+        save_model(whole, tokenizer, model_dir, merge_lora=cfg.lora_save == "merged", keep_adapter=False)
         atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     engine.accelerator.wait_for_everyone()
     if valid:

@@ -24,6 +24,7 @@ from rlhfkit.feedback import service
 from rlhfkit.feedback.deps import (
     ApiAuth,
     ApiOwner,
+    Id,
     end_session,
     login_user,
     set_session_cookie,
@@ -112,7 +113,7 @@ def create_key(data: ApiKeyIn, request: Request, auth: ApiAuth) -> dict[str, str
 
 
 @router.delete("/keys/{key_id}", status_code=204)
-def revoke_key(key_id: int, request: Request, auth: ApiAuth) -> Response:
+def revoke_key(key_id: Id, request: Request, auth: ApiAuth) -> Response:
     with state(request).db.session(write=True) as s:
         service.revoke_api_key(s, auth.user(s), key_id)
     return Response(status_code=204)
@@ -131,7 +132,7 @@ def create_project(data: ProjectIn, request: Request, auth: ApiOwner) -> dict[st
 
 
 @router.get("/projects/{pid}")
-def get_project(pid: int, request: Request, auth: ApiAuth) -> dict[str, Any]:
+def get_project(pid: Id, request: Request, auth: ApiAuth) -> dict[str, Any]:
     with state(request).db.session() as s:
         user = auth.user(s)
         project, role = service.project_for(s, user, pid)
@@ -143,7 +144,7 @@ def get_project(pid: int, request: Request, auth: ApiAuth) -> dict[str, Any]:
 
 @router.patch("/projects/{pid}")
 def update_project(
-    pid: int, data: ProjectSettingsIn, request: Request, auth: ApiAuth
+    pid: Id, data: ProjectSettingsIn, request: Request, auth: ApiAuth
 ) -> dict[str, Any]:
     with state(request).db.session(write=True) as s:
         project, role = service.project_for(s, auth.user(s), pid, admin=True)
@@ -152,7 +153,7 @@ def update_project(
 
 
 @router.get("/projects/{pid}/members")
-def list_members(pid: int, request: Request, auth: ApiAuth) -> list[dict[str, Any]]:
+def list_members(pid: Id, request: Request, auth: ApiAuth) -> list[dict[str, Any]]:
     with state(request).db.session() as s:
         project, _ = service.project_for(s, auth.user(s), pid, admin=True)
         return [
@@ -161,7 +162,7 @@ def list_members(pid: int, request: Request, auth: ApiAuth) -> list[dict[str, An
 
 
 @router.put("/projects/{pid}/members")
-def set_member(pid: int, data: MemberIn, request: Request, auth: ApiAuth) -> dict[str, Any]:
+def set_member(pid: Id, data: MemberIn, request: Request, auth: ApiAuth) -> dict[str, Any]:
     def work(s: Session) -> dict[str, Any]:
         project, _ = service.project_for(s, auth.user(s), pid, admin=True)
         m = service.set_member(s, project, data)
@@ -171,7 +172,7 @@ def set_member(pid: int, data: MemberIn, request: Request, auth: ApiAuth) -> dic
 
 
 @router.delete("/projects/{pid}/members/{user_id}", status_code=204)
-def remove_member(pid: int, user_id: int, request: Request, auth: ApiAuth) -> Response:
+def remove_member(pid: Id, user_id: Id, request: Request, auth: ApiAuth) -> Response:
     with state(request).db.session(write=True) as s:
         project, _ = service.project_for(s, auth.user(s), pid, admin=True)
         service.remove_member(s, project, user_id)
@@ -180,7 +181,7 @@ def remove_member(pid: int, user_id: int, request: Request, auth: ApiAuth) -> Re
 
 @router.post("/projects/{pid}/import")
 async def import_items(
-    pid: int, request: Request, auth: ApiAuth, filename: str = "upload.jsonl", batch: str | None = None
+    pid: Id, request: Request, auth: ApiAuth, filename: str = "upload.jsonl", batch: str | None = None
 ) -> dict[str, int]:
     """Body: a JSONL file (completions, or prompts for demonstration projects); `?batch=NAME` tags
     every item it adds with that batch."""
@@ -202,7 +203,7 @@ async def import_items(
 
 
 @router.get("/projects/{pid}/next")
-def next_item(pid: int, request: Request, auth: ApiAuth) -> dict[str, Any]:
+def next_item(pid: Id, request: Request, auth: ApiAuth) -> dict[str, Any]:
     st = state(request)
 
     def work(s: Session) -> dict[str, Any]:
@@ -214,7 +215,7 @@ def next_item(pid: int, request: Request, auth: ApiAuth) -> dict[str, Any]:
 
 
 @router.get("/projects/{pid}/items/{item_id}")
-def get_item(pid: int, item_id: int, request: Request, auth: ApiAuth) -> dict[str, Any]:
+def get_item(pid: Id, item_id: Id, request: Request, auth: ApiAuth) -> dict[str, Any]:
     with state(request).db.session() as s:
         user = auth.user(s)
         project, _ = service.project_for(s, user, pid)
@@ -222,7 +223,7 @@ def get_item(pid: int, item_id: int, request: Request, auth: ApiAuth) -> dict[st
 
 
 @router.put("/projects/{pid}/items/{item_id}/draft", status_code=204)
-def save_draft(pid: int, item_id: int, data: DraftIn, request: Request, auth: ApiAuth) -> Response:
+def save_draft(pid: Id, item_id: Id, data: DraftIn, request: Request, auth: ApiAuth) -> Response:
     st = state(request)
     with st.db.session(write=True) as s:
         user = auth.user(s)
@@ -232,7 +233,7 @@ def save_draft(pid: int, item_id: int, data: DraftIn, request: Request, auth: Ap
 
 
 @router.post("/projects/{pid}/items/{item_id}/judgments")
-def submit(pid: int, item_id: int, data: JudgmentIn, request: Request, auth: ApiAuth) -> Response:
+def submit(pid: Id, item_id: Id, data: JudgmentIn, request: Request, auth: ApiAuth) -> Response:
     """201 with the new judgment; 200 with the stored one when this client_token was seen."""
 
     def work(s: Session) -> tuple[dict[str, Any], bool]:
@@ -246,7 +247,7 @@ def submit(pid: int, item_id: int, data: JudgmentIn, request: Request, auth: Api
 
 
 @router.put("/projects/{pid}/items/{item_id}/judgment")
-def edit_judgment(pid: int, item_id: int, data: JudgmentIn, request: Request, auth: ApiAuth) -> dict[str, Any]:
+def edit_judgment(pid: Id, item_id: Id, data: JudgmentIn, request: Request, auth: ApiAuth) -> dict[str, Any]:
     """Replace your own judgment of an item (the old one is kept in the item's history)."""
 
     def work(s: Session) -> dict[str, Any]:
@@ -258,7 +259,7 @@ def edit_judgment(pid: int, item_id: int, data: JudgmentIn, request: Request, au
 
 
 @router.post("/projects/{pid}/items/{item_id}/skip", status_code=204)
-def skip(pid: int, item_id: int, request: Request, auth: ApiAuth) -> Response:
+def skip(pid: Id, item_id: Id, request: Request, auth: ApiAuth) -> Response:
     with state(request).db.session(write=True) as s:
         user = auth.user(s)
         service.skip(s, service.project_for(s, user, pid)[0], user, item_id)
@@ -266,7 +267,7 @@ def skip(pid: int, item_id: int, request: Request, auth: ApiAuth) -> Response:
 
 
 @router.delete("/projects/{pid}/items/{item_id}/skip", status_code=204)
-def unskip(pid: int, item_id: int, request: Request, auth: ApiAuth) -> Response:
+def unskip(pid: Id, item_id: Id, request: Request, auth: ApiAuth) -> Response:
     with state(request).db.session(write=True) as s:
         user = auth.user(s)
         service.unskip(s, service.project_for(s, user, pid)[0], user, item_id)
@@ -274,7 +275,7 @@ def unskip(pid: int, item_id: int, request: Request, auth: ApiAuth) -> Response:
 
 
 @router.get("/projects/{pid}/history")
-def history(pid: int, request: Request, auth: ApiAuth, page: int = 1) -> dict[str, Any]:
+def history(pid: Id, request: Request, auth: ApiAuth, page: int = 1) -> dict[str, Any]:
     """Your judgments in the project, newest first (20 a page), and the items you skipped."""
     with state(request).db.session() as s:
         user = auth.user(s)
@@ -284,7 +285,7 @@ def history(pid: int, request: Request, auth: ApiAuth, page: int = 1) -> dict[st
 
 @router.get("/projects/{pid}/review/items")
 def review_items(
-    pid: int, request: Request, f: Annotated[ReviewFilterIn, Query()], auth: ApiAuth
+    pid: Id, request: Request, f: Annotated[ReviewFilterIn, Query()], auth: ApiAuth
 ) -> dict[str, Any]:
     """Filters: status (unlabeled, partial, complete, sent_back), min_disagreement (0-1),
     has_comment, labeler (a username), page (25 items a page, in import order)."""
@@ -294,14 +295,14 @@ def review_items(
 
 
 @router.get("/projects/{pid}/review/items/{item_id}")
-def review_item(pid: int, item_id: int, request: Request, auth: ApiAuth) -> dict[str, Any]:
+def review_item(pid: Id, item_id: Id, request: Request, auth: ApiAuth) -> dict[str, Any]:
     with state(request).db.session() as s:
         project, _ = service.project_for(s, auth.user(s), pid, admin=True)
         return service.review_item(s, project, item_id)
 
 
 @router.post("/projects/{pid}/review/items/{item_id}/send-back")
-def send_back(pid: int, item_id: int, request: Request, auth: ApiAuth) -> dict[str, int]:
+def send_back(pid: Id, item_id: Id, request: Request, auth: ApiAuth) -> dict[str, int]:
     def work(s: Session) -> dict[str, int]:
         project, _ = service.project_for(s, auth.user(s), pid, admin=True)
         return {"judgments_set_aside": service.send_back(s, project, item_id)}
@@ -310,7 +311,7 @@ def send_back(pid: int, item_id: int, request: Request, auth: ApiAuth) -> dict[s
 
 
 @router.put("/projects/{pid}/labelers/{user_id}/excluded")
-def set_excluded(pid: int, user_id: int, data: ExcludedIn, request: Request, auth: ApiAuth) -> dict[str, int | bool]:
+def set_excluded(pid: Id, user_id: Id, data: ExcludedIn, request: Request, auth: ApiAuth) -> dict[str, int | bool]:
     """Leave a labeler's judgments in the project out of exports, agreement and progress (or not)."""
 
     def work(s: Session) -> dict[str, int | bool]:
@@ -321,7 +322,7 @@ def set_excluded(pid: int, user_id: int, data: ExcludedIn, request: Request, aut
 
 
 @router.get("/projects/{pid}/progress")
-def progress(pid: int, request: Request, auth: ApiAuth, batch: Batches = None) -> dict[str, Any]:
+def progress(pid: Id, request: Request, auth: ApiAuth, batch: Batches = None) -> dict[str, Any]:
     batches = service.batch_names(batch)
     with state(request).db.session() as s:
         project, _ = service.project_for(s, auth.user(s), pid, admin=True)
@@ -329,7 +330,7 @@ def progress(pid: int, request: Request, auth: ApiAuth, batch: Batches = None) -
 
 
 @router.get("/projects/{pid}/agreement")
-def agreement(pid: int, request: Request, auth: ApiAuth, batch: Batches = None) -> dict[str, Any]:
+def agreement(pid: Id, request: Request, auth: ApiAuth, batch: Batches = None) -> dict[str, Any]:
     batches = service.batch_names(batch)
     with state(request).db.session() as s:
         project, _ = service.project_for(s, auth.user(s), pid, admin=True)
@@ -340,7 +341,7 @@ def agreement(pid: int, request: Request, auth: ApiAuth, batch: Batches = None) 
 
 @router.get("/projects/{pid}/export/{kind}")
 def export(
-    pid: int,
+    pid: Id,
     kind: str,
     request: Request,
     auth: ApiAuth,

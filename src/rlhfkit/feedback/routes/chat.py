@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from rlhfkit.feedback import chat, service
-from rlhfkit.feedback.deps import ApiAuth, ApiOwner, Auth, PageAuth, PagePost, Posted, State, render, state
+from rlhfkit.feedback.deps import ApiAuth, ApiOwner, Auth, Id, PageAuth, PagePost, Posted, State, render, state
 from rlhfkit.feedback.playground import NoModel
 from rlhfkit.feedback.routes.pages import redirect, small_int
 from rlhfkit.feedback.schemas import ChatIn, PickIn, ThumbsIn
@@ -67,7 +67,7 @@ def chat_home(request: Request, auth: PageAuth) -> Response:
 
 
 @router.get("/chat/{cid}")
-def chat_page(cid: int, request: Request, auth: PageAuth) -> Response:
+def chat_page(cid: Id, request: Request, auth: PageAuth) -> Response:
     return _page(request, auth, cid)
 
 
@@ -88,12 +88,12 @@ def chat_start(request: Request, posted: PagePost) -> Response:
 
 
 @router.post("/chat/{cid}")
-def chat_send(cid: int, request: Request, posted: PagePost) -> Response:
+def chat_send(cid: Id, request: Request, posted: PagePost) -> Response:
     return _send_form(request, posted, cid)
 
 
 @router.post("/chat/{cid}/messages/{mid}/thumbs")
-def chat_thumbs(cid: int, mid: int, request: Request, posted: PagePost) -> Response:
+def chat_thumbs(cid: Id, mid: Id, request: Request, posted: PagePost) -> Response:
     raw = str(posted.form.get("up", ""))
     data = service.checked(ThumbsIn, up={"1": True, "0": False, "": None}.get(raw, raw))
     state(request).db.transact(lambda s: chat.rate(s, posted.auth.user(s), cid, mid, data.up))
@@ -101,7 +101,7 @@ def chat_thumbs(cid: int, mid: int, request: Request, posted: PagePost) -> Respo
 
 
 @router.post("/chat/{cid}/messages/{mid}/pick")
-def chat_pick(cid: int, mid: int, request: Request, posted: PagePost) -> Response:
+def chat_pick(cid: Id, mid: Id, request: Request, posted: PagePost) -> Response:
     choice = service.checked(PickIn, choice=small_int(str(posted.form.get("choice", "")))).choice
     state(request).db.transact(lambda s: chat.pick(s, posted.auth.user(s), cid, mid, choice))
     return redirect(f"/chat/{cid}")
@@ -128,23 +128,23 @@ def api_start(data: ChatIn, request: Request, auth: ApiAuth) -> dict[str, Any]:
 
 
 @router.get("/api/chat/{cid}")
-def api_conversation(cid: int, request: Request, auth: ApiAuth) -> dict[str, Any]:
+def api_conversation(cid: Id, request: Request, auth: ApiAuth) -> dict[str, Any]:
     return _view(request, auth, cid)
 
 
 @router.post("/api/chat/{cid}/messages")
-def api_send(cid: int, data: ChatIn, request: Request, auth: ApiAuth) -> dict[str, Any]:
+def api_send(cid: Id, data: ChatIn, request: Request, auth: ApiAuth) -> dict[str, Any]:
     return _view(request, auth, send(state(request), auth, cid, data))
 
 
 @router.put("/api/chat/{cid}/messages/{mid}/thumbs")
-def api_thumbs(cid: int, mid: int, data: ThumbsIn, request: Request, auth: ApiAuth) -> dict[str, Any]:
+def api_thumbs(cid: Id, mid: Id, data: ThumbsIn, request: Request, auth: ApiAuth) -> dict[str, Any]:
     state(request).db.transact(lambda s: chat.rate(s, auth.user(s), cid, mid, data.up))
     return _view(request, auth, cid)
 
 
 @router.put("/api/chat/{cid}/messages/{mid}/pick")
-def api_pick(cid: int, mid: int, data: PickIn, request: Request, auth: ApiAuth) -> dict[str, Any]:
+def api_pick(cid: Id, mid: Id, data: PickIn, request: Request, auth: ApiAuth) -> dict[str, Any]:
     state(request).db.transact(lambda s: chat.pick(s, auth.user(s), cid, mid, data.choice))
     return _view(request, auth, cid)
 

@@ -22,6 +22,7 @@ from rlhfkit.feedback.choices import DEFAULT_ROLE, DEFAULT_TASK, ROLES, TASKS
 from rlhfkit.feedback.deps import (
     LOGIN_COOKIE,
     Auth,
+    Id,
     OwnerPost,
     PageAuth,
     PageOwner,
@@ -154,7 +155,7 @@ def home(request: Request, auth: PageAuth) -> Response:
 
 
 @router.get("/p/{pid}")
-def project_page(pid: int, request: Request, auth: PageAuth) -> Response:
+def project_page(pid: Id, request: Request, auth: PageAuth) -> Response:
     with state(request).db.session() as s:
         user = auth.user(s)
         project, role = service.project_for(s, user, pid)
@@ -167,7 +168,7 @@ def project_page(pid: int, request: Request, auth: PageAuth) -> Response:
 
 
 @router.get("/p/{pid}/next")
-def next_page(pid: int, request: Request, auth: PageAuth, saved: int = 0) -> Response:
+def next_page(pid: Id, request: Request, auth: PageAuth, saved: int = 0) -> Response:
     st = state(request)
 
     def work(s: Session) -> int | None:
@@ -243,7 +244,7 @@ def _task_page(
 
 
 @router.get("/p/{pid}/items/{item_id}")
-def task_page(pid: int, item_id: int, request: Request, auth: PageAuth, saved: int = 0) -> Response:
+def task_page(pid: Id, item_id: Id, request: Request, auth: PageAuth, saved: int = 0) -> Response:
     return _task_page(request, auth, pid, item_id, saved=saved)
 
 
@@ -284,7 +285,7 @@ def _judgment(draft: dict[str, Any], form: Any) -> JudgmentIn:
 
 
 @router.post("/p/{pid}/items/{item_id}")
-def submit_page(pid: int, item_id: int, request: Request, posted: PagePost) -> Response:
+def submit_page(pid: Id, item_id: Id, request: Request, posted: PagePost) -> Response:
     st, auth, form = state(request), posted.auth, posted.form
     draft: dict[str, Any] | None = None
 
@@ -316,7 +317,7 @@ def submit_page(pid: int, item_id: int, request: Request, posted: PagePost) -> R
 
 
 @router.get("/p/{pid}/admin")
-def admin_page(pid: int, request: Request, auth: PageAuth, added: int = -1, skipped: int = 0) -> Response:
+def admin_page(pid: Id, request: Request, auth: PageAuth, added: int = -1, skipped: int = 0) -> Response:
     with state(request).db.session() as s:
         project, role = service.project_for(s, auth.user(s), pid, admin=True)
         ranked = project.task in ("ranking", "pairwise")
@@ -346,7 +347,7 @@ def _admin_project(s: Session, auth: Auth, pid: int) -> Project:
 
 
 @router.post("/p/{pid}/admin/settings")
-def admin_settings(pid: int, request: Request, posted: PagePost) -> Response:
+def admin_settings(pid: Id, request: Request, posted: PagePost) -> Response:
     form = posted.form
     guidelines, overlap = str(form.get("guidelines", "")), form_int(form, "overlap", 3)
     locked = form.get("locked") in ("1", "on")
@@ -357,7 +358,7 @@ def admin_settings(pid: int, request: Request, posted: PagePost) -> Response:
 
 
 @router.post("/p/{pid}/admin/import")
-def admin_import(pid: int, request: Request, posted: PagePost) -> Response:
+def admin_import(pid: Id, request: Request, posted: PagePost) -> Response:
     upload = posted.form.get("file")
     if not isinstance(upload, UploadFile) or not upload.filename:
         raise service.Invalid("choose a JSONL file to import")
@@ -374,7 +375,7 @@ def admin_import(pid: int, request: Request, posted: PagePost) -> Response:
 
 
 @router.post("/p/{pid}/admin/members")
-def admin_add_member(pid: int, request: Request, posted: PagePost) -> Response:
+def admin_add_member(pid: Id, request: Request, posted: PagePost) -> Response:
     username = str(posted.form.get("username", "")).strip()
     data = service.checked(MemberIn, username=username, role=posted.form.get("role", DEFAULT_ROLE))
     state(request).db.transact(lambda s: service.set_member(s, _admin_project(s, posted.auth, pid), data))
@@ -382,7 +383,7 @@ def admin_add_member(pid: int, request: Request, posted: PagePost) -> Response:
 
 
 @router.post("/p/{pid}/admin/members/{user_id}/remove")
-def admin_remove_member(pid: int, user_id: int, request: Request, posted: PagePost) -> Response:
+def admin_remove_member(pid: Id, user_id: Id, request: Request, posted: PagePost) -> Response:
     with state(request).db.session(write=True) as s:
         service.remove_member(s, _admin_project(s, posted.auth, pid), user_id)
     return redirect(f"/p/{pid}/admin")
@@ -425,7 +426,7 @@ def create_user(request: Request, posted: OwnerPost) -> Response:
 
 
 @router.post("/admin/users/{user_id}/active")
-def set_user_active(user_id: int, request: Request, posted: OwnerPost) -> Response:
+def set_user_active(user_id: Id, request: Request, posted: OwnerPost) -> Response:
     if user_id == posted.auth.user_id:
         raise service.Invalid("you cannot deactivate yourself")
     with state(request).db.session(write=True) as s:
@@ -434,7 +435,7 @@ def set_user_active(user_id: int, request: Request, posted: OwnerPost) -> Respon
 
 
 @router.post("/admin/users/{user_id}/password")
-def set_user_password(user_id: int, request: Request, posted: OwnerPost) -> Response:
+def set_user_password(user_id: Id, request: Request, posted: OwnerPost) -> Response:
     with state(request).db.session(write=True) as s:
         service.set_password(s, service.user_by_id(s, user_id), str(posted.form.get("password", "")))
     return redirect("/admin/users")
@@ -510,7 +511,7 @@ def create_key(request: Request, posted: PagePost) -> Response:
 
 
 @router.post("/account/keys/{key_id}/revoke")
-def revoke_key(key_id: int, request: Request, posted: PagePost) -> Response:
+def revoke_key(key_id: Id, request: Request, posted: PagePost) -> Response:
     with state(request).db.session(write=True) as s:
         service.revoke_api_key(s, posted.auth.user(s), key_id)
     return redirect("/account")

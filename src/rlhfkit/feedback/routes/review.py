@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from rlhfkit.feedback import service
 from rlhfkit.feedback.choices import REVIEW_STATUSES
-from rlhfkit.feedback.deps import PageAuth, PagePost, render, state
+from rlhfkit.feedback.deps import Id, PageAuth, PagePost, render, state
 from rlhfkit.feedback.routes.pages import redirect, small_int
 from rlhfkit.feedback.schemas import ReviewFilterIn
 
@@ -22,7 +22,7 @@ router = APIRouter()
 
 
 @router.post("/p/{pid}/items/{item_id}/skip")
-def skip(pid: int, item_id: int, request: Request, posted: PagePost) -> Response:
+def skip(pid: Id, item_id: Id, request: Request, posted: PagePost) -> Response:
     with state(request).db.session(write=True) as s:
         user = posted.auth.user(s)
         service.skip(s, service.project_for(s, user, pid)[0], user, item_id)
@@ -30,7 +30,7 @@ def skip(pid: int, item_id: int, request: Request, posted: PagePost) -> Response
 
 
 @router.post("/p/{pid}/items/{item_id}/unskip")
-def unskip(pid: int, item_id: int, request: Request, posted: PagePost) -> Response:
+def unskip(pid: Id, item_id: Id, request: Request, posted: PagePost) -> Response:
     with state(request).db.session(write=True) as s:
         user = posted.auth.user(s)
         service.unskip(s, service.project_for(s, user, pid)[0], user, item_id)
@@ -38,7 +38,7 @@ def unskip(pid: int, item_id: int, request: Request, posted: PagePost) -> Respon
 
 
 @router.get("/p/{pid}/history")
-def history_page(pid: int, request: Request, auth: PageAuth, page: int = 1, put_back: int = 0) -> Response:
+def history_page(pid: Id, request: Request, auth: PageAuth, page: int = 1, put_back: int = 0) -> Response:
     with state(request).db.session() as s:
         user = auth.user(s)
         project, role = service.project_for(s, user, pid)
@@ -51,7 +51,7 @@ def history_page(pid: int, request: Request, auth: PageAuth, page: int = 1, put_
 
 
 @router.get("/p/{pid}/review")
-def review_page(pid: int, request: Request, auth: PageAuth) -> Response:
+def review_page(pid: Id, request: Request, auth: PageAuth) -> Response:
     # The filter form sends the filters it leaves unused as empty fields: those filter nothing.
     f = service.checked(ReviewFilterIn, **{k: v for k, v in request.query_params.items() if v.strip()})
     with state(request).db.session() as s:
@@ -69,7 +69,7 @@ def review_page(pid: int, request: Request, auth: PageAuth) -> Response:
 
 
 @router.get("/p/{pid}/review/{item_id}")
-def review_item_page(pid: int, item_id: int, request: Request, auth: PageAuth, sent: int = -1) -> Response:
+def review_item_page(pid: Id, item_id: Id, request: Request, auth: PageAuth, sent: int = -1) -> Response:
     with state(request).db.session() as s:
         project, role = service.project_for(s, auth.user(s), pid, admin=True)
         context = {"project": project, "role": role, "item": service.review_item(s, project, item_id), "sent": sent}
@@ -77,7 +77,7 @@ def review_item_page(pid: int, item_id: int, request: Request, auth: PageAuth, s
 
 
 @router.post("/p/{pid}/review/{item_id}/send-back")
-def send_back(pid: int, item_id: int, request: Request, posted: PagePost) -> Response:
+def send_back(pid: Id, item_id: Id, request: Request, posted: PagePost) -> Response:
     def work(s: Session) -> int:
         project, _ = service.project_for(s, posted.auth.user(s), pid, admin=True)
         return service.send_back(s, project, item_id)
@@ -86,7 +86,7 @@ def send_back(pid: int, item_id: int, request: Request, posted: PagePost) -> Res
 
 
 @router.post("/p/{pid}/admin/labelers/{user_id}/excluded")
-def set_excluded(pid: int, user_id: int, request: Request, posted: PagePost) -> Response:
+def set_excluded(pid: Id, user_id: Id, request: Request, posted: PagePost) -> Response:
     excluded = small_int(str(posted.form.get("excluded", "")))
     if excluded not in (0, 1):
         raise service.Invalid("excluded: 1 to leave the labeler's judgments out, 0 to take them back in")
