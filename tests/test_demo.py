@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import sqlite3
 
 import pytest
 
@@ -13,6 +15,7 @@ from rlhfkit.data.corpus import build_default_data
 from rlhfkit.errors import UserError
 from rlhfkit.models.loading import ModelConfig, load_causal_lm
 from rlhfkit.stages import demo, pretrain
+from rlhfkit.stages import ppo as ppo_stage
 
 SMALL = [
     "base_model=pretrain",  # a smaller base model than the shipped one, trained in the run
@@ -43,7 +46,7 @@ SMALL = [
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
-    cfg = load_config(demo.Config, None, [f"output_dir={tmp_path}", *SMALL, "algorithms=[ppo,rloo,dpo]"])
+    cfg = load_config(demo.Config, None, [f"output_dir={tmp_path}", *SMALL, "algorithms=[ppo,rloo,dpo]", "rounds=1"])
     report = demo.run(cfg)
     for path in [
         "pretrain/model/config.json",
@@ -96,6 +99,78 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert list(json.loads((tmp_path / "eval/results.json").read_text())["models"]) == ["sft", "ppo", "dpo"]
 
 
+def _batches(db: object) -> dict[str | None, tuple[int, int]]:
+    """(items, judgments) per batch in the demo's feedback database."""
+    with sqlite3.connect(str(db)) as con:
+        rows = con.execute(
+            "SELECT i.batch, COUNT(DISTINCT i.id), COUNT(j.id) FROM items i "
+            "LEFT JOIN judgments j ON j.item_id = i.id GROUP BY i.batch"
+        ).fetchall()
+    return {batch: (items, judgments) for batch, items, judgments in rows}
+
+
+@pytest.mark.slow
+def test_demo_rounds_label_the_current_policy_and_resume(tmp_path, capsys):
+    overrides = [f"output_dir={tmp_path}", *SMALL, "prompts_per_round=6"]
+    demo.run(load_config(demo.Config, None, [*overrides, "rounds=1"]))  # a run that stopped after round 1
+    assert not (tmp_path / "round-2").exists()
+    assert json.loads((tmp_path / "results.json").read_text())["rounds"] == []
+
+    capsys.readouterr()
+    cfg = load_config(demo.Config, None, overrides)
+    assert cfg.rounds == 2  # the default
+    report = demo.run(cfg)  # continues: round 1's stages are reused, round 2 runs
+    out = capsys.readouterr().out
+    for stage in ("pretrain", "sft", "generate", "feedback", "aggregate", "rm", "ppo", "eval"):
+        assert f"[demo] {stage}: reusing" in out
+    assert "[demo] ===== round-2 =====" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    one, two = results["rounds"]
+    assert [(r["round"], r["items"], r["prompts"]) for r in (one, two)] == [(1, 10, 10), (2, 6, 6)]
+    # round 2 labeled fresh prompts, on round 1's server, as a batch of its own (overlap 2)
+    first = {json.loads(line)["id"] for line in (tmp_path / "round-1/prompts.jsonl").read_text().splitlines()}
+    second = {json.loads(line)["id"] for line in (tmp_path / "round-2/prompts.jsonl").read_text().splitlines()}
+    assert len(second) == 6 and not first & second
+    db = tmp_path / "feedback/feedback.db"
+    assert _batches(db) == {None: (10, 20), "round-2": (6, 12)}
+    assert two["judgments"] == 12 and two["pairs"] > 0
+    # round 2's candidates: the current policy (2), the previous = SFT (1), SFT (1)
+    labeled = (tmp_path / "round-2/labels/completions.jsonl").read_text().splitlines()
+    assert all(len(json.loads(line)["completions"]) == 4 for line in labeled)
+    # round 1's reward model on its own held-out pairs and on round 2's; round 2 evaluated against round 1 (ppo)
+    assert one["rm_accuracy_heldout"] is not None and 0 <= two["previous_rm_accuracy"] <= 1
+    assert two["vs_previous"]["gold"]["ci_low"] <= two["vs_previous"]["gold"]["mean_diff"]
+    # PPO continued from round 1's policy, with KL to SFT
+    ppo2 = load_config(ppo_stage.Config, tmp_path / "round-2/ppo/config.yaml")
+    assert ppo2.model.path == str(tmp_path / "ppo/model") and ppo2.ref_model == str(tmp_path / "sft/model")
+
+    # the rude/off-topic shares, counted again here from the evaluations' per-answer judges
+    answers = results["answers"]
+    for name, folder in (("sft", "eval"), ("ppo", "eval"), ("round-2", "round-2/eval")):
+        rows = [json.loads(line)[name] for line in (tmp_path / folder / "samples.jsonl").read_text().splitlines()]
+        assert answers[name] == {
+            "answers": 8 * 2,
+            "rude": sum(r["toxicity"] > 0.5 for r in rows) / len(rows),
+            "off_topic": sum(r["relevance"] < 0.25 for r in rows) / len(rows),
+        }
+    page = report.read_text()
+    for section in ("Rounds: 2 rounds", "Rude and off-topic answers", "Round 2: proxy reward vs gold",
+                    "Before / after by round", "on the next round's pairs"):  # fmt: skip
+        assert section in page, section
+    assert "round-2" in json.loads((tmp_path / "timings.json").read_text())
+
+    # killed during round 2's evaluation: the re-run redoes only that, and labels nothing twice
+    shutil.rmtree(tmp_path / "round-2/eval")
+    (tmp_path / "round-2/round.json").unlink()
+    capsys.readouterr()
+    demo.run(cfg)
+    out = capsys.readouterr().out
+    assert "[loop] round 2 labels: done" in out and "[loop] round 2 ppo: done" in out
+    assert "[loop] ===== round 2: eval =====" in out
+    assert _batches(db) == {None: (10, 20), "round-2": (6, 12)}
+    assert json.loads((tmp_path / "results.json").read_text())["rounds"][1]["gold"] == pytest.approx(two["gold"])
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -104,6 +179,7 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
         (["algorithms=[ppo,ppo]"], "at most once"),
         (["algorithms=[]"], "at most once"),
         (["algorithms=[sac]"], "algorithms"),
+        (["algorithms=[dpo]"], "later rounds continue PPO's policy"),
     ],
 )
 def test_demo_config_errors(overrides, message):

@@ -242,3 +242,48 @@ def test_uncertainty_selection_labels_the_sets_the_last_reward_model_is_least_su
     expected = min(sets, key=smallest_margin).prompt_id
     assert [p.id for p in read_records(r.prompts, "prompts")] == [expected]
     assert [c.prompt_id for c in read_records(r.candidates, "completions")] == [expected]
+
+
+def test_disagreement_selection_labels_the_sets_an_ensemble_on_the_last_reward_model_disagrees_on(
+    runs: dict[str, Path], inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    from rlhfkit.data.formats import read_records
+    from rlhfkit.labels.select import disagreement_scores
+    from rlhfkit.rewards.ensemble import HeadEnsemble
+    from rlhfkit.rewards.model import RewardModel
+
+    out = tmp_path / "run"
+    shutil.copytree(runs["straight"], out)
+    cfg = config(out, inputs, "rounds=3", "select=disagreement", "prompts_per_round=1", "select_from=2")
+    run, r = loop.Loop(cfg, inputs["sft"]), loop.Round(out, 3)
+    run.choose_prompts(r)
+    run.generate(r)
+    run.select(r)
+    sets = read_records(r.offered_candidates, "completions")
+    assert len(sets) == 2
+    # 5 heads on round 2's reward model, fitted on the pairs it learned from (rounds 1 and 2: retrain)
+    rm = RewardModel.load(out / "round-2/rm/model")
+    pairs = read_records(out / "round-2/rm-data/train.jsonl", "pairs")
+    assert pairs == loop.rm_training_pairs(cfg, loop.Round(out, 2))
+    prompts = [p.prompt for p in pairs]
+    heads = HeadEnsemble(members=5, seed=cfg.seed + 3).fit(
+        rm.features(prompts, [p.chosen for p in pairs]).numpy(),
+        rm.features(prompts, [p.rejected for p in pairs]).numpy(),
+    )
+
+    def spread(s: Any) -> float:
+        features = rm.features([s.prompt] * len(s.completions), s.completions).numpy()
+        return float(disagreement_scores([heads.predict(features)])[0])
+
+    spreads = [spread(s) for s in sets]
+    assert spreads[0] != spreads[1]
+    expected = sets[max(range(2), key=lambda i: spreads[i])].prompt_id
+    assert [p.id for p in read_records(r.prompts, "prompts")] == [expected]
+
+
+@pytest.mark.parametrize("override", ["rm.output_dir=x", "rm.model.path=x", "ppo.resume=true", "ppo.ref_model=x"])
+def test_settings_the_loop_fills_each_round_are_refused(override: str) -> None:
+    key = override.split("=")[0]
+    with pytest.raises(UserError, match=f"{key}: `rlhfkit loop` sets it each round; leave it out"):
+        load_config(loop.Config, None, [override])
+    assert key in (loop.__doc__ or "")  # and `rlhfkit loop --help` lists it

@@ -20,8 +20,6 @@ PROMPTS = ["Say something nice.", "Say something nice.", "Describe the river."]
 COMPLETIONS = ["you are lovely", "you are awful and rude", "it is long and very wide"]
 
 
-
-
 @pytest.fixture(scope="module")
 def reward_model_dir(tmp_path_factory) -> Path:
     """A reward model with a custom template and normalisation, saved and ready to load."""
@@ -82,6 +80,19 @@ def test_reward_model_reads_a_long_response_with_its_prompt_and_eos(reward_model
     first, second = rm.raw_scores([PROMPTS[0], PROMPTS[2]], [long, long]).tolist()
     assert first != pytest.approx(second, abs=1e-6)
     assert rm.truncated == 4  # the two encodes above and the two scored sequences
+
+
+def test_features_are_what_the_score_head_reads(reward_model_dir):
+    from rlhfkit.rewards.model import _score_head
+
+    rm = RewardModel.load(reward_model_dir)
+    rm.batch_size = 2  # padded batches: the last real token is read, not the padding
+    features = rm.features(PROMPTS, COMPLETIONS)
+    assert features.shape == (3, rm.model.config.n_embd)
+    with torch.no_grad():
+        logits = _score_head(rm.model)(features)[:, 0]
+    assert torch.allclose(logits, rm._logits(PROMPTS, COMPLETIONS), atol=1e-5)  # the head as saved (folded)
+    assert not torch.allclose(features[0], features[1])
 
 
 def test_fit_normalization_maps_reference_scores_to_mean_0_std_1(reward_model_dir):

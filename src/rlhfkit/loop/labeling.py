@@ -149,6 +149,17 @@ def connect(cfg: ServerConfig, folder: Path) -> Iterator[Labeling]:
         yield lab
 
 
+def save_embedded(folder: Path, owner: FeedbackClient, password: str, project: int) -> dict[str, Any]:
+    """Record an embedded server's project in `folder/server.json` (owner-only), with a new API key
+    of its owner: what `connect` needs to reopen it (`rlhfkit demo`'s later rounds label on the
+    server of its first). Written last, so its presence means the project is set up."""
+    info = {"password": password, "project": project, "api_key": owner.create_api_key("rlhfkit loop")}
+    state = folder / "server.json"
+    atomic_write_text(state, json.dumps(info, indent=2) + "\n")
+    state.chmod(0o600)
+    return info
+
+
 @contextmanager
 def _embedded(cfg: ServerConfig, folder: Path) -> Iterator[Labeling]:
     from rlhfkit.feedback.db import Database
@@ -168,10 +179,8 @@ def _embedded(cfg: ServerConfig, folder: Path) -> Iterator[Labeling]:
             print(f"[loop] embedded labeling server on {server.url} (database {folder / 'feedback.db'})")
             with FeedbackClient.login(server.url, OWNER, info["password"]) as owner:
                 if "project" not in info:
-                    info["project"] = panel_project(owner, "loop", cfg.overlap, default_panel(), info["password"])["id"]
-                    info["api_key"] = owner.create_api_key("rlhfkit loop")
-                    atomic_write_text(state, json.dumps(info, indent=2) + "\n")
-                    state.chmod(0o600)
+                    project = panel_project(owner, "loop", cfg.overlap, default_panel(), info["password"])["id"]
+                    info = save_embedded(folder, owner, info["password"], project)
             with FeedbackClient(server.url, api_key=info["api_key"]) as client:
                 yield Labeling(client, server.url, info["project"], info["password"])
     finally:

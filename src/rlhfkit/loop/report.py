@@ -17,9 +17,9 @@ def _ci(c: dict[str, Any]) -> str:
     return f"{g['mean_diff']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}], wins {g['win_rate']:.2f}"
 
 
-def write_loop_report(root: Path, results: dict[str, Any]) -> Path:
-    rows = results["rounds"]
-    report = Report(f"rlhfkit loop: {len(rows)} round(s)")
+def rounds_table(rows: list[dict[str, Any]]) -> str:
+    """One line per round (`round.json`): labels, reward model, the policy on the held-out prompts;
+    `rlhfkit loop`'s report and `rlhfkit demo`'s rounds section."""
     columns: list[tuple[str, Any]] = [
         ("round", lambda r: r["round"]),
         ("items", lambda r: r["items"]),
@@ -35,14 +35,22 @@ def write_loop_report(root: Path, results: dict[str, Any]) -> Path:
     body = [[cell(r) for _, cell in columns] for r in rows]
     note = (
         "<p>Each round's policy on the same held-out prompts. <i>previous RM acc.</i>: the reward model of "
-        "the round before, on this round's pairs (samples of policies it never saw).</p>"
+        "the round before, on this round's pairs (samples of policies it never saw). <i>reward</i>: the "
+        "round's own reward model (the proxy), so not comparable across rounds; <i>gold</i> is.</p>"
     )
+    return note + table(headers, body)
+
+
+def write_loop_report(root: Path, results: dict[str, Any]) -> Path:
+    rows = results["rounds"]
+    report = Report(f"rlhfkit loop: {len(rows)} round(s)")
+    note = rounds_table(rows)
     if results.get("stopped"):
         note += f"<p>Stopped early: {html.escape(results['stopped'])}</p>"
-    report.add("Rounds", note + table(headers, body))
+    report.add("Rounds", note)
     steps = [{**r, "step": r["round"]} for r in rows]
     curves = plot_curves(steps, [("gold", "gold utility"), ("reward", "reward (own RM)"), ("kl", "KL to SFT")])
-    report.add("By round", f"<img src='{curves}'>")
+    report.add("By round", curves)
     path = root / "report.html"
     atomic_write_text(path, report.html())
     return path

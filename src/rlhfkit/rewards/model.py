@@ -26,7 +26,7 @@ unknown user, or none, gets column 0 alone: the pooled model.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -209,6 +209,9 @@ def reward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tor
     return logits[:, 0] + torch.where(user > 0, logits.gather(1, user[:, None])[:, 0], 0.0)
 
 
+BatchFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # a collated batch -> one row per sequence
+
+
 class RewardModel:
     """A trained reward model: `score(prompts, completions)` gives normalised rewards, shape (N,)."""
 
@@ -320,8 +323,8 @@ class RewardModel:
         return (logits - self.meta.folded_bias) / self.meta.folded_gain
 
     @torch.no_grad()
-    def _logits(self, prompts: Sequence[Text], completions: Sequence[Text]) -> torch.Tensor:
-        """The model's outputs as saved, batched by similar length (less padding)."""
+    def _batched(self, prompts: Sequence[Text], completions: Sequence[Text], fn: BatchFn) -> torch.Tensor:
+        """`fn` of every (prompt, completion), one row each, batched by similar length (less padding)."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         seqs = [self.encode(p, c) for p, c in zip(prompts, completions, strict=True)]
@@ -329,13 +332,38 @@ class RewardModel:
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
-        scores = torch.zeros(len(seqs))
+        rows: list[torch.Tensor] = [torch.zeros(0)] * len(seqs)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             batch = {k: v.to(device) for k, v in self.collate([seqs[i] for i in idx]).items()}
-            scores[idx] = reward_logits(self.model, batch).cpu()
+            for i, row in zip(idx, fn(batch).float().cpu(), strict=True):
+                rows[i] = row
         self.model.train(was_training)
-        return scores
+        return torch.stack(rows) if rows else torch.zeros(0)
+
+    def _logits(self, prompts: Sequence[Text], completions: Sequence[Text]) -> torch.Tensor:
+        """The model's outputs as saved."""
+        return self._batched(prompts, completions, lambda batch: reward_logits(self.model, batch))
+
+    def features(self, prompts: Sequence[Text], completions: Sequence[Text]) -> torch.Tensor:
+        """(n, hidden): what the score head reads for each answer (a decoder's final hidden state at
+        the last real token; an encoder's pooled output), for cheap heads on top of this reward
+        model (`rlhfkit.rewards.ensemble`, the loop's `select=disagreement`)."""
+        head = _score_head(self.model)
+
+        def read(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            seen: list[torch.Tensor] = []
+            hook = head.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
+            try:
+                reward_logits(self.model, batch)
+            finally:
+                hook.remove()
+            h = seen[-1]
+            if h.ndim == 3:  # every position went through the head: take the last real token's
+                h = h[torch.arange(len(h)), batch["attention_mask"].sum(-1) - 1]
+            return h
+
+        return self._batched(prompts, completions, read)
 
     def score(self, prompts: Sequence[Text], completions: Sequence[Text]) -> torch.Tensor:
         scale, offset = self._logit_map()

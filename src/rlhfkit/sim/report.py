@@ -119,6 +119,100 @@ def algorithm_section(algos: dict[str, dict[str, Any]]) -> str:
     )
 
 
+def overoptimisation(ppo_dir: Path) -> str | None:
+    """The proxy reward and the gold utility along one PPO run (from the responses it logged), KL
+    to its reference, and the hacking verdict; None when the run logged no samples."""
+    metrics_file, samples = ppo_dir / "metrics.jsonl", ppo_dir / "samples.jsonl"
+    metrics = [m for m in read_metrics(metrics_file) if "reward" in m] if metrics_file.exists() else []
+    if not metrics or not samples.exists():
+        return None
+    ppo = _json(ppo_dir / "results.json")
+    gold = gold_along_ppo(samples)
+    steps = [s for s in gold if any(m["step"] == s for m in metrics)]
+    by_step = {m["step"]: m for m in metrics}
+    proxy = [by_step[s]["reward"] for s in steps]
+    gold_v = [gold[s] for s in steps]
+    kl = [by_step[s]["kl"] for s in steps]
+    check = hacking_check(steps, proxy, gold_v)
+    verdict = (
+        "<p class='warn'>Reward hacking: the proxy reward kept rising after the gold utility peaked "
+        f"at step {check['peak_step']}; stop there.</p>"
+        if check["hacking"]
+        else f"<p class='ok'>No reward hacking seen: gold utility peaked at step {check['peak_step']} "
+        "and had not fallen while the proxy rose.</p>"
+    )
+    return (
+        plot_overoptimisation(steps, proxy, gold_v, kl, ppo.get("steps"), check["peak_step"])
+        + verdict
+        + f"<p>PPO stopped after {ppo.get('steps')} steps: {html.escape(str(ppo.get('stop_reason')))}.</p>"
+    )
+
+
+def _eval_samples(eval_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (eval_dir / "samples.jsonl").read_text().splitlines() if line]
+
+
+def answer_kinds(run: RunFolder) -> dict[str, dict[str, float]]:
+    """Share of rude and of off-topic answers on the held-out prompts (`rlhfkit.eval.gold.answer_kinds`):
+    every model of the demo's evaluation (SFT, round 1's `ppo`, the other algorithms) and each later
+    round's policy, from its own round's evaluation."""
+    from rlhfkit.eval.gold import answer_kinds as kinds
+
+    sources = [(run.stage("eval"), list(_json(run.results("eval")).get("models", {})))]
+    sources += [(r.eval, [r.name]) for r in run.rounds()[1:]]
+    out = {}
+    for folder, names in sources:
+        rows = _eval_samples(folder) if names else []
+        for name in names:
+            out[name] = kinds([r[name]["toxicity"] for r in rows], [r[name]["relevance"] for r in rows])
+    return out
+
+
+def rounds_section(run: RunFolder, kinds: dict[str, dict[str, float]]) -> str:
+    """Rounds: the loop's table, each reward model on its own round vs the next round's pairs, the
+    rude/off-topic table, each round's PPO picture and the same held-out prompts answered by SFT
+    and by each round's policy."""
+    from rlhfkit.eval.gold import OFF_TOPIC_RELEVANCE, RUDE_P_OFFENSIVE
+    from rlhfkit.loop.report import rounds_table
+
+    rounds = run.rounds()
+    rows = [_json(r.row) for r in rounds]
+    body = rounds_table(rows)
+    shift = [
+        [f"round {a['round']}", a["rm_accuracy_heldout"], b.get("previous_rm_accuracy")]
+        for a, b in zip(rows, rows[1:], strict=False)
+    ]
+    body += "<h3>Each reward model on its own round's held-out pairs vs on the next round's pairs</h3>"
+    body += table(["reward model of", "own round (held-out)", "next round (all its pairs)"], shift)
+    names = ["sft", *(r.name for r in rounds)]
+    labels = ["SFT", *(f"round {r.n}" for r in rounds)]
+    body += (
+        f"<h3>Rude and off-topic answers (gold judges; rude: P(offensive) &gt; {RUDE_P_OFFENSIVE:g}, "
+        f"off-topic: MiniLM relevance &lt; {OFF_TOPIC_RELEVANCE:g})</h3>"
+    )
+    shares = [
+        [label, kinds[n]["answers"], f"{kinds[n]['rude']:.1%}", f"{kinds[n]['off_topic']:.1%}"]
+        for label, n in zip(labels, names, strict=True)
+    ]
+    body += table(["policy", "answers", "rude", "off-topic"], shares)
+    for r in rounds:
+        picture = overoptimisation(r.ppo)
+        if picture:
+            body += f"<h3>Round {r.n}: proxy reward vs gold utility along its PPO (KL to SFT)</h3>" + picture
+    # the same held-out prompts (first sample) answered by SFT and by each round's policy
+    answers: dict[str, dict[str, Any]] = {}
+    for r in rounds:
+        for row in _eval_samples(r.eval):
+            if row.get("sample", 0) == 0:
+                answers.setdefault(row["prompt_id"], {"prompt": row["prompt"], "sft": row["sft"]})[r.name] = row[r.name]
+    samples = []
+    for a in list(answers.values())[:8]:
+        prompt = a["prompt"] if isinstance(a["prompt"], str) else a["prompt"][-1]["content"]
+        samples.append([prompt] + [f"{a[n]['response']}  [gold {a[n].get('gold', 0):+.2f}]" for n in names])
+    body += "<h3>Before / after by round, same prompts</h3>"
+    return body + table(["prompt", *labels], samples).replace("<td>", "<td class='text'>")
+
+
 def write_demo_report(run_dir: Path) -> Path:
     run = RunFolder(Path(run_dir))
     report = Report("rlhfkit demo: RLHF end to end on the embedded default")
@@ -126,7 +220,6 @@ def write_demo_report(run_dir: Path) -> Path:
     ev = _json(run.results("eval"))
     agreement = _json(run.agreement)
     rm = _json(run.results("rm"))
-    ppo = _json(run.results("ppo"))
     pre = _json(run.results("pretrain"))
 
     # ---- headline numbers
@@ -150,31 +243,10 @@ def write_demo_report(run_dir: Path) -> Path:
         report.add("Algorithms compared: the same SFT model, the same labels", algorithm_section(algos))
 
     # ---- over-optimisation picture
-    metrics_file = run.stage("ppo") / "metrics.jsonl"
-    metrics = read_metrics(metrics_file) if metrics_file.exists() else []
-    metrics = [m for m in metrics if "reward" in m]
-    samples = run.stage("ppo") / "samples.jsonl"
-    if metrics and samples.exists():
-        gold = gold_along_ppo(samples)
-        steps = [s for s in gold if any(m["step"] == s for m in metrics)]
-        by_step = {m["step"]: m for m in metrics}
-        proxy = [by_step[s]["reward"] for s in steps]
-        gold_v = [gold[s] for s in steps]
-        kl = [by_step[s]["kl"] for s in steps]
-        check = hacking_check(steps, proxy, gold_v)
-        verdict = (
-            "<p class='warn'>Reward hacking: the proxy reward kept rising after the gold utility peaked "
-            f"at step {check['peak_step']}; stop there.</p>"
-            if check["hacking"]
-            else f"<p class='ok'>No reward hacking seen: gold utility peaked at step {check['peak_step']} "
-            "and had not fallen while the proxy rose.</p>"
-        )
-        report.add(
-            "Proxy reward vs gold utility along PPO (the reward-hacking monitor)",
-            plot_overoptimisation(steps, proxy, gold_v, kl, ppo.get("steps"), check["peak_step"])
-            + verdict
-            + f"<p>PPO stopped after {ppo.get('steps')} steps: {html.escape(str(ppo.get('stop_reason')))}.</p>",
-        )
+    picture = overoptimisation(run.stage("ppo"))
+    if picture:
+        report.add("Proxy reward vs gold utility along PPO (the reward-hacking monitor)", picture)
+        metrics = [m for m in read_metrics(run.stage("ppo") / "metrics.jsonl") if "reward" in m]
         report.add(
             "PPO training curves",
             plot_curves(
@@ -234,7 +306,17 @@ def write_demo_report(run_dir: Path) -> Path:
         info.append([f"time: {k}", f"{v['seconds']:.0f} s (CPU {v['cpu_seconds']:.0f} s)"])
     if info:
         report.add("Run", table(["", ""], info))
-    atomic_write_text(run.summary, json.dumps({"algorithms": algos, "timings": timings}, indent=2))
+    kinds = answer_kinds(run)
+    rounds = run.rounds()
+    if len(rounds) > 1:
+        report.add(f"Rounds: {len(rounds)} rounds of feedback on the current policy", rounds_section(run, kinds))
+    summary = {
+        "algorithms": algos,
+        "rounds": [_json(r.row) for r in rounds],
+        "answers": kinds,
+        "timings": timings,
+    }
+    atomic_write_text(run.summary, json.dumps(summary, indent=2))
     path = run.report
     atomic_write_text(path, report.html())
     return path

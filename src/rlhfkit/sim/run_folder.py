@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rlhfkit.stages.loop import Round
 
 STAGES = ("pretrain", "sft", "generate", "feedback", "aggregate", "rm", "ppo", "rloo", "grpo", "dpo", "eval")
 
@@ -26,6 +30,26 @@ class RunFolder:
     def model(self, name: str) -> Path:
         """The model a training stage (pretrain, sft, rm, ppo, rloo, grpo, dpo) saved."""
         return self.stage(name) / "model"
+
+    def round(self, n: int) -> Round:
+        """Round n of the demo's rounds (`rounds=N`). Round 1 is the demo's own stages (generate …
+        ppo, eval; its policy is `ppo`), with its summary in `round-1/`; rounds 2+ are `rlhfkit
+        loop` rounds in `round-N/`, built on it."""
+        from rlhfkit.stages.loop import Round
+
+        first = Round(self.root, 1)
+        first.name, first.labeled = "ppo", self.completions
+        first.aggregate, first.pairs = self.stage("aggregate"), self.pairs
+        first.rm, first.ppo, first.eval = self.stage("rm"), self.stage("ppo"), self.stage("eval")
+        first.first = first  # its siblings find it
+        return first.sibling(n)
+
+    def rounds(self) -> list[Round]:
+        """The rounds finished so far (each with its `round.json`), in order."""
+        done = []
+        while (r := self.round(len(done) + 1)).row.exists():
+            done.append(r)
+        return done
 
     @property
     def completions(self) -> Path:

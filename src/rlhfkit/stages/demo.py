@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from rlhfkit.config import StrictModel, atomic_write_text, load_config, save_config
-from rlhfkit.data.formats import read_records
+from rlhfkit.data.formats import PromptRecord, read_records, write_records
+from rlhfkit.errors import UserError
 from rlhfkit.models.device import Device
 from rlhfkit.models.sampling import SamplingConfig
 from rlhfkit.rewards.build import RewardConfig, RewardSpec
@@ -40,6 +42,7 @@ from rlhfkit.stages import aggregate as aggregate_stage
 from rlhfkit.stages import dpo as dpo_stage
 from rlhfkit.stages import eval as eval_stage
 from rlhfkit.stages import generate as generate_stage
+from rlhfkit.stages import loop as loop_stage
 from rlhfkit.stages import ppo as ppo_stage
 from rlhfkit.stages import pretrain as pretrain_stage
 from rlhfkit.stages import rm as rm_stage
@@ -131,11 +134,19 @@ class Config(StrictModel):
     )
     # 4 samples per held-out prompt: rude answers are rare, and the toxicity comparison needs them.
     eval: eval_stage.Config = eval_stage.Config(samples_per_prompt=4, sampling=_sampling(eval_stage.Config().sampling))
+    # Rounds 2+ (`rlhfkit loop`'s machinery): fresh prompts, candidates of the current, previous and SFT
+    # policies, the panel over HTTP, the reward model retrained on every round's pairs, PPO on from the
+    # current policy with KL to SFT (the rm.*, ppo.*, eval.* settings above). 150 prompts: about what
+    # round 1 costs after SFT.
+    rounds: int = Field(2, ge=1, description="rounds of feedback; round 1 is the pipeline above, 2+ label new samples")
+    prompts_per_round: int = Field(150, gt=0, description="rounds 2+: fresh prompts labeled per round")
 
     @model_validator(mode="after")
     def _check(self) -> Config:
         if not self.algorithms or len(set(self.algorithms)) != len(self.algorithms):
             raise ValueError(f"algorithms={self.algorithms}: name each of {', '.join(ALGORITHMS)} at most once")
+        if self.rounds > 1 and "ppo" not in self.algorithms:
+            raise ValueError(f"rounds={self.rounds}: later rounds continue PPO's policy; add ppo to algorithms")
         if self.base_model == "shipped" and _recipe_settings(self.pretrain) != _recipe_settings(base_model_recipe()):
             raise ValueError(
                 "pretrain.* settings differ from the shipped base model's recipe "
@@ -186,6 +197,7 @@ def collect_feedback(
     """Start the real feedback server (SQLite), set up a project, and let the panel (default:
     `default_panel()`) rank over HTTP; the hidden gold judge runs on `device` (eval's)."""
     from rlhfkit.feedback.client import FeedbackClient
+    from rlhfkit.loop.labeling import save_embedded
     from rlhfkit.sim.embedded import OWNER, live_server, new_database, panel_project
     from rlhfkit.sim.panel import default_panel, gold_utility, label_over_http
 
@@ -196,6 +208,7 @@ def collect_feedback(
         print(f"[demo] feedback server on {server.url} (database {out / 'feedback.db'})")
         with FeedbackClient.login(server.url, OWNER, password) as owner:
             project = panel_project(owner, "demo", cfg.overlap, panel, password)
+            save_embedded(out, owner, password, project["id"])  # later rounds label on this server
             owner.import_jsonl(project["id"], completions)
             t = time.perf_counter()
             counts = label_over_http(server.url, project["id"], panel, password, utility, seed)
@@ -243,6 +256,66 @@ def policy_stages(cfg: Config, runner: Runner, data: dict[str, Path]) -> Path:
 
     runner.stage("generate", run.completions, generate)
     return sft_model
+
+
+def rounds_config(cfg: Config, run: RunFolder, data: dict[str, Path], sft_model: Path) -> loop_stage.Config:
+    """`rlhfkit loop`'s settings for rounds 2+: the demo's reward-model, PPO and eval settings and
+    its sampling. The pool: the labeling prompts round 1 left, then the PPO prompts (round 1 labels
+    all 300 labeling prompts by default; labeling prompts that PPO also trains on is what
+    InstructGPT does)."""
+    pool = run.stage("data") / "prompts" / "rounds.jsonl"
+    write_records(pool, read_records(data["prompts_label"], "prompts") + read_records(data["prompts_ppo"], "prompts"))
+    sources = (("current", 2), ("previous", 1), ("sft", 1))
+    return loop_stage.Config(
+        output_dir=str(run.root),
+        seed=cfg.seed,
+        device=cfg.eval.device,
+        sft=str(sft_model),
+        pool=str(pool),
+        rounds=cfg.rounds,
+        prompts_per_round=cfg.prompts_per_round,
+        candidates=[loop_stage.CandidateSource(model=m, k=k, sampling=cfg.generate.sampling) for m, k in sources],
+        rm=loop_stage.RoundRMConfig.model_validate(cfg.rm.model_dump()),
+        ppo=loop_stage.RoundPPOConfig.model_validate(
+            {**rl_config(cfg, "ppo").model_dump(), "prompts": str(data["prompts_ppo"])}
+        ),
+        eval=cfg.eval.model_copy(update={"prompts": str(data["prompts_heldout"])}),
+    )
+
+
+def later_rounds(cfg: Config, runner: Runner, data: dict[str, Path], sft_model: Path) -> None:
+    """Rounds 2..`rounds` with `rlhfkit loop`'s steps (each skipped when done), labeled by the panel
+    on the server of round 1's feedback; each round is one timed stage (`round-N`). Round 1's
+    summary (`round-1/round.json`: its labels, reward model and eval, as the loop counts them) first."""
+    from rlhfkit.loop.labeling import ServerConfig, connect
+
+    run = runner.run
+    lcfg = rounds_config(cfg, run, data, sft_model)
+    first = run.round(1)
+    loop = loop_stage.Loop(lcfg, sft_model, first)
+    if not cfg.resume:  # the stages before were redone: so are the rounds built on them
+        for n in range(1, cfg.rounds + 1):
+            shutil.rmtree(run.round(n).dir, ignore_errors=True)
+    labeled = read_records(run.completions, "completions")
+    loop.step(first, "prompts", first.prompts, lambda: write_records(first.prompts, [
+        PromptRecord(id=c.prompt_id, prompt=c.prompt) for c in labeled
+    ]))  # fmt: skip
+    loop.step(first, "rm shift", first.shift, lambda: loop.distribution_shift(first))
+    loop.step(first, "summary", first.row, lambda: loop.row(first))
+    todo = [loop.round(n) for n in range(2, cfg.rounds + 1)]
+    if all(r.row.exists() for r in todo):  # nothing to label: no server
+        for r in todo:
+            runner.stage(r.batch, True, lambda: None)
+        return
+    folder = run.stage("feedback")
+    if not (folder / "server.json").exists():
+        raise UserError(
+            f"{folder}: made by an older rlhfkit (no server.json), so later rounds cannot label on its "
+            "server; give a new output_dir or rounds=1"
+        )
+    with connect(ServerConfig(), folder) as lab:
+        for r in todo:
+            runner.stage(r.batch, r.row, functools.partial(loop.run_round, r, lab))
 
 
 def run(cfg: Config) -> Path:
@@ -308,6 +381,9 @@ def run(cfg: Config) -> Path:
 
     evaluated = json.loads(run.results("eval").read_text())["models"] if run.results("eval").exists() else {}
     runner.stage("eval", list(evaluated) == list(models), evaluate)
+
+    if cfg.rounds > 1:
+        later_rounds(cfg, runner, data, sft_model)
 
     from rlhfkit.sim.report import write_demo_report
 

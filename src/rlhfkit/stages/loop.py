@@ -11,9 +11,11 @@ answers to new prompts teaches it the new distribution (InstructGPT; Bai et al. 
 
 - prompts: `prompts_per_round` of `pool` never labeled in an earlier round (each round's are in
   `round-N/prompts.jsonl`); when the pool runs out, the run stops with an error saying so. With
-  `select=random|uncertainty`, candidates are sampled for `select_from` fresh prompts and
-  `prompts_per_round` of them are labeled (`rlhfkit.labels.select`; uncertainty: the smallest
-  margin of the previous round's reward model); the others stay fresh.
+  `select=random|uncertainty|disagreement`, candidates are sampled for `select_from` fresh prompts
+  and `prompts_per_round` of them are labeled (`rlhfkit.labels.select`; uncertainty: the smallest
+  margin of the previous round's reward model; disagreement: the largest spread of 5 linear heads
+  on that reward model's features, fitted on bootstrap samples of the pairs it learned from);
+  the others stay fresh.
 - reward model: `rm.mode=retrain` trains from the SFT model on every round's pairs; `continue`
   trains the last round's reward model on this round's pairs plus `rm.replay` of the earlier ones.
   Each round's pairs are split by prompt (`rm.data.valid_fraction`): the held-out part measures the
@@ -25,6 +27,11 @@ answers to new prompts teaches it the new distribution (InstructGPT; Bai et al. 
   previous round (gold utility, toxicity, KL to SFT, length, win rates with bootstrap CIs).
 - stop after `rounds`, or earlier when the gold gain over the previous round is below
   `stop.gold_plateau`, or the eval reward reaches `stop.reward`.
+
+Set by the loop each round, so refused as overrides: rm.output_dir, rm.resume, rm.model.path,
+rm.data.pairs, rm.data.valid, rm.normalize.policy, rm.normalize.prompts (ppo.prompts, else the
+pool); ppo.output_dir, ppo.resume, ppo.model.path, ppo.ref_model (`ppo.reference`), ppo.reward
+(the round's reward model); and eval.output_dir, eval.models, eval.reference, eval.reward.
 
 Every step writes its output last, and a re-run (after Ctrl-C or kill -9) skips what is there:
 it continues at the round and step where it stopped; a batch is sent to the server once (see
@@ -42,7 +49,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlhfkit.config import StrictModel, atomic_write_text, save_config
 from rlhfkit.data.batching import split_by_prompt
@@ -72,19 +79,46 @@ def _default_candidates() -> list[CandidateSource]:
     return [CandidateSource(model="current", k=2), CandidateSource(model="previous"), CandidateSource(model="sft")]
 
 
+# What the loop sets in `rm.*` and `ppo.*` each round (the round's folders, the models it chains):
+# an override would be silently replaced, so it is refused instead.
+FILLED_EACH_ROUND = {
+    "rm": ("output_dir", "resume", "model.path", "data.pairs", "data.valid", "normalize.policy", "normalize.prompts"),
+    "ppo": ("output_dir", "resume", "model.path", "ref_model", "reward"),
+}
+
+
+def _refuse_filled(section: str, cfg: StrictModel, default: StrictModel) -> None:
+    for dotted in FILLED_EACH_ROUND[section]:
+        value, expected = cfg, default
+        for part in dotted.split("."):
+            value, expected = getattr(value, part), getattr(expected, part)
+        if value != expected:
+            raise ValueError(f"{section}.{dotted}: `rlhfkit loop` sets it each round; leave it out")
+
+
 class RoundRMConfig(rm_stage.Config):
-    """`rlhfkit rm`'s settings (paths are filled in each round) plus how rounds feed it."""
+    """`rlhfkit rm`'s settings plus how rounds feed it; FILLED_EACH_ROUND["rm"] are the loop's."""
 
     mode: Literal["retrain", "continue"] = Field(
         "retrain", description="retrain from SFT on all rounds' pairs, or continue the last RM"
     )
     replay: float = Field(0.5, ge=0, le=1, description="mode=continue: share of earlier rounds' pairs replayed")
 
+    @model_validator(mode="after")
+    def _check(self) -> RoundRMConfig:
+        _refuse_filled("rm", self, rm_stage.Config())
+        return self
+
 
 class RoundPPOConfig(ppo_stage.Config):
-    """`rlhfkit ppo`'s settings (model, reward and output are filled in each round)."""
+    """`rlhfkit ppo`'s settings; FILLED_EACH_ROUND["ppo"] are the loop's."""
 
     reference: Literal["sft", "previous"] = Field("sft", description="KL reference: SFT or the previous policy")
+
+    @model_validator(mode="after")
+    def _check(self) -> RoundPPOConfig:
+        _refuse_filled("ppo", self, ppo_stage.Config())
+        return self
 
 
 class StopConfig(StrictModel):
@@ -105,7 +139,7 @@ class Config(StrictModel):
     rounds: int = Field(2, ge=1, description="rounds to run (a re-run with more continues)")
     prompts_per_round: int = Field(100, gt=0)
     candidates: list[CandidateSource] = Field(default_factory=_default_candidates, description="who answers prompts")
-    select: Literal["all", "random", "uncertainty"] = Field(
+    select: Literal["all", "random", "uncertainty", "disagreement"] = Field(
         "all", description="which prompts' candidates are labeled: all, or prompts_per_round of select_from"
     )
     select_from: int = Field(0, ge=0, description="select: fresh prompts sampled per round (0 = 2 x prompts_per_round)")
@@ -144,12 +178,16 @@ def check_inputs(cfg: Config) -> None:
 
 
 class Round:
-    """Paths of round `n` inside the run folder; each step's `done` file is the one it writes last."""
+    """Paths of round `n` inside the run folder; each step's `done` file is the one it writes last.
 
-    def __init__(self, root: Path, n: int):
-        self.n, self.root = n, root
+    `first`: round 1 when it was run by other means (`rlhfkit demo`'s own stages, see
+    `RunFolder.round`); later rounds find its prompts, pairs, reward model and policy there."""
+
+    def __init__(self, root: Path, n: int, first: Round | None = None):
+        self.n, self.root, self.first = n, root, first
         self.dir = root / f"round-{n}"
         self.batch = f"round-{n}"
+        self.name = f"round-{n}"  # the round's policy in evaluations
         self.offered = self.dir / "offered.jsonl"
         self.prompts = self.dir / "prompts.jsonl"
         self.offered_candidates = self.dir / "candidates" / "offered.jsonl"
@@ -166,8 +204,12 @@ class Round:
         self.eval = self.dir / "eval"
         self.row = self.dir / "round.json"
 
+    def sibling(self, k: int) -> Round:
+        """Round k of the same run."""
+        return self.first if k == 1 and self.first is not None else Round(self.root, k, self.first)
+
     def previous(self) -> Round:
-        return Round(self.root, self.n - 1)
+        return self.sibling(self.n - 1)
 
 
 def fresh_prompts(cfg: Config, r: Round) -> list[Any]:
@@ -176,7 +218,7 @@ def fresh_prompts(cfg: Config, r: Round) -> list[Any]:
     selected stay fresh)."""
     pool = read_records(cfg.pool, "prompts")
     random.Random(cfg.seed).shuffle(pool)
-    used = {p.id for k in range(1, r.n) for p in read_records(Round(r.root, k).prompts, "prompts")}
+    used = {p.id for k in range(1, r.n) for p in read_records(r.sibling(k).prompts, "prompts")}
     fresh = [p for p in pool if p.id not in used]
     if len(fresh) < cfg.prompts_per_round:
         raise UserError(
@@ -200,7 +242,7 @@ def split_pairs(cfg: Config, r: Round) -> tuple[list[Pair], list[Pair]]:
 
 def rm_training_pairs(cfg: Config, r: Round) -> list[Pair]:
     """retrain: every round's training pairs; continue: this round's plus `replay` of the earlier ones."""
-    earlier = [p for k in range(1, r.n) for p in split_pairs(cfg, Round(r.root, k))[0]]
+    earlier = [p for k in range(1, r.n) for p in split_pairs(cfg, r.sibling(k))[0]]
     own = split_pairs(cfg, r)[0]
     if cfg.rm.mode == "retrain":
         return earlier + own
@@ -226,17 +268,20 @@ def rm_accuracy(rm_dir: Path, pairs: list[Pair], device: Device = "auto") -> flo
 class Loop:
     """One run of rounds: which policy is current, and each step of a round, skipped when done."""
 
-    def __init__(self, cfg: Config, sft: Path):
-        self.cfg, self.sft = cfg, sft
+    def __init__(self, cfg: Config, sft: Path, first: Round | None = None):
+        self.cfg, self.sft, self.first = cfg, sft, first
         self.root = Path(cfg.output_dir)
         self.start = Path(cfg.policy) if cfg.policy else sft
 
+    def round(self, n: int) -> Round:
+        return Round(self.root, 0, self.first).sibling(n)
+
     def policy_after(self, n: int) -> Path:
         """The policy after round n (round 0: the start)."""
-        return Round(self.root, n).ppo / "model" if n > 0 else self.start
+        return self.round(n).ppo / "model" if n > 0 else self.start
 
     def policy_name(self, n: int) -> str:
-        return f"round-{n}" if n > 0 else ("sft" if self.start == self.sft else "start")
+        return self.round(n).name if n > 0 else ("sft" if self.start == self.sft else "start")
 
     def step(self, r: Round, name: str, done: Path, fn: Callable[[], Any]) -> None:
         if done.exists():
@@ -273,19 +318,26 @@ class Loop:
 
     def select(self, r: Round) -> None:
         """`prompts_per_round` of the offered candidate sets for the labelers (`select`): all, a
-        random share, or those the previous round's reward model is least sure about (round 1 has
-        none yet: random). The round's `prompts.jsonl` (the labeled ones) is written first, the
-        candidates file, which marks the step done, last."""
-        from rlhfkit.labels.select import select_prompts, sources_scorer
+        random share, those the previous round's reward model is least sure about, or those an
+        ensemble of heads on it disagrees on most (round 1 has no reward model yet: random). The round's
+        `prompts.jsonl` (the labeled ones) is written first, the candidates file, which marks the
+        step done, last."""
+        from rlhfkit.labels.select import head_ensemble_scorer, select_prompts, sources_scorer
 
         sets = read_records(r.offered_candidates, "completions")
-        method = self.cfg.select if self.cfg.select != "uncertainty" or r.n > 1 else "random"
+        method = self.cfg.select if self.cfg.select in ("all", "random") or r.n > 1 else "random"
         scorer = None
         if method == "uncertainty":
             from rlhfkit.rewards.build import build_reward
 
             rm = RewardConfig(sources=[RewardSpec(model=str(r.previous().rm / "model"))])
             scorer = sources_scorer([build_reward(rm, resolve_device(self.cfg.device))])
+        elif method == "disagreement":
+            from rlhfkit.rewards.model import RewardModel
+
+            previous = RewardModel.load(r.previous().rm / "model", device=resolve_device(self.cfg.device))
+            pairs = rm_training_pairs(self.cfg, r.previous())  # what that reward model learned from
+            scorer = head_ensemble_scorer(previous, pairs, seed=self.cfg.seed + r.n)
         chosen = sorted(select_prompts(sets, self.cfg.prompts_per_round, method, scorer, self.cfg.seed + r.n))
         if method != "all":
             print(f"[loop] select={method}: {len(chosen)} of {len(sets)} candidate sets go to the labelers")
@@ -420,7 +472,7 @@ def run_rounds(cfg: Config, sft: Path) -> dict[str, Any]:
     with connect(cfg.server, root / "server") as lab:
         save_config(cfg, root)
         for n in range(1, cfg.rounds + 1):
-            rows.append(loop.run_round(Round(root, n), lab))
+            rows.append(loop.run_round(loop.round(n), lab))
             results = {"rounds": rows, "stopped": None}
             stopped = stop_reason(cfg, rows)
             results["stopped"] = stopped
