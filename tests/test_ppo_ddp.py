@@ -166,6 +166,10 @@ def _update_worker(rank: int, model_dir: str, out: str, port: int, rows: list[in
     gathered = [torch.zeros_like(flat) for _ in range(2)]
     torch.distributed.all_gather(gathered, flat)
     assert torch.equal(gathered[0], gathered[1])  # the same update in both processes
+    # Both processes past every collective before either tears the group down: one leaving early
+    # closes the gloo connections under the other (seen under load: an abort at exit).
+    torch.distributed.barrier()
+    del model, engine
     torch.distributed.destroy_process_group()
 
 
