@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import time
 
 import pytest
 import torch
@@ -25,7 +23,14 @@ from rlhfkit.engine.metrics import read_metrics
 from rlhfkit.engine.trainer import cpu_process_group
 from rlhfkit.errors import UserError
 from test_rm import preference_pairs, write_jsonl
-from testutil import ACCELERATE_CONFIGS, PAUSED_CLI, accelerate_launch, finish, kill_tree, make_test_model
+from testutil import (
+    ACCELERATE_CONFIGS,
+    PAUSED_CLI,
+    accelerate_launch,
+    finish,
+    kill_at_first_checkpoint,
+    make_test_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -111,12 +116,7 @@ def test_fsdp_sft_matches_ddp_and_one_process_and_resumes(root, tmp_path):
     child = accelerate_launch(
         [*sft_args(root, cut), *two], config="fsdp.yaml", script=script, RLHFKIT_TEST_STEP_PAUSE="1"
     )
-    deadline = time.monotonic() + 180
-    while not list((cut / "checkpoints").glob("step-*")) and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    kill_tree(child)
-    out, _ = child.communicate()
-    assert child.returncode == -signal.SIGKILL, out.decode()[-4000:]
+    kill_at_first_checkpoint(child, cut / "checkpoints")
     assert [p.name for p in (cut / "checkpoints").glob("step-*")] == ["step-0000002"] and not (cut / "model").exists()
     assert "resumed from" in finish(accelerate_launch([*sft_args(root, cut), *two, "--resume"], config="fsdp.yaml"))
     assert max_difference(weights(cut / "model"), fsdp) < 1e-6

@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,14 @@ from rlhfkit.cli import main
 from rlhfkit.engine.metrics import read_metrics
 from rlhfkit.errors import UserError
 from rlhfkit.stages.ppo import PPOConfig, process_share
-from testutil import accelerate_launch, finish, kill_tree, make_test_model, ppo_config, write_prompts
+from testutil import (
+    accelerate_launch,
+    finish,
+    kill_at_first_checkpoint,
+    make_test_model,
+    ppo_config,
+    write_prompts,
+)
 
 TESTS = Path(__file__).resolve().parent
 TIMING = ("time", "time_rollout", "time_step", "tokens_per_s")
@@ -84,13 +89,7 @@ def test_two_processes_match_one_killed_and_resumed(files, monkeypatch, capsys):
     # two processes, killed (all of them, no chance to clean up) once a checkpoint exists
     cfg = write_config(root, "two", model, prompts)
     child = accelerate_launch(["ppo", "--config", str(cfg)], path=root, PPO_TEST_SLOW="0.5")
-    ckpts = root / "two" / "checkpoints"
-    deadline = time.monotonic() + 180
-    while not list(ckpts.glob("step-*")) and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    kill_tree(child)
-    out, _ = child.communicate()
-    assert child.returncode == -signal.SIGKILL, out.decode()[-4000:]
+    kill_at_first_checkpoint(child, root / "two" / "checkpoints")
     assert not (root / "two" / "results.json").exists()
 
     printed = finish(accelerate_launch(["ppo", "--config", str(cfg), "--resume"], path=root))

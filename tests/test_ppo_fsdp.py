@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ import pytest
 from rlhfkit.engine.metrics import read_metrics
 from test_multiprocess_stages import max_difference, weights
 from test_ppo_ddp import assert_same_rows, files, responses, write_config  # noqa: F401  (files: the fixture)
-from testutil import accelerate_launch, finish, kill_tree, make_test_model
+from testutil import accelerate_launch, finish, kill_at_first_checkpoint, make_test_model
 
 
 @pytest.mark.slow
@@ -33,13 +31,7 @@ def test_fsdp_ppo_matches_ddp_killed_and_resumed(files):  # noqa: F811
 
     cfg = write_config(root, "fsdp", model, prompts, **sections)
     child = accelerate_launch(["ppo", "--config", str(cfg)], config="fsdp.yaml", path=root, PPO_TEST_SLOW="0.5")
-    ckpts = root / "fsdp" / "checkpoints"
-    deadline = time.monotonic() + 180
-    while not list(ckpts.glob("step-*")) and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    kill_tree(child)
-    out, _ = child.communicate()
-    assert child.returncode == -signal.SIGKILL, out.decode()[-4000:]
+    kill_at_first_checkpoint(child, root / "fsdp" / "checkpoints")
     assert not (root / "fsdp" / "results.json").exists()
     printed = finish(accelerate_launch(["ppo", "--config", str(cfg), "--resume"], config="fsdp.yaml", path=root))
     assert "resumed from" in printed

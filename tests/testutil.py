@@ -61,6 +61,20 @@ def kill_tree(child: subprocess.Popen) -> None:
         process.send_signal(signal.SIGKILL)
 
 
+def kill_at_first_checkpoint(child: subprocess.Popen, checkpoints: Path, timeout: float = 180) -> None:
+    """Wait until a launched run has written a checkpoint (a `step-*` folder exists only once
+    complete), then SIGKILL it and every process under it: a crash with no chance to clean up."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not list(checkpoints.glob("step-*")) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    kill_tree(child)
+    out, _ = child.communicate()
+    assert child.returncode == -signal.SIGKILL, out.decode()[-4000:]
+
+
 def finish(child: subprocess.Popen, timeout: float = 300) -> str:
     """Wait for a child process; its output, after checking that it succeeded."""
     out, _ = child.communicate(timeout=timeout)

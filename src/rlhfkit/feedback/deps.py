@@ -10,12 +10,13 @@ only twins) are what a route declares to get its caller.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -262,3 +263,13 @@ def render(
     st = state(request)
     ctx = {"auth": auth, "csrf": auth.csrf(st.secret) if auth else "", **context}
     return st.templates.TemplateResponse(request, name, ctx, status_code=status)
+
+
+def jsonl_download(rows: Iterable[dict[str, Any]], filename: str) -> StreamingResponse:
+    """An export as a JSONL file download, written line by line as it is sent (the rows are read
+    in one transaction before; see service.jsonl_line for text that is not valid Unicode)."""
+    return StreamingResponse(
+        (service.jsonl_line(row) for row in rows),
+        media_type="application/x-ndjson",
+        headers={"content-disposition": f'attachment; filename="{filename}"'},
+    )

@@ -12,11 +12,10 @@ Candidates come in this labeler's shuffled order; their ids are stable. Errors a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -26,6 +25,7 @@ from rlhfkit.feedback.deps import (
     ApiOwner,
     Id,
     end_session,
+    jsonl_download,
     login_user,
     set_session_cookie,
     start_session,
@@ -357,12 +357,4 @@ def export(
         stem = f"{project.id}-{'+'.join(batches)}" if batches else str(project.id)
         name = f"{stem}-{kind}.jsonl"
 
-    def lines() -> Iterator[str]:
-        for row in rows:
-            yield service.jsonl_line(row)
-
-    return StreamingResponse(
-        lines(),
-        media_type="application/x-ndjson",
-        headers={"content-disposition": f'attachment; filename="{name}"'},
-    )
+    return jsonl_download(rows, name)

@@ -13,14 +13,25 @@ in its thread pool: while the model writes an answer the event loop serves every
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from rlhfkit.feedback import chat, service
-from rlhfkit.feedback.deps import ApiAuth, ApiOwner, Auth, Id, PageAuth, PagePost, Posted, State, render, state
+from rlhfkit.feedback.deps import (
+    ApiAuth,
+    ApiOwner,
+    Auth,
+    Id,
+    PageAuth,
+    PagePost,
+    Posted,
+    State,
+    jsonl_download,
+    render,
+    state,
+)
 from rlhfkit.feedback.playground import NoModel
 from rlhfkit.feedback.routes.pages import redirect, small_int
 from rlhfkit.feedback.schemas import ChatIn, PickIn, ThumbsIn
@@ -155,12 +166,4 @@ def api_export(kind: str, request: Request, auth: ApiOwner) -> Response:
     with state(request).db.session() as s:
         rows = chat.export(s, kind)
 
-    def lines() -> Iterator[str]:
-        for row in rows:
-            yield service.jsonl_line(row)
-
-    return StreamingResponse(
-        lines(),
-        media_type="application/x-ndjson",
-        headers={"content-disposition": f'attachment; filename="chat-{kind}.jsonl"'},
-    )
+    return jsonl_download(rows, f"chat-{kind}.jsonl")
